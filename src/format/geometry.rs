@@ -1,0 +1,232 @@
+//! Where every region lives: computed once by mkfs, recorded in the superblock, and
+//! re-derived from it on mount. All offset arithmetic of the format lives here.
+
+use super::{
+    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, HOSTS_MAX, RESOURCE_BODY_SIZE,
+};
+use thiserror::Error;
+
+/// Smallest journal per slot: must hold the largest transaction (a descriptor, 252
+/// images, a commit) with room to spare.
+pub const JOURNAL_BLOCKS_MIN: u64 = 256;
+/// Largest default journal per slot (64 MiB).
+pub const JOURNAL_BLOCKS_DEFAULT_MAX: u64 = 16384;
+/// Smallest allocation group mkfs will create (the tail of a volume shorter than this
+/// stays unused).
+pub const AG_BLOCKS_MIN: u64 = 64;
+
+/// What mkfs was asked for.
+#[derive(Clone, Debug)]
+pub struct MkfsParams {
+    pub total_bytes: u64,
+    pub ats_sector_size: u32,
+    pub max_hosts: u32,
+    /// Journal size per slot in blocks; `None` picks a default from the volume size.
+    pub journal_blocks: Option<u64>,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum GeometryError {
+    #[error("the device is too small: {have} bytes, atsfs needs at least {need} bytes for this layout (fewer hosts with -N or a smaller --journal-size need less)")]
+    TooSmall { have: u64, need: u64 },
+    #[error("max hosts must be between 1 and {HOSTS_MAX}, not {0}")]
+    BadHosts(u32),
+    #[error("the journal must be at least {} KiB per host", JOURNAL_BLOCKS_MIN * 4)]
+    JournalTooSmall,
+    #[error("sector size {0} is not supported (512 or 4096)")]
+    BadSector(u32),
+}
+
+/// The volume's regions, in blocks unless a name says bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub total_blocks: u64,
+    pub ats_sector_size: u32,
+    pub max_hosts: u32,
+    pub resource_blocks: u32,
+    pub hb_start: BlockNo,
+    pub hb_blocks: u64,
+    pub journal_start: BlockNo,
+    pub journal_blocks: u64,
+    pub ag_start: BlockNo,
+    pub ag_count: u64,
+}
+
+impl Geometry {
+    /// Plans a fresh layout.
+    pub fn plan(params: &MkfsParams) -> Result<Geometry, GeometryError> {
+        if params.max_hosts == 0 || params.max_hosts > HOSTS_MAX {
+            return Err(GeometryError::BadHosts(params.max_hosts));
+        }
+        let ats = params.ats_sector_size;
+        if !matches!(ats, 512 | 4096) {
+            return Err(GeometryError::BadSector(ats));
+        }
+        let total_blocks = params.total_bytes / BLOCK_SIZE_U64;
+        let hosts = u64::from(params.max_hosts);
+        let hb_blocks = (hosts * u64::from(ats)).div_ceil(BLOCK_SIZE_U64);
+        let journal_blocks = match params.journal_blocks {
+            Some(blocks) if blocks < JOURNAL_BLOCKS_MIN => {
+                return Err(GeometryError::JournalTooSmall)
+            }
+            Some(blocks) => blocks,
+            None => {
+                (total_blocks / (16 * hosts)).clamp(JOURNAL_BLOCKS_MIN, JOURNAL_BLOCKS_DEFAULT_MAX)
+            }
+        };
+        let resource_blocks = resource_blocks_for(ats);
+        let hb_start = 1;
+        let journal_start = hb_start + hb_blocks;
+        let ag_start = journal_start + hosts * journal_blocks;
+        // The last block holds the backup superblock.
+        let need_blocks = ag_start + AG_BLOCKS_MIN + 1;
+        if total_blocks < need_blocks {
+            return Err(GeometryError::TooSmall {
+                have: params.total_bytes,
+                need: need_blocks * BLOCK_SIZE_U64,
+            });
+        }
+        let data_blocks = total_blocks - 1 - ag_start;
+        let mut ag_count = data_blocks / AG_BLOCKS;
+        if data_blocks % AG_BLOCKS >= AG_BLOCKS_MIN {
+            ag_count += 1;
+        }
+        Ok(Geometry {
+            total_blocks,
+            ats_sector_size: ats,
+            max_hosts: params.max_hosts,
+            resource_blocks,
+            hb_start,
+            hb_blocks,
+            journal_start,
+            journal_blocks,
+            ag_start,
+            ag_count,
+        })
+    }
+
+    /// The geometry a (validated) superblock records.
+    pub fn from_superblock(sb: &Superblock) -> Geometry {
+        Geometry {
+            total_blocks: sb.total_blocks,
+            ats_sector_size: sb.ats_sector_size,
+            max_hosts: sb.max_hosts,
+            resource_blocks: sb.resource_blocks,
+            hb_start: sb.hb_start,
+            hb_blocks: sb.hb_blocks,
+            journal_start: sb.journal_start,
+            journal_blocks: sb.journal_blocks,
+            ag_start: sb.ag_start,
+            ag_count: sb.ag_count,
+        }
+    }
+
+    /// Checks that a superblock's regions are in order and inside the volume, so later
+    /// arithmetic on them cannot overflow or run off the device.
+    pub fn check(&self) -> Result<(), String> {
+        let hosts = u64::from(self.max_hosts);
+        let expect_hb = (hosts * u64::from(self.ats_sector_size)).div_ceil(BLOCK_SIZE_U64);
+        if self.resource_blocks != resource_blocks_for(self.ats_sector_size) {
+            return Err(format!("resource span {} blocks", self.resource_blocks));
+        }
+        if self.hb_start != 1 || self.hb_blocks != expect_hb {
+            return Err("heartbeat region misplaced".into());
+        }
+        if self.journal_start != self.hb_start + self.hb_blocks
+            || self.journal_blocks < JOURNAL_BLOCKS_MIN
+        {
+            return Err("journal region misplaced".into());
+        }
+        let journals_end = hosts
+            .checked_mul(self.journal_blocks)
+            .and_then(|j| j.checked_add(self.journal_start));
+        if journals_end != Some(self.ag_start) {
+            return Err("allocation groups misplaced".into());
+        }
+        if self.ag_count == 0 {
+            return Err("no allocation groups".into());
+        }
+        let last_first = (self.ag_count - 1)
+            .checked_mul(AG_BLOCKS)
+            .and_then(|blocks| blocks.checked_add(self.ag_start));
+        match last_first {
+            Some(first) if first.saturating_add(AG_BLOCKS_MIN) < self.total_blocks => Ok(()),
+            _ => Err("allocation groups run past the volume".into()),
+        }
+    }
+
+    /// Byte offset of a slot's heartbeat sector.
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        self.hb_start * BLOCK_SIZE_U64 + u64::from(slot) * u64::from(self.ats_sector_size)
+    }
+
+    /// First block of a slot's journal (its header).
+    pub fn journal_of(&self, slot: u32) -> BlockNo {
+        self.journal_start + u64::from(slot) * self.journal_blocks
+    }
+
+    /// First block of allocation group `ag`.
+    pub fn ag_first(&self, ag: u64) -> BlockNo {
+        self.ag_start + ag * AG_BLOCKS
+    }
+
+    /// One past the last block of allocation group `ag`.
+    pub fn ag_end(&self, ag: u64) -> BlockNo {
+        (self.ag_first(ag) + AG_BLOCKS).min(self.total_blocks - 1)
+    }
+
+    /// Blocks in allocation group `ag`.
+    pub fn ag_len(&self, ag: u64) -> u64 {
+        self.ag_end(ag) - self.ag_first(ag)
+    }
+
+    /// The group header resource of `ag` (its first block).
+    pub fn ag_header(&self, ag: u64) -> BlockNo {
+        self.ag_first(ag)
+    }
+
+    /// The bitmap block of `ag`.
+    pub fn ag_bitmap(&self, ag: u64) -> BlockNo {
+        self.ag_first(ag) + u64::from(self.resource_blocks)
+    }
+
+    /// Blocks at the start of every group taken by its own metadata.
+    pub fn ag_meta_blocks(&self) -> u64 {
+        u64::from(self.resource_blocks) + 1
+    }
+
+    /// The group that holds `block`, if it is in the data area.
+    pub fn ag_of(&self, block: BlockNo) -> Option<u64> {
+        if block < self.ag_start {
+            return None;
+        }
+        let ag = (block - self.ag_start) / AG_BLOCKS;
+        (ag < self.ag_count && block < self.ag_end(ag)).then_some(ag)
+    }
+
+    /// Byte offset of a resource's lock sector.
+    pub fn lock_offset(&self, resource: BlockNo) -> u64 {
+        resource * BLOCK_SIZE_U64
+    }
+
+    /// Byte offset of a resource's body.
+    pub fn body_offset(&self, resource: BlockNo) -> u64 {
+        resource * BLOCK_SIZE_U64 + u64::from(self.ats_sector_size)
+    }
+
+    /// The backup superblock's block.
+    pub fn backup_superblock(&self) -> BlockNo {
+        self.total_blocks - 1
+    }
+
+    /// Total blocks in all groups (what statfs reports as the size).
+    pub fn data_blocks(&self) -> u64 {
+        (0..self.ag_count).map(|ag| self.ag_len(ag)).sum()
+    }
+}
+
+/// Blocks one locked resource spans: its lock sector plus a body of
+/// `RESOURCE_BODY_SIZE` bytes.
+pub fn resource_blocks_for(ats_sector_size: u32) -> u32 {
+    (ats_sector_size as usize + RESOURCE_BODY_SIZE).div_ceil(BLOCK_SIZE) as u32
+}

@@ -1,0 +1,34 @@
+//! atsfs: a shared-disk cluster filesystem.
+//!
+//! Several hosts see one block device (a LUN) and mount one filesystem on it at the
+//! same time. There is no network between them: every bit of coordination goes
+//! through the disk, by atomic test-and-set (ATS) of single sectors.
+//!
+//! The layers, lowest first. Each is a module; imports only point down.
+//!
+//! ```text
+//!  main.rs (cli)   fuse (fuser adapter: decode, call fs, map errors; no fs logic)
+//!         \          /
+//!          fs        transactions, inodes, directories, file data, allocator
+//!           |
+//!          journal   per-slot redo log: commit, checkpoint, replay
+//!           |
+//!          cluster   heartbeat slot, lease, lock records
+//!           |
+//!          format    on-disk structs, checksums, encode/decode/validate (no I/O)
+//!           |
+//!          lun       the shared device: read, write, compare_and_write, flush
+//! ```
+//!
+//! `mkfs` (lay out a fresh volume) and `fsck` (check one) sit beside `fs`: they use
+//! `format` and `lun` directly.
+
+pub mod cluster;
+pub mod format;
+pub mod fs;
+pub mod fsck;
+pub mod fuse;
+pub mod journal;
+pub mod lun;
+pub mod mkfs;
+pub mod units;

@@ -1,0 +1,164 @@
+//! The shared device: one trait, several backends.
+//!
+//! Callers' duties:
+//! - Offsets and lengths of metadata I/O are multiples of `sector_size()`; data I/O
+//!   is block aligned. Backends may refuse misaligned I/O with `LunError::Misaligned`.
+//! - `compare_and_write` covers exactly one ATS sector (`sector_size()` bytes).
+//! - Nothing written is durable until `flush` returns.
+//!
+//! Backends: `FileLun` (image files and block devices, ATS emulated with OFD locks),
+//! `MemLun` (in memory, for tests and the simulator), and `FaultLun` (wraps any LUN
+//! and injects faults, records writes for crash-point tests).
+
+mod fault;
+mod file;
+mod mem;
+
+mod _f {}
+
+pub use mem::MemLun;
+
+use std::sync::Arc;
+use thiserror::Error;
+
+/// The result of an atomic compare-and-write of one sector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caw {
+    /// The sector held `expected` and now holds `new`.
+    Written,
+    /// The sector did not hold `expected`; it holds `actual` and was not changed.
+    Miscompare(Vec<u8>),
+}
+
+#[derive(Debug, Error)]
+pub enum LunError {
+    #[error("I/O error on {device} ({op} at byte {offset}): {source}")]
+    Io {
+        device: String,
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op} of {len} bytes at byte {offset} is not aligned to the {sector}-byte sector")]
+    Misaligned {
+        op: &'static str,
+        offset: u64,
+        len: usize,
+        sector: u32,
+    },
+    #[error("{op} of {len} bytes at byte {offset} runs past the end of the device ({size} bytes)")]
+    OutOfRange {
+        op: &'static str,
+        offset: u64,
+        len: usize,
+        size: u64,
+    },
+    #[error("the device is fenced: {0}")]
+    Fenced(String),
+}
+
+impl LunError {
+    /// The errno this error maps to for a caller that must give one.
+    pub fn errno(&self) -> i32 {
+        match self {
+            LunError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            LunError::Misaligned { .. } | LunError::OutOfRange { .. } => libc::EINVAL,
+            LunError::Fenced(_) => libc::EIO,
+        }
+    }
+}
+
+pub type LunResult<T> = Result<T, LunError>;
+
+/// A shared block device.
+pub trait Lun: Send + Sync {
+    /// The ATS sector size: the unit of `compare_and_write` and of metadata alignment.
+    fn sector_size(&self) -> u32;
+    /// Size of the device in bytes.
+    fn len_bytes(&self) -> u64;
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()>;
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()>;
+    /// Atomically: if the sector at `offset` holds `expected`, write `new`.
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> LunResult<()>;
+    /// A short description for messages ("image file /tmp/a.img").
+    fn describe(&self) -> String;
+}
+
+impl<T: Lun + ?Sized> Lun for Arc<T> {
+    fn sector_size(&self) -> u32 {
+        (**self).sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        (**self).len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        (**self).compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        (**self).flush()
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+/// Checks a request against the device bounds and, when `sector` is given, alignment.
+pub fn check_range(
+    op: &'static str,
+    offset: u64,
+    len: usize,
+    size: u64,
+    sector: Option<u32>,
+) -> LunResult<()> {
+    if let Some(sector) = sector {
+        let s = u64::from(sector);
+        if offset % s != 0 || (len as u64) % s != 0 {
+            return Err(LunError::Misaligned {
+                op,
+                offset,
+                len,
+                sector,
+            });
+        }
+    }
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(LunError::OutOfRange {
+            op,
+            offset,
+            len,
+            size,
+        }),
+    }
+}
+
+/// Checks the arguments of a compare-and-write: one whole sector.
+pub fn check_caw(
+    offset: u64,
+    expected: &[u8],
+    new: &[u8],
+    sector: u32,
+    size: u64,
+) -> LunResult<()> {
+    let s = sector as usize;
+    if expected.len() != s || new.len() != s {
+        return Err(LunError::Misaligned {
+            op: "compare-and-write",
+            offset,
+            len: expected.len().max(new.len()),
+            sector,
+        });
+    }
+    check_range("compare-and-write", offset, s, size, Some(sector))
+}
