@@ -1,1 +1,312 @@
-//! (being written)
+//! The per-slot redo journal.
+//!
+//! A transaction is a list of home writes (byte offset + image, each at most one
+//! block, sector aligned). On disk it is one contiguous run of journal blocks:
+//! a descriptor (seq, targets, per-image CRCs), one block per image, and a commit
+//! record whose `data_crc` covers the descriptor and every image. The run is written
+//! with one write and made durable with one flush; a torn run fails its CRCs and is
+//! never replayed.
+//!
+//! Invariants:
+//! - Sequence numbers only grow; replay follows them from the header's tail.
+//! - A transaction never wraps: if it does not fit before the end, it starts at
+//!   block 1. Replay, on finding no transaction of the expected seq at its position,
+//!   looks at block 1 for it.
+//! - The header's tail moves forward only after every transaction before it is home
+//!   and flushed. The writer never overwrites the block at the tail with a new
+//!   transaction before moving the tail past it (`make_room`).
+//!
+//! Caller's duties: write every committed image home (the caller's checkpoint) and
+//! flush before calling `mark_all_home`; never write a metadata image home before
+//! the transaction holding it is committed.
+
+use crate::format::{
+    encode_padded, BlockNo, FormatError, Geometry, JournalCommit, JournalDescriptor, JournalEntry,
+    JournalHeader, OnDisk, BLOCK_SIZE, BLOCK_SIZE_U64, JOURNAL_DESC_ENTRIES,
+};
+use crate::lun::{Lun, LunError};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error(transparent)]
+    Lun(#[from] LunError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("transaction of {0} blocks is larger than the journal allows")]
+    TooLarge(usize),
+}
+
+/// One home write of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Byte offset on the volume.
+    pub target: u64,
+    /// The image: at most one block, a multiple of 512 bytes.
+    pub image: Vec<u8>,
+}
+
+/// What replay found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub transactions: u64,
+    pub records: u64,
+}
+
+/// The writer side of one slot's journal.
+pub struct Journal {
+    slot: u32,
+    start: BlockNo,
+    blocks: u64,
+    volume_uuid: [u8; 16],
+    /// Where the next transaction goes (relative block, >= 1).
+    head: u64,
+    /// Sequence number of the next transaction.
+    next_seq: u64,
+    /// The tail the header records on disk.
+    tail: u64,
+    /// The sequence number the header records: the live region is empty iff it
+    /// equals `next_seq` (tail == head alone cannot tell empty from full).
+    tail_seq: u64,
+}
+
+impl Journal {
+    /// Largest number of records one transaction may hold.
+    pub fn records_max(&self) -> usize {
+        JOURNAL_DESC_ENTRIES.min(self.blocks as usize - 3)
+    }
+
+    /// Opens a slot's journal, replaying whatever committed transactions it holds, and
+    /// leaves it empty (tail = head) on disk.
+    pub fn open_and_replay(
+        lun: &dyn Lun,
+        geo: &Geometry,
+        slot: u32,
+        volume_uuid: [u8; 16],
+    ) -> Result<(Journal, ReplayReport), JournalError> {
+        let start = geo.journal_of(slot);
+        let header = read_header(lun, start)?;
+        let mut journal = Journal {
+            slot,
+            start,
+            blocks: geo.journal_blocks,
+            volume_uuid,
+            head: header.tail_block,
+            next_seq: header.tail_seq,
+            tail: header.tail_block,
+            tail_seq: header.tail_seq,
+        };
+        let report = journal.replay(lun)?;
+        journal.mark_all_home(lun)?;
+        Ok((journal, report))
+    }
+
+    /// Replays committed transactions from the tail, in order. Idempotent.
+    fn replay(&mut self, lun: &dyn Lun) -> Result<ReplayReport, JournalError> {
+        let mut report = ReplayReport::default();
+        // Each transaction takes at least 3 blocks, so the chain is bounded.
+        for _ in 0..self.blocks {
+            let found = match self.read_transaction(lun, self.head)? {
+                Some(records) => Some((self.head, records)),
+                None if self.head != 1 => self.read_transaction(lun, 1)?.map(|r| (1, r)),
+                None => None,
+            };
+            let Some((at, records)) = found else { break };
+            for record in &records {
+                lun.write_at(&record.image, record.target)?;
+            }
+            report.transactions += 1;
+            report.records += records.len() as u64;
+            self.head = at + records.len() as u64 + 2;
+            self.next_seq += 1;
+            if self.head >= self.blocks {
+                self.head = 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Reads the transaction of seq `next_seq` at relative block `at`, if a whole,
+    /// valid one is there.
+    fn read_transaction(
+        &self,
+        lun: &dyn Lun,
+        at: u64,
+    ) -> Result<Option<Vec<Record>>, JournalError> {
+        if at + 3 > self.blocks {
+            return Ok(None);
+        }
+        let mut block = vec![0u8; BLOCK_SIZE];
+        let desc_block = self.start + at;
+        lun.read_at(&mut block, desc_block * BLOCK_SIZE_U64)?;
+        let Ok(desc) = JournalDescriptor::decode(&block, desc_block) else {
+            return Ok(None);
+        };
+        let count = desc.count as usize;
+        if desc.seq != self.next_seq
+            || desc.volume_uuid != self.volume_uuid
+            || at + count as u64 + 2 > self.blocks
+        {
+            return Ok(None);
+        }
+        let mut run = vec![0u8; (count + 1) * BLOCK_SIZE];
+        lun.read_at(&mut run, (desc_block + 1) * BLOCK_SIZE_U64)?;
+        let commit_block = desc_block + 1 + count as u64;
+        let Ok(commit) = JournalCommit::decode(&run[count * BLOCK_SIZE..], commit_block) else {
+            return Ok(None);
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&block);
+        let mut records = Vec::with_capacity(count);
+        for (i, entry) in desc.entries[..count].iter().enumerate() {
+            let image = &run[i * BLOCK_SIZE..i * BLOCK_SIZE + entry.len as usize];
+            if crc32fast::hash(image) != entry.crc {
+                return Ok(None);
+            }
+            hasher.update(image);
+            records.push(Record {
+                target: entry.target,
+                image: image.to_vec(),
+            });
+        }
+        let valid = commit.seq == desc.seq
+            && commit.count == desc.count
+            && commit.data_crc == hasher.finalize();
+        Ok(valid.then_some(records))
+    }
+
+    /// Writes one transaction to the journal and makes it durable. When this returns
+    /// Ok, the transaction is committed: replay will redo it after any crash.
+    pub fn commit(
+        &mut self,
+        lun: &dyn Lun,
+        records: &[Record],
+        now_unix_ms: u64,
+    ) -> Result<u64, JournalError> {
+        let count = records.len();
+        if count == 0 || count > self.records_max() {
+            return Err(JournalError::TooLarge(count));
+        }
+        let span = count as u64 + 2;
+        self.make_room(lun, span)?;
+        let at = self.head;
+        let desc_block = self.start + at;
+        let seq = self.next_seq;
+        let mut run = vec![0u8; (count + 2) * BLOCK_SIZE];
+        let mut desc: JournalDescriptor = bytemuck::Zeroable::zeroed();
+        desc.magic = JournalDescriptor::MAGIC;
+        desc.blockno = desc_block;
+        desc.seq = seq;
+        desc.count = count as u32;
+        desc.volume_uuid = self.volume_uuid;
+        for (i, record) in records.iter().enumerate() {
+            debug_assert!(!record.image.is_empty() && record.image.len() <= BLOCK_SIZE);
+            desc.entries[i] = JournalEntry {
+                target: record.target,
+                len: record.image.len() as u32,
+                crc: crc32fast::hash(&record.image),
+            };
+            let slot = (i + 1) * BLOCK_SIZE;
+            run[slot..slot + record.image.len()].copy_from_slice(&record.image);
+        }
+        desc.seal();
+        run[..BLOCK_SIZE].copy_from_slice(bytemuck::bytes_of(&desc));
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&run[..BLOCK_SIZE]);
+        for record in records {
+            hasher.update(&record.image);
+        }
+        let mut commit: JournalCommit = bytemuck::Zeroable::zeroed();
+        commit.magic = JournalCommit::MAGIC;
+        commit.blockno = desc_block + 1 + count as u64;
+        commit.seq = seq;
+        commit.count = count as u32;
+        commit.data_crc = hasher.finalize();
+        commit.volume_uuid = self.volume_uuid;
+        commit.commit_unix_ms = now_unix_ms;
+        commit.seal();
+        let tail = (count + 1) * BLOCK_SIZE;
+        run[tail..tail + std::mem::size_of::<JournalCommit>()]
+            .copy_from_slice(bytemuck::bytes_of(&commit));
+        lun.write_at(&run, desc_block * BLOCK_SIZE_U64)?;
+        lun.flush()?;
+        // This is the commit point: the transaction is durable in the journal.
+        self.head = at + span;
+        if self.head >= self.blocks {
+            self.head = 1;
+        }
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Makes sure `span` blocks can be written at the head without overwriting a
+    /// transaction replay might still need: if the run would land in the live region
+    /// (tail to head), the tail is moved first. Callers checkpoint synchronously after
+    /// each commit, so every committed image is already home by then.
+    fn make_room(&mut self, lun: &dyn Lun, span: u64) -> Result<(), JournalError> {
+        let old_head = self.head;
+        let at = if old_head + span > self.blocks {
+            1
+        } else {
+            old_head
+        };
+        let tail = self.tail;
+        let live = |b: u64| {
+            if tail == old_head {
+                true
+            } else if tail < old_head {
+                b >= tail && b < old_head
+            } else {
+                b >= tail || b < old_head
+            }
+        };
+        if self.has_unmarked() && (at..at + span).any(live) {
+            self.mark_all_home(lun)?;
+        }
+        self.head = at;
+        Ok(())
+    }
+
+    /// Records on disk that every committed transaction is home: flushes the home
+    /// writes, then moves the header's tail to the head and flushes that.
+    pub fn mark_all_home(&mut self, lun: &dyn Lun) -> Result<(), JournalError> {
+        lun.flush()?;
+        let mut header = JournalHeader {
+            magic: JournalHeader::MAGIC,
+            crc: 0,
+            blockno: self.start,
+            slot: self.slot,
+            pad: 0,
+            tail_seq: self.next_seq,
+            tail_block: self.head,
+            journal_blocks: self.blocks,
+            volume_uuid: self.volume_uuid,
+            reserved: [0; 64],
+        };
+        header.seal();
+        lun.write_at(
+            &encode_padded(&header, BLOCK_SIZE),
+            self.start * BLOCK_SIZE_U64,
+        )?;
+        lun.flush()?;
+        self.tail = self.head;
+        self.tail_seq = self.next_seq;
+        Ok(())
+    }
+
+    /// True when the header's tail is behind the head (committed transactions that a
+    /// crash would replay).
+    pub fn has_unmarked(&self) -> bool {
+        self.tail_seq != self.next_seq
+    }
+}
+
+/// Reads and validates a journal header.
+pub fn read_header(lun: &dyn Lun, start: BlockNo) -> Result<JournalHeader, JournalError> {
+    let mut block = vec![0u8; BLOCK_SIZE];
+    lun.read_at(&mut block, start * BLOCK_SIZE_U64)?;
+    Ok(JournalHeader::decode(&block, start)?)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,194 @@
+use super::*;
+use crate::format::{Geometry, MkfsParams};
+use crate::lun::MemLun;
+use proptest::prelude::*;
+
+const UUID: [u8; 16] = [7; 16];
+
+fn setup(journal_blocks: u64) -> (MemLun, Geometry) {
+    let params = MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: 512,
+        max_hosts: 2,
+        journal_blocks: Some(journal_blocks),
+    };
+    let geo = Geometry::plan(&params).expect("plan");
+    let lun = MemLun::new(params.total_bytes, 512);
+    for slot in 0..2 {
+        let mut header = JournalHeader {
+            magic: JournalHeader::MAGIC,
+            crc: 0,
+            blockno: geo.journal_of(slot),
+            slot,
+            pad: 0,
+            tail_seq: 1,
+            tail_block: 1,
+            journal_blocks: geo.journal_blocks,
+            volume_uuid: UUID,
+            reserved: [0; 64],
+        };
+        header.seal();
+        lun.write_at(
+            &encode_padded(&header, BLOCK_SIZE),
+            geo.journal_of(slot) * BLOCK_SIZE_U64,
+        )
+        .expect("header");
+    }
+    (lun, geo)
+}
+
+fn target(geo: &Geometry, n: u64) -> u64 {
+    (geo.ag_start + 10 + n) * BLOCK_SIZE_U64
+}
+
+fn record(geo: &Geometry, n: u64, fill: u8) -> Record {
+    Record {
+        target: target(geo, n),
+        image: vec![fill; BLOCK_SIZE],
+    }
+}
+
+fn read_block(lun: &MemLun, offset: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    lun.read_at(&mut buf, offset).expect("read");
+    buf
+}
+
+#[test]
+fn committed_transactions_are_replayed_after_a_crash() {
+    let (lun, geo) = setup(256);
+    let (mut journal, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    assert_eq!(report.transactions, 0);
+    journal
+        .commit(&lun, &[record(&geo, 0, 1), record(&geo, 1, 2)], 0)
+        .expect("commit");
+    journal
+        .commit(&lun, &[record(&geo, 1, 3)], 0)
+        .expect("commit");
+    // Crash: nothing was written home.
+    assert_eq!(read_block(&lun, target(&geo, 0)), vec![0; BLOCK_SIZE]);
+    let (_, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    assert_eq!(
+        report,
+        ReplayReport {
+            transactions: 2,
+            records: 3
+        }
+    );
+    assert_eq!(read_block(&lun, target(&geo, 0)), vec![1; BLOCK_SIZE]);
+    assert_eq!(read_block(&lun, target(&geo, 1)), vec![3; BLOCK_SIZE]);
+    // A second open finds the journal empty.
+    let (_, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("reopen");
+    assert_eq!(report.transactions, 0);
+}
+
+#[test]
+fn a_torn_transaction_is_not_replayed() {
+    let (lun, geo) = setup(256);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    journal
+        .commit(&lun, &[record(&geo, 0, 1)], 0)
+        .expect("commit");
+    journal
+        .commit(&lun, &[record(&geo, 0, 2), record(&geo, 1, 2)], 0)
+        .expect("commit");
+    // Tear the second transaction: its second image never landed.
+    let start = geo.journal_of(0);
+    lun.write_at(&vec![0u8; BLOCK_SIZE], (start + 3 + 2) * BLOCK_SIZE_U64)
+        .expect("tear");
+    let (_, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    assert_eq!(report.transactions, 1);
+    assert_eq!(read_block(&lun, target(&geo, 0)), vec![1; BLOCK_SIZE]);
+    assert_eq!(read_block(&lun, target(&geo, 1)), vec![0; BLOCK_SIZE]);
+}
+
+#[test]
+fn journals_of_other_slots_are_separate() {
+    let (lun, geo) = setup(256);
+    let (mut j0, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    j0.commit(&lun, &[record(&geo, 0, 9)], 0).expect("commit");
+    let (_, report) = Journal::open_and_replay(&lun, &geo, 1, UUID).expect("slot 1");
+    assert_eq!(report.transactions, 0);
+}
+
+#[test]
+fn a_foreign_volume_transaction_is_not_replayed() {
+    let (lun, geo) = setup(256);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, [9; 16]).expect("open");
+    journal
+        .commit(&lun, &[record(&geo, 0, 5)], 0)
+        .expect("commit");
+    let (_, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    assert_eq!(report.transactions, 0);
+}
+
+#[test]
+fn oversized_transactions_are_refused() {
+    let (lun, geo) = setup(256);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    let records: Vec<Record> = (0..journal.records_max() as u64 + 1)
+        .map(|n| record(&geo, n, 1))
+        .collect();
+    assert!(matches!(
+        journal.commit(&lun, &records, 0),
+        Err(JournalError::TooLarge(_))
+    ));
+    assert!(matches!(
+        journal.commit(&lun, &[], 0),
+        Err(JournalError::TooLarge(0))
+    ));
+}
+
+/// The model: after each commit the caller writes the images home, as the fs does,
+/// except that it may crash before writing the last transaction home. Replay must
+/// leave every target holding the last committed image.
+fn run_model(journal_blocks: u64, txs: &[Vec<(u64, u8)>], last_home: bool) {
+    let home_until = if last_home { txs.len() } else { txs.len() - 1 };
+    let (lun, geo) = setup(journal_blocks);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    let mut expected = std::collections::BTreeMap::new();
+    for (i, tx) in txs.iter().enumerate() {
+        let records: Vec<Record> = tx.iter().map(|&(n, fill)| record(&geo, n, fill)).collect();
+        journal.commit(&lun, &records, 0).expect("commit");
+        if i < home_until {
+            for r in &records {
+                lun.write_at(&r.image, r.target).expect("home");
+            }
+        }
+        for &(n, fill) in tx {
+            expected.insert(n, fill);
+        }
+    }
+    let (_, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    for (&n, &fill) in &expected {
+        assert_eq!(read_block(&lun, target(&geo, n))[0], fill, "block {n}");
+    }
+    // Replay is idempotent: a second run changes nothing.
+    let before = lun.snapshot();
+    Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay again");
+    assert_eq!(before, lun.snapshot());
+}
+
+#[test]
+fn wrapping_keeps_the_newest_images() {
+    let txs: Vec<Vec<(u64, u8)>> = (0..200u64)
+        .map(|i| {
+            (0..(i % 7 + 1))
+                .map(|k| ((i + k) % 13, (i % 250) as u8 + 1))
+                .collect()
+        })
+        .collect();
+    run_model(256, &txs, false);
+    run_model(256, &txs, true);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn replay_matches_the_model(
+        txs in prop::collection::vec(prop::collection::vec((0u64..20, 1u8..255), 1..40), 1..60),
+        last_home in any::<bool>(),
+    ) {
+        run_model(256, &txs, last_home);
+    }
+}
