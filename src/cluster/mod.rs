@@ -1,1 +1,213 @@
-//! (being written)
+//! Cluster membership through the disk: heartbeat slots and the lease.
+//!
+//! A mounted host owns one heartbeat slot, claimed by ATS with a new generation and
+//! renewed every heartbeat interval by ATS (previous image -> counter + 1).
+//!
+//! Invariants:
+//! - A host writes to the LUN only while its lease is valid by its own monotonic
+//!   clock: `now < start of last successful renewal + lease - interval`. Every write
+//!   of the fs goes through `GuardedLun`, which checks that before each write, so no
+//!   path can write without a valid lease.
+//! - A renewal that finds our slot changed by someone else (not a false miscompare,
+//!   where our own new image is already there) means we were declared dead: the host
+//!   fences itself at once and never writes again under this generation.
+
+mod heartbeat;
+
+pub use heartbeat::{claim_slot, read_slot, Membership, SlotClaim};
+
+use crate::lun::{Caw, Lun, LunError, LunResult};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A host's identity, kept in `/var/lib/atsfs/host-id` by default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostUuid(pub [u8; 16]);
+
+impl std::fmt::Display for HostUuid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", uuid::Uuid::from_bytes(self.0).hyphenated())
+    }
+}
+
+/// A monotonic clock in milliseconds. Tests and the simulator inject their own, so
+/// leases can expire without waiting.
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+    fn sleep(&self, duration: Duration);
+}
+
+/// The real monotonic clock.
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// A clock that moves only when told to (or when slept on): for tests and the
+/// simulator.
+#[derive(Default)]
+pub struct ManualClock {
+    now_ms: AtomicU64,
+}
+
+impl ManualClock {
+    pub fn advance(&self, duration: Duration) {
+        self.now_ms
+            .fetch_add(duration.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::SeqCst)
+    }
+    fn sleep(&self, duration: Duration) {
+        self.advance(duration);
+        std::thread::yield_now();
+    }
+}
+
+/// This host's right to write, by its own clock.
+pub struct Lease {
+    clock: Arc<dyn Clock>,
+    /// Clock time at which the last successful renewal was *issued*.
+    renewed_at_ms: AtomicU64,
+    /// How long after a renewal the host may still write.
+    valid_ms: u64,
+    fenced: AtomicBool,
+    reason: std::sync::Mutex<String>,
+}
+
+impl Lease {
+    /// A lease renewed now, valid for `lease - interval` after each renewal.
+    pub fn new(clock: Arc<dyn Clock>, lease: Duration, interval: Duration) -> Lease {
+        let now = clock.now_ms();
+        Lease {
+            clock,
+            renewed_at_ms: AtomicU64::new(now),
+            valid_ms: (lease.saturating_sub(interval)).as_millis() as u64,
+            fenced: AtomicBool::new(false),
+            reason: std::sync::Mutex::new(String::new()),
+        }
+    }
+
+    /// Records a renewal that was issued at `issued_ms`.
+    pub fn renewed(&self, issued_ms: u64) {
+        self.renewed_at_ms.fetch_max(issued_ms, Ordering::SeqCst);
+    }
+
+    /// Fences the host for good (this generation).
+    pub fn fence(&self, reason: &str) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!("fenced: {reason}; every operation now fails with EIO until the volume is mounted again");
+            if let Ok(mut r) = self.reason.lock() {
+                *r = reason.to_string();
+            }
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Ok while this host may write.
+    pub fn check(&self) -> LunResult<()> {
+        if self.is_fenced() {
+            let reason = self.reason.lock().map(|r| r.clone()).unwrap_or_default();
+            return Err(LunError::Fenced(reason));
+        }
+        let age = self
+            .clock
+            .now_ms()
+            .saturating_sub(self.renewed_at_ms.load(Ordering::SeqCst));
+        if age >= self.valid_ms {
+            self.fence(&format!("lease not renewed for {age} ms"));
+            return Err(LunError::Fenced(format!("lease not renewed for {age} ms")));
+        }
+        Ok(())
+    }
+
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+}
+
+/// The LUN as the fs sees it: every write, compare-and-write and flush first checks
+/// the lease.
+pub struct GuardedLun {
+    inner: Arc<dyn Lun>,
+    lease: Arc<Lease>,
+}
+
+impl GuardedLun {
+    pub fn new(inner: Arc<dyn Lun>, lease: Arc<Lease>) -> GuardedLun {
+        GuardedLun { inner, lease }
+    }
+    pub fn lease(&self) -> &Arc<Lease> {
+        &self.lease
+    }
+}
+
+impl Lun for GuardedLun {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.lease.check()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.lease.check()?;
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.lease.check()?;
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// This kernel's boot id: emulated ATS is atomic only between processes of one kernel.
+pub fn boot_id() -> [u8; 16] {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .and_then(|text| uuid::Uuid::parse_str(text.trim()).ok())
+        .map(|u| *u.as_bytes())
+        .unwrap_or([0; 16])
+}
+
+/// This machine's host name, for `atsfs status`.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests;

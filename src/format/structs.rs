@@ -128,7 +128,8 @@ pub struct HeartbeatSlot {
     pub recoverer_uuid: [u8; 16],
     pub wall_clock_ms: u64,
     pub hostname: [u8; 64],
-    pub reserved: [u8; 360],
+    pub owner_pid: u32,
+    pub reserved: [u8; 356],
 }
 const _: () = assert!(size_of::<HeartbeatSlot>() == 512);
 
@@ -787,6 +788,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 recoverer_uuid,
                 wall_clock_ms,
                 hostname,
+                owner_pid,
                 reserved
             }),
         ),

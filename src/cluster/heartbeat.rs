@@ -1,0 +1,357 @@
+//! Claiming, renewing and releasing this host's heartbeat slot.
+
+use super::{boot_id, hostname, Clock, HostUuid, Lease};
+use crate::format::{
+    encode_padded, put_str, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE,
+};
+use crate::lun::{Caw, Lun, LunError};
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Attempts to claim a slot before giving up (each retry follows another host's
+/// concurrent claim of the slot we chose).
+const CLAIM_ATTEMPTS_MAX: u32 = 16;
+/// Delay between renewal retries after an I/O error or a lost reply.
+const RETRY_DELAY: Duration = Duration::from_millis(100);
+
+/// The slot a mount claimed.
+#[derive(Clone, Debug)]
+pub struct SlotClaim {
+    pub slot: u32,
+    pub generation: u32,
+    /// True when the slot was ours and still marked live: this host crashed, and its
+    /// journal must be replayed before anything else.
+    pub after_crash: bool,
+    /// The sector image now on disk.
+    pub image: Vec<u8>,
+}
+
+/// Reads one slot's sector. `Ok(None)` for a slot that was never used (all zeros).
+pub fn read_slot(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+) -> Result<(Vec<u8>, Option<HeartbeatSlot>)> {
+    let mut raw = vec![0u8; geo.ats_sector_size as usize];
+    lun.read_at(&mut raw, geo.slot_offset(slot))?;
+    if raw.iter().all(|&b| b == 0) {
+        return Ok((raw, None));
+    }
+    let decoded = HeartbeatSlot::decode(&raw, geo.hb_start)
+        .with_context(|| format!("heartbeat slot {slot}"))?;
+    if decoded.slot != slot {
+        bail!("heartbeat slot {slot} claims to be slot {}", decoded.slot);
+    }
+    Ok((raw, Some(decoded)))
+}
+
+fn encode_slot(slot: &HeartbeatSlot, sector: u32) -> Vec<u8> {
+    let mut sealed = *slot;
+    sealed.seal();
+    encode_padded(&sealed, sector as usize)
+}
+
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// True when a process with this pid exists on this kernel.
+fn process_exists(pid: u32) -> bool {
+    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Watches a slot for `window`: true if its image changed (its owner is alive).
+fn slot_moves(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+    first: &[u8],
+    window: Duration,
+    clock: &dyn Clock,
+) -> Result<bool> {
+    let step = Duration::from_millis(100).min(window);
+    let deadline = clock.now_ms() + window.as_millis() as u64;
+    while clock.now_ms() < deadline {
+        clock.sleep(step);
+        let (raw, _) = read_slot(lun, geo, slot)?;
+        if raw != first {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Claims a heartbeat slot for `me`: our own slot if we have one (after a crash, once
+/// it is certain that no live process holds it), otherwise the first free slot.
+pub fn claim_slot(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    me: HostUuid,
+    interval: Duration,
+    lease: Duration,
+    clock: &dyn Clock,
+) -> Result<SlotClaim> {
+    let my_boot = boot_id();
+    for _ in 0..CLAIM_ATTEMPTS_MAX {
+        let mut mine = None;
+        let mut free = None;
+        for slot in 0..geo.max_hosts {
+            let (raw, decoded) = read_slot(lun, geo, slot)?;
+            match decoded {
+                Some(s) if s.host_uuid == me.0 => {
+                    mine = Some((slot, raw, s));
+                    break;
+                }
+                Some(s) if s.state == SLOT_FREE && free.is_none() => free = Some((slot, raw, s)),
+                None if free.is_none() => free = Some((slot, raw, HeartbeatSlot::zeroed())),
+                _ => {}
+            }
+        }
+        let mut after_crash = false;
+        let (slot, raw, old) = match (mine, free) {
+            (Some((slot, raw, old)), _) => {
+                if old.state == SLOT_LIVE {
+                    let same_kernel_dead = old.boot_id == my_boot && !process_exists(old.owner_pid);
+                    if !same_kernel_dead {
+                        tracing::info!(slot, "our slot is marked live: watching it for the lease before taking it back");
+                        let window = lease + interval;
+                        if slot_moves(lun, geo, slot, &raw, window, clock)? {
+                            bail!(
+                                "host {me} is already mounted on this volume (slot {slot} is live); \
+                                 give each host its own --host-id"
+                            );
+                        }
+                    }
+                    after_crash = true;
+                }
+                (slot, raw, old)
+            }
+            (None, Some(found)) => found,
+            (None, None) => bail!(
+                "all {} host slots are in use; unmount a host or make the volume with a larger -N",
+                geo.max_hosts
+            ),
+        };
+        let mut next = old;
+        next.magic = HeartbeatSlot::MAGIC;
+        next.slot = slot;
+        next.state = SLOT_LIVE;
+        next.host_uuid = me.0;
+        next.generation = old.generation.wrapping_add(1).max(1);
+        next.counter = old.counter.wrapping_add(1);
+        next.boot_id = my_boot;
+        next.owner_pid = std::process::id();
+        next.wall_clock_ms = wall_clock_ms();
+        next.recoverer_uuid = [0; 16];
+        next.recoverer_slot = 0;
+        put_str(&mut next.hostname, &hostname());
+        let image = encode_slot(&next, geo.ats_sector_size);
+        match lun.compare_and_write(geo.slot_offset(slot), &raw, &image)? {
+            Caw::Written => {
+                return Ok(SlotClaim {
+                    slot,
+                    generation: next.generation,
+                    after_crash,
+                    image,
+                })
+            }
+            Caw::Miscompare(actual) if actual == image => {
+                return Ok(SlotClaim {
+                    slot,
+                    generation: next.generation,
+                    after_crash,
+                    image,
+                })
+            }
+            Caw::Miscompare(_) => {
+                tracing::debug!(slot, "lost the race for a slot; choosing again");
+            }
+        }
+    }
+    bail!("could not claim a heartbeat slot after {CLAIM_ATTEMPTS_MAX} attempts: too many hosts are mounting at once")
+}
+
+/// This host's membership: the claimed slot and the thread that renews it.
+pub struct Membership {
+    lun: Arc<dyn Lun>,
+    offset: u64,
+    sector: u32,
+    pub slot: u32,
+    pub generation: u32,
+    lease: Arc<Lease>,
+    current: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Membership {
+    /// Starts renewing a claimed slot every `interval`.
+    pub fn start(
+        lun: Arc<dyn Lun>,
+        geo: &Geometry,
+        claim: SlotClaim,
+        lease: Arc<Lease>,
+        interval: Duration,
+    ) -> Membership {
+        let offset = geo.slot_offset(claim.slot);
+        let current = Arc::new(Mutex::new(claim.image));
+        let stop = Arc::new(AtomicBool::new(false));
+        let renewer = Renewer {
+            lun: lun.clone(),
+            offset,
+            sector: geo.ats_sector_size,
+            lease: lease.clone(),
+            current: current.clone(),
+            stop: stop.clone(),
+            interval,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("heartbeat-{}", claim.slot))
+            .spawn(move || renewer.run())
+            .ok();
+        if thread.is_none() {
+            lease.fence("could not start the heartbeat thread");
+        }
+        Membership {
+            lun,
+            offset,
+            sector: geo.ats_sector_size,
+            slot: claim.slot,
+            generation: claim.generation,
+            lease,
+            current,
+            stop,
+            thread,
+        }
+    }
+
+    pub fn lease(&self) -> &Arc<Lease> {
+        &self.lease
+    }
+
+    /// Stops renewing and frees the slot (keeping our UUID in it, so this host gets
+    /// the same slot back next time). Not done when fenced: the slot is no longer ours.
+    pub fn release(mut self) -> Result<()> {
+        self.stop_thread();
+        self.lease
+            .check()
+            .map_err(|e| anyhow!("not releasing the heartbeat slot: {e}"))?;
+        let current = self
+            .current
+            .lock()
+            .map_err(|_| anyhow!("heartbeat state poisoned"))?
+            .clone();
+        let mut slot = HeartbeatSlot::decode(&current, 0).context("our own heartbeat image")?;
+        slot.state = SLOT_FREE;
+        slot.counter = slot.counter.wrapping_add(1);
+        slot.owner_pid = 0;
+        slot.wall_clock_ms = wall_clock_ms();
+        let image = encode_slot(&slot, self.sector);
+        match self.lun.compare_and_write(self.offset, &current, &image)? {
+            Caw::Written => {}
+            Caw::Miscompare(actual) if actual == image => {}
+            Caw::Miscompare(_) => {
+                bail!("our heartbeat slot was changed by another host while we held it")
+            }
+        }
+        self.lun.flush()?;
+        Ok(())
+    }
+
+    fn stop_thread(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+struct Renewer {
+    lun: Arc<dyn Lun>,
+    offset: u64,
+    sector: u32,
+    lease: Arc<Lease>,
+    current: Arc<Mutex<Vec<u8>>>,
+    stop: Arc<AtomicBool>,
+    interval: Duration,
+}
+
+impl Renewer {
+    fn run(self) {
+        let clock = self.lease.clock().clone();
+        while !self.stop.load(Ordering::SeqCst) && !self.lease.is_fenced() {
+            let delay = match self.renew_once(clock.as_ref()) {
+                Ok(()) => self.interval,
+                Err(e) => {
+                    tracing::warn!("heartbeat renewal failed, retrying: {e}");
+                    RETRY_DELAY
+                }
+            };
+            // Sleep in short steps so unmount does not wait a whole interval.
+            let mut left = delay;
+            while !left.is_zero() && !self.stop.load(Ordering::SeqCst) {
+                let step = left.min(Duration::from_millis(50));
+                clock.sleep(step);
+                left -= step;
+            }
+        }
+    }
+
+    fn renew_once(&self, clock: &dyn Clock) -> Result<(), LunError> {
+        // Past the lease the host is fenced for good, even if nobody took the slot.
+        self.lease.check()?;
+        let Ok(mut current) = self.current.lock() else {
+            self.lease.fence("heartbeat state poisoned");
+            return Ok(());
+        };
+        let Ok(mut slot) = HeartbeatSlot::decode(&current, 0) else {
+            self.lease.fence("our heartbeat image does not decode");
+            return Ok(());
+        };
+        slot.counter = slot.counter.wrapping_add(1);
+        slot.wall_clock_ms = wall_clock_ms();
+        let next = encode_slot(&slot, self.sector);
+        let issued = clock.now_ms();
+        // The heartbeat itself bypasses the lease guard: renewing is how the lease is kept.
+        let outcome = self.lun.compare_and_write(self.offset, &current, &next);
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // The write may have landed with its reply lost: look.
+                let mut actual = vec![0u8; self.sector as usize];
+                self.lun.read_at(&mut actual, self.offset)?;
+                if actual == *current {
+                    return Err(e);
+                }
+                Caw::Miscompare(actual)
+            }
+        };
+        match outcome {
+            Caw::Written => {}
+            // A false miscompare: our new image is there, only the reply was lost.
+            Caw::Miscompare(actual) if actual == next => {}
+            Caw::Miscompare(_) => {
+                self.lease
+                    .fence("another host changed our heartbeat slot: we were declared dead");
+                return Ok(());
+            }
+        }
+        *current = next;
+        self.lease.renewed(issued);
+        Ok(())
+    }
+}
+
+use bytemuck::Zeroable;
