@@ -14,8 +14,10 @@ mod fault;
 mod file;
 mod mem;
 
-mod _f {}
-
+pub use fault::{
+    crash_image, durable_image, flushes_at_cut, FaultConfig, FaultLun, IoStats, WriteRecord,
+};
+pub use file::{FileLun, OpenMode};
 pub use mem::MemLun;
 
 use std::sync::Arc;
