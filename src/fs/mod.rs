@@ -1,1 +1,329 @@
-//! (being written)
+//! The filesystem core: namespace, inodes, directories, file data, allocation, on top
+//! of the journal and the cluster layer. Usable without FUSE: tests start hosts in
+//! one process and call it directly.
+//!
+//! Concurrency: one `Mutex<Core>` per mounted host serialises metadata operations;
+//! the FUSE adapter may call from many threads.
+//!
+//! Every operation that changes metadata runs inside the running transaction
+//! (`meta::Meta`), committed by `fsync`, by the background syncer every
+//! `commit_interval`, when the transaction grows large, and at unmount.
+
+mod alloc;
+mod dir;
+mod file;
+mod inode;
+pub mod meta;
+mod mount;
+mod namei;
+mod xattr;
+
+pub use inode::{Attr, INODE_FLAG_FREED};
+pub use mount::{read_superblock, MountOptions};
+pub use namei::SetAttr;
+
+use crate::cluster::{Lease, Membership};
+use crate::format::{FormatError, Superblock};
+use crate::journal::JournalError;
+use crate::lun::LunError;
+use meta::Meta;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use thiserror::Error;
+
+/// An inode number: the block number of the inode's resource.
+pub type Ino = u64;
+
+#[derive(Debug, Error)]
+pub enum FsError {
+    /// A POSIX error for the caller (ENOENT, EEXIST, ...).
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
+    Errno(i32),
+    #[error("no space left on the volume")]
+    NoSpace,
+    #[error(transparent)]
+    Io(#[from] LunError),
+    #[error(transparent)]
+    Corrupted(FormatError),
+    #[error("this host can no longer write: {0}")]
+    Failed(String),
+}
+
+impl FsError {
+    pub fn corrupted(what: &'static str, block: u64, reason: impl Into<String>) -> FsError {
+        FsError::Corrupted(FormatError::corrupted(what, block, reason))
+    }
+
+    /// The errno for the FUSE reply.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Errno(e) => *e,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::Io(e) => e.errno(),
+            FsError::Corrupted(_) | FsError::Failed(_) => libc::EIO,
+        }
+    }
+}
+
+impl From<JournalError> for FsError {
+    fn from(e: JournalError) -> FsError {
+        match e {
+            JournalError::Lun(e) => FsError::Io(e),
+            JournalError::Format(e) => FsError::Corrupted(e),
+            JournalError::TooLarge(n) => FsError::Failed(format!(
+                "a transaction of {n} images does not fit the journal"
+            )),
+        }
+    }
+}
+
+impl From<FormatError> for FsError {
+    fn from(e: FormatError) -> FsError {
+        FsError::Corrupted(e)
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Everything a host's operations share, behind one lock.
+pub struct Core {
+    pub meta: Meta,
+    pub sb: Superblock,
+    /// Open handles per inode: an unlinked inode is freed at its last close.
+    open_counts: HashMap<Ino, u32>,
+    last_generation: u64,
+}
+
+/// Volume-wide usage, for statfs.
+#[derive(Clone, Copy, Debug)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub free_blocks: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// One mounted host.
+pub struct Fs {
+    core: Mutex<Core>,
+    root: Ino,
+    lease: Arc<Lease>,
+    membership: Mutex<Option<Membership>>,
+    pub options: MountOptions,
+}
+
+impl Fs {
+    /// The root directory's inode number.
+    pub fn root(&self) -> Ino {
+        self.root
+    }
+
+    pub fn lease(&self) -> &Arc<Lease> {
+        &self.lease
+    }
+
+    /// This host's slot and generation.
+    pub fn slot(&self) -> Option<(u32, u32)> {
+        self.membership
+            .lock()
+            .ok()
+            .and_then(|m| m.as_ref().map(|m| (m.slot, m.generation)))
+    }
+
+    fn core(&self) -> FsResult<MutexGuard<'_, Core>> {
+        let core = self
+            .core
+            .lock()
+            .map_err(|_| FsError::Failed("an earlier operation panicked".into()))?;
+        core.meta.check_healthy()?;
+        Ok(core)
+    }
+
+    /// Runs a read-only operation.
+    fn read<T>(&self, op: impl FnOnce(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        let mut core = self.core()?;
+        op(&mut core)
+    }
+
+    /// Runs a mutating operation inside the running transaction. The lease is checked
+    /// first: a fenced host changes nothing, not even in memory.
+    fn write<T>(&self, op: impl FnOnce(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.lease.check()?;
+        let mut core = self.core()?;
+        if core.meta.tx_len() > meta::TX_SOFT_LIMIT {
+            core.meta.commit()?;
+        }
+        core.meta.begin_op();
+        let result = op(&mut core);
+        core.meta.end_op(result.is_ok());
+        result
+    }
+
+    pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        self.read(|c| c.inode(ino).map(|i| inode::attr_of(&i)))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        self.read(|c| c.lookup(parent, name))
+    }
+
+    pub fn setattr(&self, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
+        self.write(|c| c.setattr(ino, set))
+    }
+
+    /// Creates a regular file, fifo, socket or device node.
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.write(|c| c.create_node(parent, name, mode, rdev, uid, gid, None))
+    }
+
+    pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        let mode = (mode & 0o7777) | libc::S_IFDIR;
+        self.write(|c| c.create_node(parent, name, mode, 0, uid, gid, None))
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        target: &[u8],
+        uid: u32,
+        gid: u32,
+    ) -> FsResult<Attr> {
+        self.write(|c| {
+            c.create_node(
+                parent,
+                name,
+                libc::S_IFLNK | 0o777,
+                0,
+                uid,
+                gid,
+                Some(target),
+            )
+        })
+    }
+
+    pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        self.read(|c| c.readlink(ino))
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        self.write(|c| c.link(ino, parent, name))
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.write(|c| c.unlink(parent, name, false))
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        self.write(|c| c.unlink(parent, name, true))
+    }
+
+    /// Renames; `flags` takes RENAME_NOREPLACE and RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        self.write(|c| c.rename(parent, name, new_parent, new_name, flags))
+    }
+
+    /// Notes an open handle on an inode.
+    pub fn open(&self, ino: Ino) -> FsResult<Attr> {
+        self.read(|c| {
+            let inode = c.inode(ino)?;
+            *c.open_counts.entry(ino).or_insert(0) += 1;
+            Ok(inode::attr_of(&inode))
+        })
+    }
+
+    /// Drops an open handle; frees the inode if it was unlinked meanwhile.
+    pub fn release(&self, ino: Ino) -> FsResult<()> {
+        self.write(|c| c.release(ino))
+    }
+
+    pub fn read_data(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        self.read(|c| c.read_file(ino, offset, size as usize))
+    }
+
+    pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
+        self.write(|c| c.write_file(ino, offset, data))
+    }
+
+    /// Makes the file's data and all metadata committed so far durable.
+    pub fn fsync(&self, _ino: Ino, _datasync: bool) -> FsResult<()> {
+        self.write(|c| c.meta.commit())
+    }
+
+    /// Commits the running transaction (the background syncer, `sync`).
+    pub fn sync(&self) -> FsResult<()> {
+        let core = self.core()?;
+        if core.meta.tx_len() == 0 && !core.meta.data_dirty {
+            return Ok(());
+        }
+        drop(core);
+        self.write(|c| c.meta.commit())
+    }
+
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.write(|c| c.fallocate(ino, offset, len, mode))
+    }
+
+    /// Lists a directory after `offset` (0 = from the start, including "." and "..").
+    /// `emit(ino, next_offset, dtype, name)` returns true when the caller's buffer is
+    /// full.
+    pub fn readdir(
+        &self,
+        ino: Ino,
+        offset: u64,
+        emit: &mut dyn FnMut(Ino, u64, u8, &[u8]) -> bool,
+    ) -> FsResult<()> {
+        self.read(|c| c.readdir(ino, offset, emit))
+    }
+
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        self.read(|c| {
+            Ok(StatFs {
+                blocks: c.meta.geo.data_blocks(),
+                free_blocks: c.meta.free_blocks()?,
+                block_size: crate::format::BLOCK_SIZE as u32,
+                name_max: crate::format::NAME_MAX as u32,
+            })
+        })
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        self.read(|c| c.getxattr(ino, name))
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
+        self.read(|c| c.listxattr(ino))
+    }
+
+    /// Sets an xattr; `flags` takes XATTR_CREATE and XATTR_REPLACE.
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        self.write(|c| c.setxattr(ino, name, value, flags))
+    }
+
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        self.write(|c| c.removexattr(ino, name))
+    }
+
+    /// Device I/O counters since mount.
+    pub fn stats(&self) -> FsResult<meta::MetaStats> {
+        self.read(|c| Ok(c.meta.stats))
+    }
+}
+
+#[cfg(test)]
+mod tests;

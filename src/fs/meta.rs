@@ -1,0 +1,302 @@
+//! Metadata I/O for one host: a cache of clean images, the running transaction, and
+//! commit + checkpoint.
+//!
+//! Every metadata change goes into the running transaction (`put`); reads see the
+//! transaction first (`get`). `commit` writes the transaction to this host's journal
+//! (the commit point), then writes every image home, synchronously.
+//!
+//! Invariants:
+//! - A metadata image is written home only after the transaction holding it is
+//!   committed. File data is flushed before the commit that points at it.
+//! - A block freed in the running transaction is not reused before that transaction
+//!   commits (`quarantine`): a crash before the commit must not expose another file's
+//!   data in it.
+//! - After a failed commit or checkpoint the in-memory state is ahead of the disk:
+//!   `failed` is set and every later operation fails (sticky), as after a fence.
+
+use super::{FsError, FsResult};
+use crate::format::{BlockNo, Geometry, OnDisk, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::journal::{Journal, Record};
+use crate::lun::Lun;
+use lru::LruCache;
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+/// Clean metadata images kept in memory.
+const CACHE_ENTRIES: usize = 32768;
+/// A mutating operation commits the running transaction first when it holds more
+/// images than this, so that one operation (at most ~150 images) always fits.
+pub const TX_SOFT_LIMIT: usize = 96;
+
+/// Counters of device I/O, for `atsfs stats` and the benchmarks.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetaStats {
+    pub meta_reads: u64,
+    pub commits: u64,
+    pub committed_images: u64,
+    pub data_reads: u64,
+    pub data_writes: u64,
+    pub flushes: u64,
+}
+
+pub struct Meta {
+    pub lun: Arc<dyn Lun>,
+    pub geo: Geometry,
+    pub volume_uuid: [u8; 16],
+    cache: LruCache<u64, Arc<Vec<u8>>>,
+    tx: BTreeMap<u64, Vec<u8>>,
+    journal: Journal,
+    quarantine: Vec<(BlockNo, u64)>,
+    /// File data was written since the last flush.
+    pub data_dirty: bool,
+    /// Set when a commit or checkpoint failed: the host must not go on.
+    failed: Option<String>,
+    /// While an operation runs: the transaction's images before the operation touched
+    /// them, so a failed operation leaves no half-done change behind.
+    undo: Option<HashMap<u64, Option<Vec<u8>>>>,
+    undo_quarantine: usize,
+    pub stats: MetaStats,
+}
+
+impl Meta {
+    pub fn new(lun: Arc<dyn Lun>, geo: Geometry, volume_uuid: [u8; 16], journal: Journal) -> Meta {
+        let cap = NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
+        Meta {
+            lun,
+            geo,
+            volume_uuid,
+            cache: LruCache::new(cap),
+            tx: BTreeMap::new(),
+            journal,
+            quarantine: Vec::new(),
+            data_dirty: false,
+            failed: None,
+            undo: None,
+            undo_quarantine: 0,
+            stats: MetaStats::default(),
+        }
+    }
+
+    /// Fails when an earlier commit failed.
+    pub fn check_healthy(&self) -> FsResult<()> {
+        match &self.failed {
+            Some(reason) => Err(FsError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Raw bytes of the image at `offset` (`len` bytes): the running transaction's
+    /// version if any, else the cache's, else the disk's.
+    pub fn raw(&mut self, offset: u64, len: usize) -> FsResult<Arc<Vec<u8>>> {
+        if let Some(image) = self.tx.get(&offset) {
+            return Ok(Arc::new(image.clone()));
+        }
+        if let Some(image) = self.cache.get(&offset) {
+            if image.len() == len {
+                return Ok(image.clone());
+            }
+        }
+        let mut buf = vec![0u8; len];
+        self.lun.read_at(&mut buf, offset)?;
+        self.stats.meta_reads += 1;
+        let image = Arc::new(buf);
+        self.cache.put(offset, image.clone());
+        Ok(image)
+    }
+
+    /// Decodes a structure at `offset`; `block` names it in errors. Images read from
+    /// disk are validated (magic, CRC, block number) before they are trusted; an image
+    /// that fails is dropped from the cache so a later read tries the disk again.
+    pub fn get<T: OnDisk>(&mut self, offset: u64, len: usize, block: BlockNo) -> FsResult<T> {
+        let image = self.raw(offset, len)?;
+        match T::decode(&image, block) {
+            Ok(value) => Ok(value),
+            Err(e) => {
+                self.cache.pop(&offset);
+                Err(FsError::Corrupted(e))
+            }
+        }
+    }
+
+    /// Starts an operation: its changes can be undone until it ends.
+    pub fn begin_op(&mut self) {
+        self.undo = Some(HashMap::new());
+        self.undo_quarantine = self.quarantine.len();
+    }
+
+    /// Ends an operation; a failed one has its changes to the running transaction
+    /// undone (changes it committed along the way stay: each commit is consistent).
+    pub fn end_op(&mut self, ok: bool) {
+        let Some(undo) = self.undo.take() else { return };
+        if ok {
+            return;
+        }
+        for (offset, before) in undo {
+            match before {
+                Some(image) => self.tx.insert(offset, image),
+                None => self.tx.remove(&offset),
+            };
+        }
+        self.quarantine.truncate(self.undo_quarantine);
+    }
+
+    fn note_undo(&mut self, offset: u64) {
+        if let Some(undo) = self.undo.as_mut() {
+            if !undo.contains_key(&offset) {
+                undo.insert(offset, self.tx.get(&offset).cloned());
+            }
+        }
+    }
+
+    /// Puts a structure into the running transaction, sealed.
+    pub fn put<T: OnDisk>(&mut self, offset: u64, len: usize, mut value: T) {
+        self.note_undo(offset);
+        value.seal();
+        let mut image = vec![0u8; len];
+        let bytes = bytemuck::bytes_of(&value);
+        image[..bytes.len()].copy_from_slice(bytes);
+        self.tx.insert(offset, image);
+    }
+
+    /// Puts raw bytes (a bitmap block) into the running transaction.
+    pub fn put_raw(&mut self, offset: u64, image: Vec<u8>) {
+        self.note_undo(offset);
+        self.tx.insert(offset, image);
+    }
+
+    /// Images in the running transaction.
+    pub fn tx_len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Marks a run of blocks freed in the running transaction.
+    pub fn quarantine(&mut self, start: BlockNo, len: u64) {
+        self.quarantine.push((start, len));
+    }
+
+    /// The first quarantined block at or after `start` within `[start, end)`, as the
+    /// end of the free run that may be used.
+    pub fn quarantined_in(&self, start: BlockNo, end: BlockNo) -> Option<(BlockNo, BlockNo)> {
+        self.quarantine
+            .iter()
+            .filter(|&&(s, l)| s < end && s + l > start)
+            .map(|&(s, l)| (s.max(start), s + l))
+            .min()
+    }
+
+    /// Drops a freed block's image from the cache and the transaction, so a later
+    /// reuse of the block as metadata cannot see stale bytes.
+    pub fn forget(&mut self, offset: u64) {
+        if self.tx.contains_key(&offset) {
+            self.note_undo(offset);
+            self.tx.remove(&offset);
+        }
+        self.cache.pop(&offset);
+    }
+
+    /// Commits the running transaction and writes it home. Sticky on failure.
+    pub fn commit(&mut self) -> FsResult<()> {
+        self.check_healthy()?;
+        let result = self.commit_inner();
+        if let Err(e) = &result {
+            self.failed = Some(format!("commit failed: {e}"));
+            tracing::error!("commit failed, no further writes from this host: {e}");
+        }
+        result
+    }
+
+    fn commit_inner(&mut self) -> FsResult<()> {
+        if self.data_dirty {
+            // Ordered mode: file data is durable before the commit that points at it.
+            self.lun.flush()?;
+            self.stats.flushes += 1;
+            self.data_dirty = false;
+        }
+        if self.tx.is_empty() {
+            return Ok(());
+        }
+        let tx = std::mem::take(&mut self.tx);
+        let records: Vec<Record> = tx
+            .iter()
+            .map(|(&target, image)| Record {
+                target,
+                image: image.clone(),
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.journal.commit(self.lun.as_ref(), &records, now)?;
+        self.stats.commits += 1;
+        self.stats.flushes += 1;
+        self.stats.committed_images += records.len() as u64;
+        self.checkpoint(tx)?;
+        self.quarantine.clear();
+        if self.undo.is_some() {
+            self.undo = Some(HashMap::new());
+            self.undo_quarantine = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes committed images home, merging neighbours into one write.
+    fn checkpoint(&mut self, tx: BTreeMap<u64, Vec<u8>>) -> FsResult<()> {
+        let mut run_start = 0u64;
+        let mut run: Vec<u8> = Vec::new();
+        for (&offset, image) in &tx {
+            if !run.is_empty() && run_start + run.len() as u64 != offset {
+                self.lun.write_at(&run, run_start)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = offset;
+            }
+            run.extend_from_slice(image);
+        }
+        if !run.is_empty() {
+            self.lun.write_at(&run, run_start)?;
+        }
+        for (offset, image) in tx {
+            self.cache.put(offset, Arc::new(image));
+        }
+        Ok(())
+    }
+
+    /// Commits, then records in the journal header that everything is home.
+    pub fn sync_all(&mut self) -> FsResult<()> {
+        self.commit()?;
+        if self.journal.has_unmarked() {
+            self.journal.mark_all_home(self.lun.as_ref())?;
+        }
+        Ok(())
+    }
+
+    /// Flushes file data without a commit (fdatasync of a file whose metadata is
+    /// unchanged).
+    pub fn flush_data(&mut self) -> FsResult<()> {
+        if self.data_dirty {
+            self.lun.flush()?;
+            self.stats.flushes += 1;
+            self.data_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Reads whole data blocks.
+    pub fn read_data(&mut self, buf: &mut [u8], block: BlockNo) -> FsResult<()> {
+        self.lun.read_at(buf, block * BLOCK_SIZE_U64)?;
+        self.stats.data_reads += 1;
+        Ok(())
+    }
+
+    /// Writes whole data blocks (not journaled; ordered before the next commit).
+    pub fn write_data(&mut self, buf: &[u8], block: BlockNo) -> FsResult<()> {
+        debug_assert!(buf.len() % BLOCK_SIZE == 0);
+        self.lun.write_at(buf, block * BLOCK_SIZE_U64)?;
+        self.stats.data_writes += 1;
+        self.data_dirty = true;
+        Ok(())
+    }
+}

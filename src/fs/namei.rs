@@ -1,0 +1,466 @@
+//! The namespace: lookup, create, link, unlink, rename, setattr.
+//!
+//! Each step loads what it changes and puts it back at once, so operations whose
+//! source and target directory are the same inode see their own changes.
+
+use super::inode::{
+    attr_of, dtype_of, from_system_time, is_dir, now, touch_ctime, touch_mtime_ctime, Attr,
+};
+use super::{Core, FsError, FsResult, Ino};
+use crate::format::{InodeBody, NAME_MAX};
+use std::time::SystemTime;
+
+/// Most links to one inode, as ext4.
+pub const LINK_MAX: u32 = 65000;
+/// Longest symlink target (PATH_MAX less the terminating zero).
+pub const SYMLINK_MAX: usize = 4095;
+
+/// A time to set: now, or a given time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetTime {
+    Now,
+    At(SystemTime),
+}
+
+/// The changes of a setattr call; `None` leaves a field alone.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub ctime: Option<SystemTime>,
+}
+
+fn check_name(name: &[u8]) -> FsResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::Errno(libc::ENAMETOOLONG));
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+fn time_of(set: SetTime) -> (i64, u32) {
+    match set {
+        SetTime::Now => now(),
+        SetTime::At(t) => from_system_time(t),
+    }
+}
+
+impl Core {
+    /// Loads a directory that may still get entries (not removed).
+    fn live_dir(&mut self, ino: Ino) -> FsResult<InodeBody> {
+        let dir = self.inode(ino)?;
+        if !is_dir(&dir) {
+            return Err(FsError::Errno(libc::ENOTDIR));
+        }
+        if dir.nlink == 0 {
+            return Err(FsError::Errno(libc::ENOENT));
+        }
+        Ok(dir)
+    }
+
+    /// Loads an inode, lets `f` change it, and puts it back.
+    fn update<T>(
+        &mut self,
+        ino: Ino,
+        f: impl FnOnce(&mut Core, &mut InodeBody) -> FsResult<T>,
+    ) -> FsResult<T> {
+        let mut inode = self.inode(ino)?;
+        let out = f(self, &mut inode)?;
+        self.put_inode(&inode);
+        Ok(out)
+    }
+
+    pub fn lookup(&mut self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::Errno(libc::ENAMETOOLONG));
+        }
+        let dir = self.inode(parent)?;
+        if !is_dir(&dir) {
+            return Err(FsError::Errno(libc::ENOTDIR));
+        }
+        let ino = match name {
+            b"." => parent,
+            b".." => dir.parent,
+            _ => match self.dir_lookup(&dir, name)? {
+                Some((ino, _)) => ino,
+                None => return Err(FsError::Errno(libc::ENOENT)),
+            },
+        };
+        Ok(attr_of(&self.inode(ino)?))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_node(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        symlink: Option<&[u8]>,
+    ) -> FsResult<Attr> {
+        check_name(name)?;
+        if symlink.is_some_and(|t| t.len() > SYMLINK_MAX) {
+            return Err(FsError::Errno(libc::ENAMETOOLONG));
+        }
+        if symlink.is_some_and(|t| t.is_empty()) {
+            return Err(FsError::Errno(libc::ENOENT));
+        }
+        let dir = self.live_dir(parent)?;
+        if self.dir_lookup(&dir, name)?.is_some() {
+            return Err(FsError::Errno(libc::EEXIST));
+        }
+        let making_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        if making_dir && dir.nlink >= LINK_MAX {
+            return Err(FsError::Errno(libc::EMLINK));
+        }
+        // A set-group-ID directory hands its group down, and the bit to subdirectories.
+        let (gid, mode) = if dir.mode & libc::S_ISGID != 0 {
+            (
+                dir.gid,
+                if making_dir {
+                    mode | libc::S_ISGID
+                } else {
+                    mode
+                },
+            )
+        } else {
+            (gid, mode)
+        };
+        let mut child = self.new_inode(parent, mode, uid, gid, rdev)?;
+        if making_dir {
+            self.dir_init(&mut child, parent)?;
+            child.nlink = 2;
+        }
+        if let Some(target) = symlink {
+            self.set_symlink_target(&mut child, target)?;
+        }
+        self.put_inode(&child);
+        let ino = child.blockno;
+        self.update(parent, |core, dir| {
+            core.dir_add(dir, name, ino, dtype_of(mode))?;
+            if making_dir {
+                dir.nlink += 1;
+            }
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        Ok(attr_of(&child))
+    }
+
+    pub fn link(&mut self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        check_name(name)?;
+        let target = self.inode(ino)?;
+        if is_dir(&target) {
+            return Err(FsError::Errno(libc::EPERM));
+        }
+        if target.nlink >= LINK_MAX {
+            return Err(FsError::Errno(libc::EMLINK));
+        }
+        if target.nlink == 0 {
+            return Err(FsError::Errno(libc::ENOENT));
+        }
+        let dir = self.live_dir(parent)?;
+        if self.dir_lookup(&dir, name)?.is_some() {
+            return Err(FsError::Errno(libc::EEXIST));
+        }
+        let kind = dtype_of(target.mode);
+        self.update(parent, |core, dir| {
+            core.dir_add(dir, name, ino, kind)?;
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        self.update(ino, |_, inode| {
+            inode.nlink += 1;
+            touch_ctime(inode);
+            Ok(attr_of(inode))
+        })
+    }
+
+    /// unlink(2) and, with `rmdir`, rmdir(2).
+    pub fn unlink(&mut self, parent: Ino, name: &[u8], rmdir: bool) -> FsResult<()> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::Errno(libc::ENAMETOOLONG));
+        }
+        if rmdir && name == b"." {
+            return Err(FsError::Errno(libc::EINVAL));
+        }
+        if rmdir && name == b".." {
+            return Err(FsError::Errno(libc::ENOTEMPTY));
+        }
+        let dir = self.inode(parent)?;
+        if !is_dir(&dir) {
+            return Err(FsError::Errno(libc::ENOTDIR));
+        }
+        let Some((ino, _)) = self.dir_lookup(&dir, name)? else {
+            return Err(FsError::Errno(libc::ENOENT));
+        };
+        let child = self.inode(ino)?;
+        match (rmdir, is_dir(&child)) {
+            (true, false) => return Err(FsError::Errno(libc::ENOTDIR)),
+            (false, true) => return Err(FsError::Errno(libc::EISDIR)),
+            (true, true) if !self.dir_is_empty(&child)? => {
+                return Err(FsError::Errno(libc::ENOTEMPTY))
+            }
+            _ => {}
+        }
+        self.update(parent, |core, dir| {
+            core.dir_remove(dir, name)?;
+            if rmdir {
+                dir.nlink = dir.nlink.saturating_sub(1);
+            }
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        self.drop_link(ino)
+    }
+
+    /// Drops one link of an inode whose entry is gone; frees it at the last link when
+    /// nobody has it open.
+    fn drop_link(&mut self, ino: Ino) -> FsResult<()> {
+        let mut inode = self.inode(ino)?;
+        inode.nlink = if is_dir(&inode) {
+            0
+        } else {
+            inode.nlink.saturating_sub(1)
+        };
+        touch_ctime(&mut inode);
+        if inode.nlink == 0 && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
+            return self.free_inode(inode);
+        }
+        self.put_inode(&inode);
+        Ok(())
+    }
+
+    /// Drops an open handle; frees an unlinked inode at its last close.
+    pub fn release(&mut self, ino: Ino) -> FsResult<()> {
+        let left = match self.open_counts.get_mut(&ino) {
+            Some(count) => {
+                *count = count.saturating_sub(1);
+                *count
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.open_counts.remove(&ino);
+            match self.inode(ino) {
+                Ok(inode) if inode.nlink == 0 => return self.free_inode(inode),
+                Ok(_) | Err(FsError::Errno(libc::ESTALE)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when `ancestor` is `ino` or one of its parents.
+    fn is_ancestor(&mut self, ancestor: Ino, mut ino: Ino) -> FsResult<bool> {
+        let root = self.sb.root_ino;
+        // Bounded by the deepest possible tree: every step goes up one level.
+        for _ in 0..1_000_000 {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            if ino == root {
+                return Ok(false);
+            }
+            ino = self.inode(ino)?.parent;
+        }
+        Err(FsError::corrupted(
+            "directory",
+            ino,
+            "parent chain does not reach the root",
+        ))
+    }
+
+    pub fn rename(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        check_name(new_name)?;
+        if name.len() > NAME_MAX {
+            return Err(FsError::Errno(libc::ENAMETOOLONG));
+        }
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let noreplace = flags & libc::RENAME_NOREPLACE != 0;
+        if flags & !(libc::RENAME_EXCHANGE | libc::RENAME_NOREPLACE) != 0 || (exchange && noreplace)
+        {
+            return Err(FsError::Errno(libc::EINVAL));
+        }
+        let src_dir = self.inode(parent)?;
+        if !is_dir(&src_dir) {
+            return Err(FsError::Errno(libc::ENOTDIR));
+        }
+        let dst_dir = self.live_dir(new_parent)?;
+        let Some((src, _)) = self.dir_lookup(&src_dir, name)? else {
+            return Err(FsError::Errno(libc::ENOENT));
+        };
+        let dst = self.dir_lookup(&dst_dir, new_name)?.map(|(ino, _)| ino);
+        let src_inode = self.inode(src)?;
+        let src_is_dir = is_dir(&src_inode);
+        if exchange {
+            let Some(dst) = dst else {
+                return Err(FsError::Errno(libc::ENOENT));
+            };
+            return self.exchange(parent, name, src, new_parent, new_name, dst);
+        }
+        if dst.is_some() && noreplace {
+            return Err(FsError::Errno(libc::EEXIST));
+        }
+        if dst == Some(src) {
+            // Two links to one inode: POSIX says do nothing.
+            return Ok(());
+        }
+        if src_is_dir && new_parent != parent && self.is_ancestor(src, new_parent)? {
+            return Err(FsError::Errno(libc::EINVAL));
+        }
+        if let Some(dst) = dst {
+            let dst_inode = self.inode(dst)?;
+            match (src_is_dir, is_dir(&dst_inode)) {
+                (true, false) => return Err(FsError::Errno(libc::ENOTDIR)),
+                (false, true) => return Err(FsError::Errno(libc::EISDIR)),
+                (true, true) if !self.dir_is_empty(&dst_inode)? => {
+                    return Err(FsError::Errno(libc::ENOTEMPTY))
+                }
+                _ => {}
+            }
+        }
+        let kind = dtype_of(src_inode.mode);
+        self.update(parent, |core, dir| {
+            core.dir_remove(dir, name)?;
+            if src_is_dir && new_parent != parent {
+                dir.nlink = dir.nlink.saturating_sub(1);
+            }
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        self.update(new_parent, |core, dir| {
+            match dst {
+                Some(_) => core.dir_replace(dir, new_name, src, kind)?,
+                None => core.dir_add(dir, new_name, src, kind)?,
+            }
+            // A replaced directory takes its ".." link with it; the moved one brings one.
+            let replaced_dir = dst.is_some() && src_is_dir;
+            if src_is_dir && new_parent != parent && !replaced_dir {
+                dir.nlink += 1;
+            }
+            if replaced_dir && new_parent == parent {
+                dir.nlink = dir.nlink.saturating_sub(1);
+            }
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        self.update(src, |_, inode| {
+            if src_is_dir {
+                inode.parent = new_parent;
+            }
+            touch_ctime(inode);
+            Ok(())
+        })?;
+        if let Some(dst) = dst {
+            self.drop_link(dst)?;
+        }
+        Ok(())
+    }
+
+    /// RENAME_EXCHANGE: swaps two entries atomically.
+    fn exchange(
+        &mut self,
+        parent: Ino,
+        name: &[u8],
+        src: Ino,
+        new_parent: Ino,
+        new_name: &[u8],
+        dst: Ino,
+    ) -> FsResult<()> {
+        if src == dst {
+            return Ok(());
+        }
+        let src_inode = self.inode(src)?;
+        let dst_inode = self.inode(dst)?;
+        let (src_dir, dst_dir) = (is_dir(&src_inode), is_dir(&dst_inode));
+        if new_parent != parent {
+            if src_dir && self.is_ancestor(src, new_parent)? {
+                return Err(FsError::Errno(libc::EINVAL));
+            }
+            if dst_dir && self.is_ancestor(dst, parent)? {
+                return Err(FsError::Errno(libc::EINVAL));
+            }
+        }
+        let (src_kind, dst_kind) = (dtype_of(src_inode.mode), dtype_of(dst_inode.mode));
+        self.update(parent, |core, dir| {
+            core.dir_replace(dir, name, dst, dst_kind)?;
+            if new_parent != parent {
+                dir.nlink = dir.nlink + u32::from(dst_dir) - u32::from(src_dir);
+            }
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        self.update(new_parent, |core, dir| {
+            core.dir_replace(dir, new_name, src, src_kind)?;
+            if new_parent != parent {
+                dir.nlink = dir.nlink + u32::from(src_dir) - u32::from(dst_dir);
+            }
+            touch_mtime_ctime(dir);
+            Ok(())
+        })?;
+        self.update(src, |_, inode| {
+            if src_dir {
+                inode.parent = new_parent;
+            }
+            touch_ctime(inode);
+            Ok(())
+        })?;
+        self.update(dst, |_, inode| {
+            if dst_dir {
+                inode.parent = parent;
+            }
+            touch_ctime(inode);
+            Ok(())
+        })
+    }
+
+    pub fn setattr(&mut self, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
+        self.update(ino, |core, inode| {
+            if let Some(size) = set.size {
+                if is_dir(inode) {
+                    return Err(FsError::Errno(libc::EISDIR));
+                }
+                if inode.mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(FsError::Errno(libc::EINVAL));
+                }
+                core.truncate(inode, size)?;
+            }
+            if let Some(mode) = set.mode {
+                inode.mode = (inode.mode & libc::S_IFMT) | (mode & 0o7777);
+            }
+            if let Some(uid) = set.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                inode.gid = gid;
+            }
+            if let Some(atime) = set.atime {
+                (inode.atime_s, inode.atime_ns) = time_of(atime);
+            }
+            if let Some(mtime) = set.mtime {
+                (inode.mtime_s, inode.mtime_ns) = time_of(mtime);
+            }
+            match set.ctime {
+                Some(ctime) => (inode.ctime_s, inode.ctime_ns) = from_system_time(ctime),
+                None => touch_ctime(inode),
+            }
+            Ok(attr_of(inode))
+        })
+    }
+}

@@ -1,0 +1,473 @@
+use super::namei::{SetAttr, SetTime};
+use super::*;
+use crate::cluster::HostUuid;
+use crate::lun::{Lun, MemLun};
+use crate::mkfs::{mkfs, MkfsOptions};
+use std::time::Duration;
+
+pub(crate) fn fresh_volume(bytes: u64) -> Arc<MemLun> {
+    let lun = Arc::new(MemLun::new(bytes, 512));
+    let opts = MkfsOptions {
+        max_hosts: 4,
+        heartbeat_interval: Duration::from_millis(100),
+        lease: Duration::from_millis(1000),
+        ..MkfsOptions::default()
+    };
+    mkfs(lun.as_ref(), &opts, &mut |_, _| {}).expect("mkfs");
+    lun
+}
+
+pub(crate) fn mount(lun: &Arc<MemLun>, host: u8) -> Arc<Fs> {
+    let lun: Arc<dyn Lun> = lun.clone();
+    Fs::mount(lun, MountOptions::new(HostUuid([host; 16]))).expect("mount")
+}
+
+fn names(fs: &Fs, dir: Ino) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let mut batch = Vec::new();
+        fs.readdir(dir, offset, &mut |_, next, _, name| {
+            batch.push((next, name.to_vec()));
+            batch.len() >= 37
+        })
+        .expect("readdir");
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        offset = last;
+        out.extend(batch.into_iter().map(|(_, n)| n));
+    }
+    out
+}
+
+const REG: u32 = libc::S_IFREG | 0o644;
+
+#[test]
+fn create_lookup_readdir_and_persist_across_remount() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let root = fs.root();
+    let a = fs.mknod(root, b"a", REG, 0, 1000, 1000).expect("create a");
+    let d = fs.mkdir(root, b"d", 0o755, 0, 0).expect("mkdir");
+    assert_eq!(
+        fs.mknod(root, b"a", REG, 0, 0, 0)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(fs.lookup(root, b"a").expect("lookup").ino, a.ino);
+    assert_eq!(
+        fs.lookup(root, b"nope").map_err(|e| e.errno()).err(),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(fs.getattr(root).expect("root").nlink, 3);
+    assert_eq!(fs.getattr(d.ino).expect("d").nlink, 2);
+    let mut listed = names(&fs, root);
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![b".".to_vec(), b"..".to_vec(), b"a".to_vec(), b"d".to_vec()]
+    );
+    fs.write_data(a.ino, 0, b"hello").expect("write");
+    fs.unmount().expect("unmount");
+    drop(fs);
+    let fs = mount(&lun, 1);
+    let a2 = fs.lookup(fs.root(), b"a").expect("lookup after remount");
+    assert_eq!((a2.ino, a2.size, a2.uid, a2.mode), (a.ino, 5, 1000, REG));
+    assert_eq!(fs.read_data(a.ino, 0, 100).expect("read"), b"hello");
+}
+
+#[test]
+fn fsynced_data_survives_a_crash() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let root = fs.root();
+    for i in 0..50u32 {
+        let name = format!("f{i}");
+        let f = fs
+            .mknod(root, name.as_bytes(), REG, 0, 0, 0)
+            .expect("create");
+        fs.write_data(f.ino, 0, name.as_bytes()).expect("write");
+        fs.fsync(f.ino, false).expect("fsync");
+    }
+    // Crash: no unmount. The slot stays live; the same host mounting again replays.
+    drop(fs);
+    let fs = mount(&lun, 1);
+    for i in 0..50u32 {
+        let name = format!("f{i}");
+        let f = fs.lookup(fs.root(), name.as_bytes()).expect("fsynced file");
+        assert_eq!(fs.read_data(f.ino, 0, 64).expect("read"), name.as_bytes());
+    }
+}
+
+#[test]
+fn reads_and_writes_at_any_offset_with_holes() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create");
+    let pattern: Vec<u8> = (0..20000u32).map(|i| (i * 7 % 251) as u8).collect();
+    fs.write_data(f.ino, 1000, &pattern).expect("write");
+    let far = 5u64 << 30;
+    fs.write_data(f.ino, far, b"past 4 GiB").expect("far write");
+    let attr = fs.getattr(f.ino).expect("attr");
+    assert_eq!(attr.size, far + 10);
+    assert!(
+        attr.blocks_512 < 100,
+        "sparse file uses {} sectors",
+        attr.blocks_512
+    );
+    assert_eq!(fs.read_data(f.ino, 0, 1000).expect("hole"), vec![0; 1000]);
+    assert_eq!(fs.read_data(f.ino, 1000, 20000).expect("data"), pattern);
+    assert_eq!(
+        fs.read_data(f.ino, 1u64 << 30, 4096).expect("hole"),
+        vec![0; 4096]
+    );
+    assert_eq!(fs.read_data(f.ino, far, 100).expect("far"), b"past 4 GiB");
+    // Overwrite in the middle of a block.
+    fs.write_data(f.ino, 4000, b"XYZ").expect("overwrite");
+    let back = fs.read_data(f.ino, 3998, 7).expect("read");
+    assert_eq!(&back[2..5], b"XYZ");
+    assert_eq!(back[0], pattern[2998]);
+}
+
+#[test]
+fn truncate_zeroes_what_it_cut_and_frees_blocks() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let before = fs.statfs().expect("statfs").free_blocks;
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create");
+    fs.write_data(f.ino, 0, &vec![0xab; 1 << 20])
+        .expect("write");
+    fs.setattr(
+        f.ino,
+        &SetAttr {
+            size: Some(5000),
+            ..SetAttr::default()
+        },
+    )
+    .expect("shrink");
+    fs.setattr(
+        f.ino,
+        &SetAttr {
+            size: Some(9000),
+            ..SetAttr::default()
+        },
+    )
+    .expect("grow");
+    let data = fs.read_data(f.ino, 0, 9000).expect("read");
+    assert!(data[..5000].iter().all(|&b| b == 0xab));
+    assert!(
+        data[5000..].iter().all(|&b| b == 0),
+        "bytes past the cut must read as zero"
+    );
+    fs.sync().expect("sync");
+    fs.unlink(fs.root(), b"f").expect("unlink");
+    fs.sync().expect("sync");
+    assert_eq!(fs.statfs().expect("statfs").free_blocks, before);
+}
+
+#[test]
+fn large_directories_split_and_list_every_entry_once() {
+    let lun = fresh_volume(256 << 20);
+    let fs = mount(&lun, 1);
+    let d = fs.mkdir(fs.root(), b"big", 0o755, 0, 0).expect("mkdir").ino;
+    let count = 12_000;
+    for i in 0..count {
+        fs.mknod(
+            d,
+            format!("entry-with-a-longish-name-{i:06}").as_bytes(),
+            REG,
+            0,
+            0,
+            0,
+        )
+        .expect("create");
+    }
+    let listed = names(&fs, d);
+    assert_eq!(listed.len(), count + 2);
+    let unique: std::collections::HashSet<_> = listed.iter().collect();
+    assert_eq!(unique.len(), count + 2);
+    for i in (0..count).step_by(997) {
+        fs.lookup(d, format!("entry-with-a-longish-name-{i:06}").as_bytes())
+            .expect("lookup");
+    }
+    assert_eq!(
+        fs.rmdir(fs.root(), b"big").map_err(|e| e.errno()).err(),
+        Some(libc::ENOTEMPTY)
+    );
+    for i in 0..count {
+        fs.unlink(d, format!("entry-with-a-longish-name-{i:06}").as_bytes())
+            .expect("unlink");
+    }
+    assert_eq!(names(&fs, d).len(), 2);
+    fs.rmdir(fs.root(), b"big").expect("rmdir");
+    fs.unmount().expect("unmount");
+}
+
+#[test]
+fn rename_replaces_exchanges_and_refuses_loops() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let root = fs.root();
+    let a = fs.mkdir(root, b"a", 0o755, 0, 0).expect("a").ino;
+    let b = fs.mkdir(root, b"b", 0o755, 0, 0).expect("b").ino;
+    let x = fs.mknod(a, b"x", REG, 0, 0, 0).expect("x").ino;
+    let y = fs.mknod(b, b"y", REG, 0, 0, 0).expect("y").ino;
+    // Replace y with x across directories.
+    fs.rename(a, b"x", b, b"y", 0).expect("rename");
+    assert_eq!(fs.lookup(b, b"y").expect("y").ino, x);
+    assert_eq!(
+        fs.getattr(y).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+    // NOREPLACE.
+    fs.mknod(a, b"z", REG, 0, 0, 0).expect("z");
+    assert_eq!(
+        fs.rename(a, b"z", b, b"y", libc::RENAME_NOREPLACE)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::EEXIST)
+    );
+    // EXCHANGE a file and a directory between two parents.
+    let sub = fs.mkdir(a, b"sub", 0o755, 0, 0).expect("sub").ino;
+    assert_eq!(fs.getattr(a).expect("a").nlink, 3);
+    fs.rename(a, b"sub", b, b"y", libc::RENAME_EXCHANGE)
+        .expect("exchange");
+    assert_eq!(fs.lookup(b, b"y").expect("y").ino, sub);
+    assert_eq!(fs.lookup(a, b"sub").expect("sub").ino, x);
+    assert_eq!(fs.getattr(a).expect("a").nlink, 2);
+    assert_eq!(fs.getattr(b).expect("b").nlink, 3);
+    let mut dotdot = 0;
+    fs.readdir(sub, 1, &mut |ino, _, _, name| {
+        if name == b".." {
+            dotdot = ino;
+        }
+        true
+    })
+    .expect("readdir");
+    assert_eq!(dotdot, b);
+    // A directory cannot move into itself.
+    assert_eq!(
+        fs.rename(root, b"b", sub, b"loop", 0)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::EINVAL)
+    );
+    // Directory over a non-empty directory.
+    fs.mknod(sub, b"f", REG, 0, 0, 0).expect("f");
+    assert_eq!(
+        fs.rename(root, b"a", b, b"y", 0)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::ENOTEMPTY)
+    );
+    // Directory over an empty directory in the same parent.
+    fs.mkdir(root, b"empty", 0o755, 0, 0).expect("empty");
+    let root_links = fs.getattr(root).expect("root").nlink;
+    fs.rename(root, b"a", root, b"empty", 0)
+        .expect("dir over empty dir");
+    assert_eq!(fs.getattr(root).expect("root").nlink, root_links - 1);
+}
+
+#[test]
+fn unlinked_open_files_stay_readable_until_the_last_close() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.write_data(f, 0, b"still here").expect("write");
+    fs.open(f).expect("open");
+    fs.unlink(fs.root(), b"f").expect("unlink");
+    assert_eq!(fs.read_data(f, 0, 100).expect("read"), b"still here");
+    fs.release(f).expect("release");
+    assert_eq!(
+        fs.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+}
+
+#[test]
+fn hard_links_symlinks_and_xattrs() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let root = fs.root();
+    let f = fs.mknod(root, b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.link(f, root, b"g").expect("link");
+    assert_eq!(fs.getattr(f).expect("f").nlink, 2);
+    fs.unlink(root, b"f").expect("unlink");
+    assert_eq!(fs.getattr(f).expect("f").nlink, 1);
+    let short = fs.symlink(root, b"s", b"g", 0, 0).expect("symlink").ino;
+    assert_eq!(fs.readlink(short).expect("readlink"), b"g");
+    let long_target = vec![b'x'; 4000];
+    let long = fs
+        .symlink(root, b"l", &long_target, 0, 0)
+        .expect("long symlink")
+        .ino;
+    assert_eq!(fs.readlink(long).expect("readlink"), long_target);
+    fs.setxattr(f, b"user.a", b"1", 0).expect("set");
+    assert_eq!(
+        fs.setxattr(f, b"user.a", b"2", libc::XATTR_CREATE)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(
+        fs.setxattr(f, b"user.b", b"2", libc::XATTR_REPLACE)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::ENODATA)
+    );
+    fs.setxattr(f, b"user.b", b"22", 0).expect("set b");
+    assert_eq!(fs.getxattr(f, b"user.b").expect("get"), b"22");
+    assert_eq!(fs.listxattr(f).expect("list"), b"user.a\0user.b\0");
+    assert_eq!(
+        fs.setxattr(f, b"user.big", &vec![0; 4040], 0)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::ENOSPC)
+    );
+    fs.removexattr(f, b"user.a").expect("remove");
+    assert_eq!(
+        fs.getxattr(f, b"user.a").map_err(|e| e.errno()).err(),
+        Some(libc::ENODATA)
+    );
+    fs.unmount().expect("unmount");
+    let fs = mount(&lun, 1);
+    assert_eq!(fs.getxattr(f, b"user.b").expect("get after remount"), b"22");
+    assert_eq!(
+        fs.readlink(long).expect("readlink after remount"),
+        long_target
+    );
+}
+
+#[test]
+fn fragmented_files_move_their_extents_to_leaf_blocks() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    let g = fs.mknod(fs.root(), b"g", REG, 0, 0, 0).expect("create").ino;
+    // Interleave two files so neither gets contiguous blocks.
+    for i in 0..400u64 {
+        fs.write_data(f, i * 8192, &i.to_le_bytes())
+            .expect("write f");
+        fs.write_data(g, i * 4096, &i.to_le_bytes())
+            .expect("write g");
+    }
+    fs.unmount().expect("unmount");
+    let fs = mount(&lun, 1);
+    for i in 0..400u64 {
+        assert_eq!(fs.read_data(f, i * 8192, 8).expect("read"), i.to_le_bytes());
+        if i < 399 {
+            assert_eq!(fs.read_data(f, i * 8192 + 4096, 8).expect("hole"), [0; 8]);
+        }
+    }
+    fs.setattr(
+        f,
+        &SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        },
+    )
+    .expect("truncate");
+    assert_eq!(fs.getattr(f).expect("attr").blocks_512, 8);
+}
+
+#[test]
+fn fallocate_preallocates_punches_and_zeroes() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.write_data(f, 0, &vec![1u8; 65536]).expect("write");
+    fs.fallocate(f, 0, 1 << 20, 0).expect("preallocate");
+    let attr = fs.getattr(f).expect("attr");
+    assert_eq!(attr.size, 1 << 20);
+    assert!(attr.blocks_512 >= (1 << 20) / 512);
+    assert_eq!(
+        fs.read_data(f, 65536, 4096).expect("unwritten"),
+        vec![0; 4096]
+    );
+    fs.fallocate(
+        f,
+        1000,
+        10000,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+    )
+    .expect("punch");
+    let data = fs.read_data(f, 0, 65536).expect("read");
+    assert!(data[..1000].iter().all(|&b| b == 1));
+    assert!(data[1000..11000].iter().all(|&b| b == 0));
+    assert!(data[11000..].iter().all(|&b| b == 1));
+    fs.fallocate(f, 1 << 20, 4096, libc::FALLOC_FL_KEEP_SIZE)
+        .expect("past eof");
+    assert_eq!(fs.getattr(f).expect("attr").size, 1 << 20);
+    assert_eq!(
+        fs.fallocate(f, 0, 10, 0x40).map_err(|e| e.errno()).err(),
+        Some(libc::EOPNOTSUPP)
+    );
+}
+
+#[test]
+fn a_full_volume_fails_cleanly_and_keeps_working() {
+    let lun = fresh_volume(48 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        match fs.write_data(f, written, &chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) => {
+                assert_eq!(e.errno(), libc::ENOSPC);
+                break;
+            }
+        }
+        assert!(written < 1 << 30, "never ran out of space");
+    }
+    let size = fs.getattr(f).expect("attr").size;
+    assert_eq!(size, written, "a failed write must not change the size");
+    // Creating more files fails or succeeds cleanly; deleting frees space again.
+    fs.unlink(fs.root(), b"f").expect("unlink");
+    fs.sync().expect("sync");
+    let g = fs
+        .mknod(fs.root(), b"g", REG, 0, 0, 0)
+        .expect("create after free")
+        .ino;
+    fs.write_data(g, 0, &chunk).expect("write after free");
+    fs.unmount().expect("unmount");
+}
+
+#[test]
+fn times_and_modes_are_set_as_asked() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    let when = std::time::UNIX_EPOCH + Duration::new(1_000_000_000, 123_456_789);
+    let attr = fs
+        .setattr(
+            f,
+            &SetAttr {
+                mode: Some(0o4711),
+                uid: Some(42),
+                gid: Some(43),
+                mtime: Some(SetTime::At(when)),
+                atime: Some(SetTime::At(when)),
+                ..SetAttr::default()
+            },
+        )
+        .expect("setattr");
+    assert_eq!(
+        (attr.mode, attr.uid, attr.gid, attr.mtime, attr.atime),
+        (libc::S_IFREG | 0o4711, 42, 43, when, when)
+    );
+    let before = std::time::UNIX_EPOCH - Duration::from_secs(1000);
+    let attr = fs
+        .setattr(
+            f,
+            &SetAttr {
+                mtime: Some(SetTime::At(before)),
+                ..SetAttr::default()
+            },
+        )
+        .expect("old");
+    assert_eq!(attr.mtime, before);
+}
