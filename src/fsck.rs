@@ -1,1 +1,2 @@
 //! (being written)
+use crate::lun::Lun;

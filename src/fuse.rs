@@ -1,1 +1,640 @@
-//! (being written)
+//! The FUSE adapter: decodes a kernel request, calls the fs core, maps the result.
+//! No filesystem logic lives here.
+
+use crate::fs::{Attr, Fs, FsError, Ino, SetAttr, SetTime};
+use anyhow::{bail, Context, Result};
+use fuser::{
+    AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Largest write the kernel sends at once.
+const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+/// Mount options of the FUSE side (`-o`).
+#[derive(Clone, Debug)]
+pub struct FuseOptions {
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    pub threads: usize,
+    pub fsname: String,
+}
+
+impl Default for FuseOptions {
+    fn default() -> Self {
+        FuseOptions {
+            attr_ttl: Duration::from_secs(1),
+            entry_ttl: Duration::from_secs(1),
+            allow_other: nix::unistd::geteuid().is_root(),
+            default_permissions: true,
+            threads: 4,
+            fsname: "atsfs".into(),
+        }
+    }
+}
+
+pub struct AtsFuse {
+    fs: Arc<Fs>,
+    opts: FuseOptions,
+}
+
+fn errno(e: &FsError) -> Errno {
+    if !matches!(e, FsError::Errno(_)) {
+        tracing::warn!("{e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn dtype_file_type(dtype: u8) -> FileType {
+    match dtype {
+        libc::DT_DIR => FileType::Directory,
+        libc::DT_LNK => FileType::Symlink,
+        libc::DT_FIFO => FileType::NamedPipe,
+        libc::DT_SOCK => FileType::Socket,
+        libc::DT_CHR => FileType::CharDevice,
+        libc::DT_BLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(at) => SetTime::At(at),
+    }
+}
+
+impl AtsFuse {
+    pub fn new(fs: Arc<Fs>, opts: FuseOptions) -> AtsFuse {
+        AtsFuse { fs, opts }
+    }
+
+    fn ino_in(&self, ino: INodeNo) -> Ino {
+        if ino.0 == 1 {
+            self.fs.root()
+        } else {
+            ino.0
+        }
+    }
+
+    fn ino_out(&self, ino: Ino) -> INodeNo {
+        if ino == self.fs.root() {
+            INodeNo(1)
+        } else {
+            INodeNo(ino)
+        }
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: self.ino_out(a.ino),
+            size: a.size,
+            blocks: a.blocks_512,
+            atime: a.atime,
+            mtime: a.mtime,
+            ctime: a.ctime,
+            crtime: a.crtime,
+            kind: file_type(a.mode),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            rdev: a.rdev as u32,
+            blksize: crate::format::BLOCK_SIZE as u32,
+            flags: 0,
+        }
+    }
+
+    fn entry(&self, reply: ReplyEntry, result: Result<Attr, FsError>) {
+        match result {
+            Ok(a) => reply.entry_with_ttls(
+                &self.opts.attr_ttl,
+                &self.opts.entry_ttl,
+                &self.attr(&a),
+                Generation(a.generation),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, result: Result<(), FsError>) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn xattr(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, FsError>) {
+        match result {
+            Ok(data) if size == 0 => reply.size(data.len() as u32),
+            Ok(data) if data.len() > size as usize => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+impl Filesystem for AtsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
+            let _ = config.set_max_write(nearest);
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {}
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(reply, self.fs.lookup(self.ino_in(parent), name.as_bytes()));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(self.ino_in(ino)) {
+            Ok(a) => reply.attr(&self.opts.attr_ttl, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+            ctime,
+        };
+        match self.fs.setattr(self.ino_in(ino), &set) {
+            Ok(a) => reply.attr(&self.opts.attr_ttl, &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(self.ino_in(ino)) {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let mode = (mode & libc::S_IFMT) | (mode & 0o7777 & !umask);
+        let result = self.fs.mknod(
+            self.ino_in(parent),
+            name.as_bytes(),
+            mode,
+            u64::from(rdev),
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(reply, result);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let result = self.fs.mkdir(
+            self.ino_in(parent),
+            name.as_bytes(),
+            mode & !umask,
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(reply, result);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.unlink(self.ino_in(parent), name.as_bytes()));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.rmdir(self.ino_in(parent), name.as_bytes()));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let result = self.fs.symlink(
+            self.ino_in(parent),
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(reply, result);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.fs.rename(
+            self.ino_in(parent),
+            name.as_bytes(),
+            self.ino_in(newparent),
+            newname.as_bytes(),
+            flags.bits(),
+        );
+        Self::empty(reply, result);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(
+            reply,
+            self.fs
+                .link(self.ino_in(ino), self.ino_in(newparent), newname.as_bytes()),
+        );
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.open(self.ino_in(ino)) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read_data(self.ino_in(ino), offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write_data(self.ino_in(ino), offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.release(self.ino_in(ino)));
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.fsync(self.ino_in(ino), datasync));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.fs.getattr(self.ino_in(ino)) {
+            Ok(a) if a.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let result = self
+            .fs
+            .readdir(self.ino_in(ino), offset, &mut |child, next, dtype, name| {
+                reply.add(
+                    self.ino_out(child),
+                    next,
+                    dtype_file_type(dtype),
+                    OsStr::from_bytes(name),
+                )
+            });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.fsync(self.ino_in(ino), datasync));
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks,
+                s.free_blocks,
+                s.free_blocks,
+                s.blocks,
+                s.free_blocks,
+                s.block_size,
+                s.name_max,
+                s.block_size,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            reply,
+            self.fs
+                .setxattr(self.ino_in(ino), name.as_bytes(), value, flags),
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        Self::xattr(
+            reply,
+            size,
+            self.fs.getxattr(self.ino_in(ino), name.as_bytes()),
+        );
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        Self::xattr(reply, size, self.fs.listxattr(self.ino_in(ino)));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(
+            reply,
+            self.fs.removexattr(self.ino_in(ino), name.as_bytes()),
+        );
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); this only says
+        // whether the inode exists.
+        Self::empty(reply, self.fs.getattr(self.ino_in(ino)).map(|_| ()));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = libc::S_IFREG | (mode & 0o7777 & !umask);
+        let result = self
+            .fs
+            .mknod(
+                self.ino_in(parent),
+                name.as_bytes(),
+                mode,
+                0,
+                req.uid(),
+                req.gid(),
+            )
+            .and_then(|a| self.fs.open(a.ino).map(|_| a));
+        match result {
+            Ok(a) => reply.created(
+                &self.opts.entry_ttl,
+                &self.attr(&a),
+                Generation(a.generation),
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(
+            reply,
+            self.fs.fallocate(self.ino_in(ino), offset, length, mode),
+        );
+    }
+}
+
+/// Parses `-o` options into FUSE options and the core's commit interval.
+pub fn parse_options(
+    list: &[String],
+    opts: &mut FuseOptions,
+    commit_interval: &mut Duration,
+) -> Result<()> {
+    for item in list
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (item, None),
+        };
+        let secs = |v: Option<&str>| -> Result<Duration> {
+            let text = v.with_context(|| format!("option {key} needs a value, like {key}=1"))?;
+            let secs: f64 = text
+                .parse()
+                .with_context(|| format!("option {key}: '{text}' is not a number of seconds"))?;
+            if !(0.0..=86400.0).contains(&secs) {
+                bail!("option {key}: {secs} seconds is out of range");
+            }
+            Ok(Duration::from_secs_f64(secs))
+        };
+        match key {
+            "attr_timeout" => opts.attr_ttl = secs(value)?,
+            "entry_timeout" => opts.entry_ttl = secs(value)?,
+            "commit_interval" => *commit_interval = secs(value)?.max(Duration::from_millis(10)),
+            "allow_other" => opts.allow_other = true,
+            "noallow_other" => opts.allow_other = false,
+            "default_permissions" => opts.default_permissions = true,
+            "nodefault_permissions" => opts.default_permissions = false,
+            "threads" => {
+                let text = value.context("option threads needs a value, like threads=4")?;
+                opts.threads = text.parse().ok().filter(|&n| (1..=64).contains(&n)).with_context(|| format!("threads={text}: give 1 to 64"))?;
+            }
+            "rw" | "defaults" | "suid" | "dev" | "exec" | "atime" | "relatime" | "_netdev" => {}
+            other => bail!(
+                "unknown mount option '{other}' (known: attr_timeout=S, entry_timeout=S, commit_interval=S, \
+                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N)"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// A mounted FUSE session, ready to serve.
+pub struct Mounted {
+    session: fuser::Session<AtsFuse>,
+}
+
+impl Mounted {
+    /// Mounts: when this returns, the kernel has completed the FUSE handshake and the
+    /// mount point is live.
+    pub fn mount(fs: Arc<Fs>, mountpoint: &Path, opts: FuseOptions) -> Result<Mounted> {
+        let mut mount_options = vec![
+            MountOption::FSName(opts.fsname.clone()),
+            MountOption::Subtype("atsfs".into()),
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        if opts.default_permissions {
+            mount_options.push(MountOption::DefaultPermissions);
+        }
+        let mut config = Config::default();
+        config.mount_options = mount_options;
+        config.acl = if opts.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(opts.threads);
+        config.clone_fd = true;
+        let threads = opts.threads;
+        let session = fuser::Session::new(AtsFuse::new(fs, opts), mountpoint, &config)
+            .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+        tracing::info!(threads, "mounted on {}", mountpoint.display());
+        Ok(Mounted { session })
+    }
+
+    /// Something that unmounts the session from another thread (signal handling).
+    pub fn unmounter(&mut self) -> fuser::SessionUnmounter {
+        self.session.unmount_callable()
+    }
+
+    /// Serves requests until the file system is unmounted.
+    pub fn run(self) -> Result<()> {
+        self.session.run().context("serving FUSE requests")
+    }
+}

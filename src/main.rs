@@ -1,1 +1,286 @@
-fn main() {}
+//! `atsfs`: mount an atsfs volume, check it, look at who uses it.
+
+use anyhow::{bail, Context, Result};
+use atsfs::cluster::HostUuid;
+use atsfs::fs::{Fs, MountOptions};
+use atsfs::fuse::{parse_options, FuseOptions, Mounted};
+use atsfs::lun::{FileLun, Lun, OpenMode};
+use clap::{Parser, Subcommand};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Where a host keeps its UUID when `--host-id` is not given.
+const HOST_ID_FILE: &str = "/var/lib/atsfs/host-id";
+/// Where a background daemon logs when `--log` is not given.
+const DEFAULT_LOG: &str = "/var/log/atsfs.log";
+
+#[derive(Parser)]
+#[command(
+    name = "atsfs",
+    version,
+    about = "atsfs: one shared LUN, many hosts, coordination by atomic test-and-set"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount a volume; returns once the mount is live (the daemon keeps serving).
+    Mount {
+        /// Stay in the foreground.
+        #[arg(short = 'f', long)]
+        foreground: bool,
+        /// This host's UUID (default: kept in /var/lib/atsfs/host-id).
+        #[arg(long)]
+        host_id: Option<String>,
+        /// Mount options, comma separated (attr_timeout=S, entry_timeout=S, allow_other, ...).
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        /// Log file of the background daemon.
+        #[arg(long)]
+        log: Option<PathBuf>,
+        /// Internal: the pipe to report readiness on.
+        #[arg(long, hide = true)]
+        ready_fd: Option<i32>,
+        device: PathBuf,
+        mountpoint: PathBuf,
+    },
+    /// Check a volume (read-only). Exit 0 clean, 4 errors left, 8 operational error.
+    Fsck {
+        /// Print every problem as JSON.
+        #[arg(long)]
+        json: bool,
+        device: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount {
+            foreground,
+            host_id,
+            options,
+            log,
+            ready_fd,
+            device,
+            mountpoint,
+        } => {
+            if foreground || ready_fd.is_some() {
+                mount_foreground(&device, &mountpoint, host_id.as_deref(), &options, ready_fd)
+            } else {
+                mount_background(log.as_deref())
+            }
+        }
+        Command::Fsck { json, device } => return fsck(&device, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("atsfs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads this host's UUID, making one on first use.
+fn host_uuid(given: Option<&str>) -> Result<HostUuid> {
+    if let Some(text) = given {
+        let uuid = uuid::Uuid::parse_str(text)
+            .with_context(|| format!("--host-id {text} is not a UUID"))?;
+        return Ok(HostUuid(*uuid.as_bytes()));
+    }
+    if let Ok(text) = std::fs::read_to_string(HOST_ID_FILE) {
+        let uuid = uuid::Uuid::parse_str(text.trim())
+            .with_context(|| format!("{HOST_ID_FILE} does not hold a UUID; fix or delete it"))?;
+        return Ok(HostUuid(*uuid.as_bytes()));
+    }
+    let uuid = uuid::Uuid::new_v4();
+    let dir = Path::new(HOST_ID_FILE).parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(HOST_ID_FILE, format!("{}\n", uuid.hyphenated()))
+        .with_context(|| format!("writing {HOST_ID_FILE}"))?;
+    tracing::info!("made this host's UUID {uuid} in {HOST_ID_FILE}");
+    Ok(HostUuid(*uuid.as_bytes()))
+}
+
+/// Re-runs this program in the foreground as a daemon, and waits until it says the
+/// mount is live (or why not).
+fn mount_background(log: Option<&Path>) -> Result<()> {
+    let log_path = log.unwrap_or(Path::new(DEFAULT_LOG));
+    if let Some(dir) = log_path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening the log {}", log_path.display()))?;
+    let (read_end, write_end) = nix::unistd::pipe().context("making a pipe")?;
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    args.push("--ready-fd".into());
+    args.push(write_end_raw(&write_end).to_string());
+    let mut command = std::process::Command::new(exe);
+    command
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone().context("log file")?)
+        .stderr(log_file);
+    // SAFETY: setsid is async-signal-safe; the child only detaches from our session.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("starting the mount daemon")?;
+    drop(write_end);
+    let mut message = String::new();
+    // SAFETY: read_end is an fd we own, turned into a File exactly once.
+    let mut reader = unsafe { std::fs::File::from_raw_fd(read_end.into_raw_fd()) };
+    let _ = reader.read_to_string(&mut message);
+    let message = message.trim();
+    if message == "ok" {
+        return Ok(());
+    }
+    let status = child.try_wait().ok().flatten();
+    if message.is_empty() {
+        bail!(
+            "the mount daemon exited ({}) before the mount was live; see {}",
+            status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "no status".into()),
+            log_path.display()
+        );
+    }
+    bail!("{message}")
+}
+
+fn write_end_raw(fd: &OwnedFd) -> i32 {
+    use std::os::fd::AsRawFd;
+    fd.as_raw_fd()
+}
+
+fn report_ready(ready_fd: Option<i32>, message: &str) {
+    if let Some(fd) = ready_fd {
+        // SAFETY: the parent passed us this fd for exactly this one message.
+        let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
+        let _ = writeln!(pipe, "{message}");
+    }
+}
+
+fn mount_foreground(
+    device: &Path,
+    mountpoint: &Path,
+    host_id: Option<&str>,
+    options: &[String],
+    ready_fd: Option<i32>,
+) -> Result<()> {
+    let result = mount_and_serve(device, mountpoint, host_id, options, ready_fd);
+    if let Err(e) = &result {
+        report_ready(ready_fd, &format!("{e:#}"));
+    }
+    result
+}
+
+fn mount_and_serve(
+    device: &Path,
+    mountpoint: &Path,
+    host_id: Option<&str>,
+    options: &[String],
+    ready_fd: Option<i32>,
+) -> Result<()> {
+    let mut fuse_opts = FuseOptions {
+        fsname: device.display().to_string(),
+        ..FuseOptions::default()
+    };
+    let host = host_uuid(host_id)?;
+    let mut mount_opts = MountOptions::new(host);
+    parse_options(options, &mut fuse_opts, &mut mount_opts.commit_interval)?;
+    if !mountpoint.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    // Block the termination signals in every thread; one thread waits for them.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGHUP,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().context("blocking signals")?;
+    let lun: Arc<dyn Lun> = Arc::new(
+        FileLun::open(device, OpenMode::ReadWrite)
+            .with_context(|| format!("opening {}", device.display()))?,
+    );
+    let fs =
+        Fs::mount(lun, mount_opts).with_context(|| format!("mounting {}", device.display()))?;
+    let (slot, generation) = fs.slot().unwrap_or((0, 0));
+    tracing::info!(slot, generation, host = %host, "joined the volume");
+    let mut mounted = match Mounted::mount(fs.clone(), mountpoint, fuse_opts) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = fs.unmount();
+            return Err(e);
+        }
+    };
+    let mut unmounter = mounted.unmounter();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                tracing::info!("{signal}: unmounting");
+                if let Err(e) = unmounter.unmount() {
+                    tracing::error!("unmount failed: {e}; run `umount` on the mount point");
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    report_ready(ready_fd, "ok");
+    let served = mounted.run();
+    let unmounted = fs.unmount();
+    tracing::info!("unmounted {}", mountpoint.display());
+    served.and(unmounted)
+}
+
+fn fsck(device: &Path, json: bool) -> ExitCode {
+    let lun = match FileLun::open(device, OpenMode::ReadOnly) {
+        Ok(lun) => lun,
+        Err(e) => {
+            eprintln!("atsfs fsck: cannot open {}: {e}", device.display());
+            return ExitCode::from(8);
+        }
+    };
+    match atsfs::fsck::check(&lun) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                report.print();
+            }
+            ExitCode::from(if report.problems.is_empty() { 0 } else { 4 })
+        }
+        Err(e) => {
+            eprintln!("atsfs fsck: {}: {e:#}", device.display());
+            ExitCode::from(8)
+        }
+    }
+}

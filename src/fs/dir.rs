@@ -33,7 +33,7 @@ pub fn name_hash(seed: u64, name: &[u8]) -> u64 {
     (xxhash_rust::xxh3::xxh3_64_with_seed(name, seed) >> 1).max(FIRST_HASH)
 }
 
-fn index_of(hash: u64, depth: u32) -> u64 {
+pub(crate) fn index_of(hash: u64, depth: u32) -> u64 {
     if depth == 0 {
         0
     } else {

@@ -23,7 +23,7 @@ const ALLOC_CHUNK_BLOCKS: u64 = 8192;
 /// Most extents one truncate round frees before committing.
 const TRUNCATE_EXTENTS_PER_TX: usize = 48;
 
-fn area_extents(area: &[u8], count: usize) -> Vec<Extent> {
+pub(crate) fn area_extents(area: &[u8], count: usize) -> Vec<Extent> {
     (0..count)
         .map(|i| bytemuck::pod_read_unaligned::<Extent>(&area[i * 24..i * 24 + 24]))
         .collect()

@@ -10,8 +10,8 @@
 //! `commit_interval`, when the transaction grows large, and at unmount.
 
 mod alloc;
-mod dir;
-mod file;
+pub(crate) mod dir;
+pub(crate) mod file;
 mod inode;
 pub mod meta;
 mod mount;
@@ -20,7 +20,7 @@ mod xattr;
 
 pub use inode::{Attr, INODE_FLAG_FREED};
 pub use mount::{read_superblock, MountOptions};
-pub use namei::SetAttr;
+pub use namei::{SetAttr, SetTime};
 
 use crate::cluster::{Lease, Membership};
 use crate::format::{FormatError, Superblock};
