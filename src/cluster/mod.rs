@@ -13,8 +13,10 @@
 //!   fences itself at once and never writes again under this generation.
 
 mod heartbeat;
+mod recovery;
 
 pub use heartbeat::{claim_slot, read_slot, Membership, SlotClaim};
+pub use recovery::settle_other_slots;
 
 use crate::lun::{Caw, Lun, LunError, LunResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

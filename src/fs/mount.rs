@@ -2,7 +2,7 @@
 
 use super::meta::Meta;
 use super::{Core, Fs, FsError};
-use crate::cluster::{claim_slot, Clock, GuardedLun, HostUuid, Lease, Membership, SystemClock};
+use crate::cluster::{claim_slot, settle_other_slots, Clock, GuardedLun, HostUuid, Lease, Membership, SystemClock};
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
 use crate::lun::Lun;
@@ -128,6 +128,22 @@ impl Fs {
         let lease = Arc::new(Lease::new(options.clock.clone(), lease_time, interval));
         let membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
         let guarded: Arc<dyn Lun> = Arc::new(GuardedLun::new(lun, lease.clone()));
+        let settled = settle_other_slots(
+            guarded.as_ref(),
+            &geo,
+            sb.volume_uuid,
+            slot,
+            options.host_uuid,
+            interval,
+            lease_time,
+            options.clock.as_ref(),
+        );
+        if let Err(e) = settled {
+            if let Err(release) = membership.release() {
+                tracing::warn!("could not free our slot again: {release:#}");
+            }
+            return Err(e);
+        }
         let (journal, report) =
             Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
                 .with_context(|| format!("replaying the journal of slot {slot}"))?;

@@ -1,0 +1,105 @@
+//! Other hosts' slots at mount time: live hosts are refused (until lock records make
+//! sharing safe), dead hosts are recovered: their journal is replayed and their slot
+//! freed, so nothing they committed is lost.
+
+use super::heartbeat::read_slot;
+use super::{Clock, HostUuid};
+use crate::format::{encode_padded, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING};
+use crate::journal::Journal;
+use crate::lun::{Caw, Lun};
+use anyhow::{bail, Context, Result};
+use std::time::Duration;
+
+/// A slot another host holds, as first seen.
+struct Held {
+    slot: u32,
+    raw: Vec<u8>,
+    image: HeartbeatSlot,
+}
+
+/// Watches every other slot marked live for `lease + interval` (on our own clock).
+/// Refuses when any of them moves; recovers the ones that do not.
+#[allow(clippy::too_many_arguments)]
+pub fn settle_other_slots(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    volume_uuid: [u8; 16],
+    my_slot: u32,
+    me: HostUuid,
+    interval: Duration,
+    lease: Duration,
+    clock: &dyn Clock,
+) -> Result<()> {
+    let mut held = Vec::new();
+    for slot in (0..geo.max_hosts).filter(|&s| s != my_slot) {
+        let (raw, image) = read_slot(lun, geo, slot)?;
+        if let Some(image) = image.filter(|i| i.state != SLOT_FREE) {
+            held.push(Held { slot, raw, image });
+        }
+    }
+    if held.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(
+        slots = ?held.iter().map(|h| h.slot).collect::<Vec<_>>(),
+        "other slots are marked in use; watching them for the lease"
+    );
+    let deadline = clock.now_ms() + (lease + interval).as_millis() as u64;
+    while clock.now_ms() < deadline {
+        clock.sleep(Duration::from_millis(100));
+        for h in &held {
+            let (raw, image) = read_slot(lun, geo, h.slot)?;
+            if raw != h.raw {
+                let who = image
+                    .map(|i| format!("{} ({})", HostUuid(i.host_uuid), crate::format::get_str(&i.hostname)))
+                    .unwrap_or_default();
+                bail!(
+                    "another host is using this volume now (slot {}, host {who}); this version of atsfs mounts \
+                     one host at a time: unmount it first",
+                    h.slot
+                );
+            }
+        }
+    }
+    for h in held {
+        recover_slot(lun, geo, volume_uuid, h, my_slot, me)?;
+    }
+    Ok(())
+}
+
+/// Claims a dead host's slot for recovery (by ATS, so only one host recovers it),
+/// replays its journal, then frees the slot.
+fn recover_slot(lun: &dyn Lun, geo: &Geometry, volume_uuid: [u8; 16], h: Held, my_slot: u32, me: HostUuid) -> Result<()> {
+    let sector = geo.ats_sector_size as usize;
+    let mut claimed = h.image;
+    claimed.state = SLOT_RECOVERING;
+    claimed.recoverer_uuid = me.0;
+    claimed.recoverer_slot = my_slot;
+    claimed.counter = claimed.counter.wrapping_add(1);
+    claimed.seal();
+    let claimed_raw = encode_padded(&claimed, sector);
+    match lun.compare_and_write(geo.slot_offset(h.slot), &h.raw, &claimed_raw)? {
+        Caw::Written => {}
+        Caw::Miscompare(actual) if actual == claimed_raw => {}
+        Caw::Miscompare(_) => bail!("slot {} changed while we were about to recover it; mount again", h.slot),
+    }
+    let dead = HostUuid(h.image.host_uuid);
+    let was = if h.image.state == SLOT_LIVE { "crashed host" } else { "interrupted recovery of host" };
+    tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
+    let (_, report) = Journal::open_and_replay(lun, geo, h.slot, volume_uuid)
+        .with_context(|| format!("replaying the journal of slot {}", h.slot))?;
+    tracing::info!(slot = h.slot, transactions = report.transactions, "journal replayed");
+    let mut freed = claimed;
+    freed.state = SLOT_FREE;
+    freed.owner_pid = 0;
+    freed.counter = freed.counter.wrapping_add(1);
+    freed.seal();
+    let freed_raw = encode_padded(&freed, sector);
+    match lun.compare_and_write(geo.slot_offset(h.slot), &claimed_raw, &freed_raw)? {
+        Caw::Written => {}
+        Caw::Miscompare(actual) if actual == freed_raw => {}
+        Caw::Miscompare(_) => bail!("slot {} changed during its recovery", h.slot),
+    }
+    lun.flush()?;
+    Ok(())
+}
