@@ -302,7 +302,7 @@ impl Renewer {
             // Sleep in short steps so unmount does not wait a whole interval.
             let mut left = delay;
             while !left.is_zero() && !self.stop.load(Ordering::SeqCst) {
-                let step = left.min(Duration::from_millis(50));
+                let step = left.min(Duration::from_millis(10));
                 clock.sleep(step);
                 left -= step;
             }

@@ -4,7 +4,9 @@
 
 use super::heartbeat::read_slot;
 use super::{Clock, HostUuid};
-use crate::format::{encode_padded, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING};
+use crate::format::{
+    encode_padded, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
+};
 use crate::journal::Journal;
 use crate::lun::{Caw, Lun};
 use anyhow::{bail, Context, Result};
@@ -51,7 +53,13 @@ pub fn settle_other_slots(
             let (raw, image) = read_slot(lun, geo, h.slot)?;
             if raw != h.raw {
                 let who = image
-                    .map(|i| format!("{} ({})", HostUuid(i.host_uuid), crate::format::get_str(&i.hostname)))
+                    .map(|i| {
+                        format!(
+                            "{} ({})",
+                            HostUuid(i.host_uuid),
+                            crate::format::get_str(&i.hostname)
+                        )
+                    })
                     .unwrap_or_default();
                 bail!(
                     "another host is using this volume now (slot {}, host {who}); this version of atsfs mounts \
@@ -69,7 +77,14 @@ pub fn settle_other_slots(
 
 /// Claims a dead host's slot for recovery (by ATS, so only one host recovers it),
 /// replays its journal, then frees the slot.
-fn recover_slot(lun: &dyn Lun, geo: &Geometry, volume_uuid: [u8; 16], h: Held, my_slot: u32, me: HostUuid) -> Result<()> {
+fn recover_slot(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    volume_uuid: [u8; 16],
+    h: Held,
+    my_slot: u32,
+    me: HostUuid,
+) -> Result<()> {
     let sector = geo.ats_sector_size as usize;
     let mut claimed = h.image;
     claimed.state = SLOT_RECOVERING;
@@ -81,14 +96,25 @@ fn recover_slot(lun: &dyn Lun, geo: &Geometry, volume_uuid: [u8; 16], h: Held, m
     match lun.compare_and_write(geo.slot_offset(h.slot), &h.raw, &claimed_raw)? {
         Caw::Written => {}
         Caw::Miscompare(actual) if actual == claimed_raw => {}
-        Caw::Miscompare(_) => bail!("slot {} changed while we were about to recover it; mount again", h.slot),
+        Caw::Miscompare(_) => bail!(
+            "slot {} changed while we were about to recover it; mount again",
+            h.slot
+        ),
     }
     let dead = HostUuid(h.image.host_uuid);
-    let was = if h.image.state == SLOT_LIVE { "crashed host" } else { "interrupted recovery of host" };
+    let was = if h.image.state == SLOT_LIVE {
+        "crashed host"
+    } else {
+        "interrupted recovery of host"
+    };
     tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
     let (_, report) = Journal::open_and_replay(lun, geo, h.slot, volume_uuid)
         .with_context(|| format!("replaying the journal of slot {}", h.slot))?;
-    tracing::info!(slot = h.slot, transactions = report.transactions, "journal replayed");
+    tracing::info!(
+        slot = h.slot,
+        transactions = report.transactions,
+        "journal replayed"
+    );
     let mut freed = claimed;
     freed.state = SLOT_FREE;
     freed.owner_pid = 0;

@@ -326,4 +326,6 @@ impl Fs {
 }
 
 #[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
 mod tests;

@@ -2,7 +2,9 @@
 
 use super::meta::Meta;
 use super::{Core, Fs, FsError};
-use crate::cluster::{claim_slot, settle_other_slots, Clock, GuardedLun, HostUuid, Lease, Membership, SystemClock};
+use crate::cluster::{
+    claim_slot, settle_other_slots, Clock, GuardedLun, HostUuid, Lease, Membership, SystemClock,
+};
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
 use crate::lun::Lun;

@@ -478,8 +478,13 @@ fn a_second_live_host_is_refused_until_cluster_locking_exists() {
     let lun = fresh_volume(64 << 20);
     let a = mount(&lun, 1);
     let lun_dyn: Arc<dyn Lun> = lun.clone();
-    let err = Fs::mount(lun_dyn, MountOptions::new(HostUuid([2; 16]))).err().expect("second host refused");
-    assert!(format!("{err:#}").contains("another host is using this volume"), "{err:#}");
+    let err = Fs::mount(lun_dyn, MountOptions::new(HostUuid([2; 16])))
+        .err()
+        .expect("second host refused");
+    assert!(
+        format!("{err:#}").contains("another host is using this volume"),
+        "{err:#}"
+    );
     a.unmount().expect("unmount");
     // Host 2 may mount once host 1 is gone, and got its slot freed on refusal.
     let b = mount(&lun, 2);
@@ -490,13 +495,26 @@ fn a_second_live_host_is_refused_until_cluster_locking_exists() {
 fn another_host_recovers_a_crashed_hosts_journal() {
     let lun = fresh_volume(64 << 20);
     let a = mount(&lun, 1);
-    let f = a.mknod(a.root(), b"committed", REG, 0, 0, 0).expect("create").ino;
+    let f = a
+        .mknod(a.root(), b"committed", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
     a.write_data(f, 0, b"fsynced on host 1").expect("write");
     a.fsync(f, false).expect("fsync");
     drop(a); // crash: slot 0 stays live, its journal may hold the last transaction
     let b = mount(&lun, 2);
-    let found = b.lookup(b.root(), b"committed").expect("host 2 sees host 1's file");
-    assert_eq!(b.read_data(found.ino, 0, 100).expect("read"), b"fsynced on host 1");
-    let (_, slot0) = crate::cluster::read_slot(lun.as_ref(), &Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb")), 0).expect("slot");
+    let found = b
+        .lookup(b.root(), b"committed")
+        .expect("host 2 sees host 1's file");
+    assert_eq!(
+        b.read_data(found.ino, 0, 100).expect("read"),
+        b"fsynced on host 1"
+    );
+    let (_, slot0) = crate::cluster::read_slot(
+        lun.as_ref(),
+        &Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb")),
+        0,
+    )
+    .expect("slot");
     assert_eq!(slot0.map(|s| s.state), Some(crate::format::SLOT_FREE));
 }
