@@ -214,6 +214,12 @@ impl Geometry {
         resource * BLOCK_SIZE_U64 + u64::from(self.ats_sector_size)
     }
 
+    /// Bytes read and written for a resource's body: `RESOURCE_BODY_SIZE` rounded up
+    /// to whole sectors, so body I/O stays sector aligned on 4096-byte-sector devices.
+    pub fn body_len(&self) -> usize {
+        RESOURCE_BODY_SIZE.next_multiple_of(self.ats_sector_size as usize)
+    }
+
     /// The backup superblock's block.
     pub fn backup_superblock(&self) -> BlockNo {
         self.total_blocks - 1

@@ -7,9 +7,7 @@
 
 use super::meta::Meta;
 use super::{FsError, FsResult};
-use crate::format::{
-    AgHeader, BlockNo, AG_FLAG_BITMAP_UNINIT, BLOCK_SIZE, BLOCK_SIZE_U64, RESOURCE_BODY_SIZE,
-};
+use crate::format::{AgHeader, BlockNo, AG_FLAG_BITMAP_UNINIT, BLOCK_SIZE, BLOCK_SIZE_U64};
 
 /// A group's header and bitmap, loaded and checked against each other.
 struct Group {
@@ -61,7 +59,7 @@ impl Meta {
         let hdr_block = self.geo.ag_header(ag);
         let header: AgHeader = self.get(
             self.geo.body_offset(hdr_block),
-            RESOURCE_BODY_SIZE,
+            self.geo.body_len(),
             hdr_block,
         )?;
         if header.ag_index != ag
@@ -100,7 +98,7 @@ impl Meta {
         let hdr_block = self.geo.ag_header(group.ag);
         self.put(
             self.geo.body_offset(hdr_block),
-            RESOURCE_BODY_SIZE,
+            self.geo.body_len(),
             group.header,
         );
         self.put_raw(self.geo.ag_bitmap(group.ag) * BLOCK_SIZE_U64, group.bitmap);
@@ -136,7 +134,7 @@ impl Meta {
         let hdr_block = self.geo.ag_header(ag);
         let header: AgHeader = self.get(
             self.geo.body_offset(hdr_block),
-            RESOURCE_BODY_SIZE,
+            self.geo.body_len(),
             hdr_block,
         )?;
         if header.free_blocks == 0 || (exact && header.free_blocks < want) {
@@ -225,7 +223,7 @@ impl Meta {
             let hdr_block = self.geo.ag_header(ag);
             let header: AgHeader = self.get(
                 self.geo.body_offset(hdr_block),
-                RESOURCE_BODY_SIZE,
+                self.geo.body_len(),
                 hdr_block,
             )?;
             total += header.free_blocks;

@@ -1,9 +1,7 @@
 //! Inodes: allocation, loading, attributes.
 
 use super::{Core, FsError, FsResult, Ino};
-use crate::format::{
-    encode_padded, BlockNo, InodeBody, LockRecord, OnDisk, INODE_FLAG_INLINE, RESOURCE_BODY_SIZE,
-};
+use crate::format::{encode_padded, BlockNo, InodeBody, LockRecord, OnDisk, INODE_FLAG_INLINE};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Flag in a freed inode's last image: the inode number is stale.
@@ -132,9 +130,11 @@ impl Core {
         if self.meta.geo.ag_of(ino).is_none() {
             return Err(FsError::Errno(libc::ESTALE));
         }
-        let inode: InodeBody =
-            self.meta
-                .get(self.meta.geo.body_offset(ino), RESOURCE_BODY_SIZE, ino)?;
+        let inode: InodeBody = self.meta.get(
+            self.meta.geo.body_offset(ino),
+            self.meta.geo.body_len(),
+            ino,
+        )?;
         if inode.flags & INODE_FLAG_FREED != 0 {
             return Err(FsError::Errno(libc::ESTALE));
         }
@@ -143,7 +143,7 @@ impl Core {
 
     pub fn put_inode(&mut self, inode: &InodeBody) {
         let offset = self.meta.geo.body_offset(inode.blockno);
-        self.meta.put(offset, RESOURCE_BODY_SIZE, *inode);
+        self.meta.put(offset, self.meta.geo.body_len(), *inode);
     }
 
     /// Allocates and initialises a new inode near `goal`. The caller links it and puts

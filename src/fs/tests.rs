@@ -518,3 +518,28 @@ fn another_host_recovers_a_crashed_hosts_journal() {
     .expect("slot");
     assert_eq!(slot0.map(|s| s.state), Some(crate::format::SLOT_FREE));
 }
+
+#[test]
+fn volumes_on_4096_byte_sector_devices_work() {
+    let lun = Arc::new(MemLun::new(64 << 20, 4096));
+    let opts = MkfsOptions {
+        max_hosts: 4,
+        heartbeat_interval: Duration::from_millis(100),
+        lease: Duration::from_millis(1000),
+        ..MkfsOptions::default()
+    };
+    mkfs(lun.as_ref(), &opts, &mut |_, _| {}).expect("mkfs");
+    let fs = mount(&lun, 1);
+    let d = fs.mkdir(fs.root(), b"d", 0o755, 0, 0).expect("mkdir").ino;
+    for i in 0..300 {
+        let f = fs
+            .mknod(d, format!("f{i}").as_bytes(), REG, 0, 0, 0)
+            .expect("create")
+            .ino;
+        fs.write_data(f, 100, b"data").expect("write");
+    }
+    fs.unmount().expect("unmount");
+    let fs = mount(&lun, 1);
+    let f = fs.lookup(d, b"f299").expect("lookup").ino;
+    assert_eq!(fs.read_data(f, 100, 10).expect("read"), b"data");
+}

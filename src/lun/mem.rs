@@ -1,5 +1,6 @@
 //! An in-memory LUN: every host of a test or of the simulator shares one `Arc<MemLun>`.
-//! Compare-and-write is atomic under the image's lock.
+//! Compare-and-write is atomic under the image's lock. Like a block device opened
+//! with O_DIRECT, it refuses I/O that is not sector aligned, so tests catch it.
 
 use super::{check_caw, check_range, Caw, Lun, LunResult};
 use std::sync::RwLock;
@@ -40,14 +41,26 @@ impl Lun for MemLun {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         let image = self.image.read().unwrap_or_else(|e| e.into_inner());
-        check_range("read", offset, buf.len(), image.len() as u64, None)?;
+        check_range(
+            "read",
+            offset,
+            buf.len(),
+            image.len() as u64,
+            Some(self.sector),
+        )?;
         let start = offset as usize;
         buf.copy_from_slice(&image[start..start + buf.len()]);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         let mut image = self.image.write().unwrap_or_else(|e| e.into_inner());
-        check_range("write", offset, buf.len(), image.len() as u64, None)?;
+        check_range(
+            "write",
+            offset,
+            buf.len(),
+            image.len() as u64,
+            Some(self.sector),
+        )?;
         let start = offset as usize;
         image[start..start + buf.len()].copy_from_slice(buf);
         Ok(())
