@@ -61,9 +61,15 @@ fn wall_clock_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// True when a process with this pid exists on this kernel.
+/// True when a running (not zombie) process with this pid exists on this kernel.
 fn process_exists(pid: u32) -> bool {
-    pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+    if pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
+        return false;
+    }
+    // A killed daemon whose parent has not reaped it yet is a zombie: it holds nothing.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X"))
 }
 
 /// Watches a slot for `window`: true if its image changed (its owner is alive).
