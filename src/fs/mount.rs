@@ -63,20 +63,22 @@ pub fn read_superblock(lun: &dyn Lun) -> Result<Superblock> {
             check_superblock(lun, sb)
         }
         Err(backup_err) => {
-            if !Superblock::has_magic(&block)
-                && !Superblock::has_magic(&block[..])
-                && primary_err_is_foreign(&primary_err)
-            {
-                bail!("{device} does not hold an atsfs volume (no atsfs superblock in block 0 or in the last block); make one with mkfs.atsfs");
+            if is_foreign(&primary_err) && is_foreign(&backup_err) {
+                bail!(
+                    "{device} does not hold an atsfs volume (no atsfs superblock in block 0 nor a backup in \
+                     the last block); make one with mkfs.atsfs"
+                );
             }
             bail!(
-                "{device}: the atsfs superblock is damaged and so is its backup\n  primary: {primary_err}\n  backup: {backup_err}"
+                "{device}: the atsfs superblock is damaged and so is its backup\n  primary (block 0): {primary_err}\n  \
+                 backup (block {last}): {backup_err}\nthe volume cannot be mounted; `atsfs fsck` tells more"
             )
         }
     }
 }
 
-fn primary_err_is_foreign(e: &crate::format::FormatError) -> bool {
+/// True when a decode failed because the block is not a superblock at all.
+fn is_foreign(e: &crate::format::FormatError) -> bool {
     matches!(e, crate::format::FormatError::Corrupted { reason, .. } if reason.starts_with("bad magic"))
 }
 
