@@ -68,7 +68,9 @@ fn process_exists(pid: u32) -> bool {
     }
     // A killed daemon whose parent has not reaped it yet is a zombie: it holds nothing.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X"))
 }
 

@@ -13,6 +13,7 @@
 //!   fences itself at once and never writes again under this generation.
 
 mod heartbeat;
+pub mod lock;
 mod recovery;
 
 pub use heartbeat::{claim_slot, read_slot, Membership, SlotClaim};

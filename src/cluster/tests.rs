@@ -193,3 +193,139 @@ fn the_lease_expires_by_the_hosts_own_clock() {
     lease.renewed(clock.now_ms());
     assert!(lease.check().is_err());
 }
+
+mod locks {
+    use super::super::lock::*;
+    use super::*;
+    use crate::lun::{FaultConfig, FaultLun};
+
+    fn holder(slot: u32, generation: u32) -> Holder {
+        Holder {
+            uuid: HostUuid([slot as u8 + 1; 16]),
+            slot,
+            generation,
+        }
+    }
+
+    const RES: u64 = 2000;
+    fn never_stale(_: u32, _: u32) -> bool {
+        false
+    }
+
+    fn acquire(lun: &dyn Lun, geo: &Geometry, me: &Holder, mode: LockMode) -> Acquire {
+        let mut state = read_lock(lun, geo, RES).expect("read");
+        for _ in 0..10 {
+            match try_acquire(lun, geo, &state, me, mode, &never_stale).expect("acquire") {
+                Ok(outcome) => return outcome,
+                Err(now) => state = now,
+            }
+        }
+        panic!("no progress");
+    }
+
+    #[test]
+    fn exclusive_excludes_and_release_frees() {
+        let (lun, geo) = volume();
+        let (a, b) = (holder(0, 1), holder(1, 1));
+        let Acquire::Got(held) = acquire(lun.as_ref(), &geo, &a, LockMode::Exclusive) else {
+            panic!("a should get a free lock")
+        };
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &b, LockMode::Exclusive),
+            Acquire::Held(_)
+        ));
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &b, LockMode::Shared),
+            Acquire::Held(_)
+        ));
+        let seq = held.record.change_seq;
+        let freed = try_release(lun.as_ref(), &geo, &held, &a)
+            .expect("release")
+            .expect("ours");
+        assert!(freed.is_free());
+        assert_eq!(freed.record.change_seq, seq + 1);
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &b, LockMode::Exclusive),
+            Acquire::Got(_)
+        ));
+    }
+
+    #[test]
+    fn shared_holders_coexist_and_block_writers() {
+        let (lun, geo) = volume();
+        let (a, b, c) = (holder(0, 1), holder(1, 1), holder(2, 1));
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &a, LockMode::Shared),
+            Acquire::Got(_)
+        ));
+        let Acquire::Got(both) = acquire(lun.as_ref(), &geo, &b, LockMode::Shared) else {
+            panic!("second reader")
+        };
+        assert_eq!(both.holders(), vec![(0, 1), (1, 1)]);
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &c, LockMode::Exclusive),
+            Acquire::Held(_)
+        ));
+        let after_b = try_release(lun.as_ref(), &geo, &both, &b)
+            .expect("release")
+            .expect("ours");
+        assert_eq!(after_b.holders(), vec![(0, 1)]);
+        // The only reader upgrades.
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &a, LockMode::Exclusive),
+            Acquire::Got(_)
+        ));
+    }
+
+    #[test]
+    fn a_stale_holder_is_ignored_only_when_the_caller_says_so() {
+        let (lun, geo) = volume();
+        let (a, b) = (holder(0, 1), holder(1, 1));
+        assert!(matches!(
+            acquire(lun.as_ref(), &geo, &a, LockMode::Exclusive),
+            Acquire::Got(_)
+        ));
+        let state = read_lock(lun.as_ref(), &geo, RES).expect("read");
+        let stale = |slot: u32, generation: u32| slot == 0 && generation == 1;
+        let outcome =
+            try_acquire(lun.as_ref(), &geo, &state, &b, LockMode::Exclusive, &stale).expect("io");
+        assert!(matches!(outcome, Ok(Acquire::Got(ref s)) if s.holders() == vec![(1, 1)]));
+    }
+
+    #[test]
+    fn racing_hosts_never_both_hold_an_exclusive_lock() {
+        let (lun, geo) = volume();
+        let wins = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for slot in 0..4u32 {
+                let (lun, geo, wins) = (lun.clone(), geo, &wins);
+                scope.spawn(move || {
+                    if let Acquire::Got(_) =
+                        acquire(lun.as_ref(), &geo, &holder(slot, 1), LockMode::Exclusive)
+                    {
+                        wins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        assert_eq!(wins.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_lost_reply_is_recognised_as_our_own_write() {
+        let (mem, geo) = volume();
+        let config = FaultConfig {
+            seed: 7,
+            lost_reply_prob: 1.0,
+            ..FaultConfig::default()
+        };
+        let lun = FaultLun::new(mem, config);
+        let a = holder(0, 1);
+        let state = read_lock(&lun, &geo, RES).expect("read");
+        let outcome = try_acquire(&lun, &geo, &state, &a, LockMode::Exclusive, &never_stale)
+            .expect("lost reply handled");
+        assert!(matches!(outcome, Ok(Acquire::Got(_))));
+        let now = read_lock(&lun, &geo, RES).expect("read");
+        assert!(now.held_by(&a));
+    }
+}
