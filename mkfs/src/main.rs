@@ -1,1 +1,423 @@
-fn main() {}
+//! mkfs.atsfs: lay out a fresh atsfs volume on a LUN or an image file.
+//!
+//! Refuses (exit 1) a device that hosts are using now — even with `-f` — and, without
+//! `-f`, a device that holds an atsfs volume or another filesystem's signature.
+//! Exit codes: 0 done, 1 refused or bad input, 2 I/O error.
+
+use atsfs::format::{Superblock, ATS_MODE_EMULATED, BLOCK_SIZE_U64};
+use atsfs::lun::{FileLun, Lun, LunError, OpenMode};
+use atsfs::mkfs::{
+    live_hosts, mkfs, plan_for, probe, slots_marked_live, validate_options, MkfsError, MkfsOptions,
+    Probe, LEASE_MAX,
+};
+use atsfs::units::{format_size, parse_duration, parse_size};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// Volumes with at least this many allocation groups get a progress bar.
+const PROGRESS_AGS_MIN: u64 = 1024;
+/// The ATS sector `FileLun` gives an image file.
+const IMAGE_SECTOR_BYTES: u32 = 512;
+/// Extra time to watch heartbeats beyond two intervals, for I/O latency.
+const WATCH_MARGIN: Duration = Duration::from_millis(200);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mkfs.atsfs",
+    bin_name = "mkfs.atsfs",
+    version,
+    about = "Make an atsfs shared-disk filesystem on a LUN or an image file",
+    after_help = "Exit status: 0 done, 1 refused or bad input, 2 I/O error.\n\
+                  mkfs.atsfs never formats a volume that hosts are using, not even with -f."
+)]
+struct Args {
+    /// Volume label (at most 63 bytes).
+    #[arg(short = 'L', long, default_value = "")]
+    label: String,
+    /// Most hosts that can mount the volume at once (1..=64).
+    #[arg(short = 'N', long = "max-hosts", default_value_t = 32)]
+    max_hosts: u32,
+    /// Create the image file with this size if it is missing, or grow it (sparse) if
+    /// it is smaller. Never shrinks. E.g. 10G.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Journal size per host, e.g. 64M (default: from the volume size, 1-64 MiB).
+    #[arg(long = "journal-size", value_parser = parse_size)]
+    journal_size: Option<u64>,
+    /// How often each host renews its heartbeat, e.g. 1s or 500ms.
+    #[arg(long = "heartbeat-interval", value_parser = parse_duration, default_value = "1s")]
+    heartbeat_interval: Duration,
+    /// How long a silent host keeps its locks before peers recover it (> 2 intervals).
+    #[arg(long, value_parser = parse_duration, default_value = "8s")]
+    lease: Duration,
+    /// Overwrite an existing atsfs volume or another filesystem.
+    #[arg(short, long)]
+    force: bool,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The block device or image file.
+    device: PathBuf,
+}
+
+/// Why mkfs.atsfs stopped; each message says what to do next.
+enum Failure {
+    /// Refused or bad input: exit 1.
+    Refused(String),
+    /// The device failed: exit 2.
+    Io(String),
+}
+
+impl From<MkfsError> for Failure {
+    fn from(err: MkfsError) -> Self {
+        if err.is_io() {
+            Failure::Io(err.to_string())
+        } else {
+            Failure::Refused(err.to_string())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(err) => {
+            // clap exits with 2 for bad usage; 2 means an I/O error here.
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() { 1 } else { 0 });
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(message)) => {
+            eprintln!("mkfs.atsfs: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Io(message)) => {
+            eprintln!("mkfs.atsfs: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn options(args: &Args) -> MkfsOptions {
+    MkfsOptions {
+        label: args.label.clone(),
+        max_hosts: args.max_hosts,
+        journal_bytes: args.journal_size,
+        heartbeat_interval: args.heartbeat_interval,
+        lease: args.lease,
+        ats_mode: ATS_MODE_EMULATED,
+        volume_uuid: None,
+    }
+}
+
+fn run(args: &Args) -> Result<(), Failure> {
+    let opts = options(args);
+    validate_options(&opts)?;
+    let path = &args.device;
+    let exists = path
+        .try_exists()
+        .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
+    // A new image file gets the image default of 512-byte ATS sectors.
+    let mut sector = IMAGE_SECTOR_BYTES;
+    if exists {
+        check_size_request(path, args.size)?;
+        let lun = open(path)?;
+        check_existing(&lun, args)?;
+        sector = lun.sector_size();
+    } else if args.size.is_none() {
+        return Err(Failure::Refused(format!(
+            "{} does not exist; give --size SIZE to create an image file of that size",
+            path.display()
+        )));
+    }
+    if let Some(size) = args.size {
+        // Refuse a layout that cannot fit before creating or growing anything.
+        plan_for(size, sector, &opts)?;
+        create_or_grow(path, size)?;
+    }
+    let lun = open(path)?;
+    let started = Instant::now();
+    let geo = {
+        let mut progress = Progress::new(args.quiet);
+        let result = mkfs(&lun, &opts, &mut |done, total| progress.update(done, total));
+        progress.finish();
+        result?
+    };
+    tracing::info!(elapsed = ?started.elapsed(), ag_count = geo.ag_count, "mkfs finished");
+    // Read the result back: what we print is what a mount will find.
+    let superblock = match probe(&lun)? {
+        Probe::Atsfs {
+            superblock,
+            from_backup: false,
+        } => superblock,
+        other => {
+            return Err(Failure::Io(format!(
+                "the new superblock does not read back ({other:?}); the device may be \
+                 dropping writes: check it, then run mkfs.atsfs again"
+            )))
+        }
+    };
+    if !args.quiet {
+        print_summary(&lun, &superblock);
+    }
+    Ok(())
+}
+
+/// `--size` applies to image files only, and never shrinks one.
+fn check_size_request(path: &Path, size: Option<u64>) -> Result<(), Failure> {
+    let Some(size) = size else { return Ok(()) };
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Failure::Io(format!("cannot stat {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(Failure::Refused(format!(
+            "--size is for image files; {} is not a regular file (a block device has \
+             a fixed size): drop --size",
+            path.display()
+        )));
+    }
+    if meta.len() > size {
+        return Err(Failure::Refused(format!(
+            "{} is {} ({} bytes), larger than --size {}; mkfs.atsfs never shrinks an \
+             image: drop --size to use the whole file, or truncate it yourself",
+            path.display(),
+            format_size(meta.len()),
+            meta.len(),
+            format_size(size)
+        )));
+    }
+    Ok(())
+}
+
+/// Creates the image file or grows it to `size` bytes; the new bytes are sparse.
+fn create_or_grow(path: &Path, size: u64) -> Result<(), Failure> {
+    let io = |what: &str, e: std::io::Error| {
+        Failure::Io(format!(
+            "cannot {what} {} to {}: {e}; check the directory, its free space and the \
+             largest file its filesystem allows",
+            path.display(),
+            format_size(size)
+        ))
+    };
+    let created = !path.exists();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io("create", e))?;
+    let grown = file
+        .metadata()
+        .and_then(|meta| match meta.len() < size {
+            true => file.set_len(size).and_then(|()| file.sync_all()),
+            false => Ok(()),
+        })
+        .map_err(|e| io("grow", e));
+    if grown.is_err() && created {
+        // Leave nothing behind for a file this run created.
+        let _ = std::fs::remove_file(path);
+    }
+    grown
+}
+
+fn open(path: &Path) -> Result<FileLun, Failure> {
+    FileLun::open(path, OpenMode::ReadWrite).map_err(|err| {
+        let refused = matches!(
+            &err,
+            LunError::Io { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied)
+        );
+        let message = format!(
+            "cannot open {} for writing: {err}; check the path and that you may write it \
+             (block devices usually need root)",
+            path.display()
+        );
+        if refused {
+            Failure::Refused(message)
+        } else {
+            Failure::Io(message)
+        }
+    })
+}
+
+/// Refuses a device in use (always) or holding data (unless `-f`).
+fn check_existing(lun: &FileLun, args: &Args) -> Result<(), Failure> {
+    let device = args.device.display();
+    match probe(lun)? {
+        Probe::Empty => Ok(()),
+        Probe::Other(name) if args.force => {
+            tracing::warn!("overwriting the {name} on {device}");
+            Ok(())
+        }
+        Probe::Other(name) => Err(Failure::Refused(format!(
+            "{device} holds a {name}; mkfs.atsfs would destroy it. If that is what you \
+             want, run again with -f"
+        ))),
+        Probe::Atsfs {
+            superblock,
+            from_backup,
+        } => {
+            refuse_if_in_use(lun, &superblock, args)?;
+            if args.force {
+                return Ok(());
+            }
+            let which = if from_backup {
+                " (its primary superblock is missing: an interrupted mkfs or a damaged volume)"
+            } else {
+                ""
+            };
+            Err(Failure::Refused(format!(
+                "{device} already holds an atsfs volume (label {:?}, UUID {}){which}; \
+                 run again with -f to overwrite it and lose its files",
+                atsfs::format::get_str(&superblock.label),
+                uuid::Uuid::from_bytes(superblock.volume_uuid)
+            )))
+        }
+    }
+}
+
+/// Watches the volume's heartbeats. A slot marked live that does not move may be a
+/// crashed host or a host stalled for a moment: then wait out a whole lease.
+fn refuse_if_in_use(lun: &FileLun, sb: &Superblock, args: &Args) -> Result<(), Failure> {
+    let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
+    let lease = Duration::from_millis(u64::from(sb.lease_ms)).min(LEASE_MAX);
+    let watch = (interval * 2 + WATCH_MARGIN).min(LEASE_MAX);
+    say(
+        args,
+        &format!("checking for hosts using the volume ({watch:?})..."),
+    );
+    let mut live = live_hosts(lun, sb, watch)?;
+    if live.is_empty() {
+        let marked = slots_marked_live(lun, sb)?;
+        if !marked.is_empty() {
+            let wait = lease + interval;
+            say(
+                args,
+                &format!(
+                    "slots {} are marked live but did not heartbeat; watching them for \
+                     one lease ({wait:?}) to be sure their hosts are gone...",
+                    list(&marked)
+                ),
+            );
+            live = live_hosts(lun, sb, wait)?;
+        }
+    }
+    if live.is_empty() {
+        return Ok(());
+    }
+    let (hosts, them) = if live.len() == 1 {
+        ("host is", "it")
+    } else {
+        ("hosts are", "them")
+    };
+    Err(Failure::Refused(format!(
+        "{} {hosts} using this volume now (slots {}); unmount {them} first. \
+         mkfs.atsfs never formats a volume in use, not even with -f",
+        live.len(),
+        list(&live)
+    )))
+}
+
+fn list(slots: &[u32]) -> String {
+    slots
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn say(args: &Args, message: &str) {
+    if !args.quiet {
+        eprintln!("{message}");
+    }
+}
+
+/// A progress bar over allocation groups, shown only for large volumes on a terminal.
+struct Progress {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Progress {
+        Progress { quiet, bar: None }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        if self.quiet || total < PROGRESS_AGS_MIN {
+            return;
+        }
+        let bar = self.bar.get_or_insert_with(|| {
+            let bar = ProgressBar::new(total);
+            if let Ok(style) =
+                ProgressStyle::with_template("writing allocation groups {bar:40} {pos}/{len}")
+            {
+                bar.set_style(style);
+            }
+            bar
+        });
+        bar.set_position(done);
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn print_summary(lun: &FileLun, sb: &Superblock) {
+    let volume_bytes = sb.total_blocks * BLOCK_SIZE_U64;
+    let journal_bytes = sb.journal_blocks * BLOCK_SIZE_U64;
+    println!("made an atsfs volume on {}", lun.describe());
+    println!(
+        "  volume UUID        {}",
+        uuid::Uuid::from_bytes(sb.volume_uuid)
+    );
+    let label = atsfs::format::get_str(&sb.label);
+    if !label.is_empty() {
+        println!("  label              {label}");
+    }
+    println!(
+        "  size               {} ({} blocks of 4 KiB)",
+        format_size(volume_bytes),
+        sb.total_blocks
+    );
+    println!(
+        "  hosts              {} (journal {} each)",
+        sb.max_hosts,
+        format_size(journal_bytes)
+    );
+    println!("  allocation groups  {} of up to 128 MiB", sb.ag_count);
+    println!(
+        "  heartbeat          every {:?}, lease {:?}",
+        Duration::from_millis(u64::from(sb.heartbeat_interval_ms)),
+        Duration::from_millis(u64::from(sb.lease_ms))
+    );
+    if sb.ats_mode == ATS_MODE_EMULATED {
+        println!(
+            "  ATS                emulated, {}-byte sectors: every host must run on this \
+             machine (one kernel)",
+            sb.ats_sector_size
+        );
+    } else {
+        println!(
+            "  ATS                hardware, {}-byte sectors",
+            sb.ats_sector_size
+        );
+    }
+}

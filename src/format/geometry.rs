@@ -77,13 +77,17 @@ impl Geometry {
         let resource_blocks = resource_blocks_for(ats);
         let hb_start = 1;
         let journal_start = hb_start + hb_blocks;
-        let ag_start = journal_start + hosts * journal_blocks;
+        // A caller's journal size can be anything: saturate rather than wrap, so an
+        // absurd one is a device that is too small, not an overflow.
+        let ag_start = hosts
+            .saturating_mul(journal_blocks)
+            .saturating_add(journal_start);
         // The last block holds the backup superblock.
-        let need_blocks = ag_start + AG_BLOCKS_MIN + 1;
+        let need_blocks = ag_start.saturating_add(AG_BLOCKS_MIN + 1);
         if total_blocks < need_blocks {
             return Err(GeometryError::TooSmall {
                 have: params.total_bytes,
-                need: need_blocks * BLOCK_SIZE_U64,
+                need: need_blocks.saturating_mul(BLOCK_SIZE_U64),
             });
         }
         let data_blocks = total_blocks - 1 - ag_start;
