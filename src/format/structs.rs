@@ -258,6 +258,8 @@ pub const INODE_FLAG_INLINE: u32 = 1;
 pub const INODE_FLAG_EXTENT_TREE: u32 = 2;
 /// Opt-in multi-writer file: opened with direct I/O on every host.
 pub const INODE_FLAG_MULTI_WRITER: u32 = 4;
+/// The last image of a freed inode: its number is stale.
+pub const INODE_FLAG_FREED: u32 = 8;
 
 /// Bytes of the inode area (extents, directory table pointers or inline data).
 pub const INODE_AREA_SIZE: usize = 3328;

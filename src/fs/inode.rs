@@ -4,8 +4,7 @@ use super::{Core, FsError, FsResult, Ino};
 use crate::format::{encode_padded, BlockNo, InodeBody, LockRecord, OnDisk, INODE_FLAG_INLINE};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Flag in a freed inode's last image: the inode number is stale.
-pub const INODE_FLAG_FREED: u32 = 8;
+pub use crate::format::INODE_FLAG_FREED;
 
 /// What `stat` shows of an inode.
 #[derive(Clone, Debug, PartialEq, Eq)]
