@@ -272,7 +272,8 @@ fn wipe_old_signatures(lun: &dyn Lun, geo: &Geometry) -> Result<(), MkfsError> {
     Ok(())
 }
 
-/// Every slot free, generation 0, in one write of the whole heartbeat region.
+/// Every slot free, generation 0, every mailbox empty, in one write of the whole
+/// heartbeat region.
 fn write_heartbeat_slots(lun: &dyn Lun, geo: &Geometry) -> Result<(), MkfsError> {
     let sector = geo.ats_sector_size as usize;
     let mut region = vec![0u8; (geo.hb_blocks * BLOCK_SIZE_U64) as usize];
@@ -282,7 +283,8 @@ fn write_heartbeat_slots(lun: &dyn Lun, geo: &Geometry) -> Result<(), MkfsError>
         hb.slot = slot;
         hb.state = SLOT_FREE;
         hb.seal();
-        let at = slot as usize * sector;
+        // Heartbeat sectors are at their geometry offsets; mailboxes stay all zero (empty).
+        let at = (geo.slot_offset(slot) - geo.hb_start * BLOCK_SIZE_U64) as usize;
         region[at..at + sector].copy_from_slice(&encode_padded(&hb, sector));
     }
     lun.write_at(&region, geo.hb_start * BLOCK_SIZE_U64)?;
@@ -619,7 +621,7 @@ fn read_slots(lun: &dyn Lun, geo: &Geometry) -> Result<Vec<Option<HeartbeatSlot>
     lun.read_at(&mut region, geo.hb_start * BLOCK_SIZE_U64)?;
     let slots = (0..geo.max_hosts)
         .map(|slot| {
-            let at = slot as usize * sector;
+            let at = (geo.slot_offset(slot) - geo.hb_start * BLOCK_SIZE_U64) as usize;
             let raw = region.get(at..at + sector)?;
             let decoded: Result<HeartbeatSlot, FormatError> =
                 HeartbeatSlot::decode(raw, geo.hb_start);
@@ -631,8 +633,21 @@ fn read_slots(lun: &dyn Lun, geo: &Geometry) -> Result<Vec<Option<HeartbeatSlot>
 
 #[cfg(test)]
 mod tests {
+    /// Writes bytes at any offset by read-modify-write of whole sectors (the LUNs
+    /// refuse unaligned I/O, as O_DIRECT devices do).
+    fn poke(lun: &dyn Lun, offset: u64, bytes: &[u8]) {
+        let sector = u64::from(lun.sector_size());
+        let start = offset / sector * sector;
+        let end = (offset + bytes.len() as u64).div_ceil(sector) * sector;
+        let mut buf = vec![0u8; (end - start) as usize];
+        lun.read_at(&mut buf, start).unwrap();
+        let at = (offset - start) as usize;
+        buf[at..at + bytes.len()].copy_from_slice(bytes);
+        lun.write_at(&buf, start).unwrap();
+    }
+
     use super::*;
-    use crate::format::{JournalDescriptor, AG_FLAG_BITMAP_UNINIT, RESOURCE_BODY_SIZE};
+    use crate::format::{JournalDescriptor, AG_FLAG_BITMAP_UNINIT};
     use crate::lun::{crash_image, Caw, FaultConfig, FaultLun, LunResult, MemLun};
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -663,7 +678,7 @@ mod tests {
     }
 
     fn read_body(lun: &dyn Lun, geo: &Geometry, resource: u64) -> Vec<u8> {
-        let mut buf = vec![0u8; RESOURCE_BODY_SIZE];
+        let mut buf = vec![0u8; geo.body_len()];
         lun.read_at(&mut buf, geo.body_offset(resource)).unwrap();
         buf
     }
@@ -939,14 +954,14 @@ mod tests {
         ];
         for (offset, bytes, name) in cases {
             let lun = MemLun::new(MIB, 512);
-            lun.write_at(bytes, offset as u64).unwrap();
+            poke(&lun, offset as u64, bytes);
             assert_eq!(probe(&lun).unwrap(), Probe::Other(name));
         }
         // An MBR signature counts only with a partition entry.
         let lun = MemLun::new(MIB, 512);
-        lun.write_at(&[0x55, 0xAA], 510).unwrap();
+        poke(&lun, 510, &[0x55, 0xAA]);
         assert_eq!(probe(&lun).unwrap(), Probe::Empty);
-        lun.write_at(&[0x83], 446 + 16 + 4).unwrap();
+        poke(&lun, 446 + 16 + 4, &[0x83]);
         assert_eq!(probe(&lun).unwrap(), Probe::Other("MBR partition table"));
     }
 
@@ -986,15 +1001,15 @@ mod tests {
         // A primary with the magic that does not decode, and no backup.
         let end = lun.len_bytes() - 4096;
         lun.write_at(&[0u8; 4096], end).unwrap();
-        lun.write_at(b"ATSB", 0).unwrap();
+        poke(&lun, 0, b"ATSB");
         assert!(matches!(probe(&lun).unwrap(), Probe::Other(name) if name.contains("atsfs")));
     }
 
     #[test]
     fn mkfs_wipes_other_signatures_and_old_journals() {
         let lun = MemLun::new(8 * MIB, 512);
-        lun.write_at(&[0x53, 0xEF], 1080).unwrap();
-        lun.write_at(b"_BHRfS_M", 65600).unwrap();
+        poke(&lun, 1080, &[0x53, 0xEF]);
+        poke(&lun, 65600, b"_BHRfS_M");
         let o = opts(2);
         let geo = plan(&lun, &o).unwrap();
         // A stale transaction in journal 1: a sealed descriptor at its block 1.
@@ -1121,7 +1136,7 @@ mod tests {
         let geo = mkfs(&lun, &o, &mut |_, _| {}).unwrap();
         // 1 TiB less 2 GiB of journals, in groups of 128 MiB; the last one short.
         assert_eq!(geo.ag_count, 8176);
-        assert_eq!(geo.ag_len(8175), 32762);
+        assert_eq!(geo.ag_len(8175), 32758);
         assert_eq!(geo.journal_blocks, 16384);
         // Heads, slots, journals' first blocks, one resource per group, AG 0 bitmap,
         // root: a few MiB of the 1 TiB.

@@ -6,6 +6,8 @@ use super::{
 };
 use thiserror::Error;
 
+/// ATS sectors per host slot in the heartbeat region: the heartbeat, then the mailbox.
+pub const SLOT_SECTORS: u64 = 2;
 /// Smallest journal per slot: must hold the largest transaction (a descriptor, 252
 /// images, a commit) with room to spare.
 pub const JOURNAL_BLOCKS_MIN: u64 = 256;
@@ -64,7 +66,7 @@ impl Geometry {
         }
         let total_blocks = params.total_bytes / BLOCK_SIZE_U64;
         let hosts = u64::from(params.max_hosts);
-        let hb_blocks = (hosts * u64::from(ats)).div_ceil(BLOCK_SIZE_U64);
+        let hb_blocks = (hosts * SLOT_SECTORS * u64::from(ats)).div_ceil(BLOCK_SIZE_U64);
         let journal_blocks = match params.journal_blocks {
             Some(blocks) if blocks < JOURNAL_BLOCKS_MIN => {
                 return Err(GeometryError::JournalTooSmall)
@@ -129,7 +131,8 @@ impl Geometry {
     /// arithmetic on them cannot overflow or run off the device.
     pub fn check(&self) -> Result<(), String> {
         let hosts = u64::from(self.max_hosts);
-        let expect_hb = (hosts * u64::from(self.ats_sector_size)).div_ceil(BLOCK_SIZE_U64);
+        let expect_hb =
+            (hosts * SLOT_SECTORS * u64::from(self.ats_sector_size)).div_ceil(BLOCK_SIZE_U64);
         if self.resource_blocks != resource_blocks_for(self.ats_sector_size) {
             return Err(format!("resource span {} blocks", self.resource_blocks));
         }
@@ -161,7 +164,14 @@ impl Geometry {
 
     /// Byte offset of a slot's heartbeat sector.
     pub fn slot_offset(&self, slot: u32) -> u64 {
-        self.hb_start * BLOCK_SIZE_U64 + u64::from(slot) * u64::from(self.ats_sector_size)
+        self.hb_start * BLOCK_SIZE_U64
+            + u64::from(slot) * SLOT_SECTORS * u64::from(self.ats_sector_size)
+    }
+
+    /// Byte offset of a slot's mailbox sector (lock release requests to that host),
+    /// right after its heartbeat sector.
+    pub fn mailbox_offset(&self, slot: u32) -> u64 {
+        self.slot_offset(slot) + u64::from(self.ats_sector_size)
     }
 
     /// First block of a slot's journal (its header).

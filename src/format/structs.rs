@@ -149,6 +149,52 @@ impl OnDisk for HeartbeatSlot {
 }
 
 // ---------------------------------------------------------------------------------
+// Mailbox: the ATS sector after each heartbeat slot. Other hosts post requests to
+// release locks there; the slot's owner reads it and honours them.
+// ---------------------------------------------------------------------------------
+
+/// One request: "release `resource`, `from_slot` wants it in `mode`".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq, Default)]
+pub struct MailRequest {
+    pub resource: u64,
+    pub from_slot: u32,
+    pub mode: u32,
+}
+const _: () = assert!(size_of::<MailRequest>() == 16);
+
+/// Requests one mailbox holds.
+pub const MAILBOX_REQUESTS_MAX: usize = 30;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct Mailbox {
+    pub magic: u32,
+    pub crc: u32,
+    pub slot: u32,
+    pub count: u32,
+    pub change_seq: u64,
+    pub reserved: [u8; 8],
+    pub requests: [MailRequest; MAILBOX_REQUESTS_MAX],
+}
+const _: () = assert!(size_of::<Mailbox>() == 512);
+
+impl OnDisk for Mailbox {
+    const MAGIC: u32 = magic(b"AMBX");
+    const WHAT: &'static str = "mailbox";
+    fn validate_fields(&self, block: BlockNo) -> Result<(), FormatError> {
+        if self.count as usize > MAILBOX_REQUESTS_MAX {
+            return Err(FormatError::corrupted(
+                Self::WHAT,
+                block,
+                format!("{} requests", self.count),
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Lock record: the first ATS sector of every locked resource.
 // ---------------------------------------------------------------------------------
 
@@ -171,9 +217,19 @@ pub struct LockRecord {
     pub change_seq: u64,
     pub shared_slots: u64,
     pub shared_gen: [u32; 64],
-    pub reserved: [u8; 192],
+    pub open_writer_slot: u32,
+    pub open_writer_gen: u32,
+    pub open_flags: u32,
+    pub open_pad: u32,
+    pub open_readers: u64,
+    pub open_reader_gen: [u16; 64],
+    pub reserved: [u8; 40],
 }
 const _: () = assert!(size_of::<LockRecord>() == 512);
+
+/// `LockRecord::open_flags`: a host has the file open for writing (named by
+/// `open_writer_slot` / `open_writer_gen`).
+pub const OPEN_WRITER: u32 = 1;
 const _: () = assert!(HOSTS_MAX as usize <= 64);
 
 impl OnDisk for LockRecord {
@@ -795,6 +851,28 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
             }),
         ),
         (
+            "MailRequest",
+            size_of::<MailRequest>(),
+            layout!(MailRequest {
+                resource,
+                from_slot,
+                mode
+            }),
+        ),
+        (
+            "Mailbox",
+            size_of::<Mailbox>(),
+            layout!(Mailbox {
+                magic,
+                crc,
+                slot,
+                count,
+                change_seq,
+                reserved,
+                requests
+            }),
+        ),
+        (
             "LockRecord",
             size_of::<LockRecord>(),
             layout!(LockRecord {
@@ -809,6 +887,12 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 change_seq,
                 shared_slots,
                 shared_gen,
+                open_writer_slot,
+                open_writer_gen,
+                open_flags,
+                open_pad,
+                open_readers,
+                open_reader_gen,
                 reserved
             }),
         ),

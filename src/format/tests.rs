@@ -667,17 +667,18 @@ fn a_512mib_volume_with_32_hosts() {
     let geo = Geometry::plan(&params(512 * MIB, 512, 32)).unwrap();
     assert_eq!(geo.total_blocks, 131_072);
     assert_eq!(geo.resource_blocks, 1);
-    assert_eq!((geo.hb_start, geo.hb_blocks), (1, 4));
-    assert_eq!(geo.journal_start, 5);
+    assert_eq!((geo.hb_start, geo.hb_blocks), (1, 8));
+    assert_eq!(geo.journal_start, 9);
     assert_eq!(geo.journal_blocks, 256); // 131072 / (16 * 32)
-    assert_eq!(geo.ag_start, 5 + 32 * 256);
-    // 122874 data blocks: three full groups and a tail of 24570.
+    assert_eq!(geo.ag_start, 9 + 32 * 256);
+    // 122870 data blocks: three full groups and a tail of 24566.
     assert_eq!(geo.ag_count, 4);
-    assert_eq!(geo.ag_len(3), 24_570);
+    assert_eq!(geo.ag_len(3), 24_566);
     assert_eq!(geo.ag_end(3), geo.backup_superblock());
     assert_eq!(geo.data_blocks(), 131_072 - 1 - geo.ag_start);
-    assert_eq!(geo.slot_offset(31), 4096 + 31 * 512);
-    assert_eq!(geo.journal_of(31), 5 + 31 * 256);
+    assert_eq!(geo.slot_offset(31), 4096 + 2 * 31 * 512);
+    assert_eq!(geo.mailbox_offset(31), 4096 + 2 * 31 * 512 + 512);
+    assert_eq!(geo.journal_of(31), 9 + 31 * 256);
     assert_eq!(
         (geo.ag_bitmap(1), geo.ag_meta_blocks()),
         (geo.ag_first(1) + 1, 2)
@@ -691,9 +692,9 @@ fn a_1tib_volume() {
     let geo = Geometry::plan(&params(1 << 40, 512, 32)).unwrap();
     assert_eq!(geo.total_blocks, 1 << 28);
     assert_eq!(geo.journal_blocks, 16_384); // clamped to 64 MiB
-    assert_eq!(geo.ag_start, 5 + 32 * 16_384);
+    assert_eq!(geo.ag_start, 9 + 32 * 16_384);
     assert_eq!(geo.ag_count, 8176);
-    assert_eq!(geo.ag_len(8175), 32_762);
+    assert_eq!(geo.ag_len(8175), 32_758);
     assert_eq!(geo.check(), Ok(()));
 }
 
@@ -701,19 +702,19 @@ fn a_1tib_volume() {
 fn a_4096_byte_sector_takes_two_blocks_per_resource() {
     let geo = Geometry::plan(&params(512 * MIB, 4096, 32)).unwrap();
     assert_eq!(geo.resource_blocks, 2);
-    assert_eq!(geo.hb_blocks, 32);
+    assert_eq!(geo.hb_blocks, 64);
     assert_eq!(geo.ag_meta_blocks(), 3);
     assert_eq!(geo.ag_bitmap(0), geo.ag_first(0) + 2);
     assert_eq!(geo.body_offset(100), 100 * 4096 + 4096);
-    assert_eq!(geo.slot_offset(1), 2 * 4096);
+    assert_eq!(geo.slot_offset(1), 3 * 4096);
     assert_eq!(geo.check(), Ok(()));
 }
 
 #[test]
 fn too_small_devices_say_what_they_need() {
     let err = Geometry::plan(&params(MIB, 512, 32)).unwrap_err();
-    // 1 superblock + 4 slot blocks + 32 journals of 256 + 64 + 1 backup.
-    let need = (1 + 4 + 32 * 256 + 64 + 1) * 4096;
+    // 1 superblock + 8 slot blocks (heartbeat + mailbox) + 32 journals of 256 + 64 + 1 backup.
+    let need = (1 + 8 + 32 * 256 + 64 + 1) * 4096;
     assert_eq!(err, GeometryError::TooSmall { have: MIB, need });
     assert!(Geometry::plan(&params(need, 512, 32)).is_ok());
     assert!(Geometry::plan(&params(need - 1, 512, 32)).is_err());
