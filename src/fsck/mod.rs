@@ -25,14 +25,14 @@
 //! What the check cannot tell apart:
 //! - An inode unlinked while open has no entry, so the walk cannot find it: a host
 //!   that crashed (or is still mounted) with such files leaves their blocks marked
-//!   used, reported as leaked blocks. They are safe to reclaim once no host has the
-//!   volume mounted.
+//!   used, reported as leaked blocks. Once every host is unmounted and every
+//!   journal replayed, such blocks belong to nothing and can be reclaimed.
 //! - On a mounted volume, other hosts change metadata while fsck reads it: what it
 //!   reports may be in-flight state. Live heartbeat slots are noted for that reason.
-//! - The journals have no revoke records: the overlay replays a slot's pending
-//!   images in order, slot after slot, exactly as recovery would, including images of
-//!   blocks that were freed and reused since (see `docs/` and the fsck report of the
-//!   branch for why that matters to recovery).
+//! - The journals have no revoke records: the overlay applies every pending image
+//!   of a slot in order, slot after slot, exactly as replay will, even an image of a
+//!   block that was freed and reused since. fsck never reads file data, so an old
+//!   metadata image that replay would write over a reused data block goes unseen.
 //!
 //! Errors and problems: an unreadable device, or no usable superblock at all, is an
 //! `Err` (exit 8); anything wrong on disk is a `Problem` (exit 4). No byte on disk can

@@ -13,7 +13,7 @@ use super::volume::Volume;
 use crate::format::{
     BlockNo, DirBucket, DirTableBlock, Extent, ExtentLeaf, InodeBody, OnDisk, XattrBlock,
     BLOCK_SIZE_U64, DIR_TABLE_PTRS, EXTENT_UNWRITTEN, INODE_AREA_SIZE, INODE_DIR_PTRS_MAX,
-    INODE_FLAG_EXTENT_TREE, INODE_FLAG_INLINE, RESOURCE_BODY_SIZE,
+    INODE_FLAG_EXTENT_TREE, INODE_FLAG_INLINE, INODE_FLAG_MULTI_WRITER, RESOURCE_BODY_SIZE,
 };
 use crate::fs::dir::{index_of, name_hash, parse_entries, DIR_DEPTH_MAX};
 use crate::fs::file::{area_extents, FILE_SIZE_MAX};
@@ -28,6 +28,9 @@ use std::collections::{HashMap, HashSet};
 const FILE_BLOCKS_MAX: u64 = FILE_SIZE_MAX / BLOCK_SIZE_U64;
 /// Longest symlink target (PATH_MAX less the terminating zero).
 const SYMLINK_MAX: u64 = 4095;
+/// Every inode flag of format v1.
+const INODE_FLAGS_KNOWN: u32 =
+    INODE_FLAG_INLINE | INODE_FLAG_EXTENT_TREE | INODE_FLAG_MULTI_WRITER | INODE_FLAG_FREED;
 /// Xattr namespaces the fs accepts.
 const XATTR_NAMESPACES: [&[u8]; 4] = [b"user.", b"trusted.", b"security.", b"system."];
 
@@ -73,6 +76,8 @@ struct Owned {
     leaves: u64,
     dir_blocks: u64,
     xattr: u64,
+    /// Some of it could not be read (already a problem): the count is not checked.
+    incomplete: bool,
 }
 
 pub(crate) fn walk(
@@ -277,6 +282,11 @@ impl Walk<'_, '_> {
             self.problem(ProblemKind::FreedInode, v.ino, &v.path, msg);
             return Ok(None);
         }
+        let unknown = inode.flags & !INODE_FLAGS_KNOWN;
+        if unknown != 0 {
+            let msg = format!("unknown inode flags {unknown:#x}");
+            self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
+        }
         match check_lock(raw.get(..sector).unwrap_or(&[]), v.ino) {
             Ok(held) => self.report.counts.locks_held += u64::from(held),
             Err(e) => self.problem(ProblemKind::LockRecord, v.ino, &v.path, e),
@@ -330,12 +340,15 @@ impl Walk<'_, '_> {
                 inode.dir_depth
             );
             self.problem(ProblemKind::DirTable, v.ino, &v.path, msg);
-            return Ok(Owned::default());
+            return Ok(Owned {
+                incomplete: true,
+                ..Owned::default()
+            });
         }
         let (ptrs, table_blocks) = self.dir_table(v, inode)?;
         let Some(ptrs) = ptrs else {
             return Ok(Owned {
-                dir_blocks: table_blocks,
+                incomplete: true,
                 ..Owned::default()
             });
         };
@@ -658,10 +671,11 @@ impl Walk<'_, '_> {
     fn check_extents(&mut self, v: &Visit, inode: &InodeBody) -> Result<Owned> {
         // Decoding bounded extent_count by what the area holds.
         let listed = area_extents(&inode.area, inode.extent_count as usize);
-        let (extents, leaves) = if inode.flags & INODE_FLAG_EXTENT_TREE != 0 {
-            (self.load_leaves(v, &listed)?, listed.len() as u64)
+        let (extents, leaves, incomplete) = if inode.flags & INODE_FLAG_EXTENT_TREE != 0 {
+            let (extents, complete) = self.load_leaves(v, &listed)?;
+            (extents, listed.len() as u64, !complete)
         } else {
-            (listed, 0)
+            (listed, 0, false)
         };
         self.report.counts.extents += extents.len() as u64;
         self.report.counts.extent_leaves += leaves;
@@ -705,17 +719,21 @@ impl Walk<'_, '_> {
         Ok(Owned {
             data,
             leaves,
+            incomplete,
             ..Owned::default()
         })
     }
 
-    /// The extents of a file in tree mode, from the leaves its index entries name.
-    fn load_leaves(&mut self, v: &Visit, index: &[Extent]) -> Result<Vec<Extent>> {
+    /// The extents of a file in tree mode, from the leaves its index entries name,
+    /// and whether every leaf could be read.
+    fn load_leaves(&mut self, v: &Visit, index: &[Extent]) -> Result<(Vec<Extent>, bool)> {
         let mut out = Vec::new();
+        let mut complete = true;
         for (k, entry) in index.iter().enumerate() {
             let block = entry.disk_block;
             let what = format!("extent leaf {k} (block {block})");
             if !self.claim(ProblemKind::ExtentLeaf, &what, block, 1, &v.path) {
+                complete = false;
                 continue;
             }
             let raw = self.vol.blocks(block, 1)?;
@@ -723,12 +741,14 @@ impl Walk<'_, '_> {
                 Ok(leaf) => leaf,
                 Err(e) => {
                     self.problem(ProblemKind::ExtentLeaf, block, &v.path, e.to_string());
+                    complete = false;
                     continue;
                 }
             };
             if leaf.owner != v.ino {
                 let msg = format!("{what} belongs to inode {}", leaf.owner);
                 self.problem(ProblemKind::ExtentLeaf, block, &v.path, msg);
+                complete = false;
                 continue;
             }
             // Decoding bounded the count by the leaf's capacity.
@@ -743,7 +763,7 @@ impl Walk<'_, '_> {
             }
             out.extend_from_slice(extents);
         }
-        Ok(out)
+        Ok((out, complete))
     }
 
     // ------------------------------------------------------------------------------
@@ -792,6 +812,9 @@ impl Walk<'_, '_> {
     }
 
     fn check_block_count(&mut self, v: &Visit, inode: &InodeBody, owned: Owned) {
+        if owned.incomplete {
+            return;
+        }
         let resource = u64::from(self.vol.geo.resource_blocks);
         let expected = resource + owned.data + owned.leaves + owned.dir_blocks + owned.xattr;
         if inode.blocks != expected {
