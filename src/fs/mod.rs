@@ -12,11 +12,11 @@
 mod alloc;
 pub(crate) mod dir;
 pub(crate) mod file;
-mod inode;
+pub(crate) mod inode;
 pub mod meta;
 mod mount;
 mod namei;
-mod xattr;
+pub(crate) mod xattr;
 
 pub use inode::{Attr, INODE_FLAG_FREED};
 pub use mount::{read_superblock, MountOptions};

@@ -12,7 +12,7 @@ pub const XATTR_VALUE_MAX: usize = XATTR_AREA - XATTR_ENTRY_FIXED - 8;
 
 type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
 
-fn parse(block: &XattrBlock) -> Pairs {
+pub(crate) fn parse(block: &XattrBlock) -> Pairs {
     let mut out = Vec::with_capacity(block.count as usize);
     let area = &block.area[..block.used as usize];
     let mut pos = 0;

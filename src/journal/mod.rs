@@ -104,75 +104,24 @@ impl Journal {
     /// Replays committed transactions from the tail, in order. Idempotent.
     fn replay(&mut self, lun: &dyn Lun) -> Result<ReplayReport, JournalError> {
         let mut report = ReplayReport::default();
-        // Each transaction takes at least 3 blocks, so the chain is bounded.
-        for _ in 0..self.blocks {
-            let found = match self.read_transaction(lun, self.head)? {
-                Some(records) => Some((self.head, records)),
-                None if self.head != 1 => self.read_transaction(lun, 1)?.map(|r| (1, r)),
-                None => None,
-            };
-            let Some((at, records)) = found else { break };
+        let mut chain = Chain {
+            start: self.start,
+            blocks: self.blocks,
+            volume_uuid: self.volume_uuid,
+            head: self.head,
+            next_seq: self.next_seq,
+            steps_left: self.blocks,
+        };
+        while let Some(records) = chain.next(lun)? {
             for record in &records {
                 lun.write_at(&record.image, record.target)?;
             }
             report.transactions += 1;
             report.records += records.len() as u64;
-            self.head = at + records.len() as u64 + 2;
-            self.next_seq += 1;
-            if self.head >= self.blocks {
-                self.head = 1;
-            }
         }
+        self.head = chain.head;
+        self.next_seq = chain.next_seq;
         Ok(report)
-    }
-
-    /// Reads the transaction of seq `next_seq` at relative block `at`, if a whole,
-    /// valid one is there.
-    fn read_transaction(
-        &self,
-        lun: &dyn Lun,
-        at: u64,
-    ) -> Result<Option<Vec<Record>>, JournalError> {
-        if at + 3 > self.blocks {
-            return Ok(None);
-        }
-        let mut block = vec![0u8; BLOCK_SIZE];
-        let desc_block = self.start + at;
-        lun.read_at(&mut block, desc_block * BLOCK_SIZE_U64)?;
-        let Ok(desc) = JournalDescriptor::decode(&block, desc_block) else {
-            return Ok(None);
-        };
-        let count = desc.count as usize;
-        if desc.seq != self.next_seq
-            || desc.volume_uuid != self.volume_uuid
-            || at + count as u64 + 2 > self.blocks
-        {
-            return Ok(None);
-        }
-        let mut run = vec![0u8; (count + 1) * BLOCK_SIZE];
-        lun.read_at(&mut run, (desc_block + 1) * BLOCK_SIZE_U64)?;
-        let commit_block = desc_block + 1 + count as u64;
-        let Ok(commit) = JournalCommit::decode(&run[count * BLOCK_SIZE..], commit_block) else {
-            return Ok(None);
-        };
-        let mut hasher = crc32fast::Hasher::new();
-        hasher.update(&block);
-        let mut records = Vec::with_capacity(count);
-        for (i, entry) in desc.entries[..count].iter().enumerate() {
-            let image = &run[i * BLOCK_SIZE..i * BLOCK_SIZE + entry.len as usize];
-            if crc32fast::hash(image) != entry.crc {
-                return Ok(None);
-            }
-            hasher.update(image);
-            records.push(Record {
-                target: entry.target,
-                image: image.to_vec(),
-            });
-        }
-        let valid = commit.seq == desc.seq
-            && commit.count == desc.count
-            && commit.data_crc == hasher.finalize();
-        Ok(valid.then_some(records))
     }
 
     /// Writes one transaction to the journal and makes it durable. When this returns
@@ -299,6 +248,121 @@ impl Journal {
     pub fn has_unmarked(&self) -> bool {
         self.tail_seq != self.next_seq
     }
+}
+
+/// The chain of committed transactions of one slot's journal, from the header's tail:
+/// the walk replay makes, as a cursor that reads and never writes.
+struct Chain {
+    start: BlockNo,
+    blocks: u64,
+    volume_uuid: [u8; 16],
+    /// Where the next transaction is expected (relative block).
+    head: u64,
+    /// The sequence number it must carry.
+    next_seq: u64,
+    /// Each transaction takes at least 3 blocks, so `blocks` steps bound the chain.
+    steps_left: u64,
+}
+
+impl Chain {
+    /// The next committed transaction of the chain, if there is one. A transaction
+    /// that did not fit before the end of the journal starts at block 1.
+    fn next(&mut self, lun: &dyn Lun) -> Result<Option<Vec<Record>>, JournalError> {
+        if self.steps_left == 0 {
+            return Ok(None);
+        }
+        self.steps_left -= 1;
+        let found = match self.read_transaction(lun, self.head)? {
+            Some(records) => Some((self.head, records)),
+            None if self.head != 1 => self.read_transaction(lun, 1)?.map(|r| (1, r)),
+            None => None,
+        };
+        let Some((at, records)) = found else {
+            return Ok(None);
+        };
+        self.head = at + records.len() as u64 + 2;
+        // The header's seq comes from disk: no overflow panic on a damaged one.
+        self.next_seq = self.next_seq.wrapping_add(1);
+        if self.head >= self.blocks {
+            self.head = 1;
+        }
+        Ok(Some(records))
+    }
+
+    /// Reads the transaction of seq `next_seq` at relative block `at`, if a whole,
+    /// valid one is there.
+    fn read_transaction(
+        &self,
+        lun: &dyn Lun,
+        at: u64,
+    ) -> Result<Option<Vec<Record>>, JournalError> {
+        if at.saturating_add(3) > self.blocks {
+            return Ok(None);
+        }
+        let mut block = vec![0u8; BLOCK_SIZE];
+        let desc_block = self.start + at;
+        lun.read_at(&mut block, desc_block * BLOCK_SIZE_U64)?;
+        let Ok(desc) = JournalDescriptor::decode(&block, desc_block) else {
+            return Ok(None);
+        };
+        let count = desc.count as usize;
+        if desc.seq != self.next_seq
+            || desc.volume_uuid != self.volume_uuid
+            || at + count as u64 + 2 > self.blocks
+        {
+            return Ok(None);
+        }
+        let mut run = vec![0u8; (count + 1) * BLOCK_SIZE];
+        lun.read_at(&mut run, (desc_block + 1) * BLOCK_SIZE_U64)?;
+        let commit_block = desc_block + 1 + count as u64;
+        let Ok(commit) = JournalCommit::decode(&run[count * BLOCK_SIZE..], commit_block) else {
+            return Ok(None);
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        hasher.update(&block);
+        let mut records = Vec::with_capacity(count);
+        for (i, entry) in desc.entries[..count].iter().enumerate() {
+            let image = &run[i * BLOCK_SIZE..i * BLOCK_SIZE + entry.len as usize];
+            if crc32fast::hash(image) != entry.crc {
+                return Ok(None);
+            }
+            hasher.update(image);
+            records.push(Record {
+                target: entry.target,
+                image: image.to_vec(),
+            });
+        }
+        let valid = commit.seq == desc.seq
+            && commit.count == desc.count
+            && commit.data_crc == hasher.finalize();
+        Ok(valid.then_some(records))
+    }
+}
+
+/// The committed transactions of a slot's journal that replay would write home, in
+/// order, read without writing anything (fsck looks at the volume as it will be after
+/// replay). Fails when the journal header is unreadable or damaged.
+pub fn pending_transactions(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+    volume_uuid: [u8; 16],
+) -> Result<Vec<Vec<Record>>, JournalError> {
+    let start = geo.journal_of(slot);
+    let header = read_header(lun, start)?;
+    let mut chain = Chain {
+        start,
+        blocks: geo.journal_blocks,
+        volume_uuid,
+        head: header.tail_block,
+        next_seq: header.tail_seq,
+        steps_left: geo.journal_blocks,
+    };
+    let mut out = Vec::new();
+    while let Some(records) = chain.next(lun)? {
+        out.push(records);
+    }
+    Ok(out)
 }
 
 /// Reads and validates a journal header.

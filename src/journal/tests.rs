@@ -83,6 +83,43 @@ fn committed_transactions_are_replayed_after_a_crash() {
 }
 
 #[test]
+fn pending_transactions_lists_what_replay_writes_without_writing() {
+    let (lun, geo) = setup(256);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    let first = vec![record(&geo, 0, 1), record(&geo, 1, 2)];
+    let second = vec![record(&geo, 1, 3)];
+    journal.commit(&lun, &first, 0).expect("commit");
+    journal.commit(&lun, &second, 0).expect("commit");
+    // Fill the journal past its end so the chain wraps to block 1.
+    let mut expected = vec![first, second];
+    for i in 0..100u8 {
+        let tx = vec![record(&geo, u64::from(i % 5), i)];
+        journal.commit(&lun, &tx, 0).expect("commit");
+        expected.push(tx);
+    }
+    let before = lun.snapshot();
+    let pending = pending_transactions(&lun, &geo, 0, UUID).expect("pending");
+    assert_eq!(lun.snapshot(), before, "listing pending transactions wrote");
+    // The live region was moved forward when the journal wrapped: only the
+    // transactions after the last mark are pending, and they end the list we made.
+    assert!(!pending.is_empty() && pending.len() < expected.len());
+    assert_eq!(pending[..], expected[expected.len() - pending.len()..]);
+    // A foreign volume's transactions are not pending; another slot has none.
+    assert!(pending_transactions(&lun, &geo, 0, [9; 16])
+        .expect("foreign")
+        .is_empty());
+    assert!(pending_transactions(&lun, &geo, 1, UUID)
+        .expect("slot 1")
+        .is_empty());
+    // Replay writes exactly what was listed, and leaves nothing pending.
+    let (_, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    assert_eq!(report.transactions, pending.len() as u64);
+    assert!(pending_transactions(&lun, &geo, 0, UUID)
+        .expect("after replay")
+        .is_empty());
+}
+
+#[test]
 fn a_torn_transaction_is_not_replayed() {
     let (lun, geo) = setup(256);
     let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");

@@ -1,2 +1,0 @@
-//! (being written)
-use crate::lun::Lun;
