@@ -20,7 +20,7 @@ pub(crate) fn check_heartbeats(vol: &mut Volume, report: &mut FsckReport) -> Res
     let region = vol.device_blocks(geo.hb_start, geo.hb_blocks)?;
     let sector = geo.ats_sector_size as usize;
     for slot in 0..geo.max_hosts {
-        let at = slot as usize * sector;
+        let at = (geo.slot_offset(slot) - geo.hb_start * BLOCK_SIZE as u64) as usize;
         let Some(raw) = region.get(at..at + sector) else {
             break;
         };
