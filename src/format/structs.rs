@@ -317,6 +317,10 @@ pub const INODE_FLAG_MULTI_WRITER: u32 = 4;
 /// The last image of a freed inode: its number is stale.
 pub const INODE_FLAG_FREED: u32 = 8;
 
+/// Deepest directory table: doubling to it rewrites 130 table blocks, which one
+/// transaction holds; one more doubling would not fit.
+pub const DIR_DEPTH_MAX: u32 = 16;
+
 /// Bytes of the inode area (extents, directory table pointers or inline data).
 pub const INODE_AREA_SIZE: usize = 3328;
 /// Extents that fit in the inode area.
@@ -403,12 +407,26 @@ impl OnDisk for InodeBody {
                 "inline data longer than the area",
             ));
         }
-        if kind == libc::S_IFDIR && self.dir_table_blocks as usize > INODE_DIR_PTRS_MAX {
-            return Err(FormatError::corrupted(
-                Self::WHAT,
-                block,
-                "directory table too large",
-            ));
+        if kind == libc::S_IFDIR {
+            // The table has 2^depth pointers: inline while they fit the area, else in
+            // exactly enough table blocks.
+            let ok = self.dir_depth <= DIR_DEPTH_MAX && {
+                let ptrs = 1usize << self.dir_depth;
+                match self.dir_table_blocks as usize {
+                    0 => ptrs <= INODE_DIR_PTRS_MAX,
+                    n => n == ptrs.div_ceil(DIR_TABLE_PTRS) && n <= INODE_DIR_PTRS_MAX,
+                }
+            };
+            if !ok {
+                return Err(FormatError::corrupted(
+                    Self::WHAT,
+                    block,
+                    format!(
+                        "directory depth {} with {} table blocks",
+                        self.dir_depth, self.dir_table_blocks
+                    ),
+                ));
+            }
         }
         Ok(())
     }

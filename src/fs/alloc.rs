@@ -107,6 +107,17 @@ impl Meta {
     /// Allocates a run of up to `want` blocks (exactly `want` when `exact`), as near
     /// to `goal` as it finds. Returns the first block and the length.
     pub fn alloc(&mut self, goal: BlockNo, want: u64, exact: bool) -> FsResult<(BlockNo, u64)> {
+        match self.alloc_once(goal, want, exact) {
+            Err(FsError::NoSpace) if self.has_committed_quarantine() => {
+                // Freed blocks wait for the journal tail: move it and look again.
+                self.release_quarantine()?;
+                self.alloc_once(goal, want, exact)
+            }
+            other => other,
+        }
+    }
+
+    fn alloc_once(&mut self, goal: BlockNo, want: u64, exact: bool) -> FsResult<(BlockNo, u64)> {
         debug_assert!(want > 0);
         let ag_count = self.geo.ag_count;
         let first_ag = self.geo.ag_of(goal).unwrap_or(0);

@@ -13,9 +13,7 @@ use crate::format::{
     BLOCK_SIZE_U64, DIR_BUCKET_AREA, DIR_ENTRY_FIXED, DIR_TABLE_PTRS, INODE_DIR_PTRS_MAX,
 };
 
-/// Deepest table: doubling to it rewrites 130 table blocks, which one transaction
-/// holds; one more doubling would not fit.
-pub const DIR_DEPTH_MAX: u32 = 16;
+pub use crate::format::DIR_DEPTH_MAX;
 /// Readdir offsets 1 and 2 are "." and ".."; entry hashes start at 3.
 const FIRST_HASH: u64 = 3;
 

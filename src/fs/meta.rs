@@ -8,9 +8,10 @@
 //! Invariants:
 //! - A metadata image is written home only after the transaction holding it is
 //!   committed. File data is flushed before the commit that points at it.
-//! - A block freed in the running transaction is not reused before that transaction
-//!   commits (`quarantine`): a crash before the commit must not expose another file's
-//!   data in it.
+//! - A freed block is not reused until the journal's tail has moved past the
+//!   transaction that freed it (`quarantine`): before that, a crash could either
+//!   undo the free (the transaction is not committed) or replay an older image of
+//!   the block over its new contents (the journal still holds it).
 //! - After a failed commit or checkpoint the in-memory state is ahead of the disk:
 //!   `failed` is set and every later operation fails (sticky), as after a fence.
 
@@ -28,6 +29,9 @@ const CACHE_ENTRIES: usize = 32768;
 /// A mutating operation commits the running transaction first when it holds more
 /// images than this, so that one operation (at most ~150 images) always fits.
 pub const TX_SOFT_LIMIT: usize = 96;
+
+/// Freed blocks waiting for the journal tail before the tail is moved at once.
+const QUARANTINE_BLOCKS_MAX: u64 = 16384;
 
 /// Counters of device I/O, for `atsfs stats` and the benchmarks.
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,7 +51,8 @@ pub struct Meta {
     cache: LruCache<u64, Arc<Vec<u8>>>,
     tx: BTreeMap<u64, Vec<u8>>,
     journal: Journal,
-    quarantine: Vec<(BlockNo, u64)>,
+    /// Freed runs: (start, len, the transaction that freed them; None = running).
+    quarantine: Vec<(BlockNo, u64, Option<u64>)>,
     /// File data was written since the last flush.
     pub data_dirty: bool,
     /// Set when a commit or checkpoint failed: the host must not go on.
@@ -172,7 +177,26 @@ impl Meta {
 
     /// Marks a run of blocks freed in the running transaction.
     pub fn quarantine(&mut self, start: BlockNo, len: u64) {
-        self.quarantine.push((start, len));
+        self.quarantine.push((start, len, None));
+    }
+
+    /// True when blocks freed by committed transactions wait for the journal tail.
+    pub fn has_committed_quarantine(&self) -> bool {
+        self.quarantine.iter().any(|q| q.2.is_some())
+    }
+
+    /// Moves the journal tail past every committed transaction (all are home), which
+    /// lets the blocks they freed be reused.
+    pub fn release_quarantine(&mut self) -> FsResult<()> {
+        if self.journal.has_unmarked() {
+            self.journal.mark_all_home(self.lun.as_ref())?;
+            self.stats.flushes += 2;
+        }
+        let tail = self.journal.tail_seq();
+        self.quarantine
+            .retain(|q| q.2.is_none_or(|seq| seq >= tail));
+        self.undo_quarantine = self.undo_quarantine.min(self.quarantine.len());
+        Ok(())
     }
 
     /// The first quarantined block at or after `start` within `[start, end)`, as the
@@ -180,8 +204,8 @@ impl Meta {
     pub fn quarantined_in(&self, start: BlockNo, end: BlockNo) -> Option<(BlockNo, BlockNo)> {
         self.quarantine
             .iter()
-            .filter(|&&(s, l)| s < end && s + l > start)
-            .map(|&(s, l)| (s.max(start), s + l))
+            .filter(|&&(s, l, _)| s < end && s + l > start)
+            .map(|&(s, l, _)| (s.max(start), s + l))
             .min()
     }
 
@@ -228,15 +252,21 @@ impl Meta {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        self.journal.commit(self.lun.as_ref(), &records, now)?;
+        let seq = self.journal.commit(self.lun.as_ref(), &records, now)?;
         self.stats.commits += 1;
         self.stats.flushes += 1;
         self.stats.committed_images += records.len() as u64;
         self.checkpoint(tx)?;
-        self.quarantine.clear();
+        for q in self.quarantine.iter_mut().filter(|q| q.2.is_none()) {
+            q.2 = Some(seq);
+        }
         if self.undo.is_some() {
             self.undo = Some(HashMap::new());
-            self.undo_quarantine = 0;
+            self.undo_quarantine = self.quarantine.len();
+        }
+        let waiting: u64 = self.quarantine.iter().map(|q| q.1).sum();
+        if waiting > QUARANTINE_BLOCKS_MAX {
+            self.release_quarantine()?;
         }
         Ok(())
     }
@@ -267,10 +297,7 @@ impl Meta {
     /// Commits, then records in the journal header that everything is home.
     pub fn sync_all(&mut self) -> FsResult<()> {
         self.commit()?;
-        if self.journal.has_unmarked() {
-            self.journal.mark_all_home(self.lun.as_ref())?;
-        }
-        Ok(())
+        self.release_quarantine()
     }
 
     /// Flushes file data without a commit (fdatasync of a file whose metadata is

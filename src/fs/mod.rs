@@ -268,11 +268,12 @@ impl Fs {
     /// Commits the running transaction (the background syncer, `sync`).
     pub fn sync(&self) -> FsResult<()> {
         let core = self.core()?;
-        if core.meta.tx_len() == 0 && !core.meta.data_dirty {
+        if core.meta.tx_len() == 0 && !core.meta.data_dirty && !core.meta.has_committed_quarantine()
+        {
             return Ok(());
         }
         drop(core);
-        self.write(|c| c.meta.commit())
+        self.write(|c| c.meta.sync_all())
     }
 
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> FsResult<()> {

@@ -243,6 +243,12 @@ impl Journal {
         Ok(())
     }
 
+    /// The first sequence number replay would still apply after a crash: every
+    /// transaction before it is home and can never be replayed again.
+    pub fn tail_seq(&self) -> u64 {
+        self.tail_seq
+    }
+
     /// True when the header's tail is behind the head (committed transactions that a
     /// crash would replay).
     pub fn has_unmarked(&self) -> bool {

@@ -1,0 +1,105 @@
+//! Mailboxes: lock release requests between hosts, through the disk.
+//!
+//! Every slot has one mailbox sector after its heartbeat sector. A host that wants a
+//! lock another host holds posts a request into the holder's mailbox; the holder reads
+//! its own mailbox often, releases what is asked, and removes the requests. Both sides
+//! change the sector only by ATS from the image they read.
+
+use crate::format::{encode_padded, BlockNo, Geometry, MailRequest, Mailbox, OnDisk, MAILBOX_REQUESTS_MAX};
+use crate::lun::{Caw, Lun, LunError};
+
+/// Attempts at one ATS update before giving up (each retry follows a concurrent
+/// change by another host).
+const ATTEMPTS_MAX: u32 = 16;
+
+/// A mailbox as read: raw sector and decoded requests. A sector that is all zeros or
+/// does not decode reads as empty (and is overwritten by the next post).
+#[derive(Clone, Debug)]
+pub struct MailboxState {
+    pub raw: Vec<u8>,
+    pub mailbox: Mailbox,
+}
+
+impl MailboxState {
+    pub fn requests(&self) -> &[MailRequest] {
+        &self.mailbox.requests[..(self.mailbox.count as usize).min(MAILBOX_REQUESTS_MAX)]
+    }
+}
+
+pub fn read_mailbox(lun: &dyn Lun, geo: &Geometry, slot: u32) -> Result<MailboxState, LunError> {
+    let mut raw = vec![0u8; geo.ats_sector_size as usize];
+    lun.read_at(&mut raw, geo.mailbox_offset(slot))?;
+    let mailbox = match Mailbox::decode(&raw, geo.hb_start) {
+        Ok(m) if m.slot == slot => m,
+        _ => {
+            let mut empty: Mailbox = bytemuck::Zeroable::zeroed();
+            empty.magic = Mailbox::MAGIC;
+            empty.slot = slot;
+            empty
+        }
+    };
+    Ok(MailboxState { raw, mailbox })
+}
+
+fn encode(mailbox: &Mailbox, sector: u32) -> Vec<u8> {
+    let mut sealed = *mailbox;
+    sealed.change_seq = sealed.change_seq.wrapping_add(1);
+    sealed.seal();
+    encode_padded(&sealed, sector as usize)
+}
+
+/// Applies `change` to `slot`'s mailbox by ATS, re-reading on a miscompare. `change`
+/// returns false when there is nothing to write.
+fn update(lun: &dyn Lun, geo: &Geometry, slot: u32, change: &dyn Fn(&mut Mailbox) -> bool) -> Result<bool, LunError> {
+    let mut state = read_mailbox(lun, geo, slot)?;
+    for _ in 0..ATTEMPTS_MAX {
+        let mut next = state.mailbox;
+        if !change(&mut next) {
+            return Ok(false);
+        }
+        let image = encode(&next, geo.ats_sector_size);
+        match lun.compare_and_write(geo.mailbox_offset(slot), &state.raw, &image) {
+            Ok(Caw::Written) => return Ok(true),
+            Ok(Caw::Miscompare(actual)) if actual == image => return Ok(true),
+            Ok(Caw::Miscompare(_)) | Err(_) => state = read_mailbox(lun, geo, slot)?,
+        }
+    }
+    Ok(false)
+}
+
+/// Asks the host in `holder_slot` to release `resource`. Returns false when its
+/// mailbox is full or too busy (the caller just waits and asks again).
+pub fn post_request(lun: &dyn Lun, geo: &Geometry, holder_slot: u32, request: MailRequest) -> Result<bool, LunError> {
+    update(lun, geo, holder_slot, &|m| {
+        let count = (m.count as usize).min(MAILBOX_REQUESTS_MAX);
+        if m.requests[..count].iter().any(|r| r.resource == request.resource && r.from_slot == request.from_slot) {
+            return false;
+        }
+        if count == MAILBOX_REQUESTS_MAX {
+            return false;
+        }
+        m.requests[count] = request;
+        m.count = count as u32 + 1;
+        true
+    })
+}
+
+/// Removes the requests for `resources` from our own mailbox.
+pub fn remove_requests(lun: &dyn Lun, geo: &Geometry, my_slot: u32, resources: &[BlockNo]) -> Result<(), LunError> {
+    update(lun, geo, my_slot, &|m| {
+        let count = (m.count as usize).min(MAILBOX_REQUESTS_MAX);
+        let kept: Vec<MailRequest> = m.requests[..count]
+            .iter()
+            .filter(|r| !resources.contains(&r.resource))
+            .copied()
+            .collect();
+        if kept.len() == count {
+            return false;
+        }
+        m.requests = [MailRequest::default(); MAILBOX_REQUESTS_MAX];
+        m.requests[..kept.len()].copy_from_slice(&kept);
+        m.count = kept.len() as u32;
+        true
+    })?;
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! What this host knows of the other slots: their last image and when it last changed
+//! on our own monotonic clock. No synchronised clocks are needed.
+//!
+//! - A LIVE (or RECOVERING) slot is dead when its sector has not changed for
+//!   `lease + interval` on our clock.
+//! - A lock holder `(slot, generation)` is stale when the slot is FREE or has moved to
+//!   another generation: only then was its journal replayed (by recovery or by a
+//!   clean unmount), so only then may its locks be overwritten. Staleness never
+//!   reverts, so judging it from an old view is safe.
+
+use super::heartbeat::read_slot;
+use super::Clock;
+use crate::format::{Geometry, HeartbeatSlot, SLOT_FREE};
+use crate::lun::Lun;
+use anyhow::Result;
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct SlotView {
+    pub raw: Vec<u8>,
+    pub image: Option<HeartbeatSlot>,
+    /// Our clock when we first saw this raw image.
+    pub since_ms: u64,
+}
+
+pub struct ClusterView {
+    slots: Mutex<Vec<SlotView>>,
+    dead_after_ms: u64,
+}
+
+impl ClusterView {
+    pub fn new(max_hosts: u32, lease: Duration, interval: Duration) -> ClusterView {
+        let empty = SlotView {
+            raw: Vec::new(),
+            image: None,
+            since_ms: 0,
+        };
+        ClusterView {
+            slots: Mutex::new(vec![empty; max_hosts as usize]),
+            dead_after_ms: (lease + interval).as_millis() as u64,
+        }
+    }
+
+    /// Reads every slot and notes which changed.
+    pub fn refresh(&self, lun: &dyn Lun, geo: &Geometry, clock: &dyn Clock) -> Result<()> {
+        let mut fresh = Vec::with_capacity(geo.max_hosts as usize);
+        for slot in 0..geo.max_hosts {
+            // A sector that does not decode is treated as never used.
+            let (raw, image) = read_slot(lun, geo, slot).unwrap_or_else(|_| (Vec::new(), None));
+            fresh.push((raw, image));
+        }
+        let now = clock.now_ms();
+        let mut slots = self.slots.lock().map_err(|_| anyhow::anyhow!("cluster view poisoned"))?;
+        for (view, (raw, image)) in slots.iter_mut().zip(fresh) {
+            if view.raw != raw {
+                *view = SlotView { raw, image, since_ms: now };
+            }
+        }
+        Ok(())
+    }
+
+    pub fn slot(&self, slot: u32) -> Option<SlotView> {
+        self.slots.lock().ok()?.get(slot as usize).cloned()
+    }
+
+    /// True when the holder `(slot, generation)` no longer holds anything.
+    pub fn stale(&self, slot: u32, generation: u32) -> bool {
+        match self.slot(slot).and_then(|v| v.image) {
+            Some(image) => image.state == SLOT_FREE || image.generation != generation,
+            // Never used (or unreadable): nobody of that slot can hold a lock... unless
+            // we have not read the slot yet; the caller refreshes first.
+            None => self.slot(slot).is_some_and(|v| !v.raw.is_empty()),
+        }
+    }
+
+    /// True when the slot is held (LIVE or RECOVERING) but has not moved for the lease.
+    pub fn dead(&self, slot: u32, clock: &dyn Clock) -> bool {
+        match self.slot(slot) {
+            Some(SlotView {
+                image: Some(image),
+                since_ms,
+                ..
+            }) if image.state != SLOT_FREE => clock.now_ms().saturating_sub(since_ms) >= self.dead_after_ms,
+            _ => false,
+        }
+    }
+
+    /// Every slot's view, for `atsfs status`.
+    pub fn all(&self) -> Vec<SlotView> {
+        self.slots.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
