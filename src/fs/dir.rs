@@ -7,7 +7,7 @@
 //! table order and entries in hash order, so the hash is a stable readdir cookie.
 
 use super::inode::is_dir;
-use super::{Core, FsError, FsResult, Ino};
+use super::{Core, DirSink, FsError, FsResult, Ino};
 use crate::format::{
     BlockNo, DirBucket, DirBucketHeader, DirTableBlock, InodeBody, OnDisk, BLOCK_SIZE,
     BLOCK_SIZE_U64, DIR_BUCKET_AREA, DIR_ENTRY_FIXED, DIR_TABLE_PTRS, INODE_DIR_PTRS_MAX,
@@ -455,12 +455,7 @@ impl Core {
 
     /// Lists a directory for readdir: "." and ".." first (offsets 1 and 2), then
     /// entries with their hash as offset.
-    pub fn readdir(
-        &mut self,
-        ino: Ino,
-        offset: u64,
-        emit: &mut dyn FnMut(Ino, u64, u8, &[u8]) -> bool,
-    ) -> FsResult<()> {
+    pub fn readdir(&mut self, ino: Ino, offset: u64, emit: &mut DirSink<'_>) -> FsResult<()> {
         let dir = self.inode(ino)?;
         if !is_dir(&dir) {
             return Err(FsError::Errno(libc::ENOTDIR));

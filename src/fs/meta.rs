@@ -148,9 +148,8 @@ impl Meta {
 
     fn note_undo(&mut self, offset: u64) {
         if let Some(undo) = self.undo.as_mut() {
-            if !undo.contains_key(&offset) {
-                undo.insert(offset, self.tx.get(&offset).cloned());
-            }
+            undo.entry(offset)
+                .or_insert_with(|| self.tx.get(&offset).cloned());
         }
     }
 

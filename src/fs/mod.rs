@@ -34,6 +34,10 @@ use thiserror::Error;
 /// An inode number: the block number of the inode's resource.
 pub type Ino = u64;
 
+/// Receives directory entries: (ino, offset of the next entry, DT_* type, name);
+/// returns true when the caller's buffer is full.
+pub type DirSink<'a> = dyn FnMut(Ino, u64, u8, &[u8]) -> bool + 'a;
+
 #[derive(Debug, Error)]
 pub enum FsError {
     /// A POSIX error for the caller (ENOENT, EEXIST, ...).
@@ -283,12 +287,7 @@ impl Fs {
     /// Lists a directory after `offset` (0 = from the start, including "." and "..").
     /// `emit(ino, next_offset, dtype, name)` returns true when the caller's buffer is
     /// full.
-    pub fn readdir(
-        &self,
-        ino: Ino,
-        offset: u64,
-        emit: &mut dyn FnMut(Ino, u64, u8, &[u8]) -> bool,
-    ) -> FsResult<()> {
+    pub fn readdir(&self, ino: Ino, offset: u64, emit: &mut DirSink<'_>) -> FsResult<()> {
         self.read(|c| c.readdir(ino, offset, emit))
     }
 
