@@ -2,7 +2,7 @@
 
 use super::{boot_id, hostname, Clock, HostUuid, Lease};
 use crate::format::{
-    encode_padded, put_str, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE,
+    encode_padded, put_str, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
 };
 use crate::lun::{Caw, Lun, LunError};
 use anyhow::{anyhow, bail, Context, Result};
@@ -124,7 +124,13 @@ pub fn claim_slot(
         let mut after_crash = false;
         let (slot, raw, old) = match (mine, free) {
             (Some((slot, raw, old)), _) => {
-                if old.state == SLOT_LIVE {
+                if old.state == SLOT_RECOVERING && old.recoverer_uuid != me.0 {
+                    bail!(
+                        "host {} is recovering this host's slot {slot} right now; mount again in a few seconds",
+                        HostUuid(old.recoverer_uuid)
+                    );
+                }
+                if old.state != SLOT_FREE {
                     let same_kernel_dead = old.boot_id == my_boot && !process_exists(old.owner_pid);
                     if !same_kernel_dead {
                         tracing::info!(slot, "our slot is marked live: watching it for the lease before taking it back");
@@ -149,15 +155,25 @@ pub fn claim_slot(
         let mut next = old;
         next.magic = HeartbeatSlot::MAGIC;
         next.slot = slot;
-        next.state = SLOT_LIVE;
         next.host_uuid = me.0;
-        next.generation = old.generation.wrapping_add(1).max(1);
+        if after_crash {
+            // Our own crashed slot: recover it first, keeping the old generation so
+            // that nobody treats its locks as stale before its journal is replayed.
+            next.state = SLOT_RECOVERING;
+            next.recoverer_uuid = me.0;
+            next.recoverer_slot = slot;
+        } else {
+            next.state = SLOT_LIVE;
+            next.generation = old.generation.wrapping_add(1).max(1);
+        }
         next.counter = old.counter.wrapping_add(1);
         next.boot_id = my_boot;
         next.owner_pid = std::process::id();
         next.wall_clock_ms = wall_clock_ms();
-        next.recoverer_uuid = [0; 16];
-        next.recoverer_slot = 0;
+        if !after_crash {
+            next.recoverer_uuid = [0; 16];
+            next.recoverer_slot = 0;
+        }
         put_str(&mut next.hostname, &hostname());
         let image = encode_slot(&next, geo.ats_sector_size);
         match lun.compare_and_write(geo.slot_offset(slot), &raw, &image)? {
@@ -183,6 +199,36 @@ pub fn claim_slot(
         }
     }
     bail!("could not claim a heartbeat slot after {CLAIM_ATTEMPTS_MAX} attempts: too many hosts are mounting at once")
+}
+
+/// Turns a slot claimed for our own crash recovery (RECOVERING, old generation) into
+/// a live one with a new generation, once our journal is replayed.
+pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotClaim> {
+    let old = HeartbeatSlot::decode(&claim.image, geo.hb_start).context("our own slot image")?;
+    if old.state == SLOT_LIVE {
+        return Ok(claim);
+    }
+    let mut next = old;
+    next.state = SLOT_LIVE;
+    next.generation = old.generation.wrapping_add(1).max(1);
+    next.counter = old.counter.wrapping_add(1);
+    next.recoverer_uuid = [0; 16];
+    next.recoverer_slot = 0;
+    next.wall_clock_ms = wall_clock_ms();
+    let image = encode_slot(&next, geo.ats_sector_size);
+    match lun.compare_and_write(geo.slot_offset(claim.slot), &claim.image, &image)? {
+        Caw::Written => {}
+        Caw::Miscompare(actual) if actual == image => {}
+        Caw::Miscompare(_) => bail!(
+            "another host took over slot {} while this host was replaying its own journal; mount again",
+            claim.slot
+        ),
+    }
+    Ok(SlotClaim {
+        generation: next.generation,
+        image,
+        ..claim
+    })
 }
 
 /// This host's membership: the claimed slot and the thread that renews it.

@@ -201,7 +201,12 @@ pub fn try_acquire(
         return Ok(Ok(Acquire::Got(state.clone())));
     }
     let Some(next) = taken(state, me, mode, stale) else {
-        return Ok(Ok(Acquire::Held(state.clone())));
+        // The image may be old (a cached one): only the disk can say it is held.
+        let now = read_lock(lun, geo, resource)?;
+        if now.raw != state.raw {
+            return Ok(Err(now));
+        }
+        return Ok(Ok(Acquire::Held(now)));
     };
     let image = encode(&next, geo.ats_sector_size);
     let outcome = match lun.compare_and_write(geo.lock_offset(resource), &state.raw, &image) {

@@ -5,7 +5,9 @@
 //! its own mailbox often, releases what is asked, and removes the requests. Both sides
 //! change the sector only by ATS from the image they read.
 
-use crate::format::{encode_padded, BlockNo, Geometry, MailRequest, Mailbox, OnDisk, MAILBOX_REQUESTS_MAX};
+use crate::format::{
+    encode_padded, BlockNo, Geometry, MailRequest, Mailbox, OnDisk, MAILBOX_REQUESTS_MAX,
+};
 use crate::lun::{Caw, Lun, LunError};
 
 /// Attempts at one ATS update before giving up (each retry follows a concurrent
@@ -50,7 +52,12 @@ fn encode(mailbox: &Mailbox, sector: u32) -> Vec<u8> {
 
 /// Applies `change` to `slot`'s mailbox by ATS, re-reading on a miscompare. `change`
 /// returns false when there is nothing to write.
-fn update(lun: &dyn Lun, geo: &Geometry, slot: u32, change: &dyn Fn(&mut Mailbox) -> bool) -> Result<bool, LunError> {
+fn update(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+    change: &dyn Fn(&mut Mailbox) -> bool,
+) -> Result<bool, LunError> {
     let mut state = read_mailbox(lun, geo, slot)?;
     for _ in 0..ATTEMPTS_MAX {
         let mut next = state.mailbox;
@@ -69,10 +76,18 @@ fn update(lun: &dyn Lun, geo: &Geometry, slot: u32, change: &dyn Fn(&mut Mailbox
 
 /// Asks the host in `holder_slot` to release `resource`. Returns false when its
 /// mailbox is full or too busy (the caller just waits and asks again).
-pub fn post_request(lun: &dyn Lun, geo: &Geometry, holder_slot: u32, request: MailRequest) -> Result<bool, LunError> {
+pub fn post_request(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    holder_slot: u32,
+    request: MailRequest,
+) -> Result<bool, LunError> {
     update(lun, geo, holder_slot, &|m| {
         let count = (m.count as usize).min(MAILBOX_REQUESTS_MAX);
-        if m.requests[..count].iter().any(|r| r.resource == request.resource && r.from_slot == request.from_slot) {
+        if m.requests[..count]
+            .iter()
+            .any(|r| r.resource == request.resource && r.from_slot == request.from_slot)
+        {
             return false;
         }
         if count == MAILBOX_REQUESTS_MAX {
@@ -85,7 +100,12 @@ pub fn post_request(lun: &dyn Lun, geo: &Geometry, holder_slot: u32, request: Ma
 }
 
 /// Removes the requests for `resources` from our own mailbox.
-pub fn remove_requests(lun: &dyn Lun, geo: &Geometry, my_slot: u32, resources: &[BlockNo]) -> Result<(), LunError> {
+pub fn remove_requests(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    my_slot: u32,
+    resources: &[BlockNo],
+) -> Result<(), LunError> {
     update(lun, geo, my_slot, &|m| {
         let count = (m.count as usize).min(MAILBOX_REQUESTS_MAX);
         let kept: Vec<MailRequest> = m.requests[..count]

@@ -14,9 +14,13 @@
 
 mod heartbeat;
 pub mod lock;
+pub mod mailbox;
+mod node;
 mod recovery;
+pub mod view;
 
-pub use heartbeat::{claim_slot, read_slot, Membership, SlotClaim};
+pub use heartbeat::{claim_slot, go_live, read_slot, Membership, SlotClaim};
+pub use node::Node;
 pub use recovery::settle_other_slots;
 
 use crate::lun::{Caw, Lun, LunError, LunResult};

@@ -13,10 +13,10 @@ use anyhow::{bail, Context, Result};
 use std::time::Duration;
 
 /// A slot another host holds, as first seen.
-struct Held {
-    slot: u32,
-    raw: Vec<u8>,
-    image: HeartbeatSlot,
+pub(crate) struct Held {
+    pub slot: u32,
+    pub raw: Vec<u8>,
+    pub image: HeartbeatSlot,
 }
 
 /// Watches every other slot marked live for `lease + interval` (on our own clock).
@@ -77,7 +77,7 @@ pub fn settle_other_slots(
 
 /// Claims a dead host's slot for recovery (by ATS, so only one host recovers it),
 /// replays its journal, then frees the slot.
-fn recover_slot(
+pub(crate) fn recover_slot(
     lun: &dyn Lun,
     geo: &Geometry,
     volume_uuid: [u8; 16],

@@ -1,4 +1,5 @@
 use super::*;
+use crate::cluster::go_live;
 use crate::format::{Geometry, MkfsParams, OnDisk, SLOT_FREE};
 use crate::lun::MemLun;
 
@@ -128,10 +129,16 @@ fn a_crashed_hosts_slot_is_taken_back_after_the_lease() {
         &clock,
     )
     .expect("again");
+    // Taken back for its own recovery first, with the old generation...
     assert_eq!(
         (again.slot, again.generation, again.after_crash),
-        (a.slot, 2, true)
+        (a.slot, 1, true)
     );
+    let (_, slot) = read_slot(lun.as_ref(), &geo, a.slot).expect("read");
+    assert_eq!(slot.map(|s| s.state), Some(crate::format::SLOT_RECOVERING));
+    // ...and live with a new one once the journal is replayed.
+    let live = go_live(lun.as_ref(), &geo, again).expect("go live");
+    assert_eq!(live.generation, 2);
 }
 
 #[test]

@@ -3,10 +3,11 @@
 //!
 //! - A LIVE (or RECOVERING) slot is dead when its sector has not changed for
 //!   `lease + interval` on our clock.
-//! - A lock holder `(slot, generation)` is stale when the slot is FREE or has moved to
-//!   another generation: only then was its journal replayed (by recovery or by a
-//!   clean unmount), so only then may its locks be overwritten. Staleness never
-//!   reverts, so judging it from an old view is safe.
+//! - A lock holder `(slot, generation)` is stale when the slot has moved past that
+//!   generation, or is FREE at it: only then was its journal replayed (by recovery
+//!   or by a clean unmount), so only then may its locks be overwritten. Staleness
+//!   never reverts, so judging it from an old view is safe; a generation newer than
+//!   the view is never stale.
 
 use super::heartbeat::read_slot;
 use super::Clock;
@@ -51,10 +52,17 @@ impl ClusterView {
             fresh.push((raw, image));
         }
         let now = clock.now_ms();
-        let mut slots = self.slots.lock().map_err(|_| anyhow::anyhow!("cluster view poisoned"))?;
+        let mut slots = self
+            .slots
+            .lock()
+            .map_err(|_| anyhow::anyhow!("cluster view poisoned"))?;
         for (view, (raw, image)) in slots.iter_mut().zip(fresh) {
             if view.raw != raw {
-                *view = SlotView { raw, image, since_ms: now };
+                *view = SlotView {
+                    raw,
+                    image,
+                    since_ms: now,
+                };
             }
         }
         Ok(())
@@ -64,13 +72,18 @@ impl ClusterView {
         self.slots.lock().ok()?.get(slot as usize).cloned()
     }
 
-    /// True when the holder `(slot, generation)` no longer holds anything.
+    /// True when the holder `(slot, generation)` no longer holds anything: the slot
+    /// has moved past that generation, or is free at it (released cleanly or
+    /// recovered). A generation newer than what we saw is never judged stale: our
+    /// view is just old.
     pub fn stale(&self, slot: u32, generation: u32) -> bool {
         match self.slot(slot).and_then(|v| v.image) {
-            Some(image) => image.state == SLOT_FREE || image.generation != generation,
-            // Never used (or unreadable): nobody of that slot can hold a lock... unless
-            // we have not read the slot yet; the caller refreshes first.
-            None => self.slot(slot).is_some_and(|v| !v.raw.is_empty()),
+            Some(image) => {
+                image.generation > generation
+                    || (image.state == SLOT_FREE && image.generation >= generation)
+            }
+            // A slot never used has no generation anyone could hold.
+            None => false,
         }
     }
 
@@ -81,7 +94,9 @@ impl ClusterView {
                 image: Some(image),
                 since_ms,
                 ..
-            }) if image.state != SLOT_FREE => clock.now_ms().saturating_sub(since_ms) >= self.dead_after_ms,
+            }) if image.state != SLOT_FREE => {
+                clock.now_ms().saturating_sub(since_ms) >= self.dead_after_ms
+            }
             _ => false,
         }
     }

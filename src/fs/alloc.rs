@@ -7,7 +7,8 @@
 
 use super::meta::Meta;
 use super::{FsError, FsResult};
-use crate::format::{AgHeader, BlockNo, AG_FLAG_BITMAP_UNINIT, BLOCK_SIZE, BLOCK_SIZE_U64};
+use crate::cluster::lock::LockMode;
+use crate::format::{AgHeader, BlockNo, OnDisk, AG_FLAG_BITMAP_UNINIT, BLOCK_SIZE, BLOCK_SIZE_U64};
 
 /// A group's header and bitmap, loaded and checked against each other.
 struct Group {
@@ -132,7 +133,21 @@ impl Meta {
                 return Ok(run);
             }
         }
-        Err(FsError::NoSpace)
+        // No group we could lock had room. If others hold groups, wait for the first
+        // of them (the operation is retried) before saying the volume is full.
+        let busy = (0..ag_count)
+            .map(|step| self.geo.ag_header((first_ag + step) % ag_count))
+            .find(|&hdr| self.locks.held_mode(hdr).is_none());
+        match busy {
+            Some(hdr) => {
+                self.need(hdr, LockMode::Exclusive)?;
+                let ag = self.geo.ag_of(hdr).unwrap_or(0);
+                let goal_in_ag = self.geo.ag_first(ag);
+                self.alloc_in_group(ag, goal_in_ag, want, exact)?
+                    .ok_or(FsError::NoSpace)
+            }
+            None => Err(FsError::NoSpace),
+        }
     }
 
     fn alloc_in_group(
@@ -143,6 +158,10 @@ impl Meta {
         exact: bool,
     ) -> FsResult<Option<(BlockNo, u64)>> {
         let hdr_block = self.geo.ag_header(ag);
+        // Another host works in this group: try the next one rather than wait.
+        if !self.try_need(hdr_block, LockMode::Exclusive)? {
+            return Ok(None);
+        }
         let header: AgHeader = self.get(
             self.geo.body_offset(hdr_block),
             self.geo.body_len(),
@@ -205,6 +224,7 @@ impl Meta {
                 "crosses an allocation group",
             ));
         }
+        self.need(self.geo.ag_header(ag), LockMode::Exclusive)?;
         let mut group = self.load_group(ag)?;
         let first = self.geo.ag_first(ag);
         for i in start - first..start - first + len {
@@ -227,18 +247,30 @@ impl Meta {
         Ok(())
     }
 
-    /// Free blocks in all groups (reads every group header).
+    /// Free blocks in all groups. Groups this host holds are read through the cache;
+    /// the others straight from the disk without their locks (a moment's staleness is
+    /// fine for statfs), and the sum is kept for two seconds.
     pub fn free_blocks(&mut self) -> FsResult<u64> {
+        let now = self.node.clock.now_ms();
+        if let Some((at, total)) = self.statfs_cache {
+            if now.saturating_sub(at) < 2000 {
+                return Ok(total);
+            }
+        }
         let mut total = 0;
         for ag in 0..self.geo.ag_count {
             let hdr_block = self.geo.ag_header(ag);
-            let header: AgHeader = self.get(
-                self.geo.body_offset(hdr_block),
-                self.geo.body_len(),
-                hdr_block,
-            )?;
-            total += header.free_blocks;
+            let offset = self.geo.body_offset(hdr_block);
+            let header: Option<AgHeader> = if self.locks.held_mode(hdr_block).is_some() {
+                Some(self.get(offset, self.geo.body_len(), hdr_block)?)
+            } else {
+                let mut raw = vec![0u8; self.geo.body_len()];
+                self.lun.read_at(&mut raw, offset)?;
+                AgHeader::decode(&raw, hdr_block).ok()
+            };
+            total += header.map_or(0, |h| h.free_blocks);
         }
+        self.statfs_cache = Some((now, total));
         Ok(total)
     }
 }

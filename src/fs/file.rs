@@ -264,7 +264,7 @@ impl Core {
         touch_mtime_ctime(&mut inode);
         // Writing by a non-owner clears set-user-ID, as ext4 does; the kernel asks for
         // it through setattr (killpriv) when it must, so only the owner case is left.
-        self.put_inode(&inode);
+        self.put_inode(&inode)?;
         Ok(data.len())
     }
 
@@ -400,7 +400,7 @@ impl Core {
                 return Ok(());
             }
             inode.size = inode.size.min(from * BLOCK_SIZE_U64);
-            self.put_inode(inode);
+            self.put_inode(inode)?;
             self.meta.commit()?;
         }
     }
@@ -491,7 +491,7 @@ impl Core {
         if punch || zero {
             touch_mtime_ctime(&mut inode);
         }
-        self.put_inode(&inode);
+        self.put_inode(&inode)?;
         Ok(())
     }
 
@@ -571,7 +571,7 @@ impl Core {
                     if self.meta.tx_len() > super::meta::TX_SOFT_LIMIT {
                         // A huge preallocation commits as it goes; each step is consistent.
                         self.store_extents(inode, extents.clone())?;
-                        self.put_inode(inode);
+                        self.put_inode(inode)?;
                         self.meta.commit()?;
                     }
                 }

@@ -1,7 +1,8 @@
 //! Inodes: allocation, loading, attributes.
 
 use super::{Core, FsError, FsResult, Ino};
-use crate::format::{encode_padded, BlockNo, InodeBody, LockRecord, OnDisk, INODE_FLAG_INLINE};
+use crate::cluster::lock::LockMode;
+use crate::format::{BlockNo, InodeBody, OnDisk, INODE_FLAG_INLINE};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use crate::format::INODE_FLAG_FREED;
@@ -129,6 +130,7 @@ impl Core {
         if self.meta.geo.ag_of(ino).is_none() {
             return Err(FsError::Errno(libc::ESTALE));
         }
+        self.meta.need(ino, LockMode::Shared)?;
         let inode: InodeBody = self.meta.get(
             self.meta.geo.body_offset(ino),
             self.meta.geo.body_len(),
@@ -140,9 +142,13 @@ impl Core {
         Ok(inode)
     }
 
-    pub fn put_inode(&mut self, inode: &InodeBody) {
+    /// Puts a changed inode into the running transaction; takes its lock exclusive
+    /// first (a no-op when held so already).
+    pub fn put_inode(&mut self, inode: &InodeBody) -> FsResult<()> {
+        self.meta.need(inode.blockno, LockMode::Exclusive)?;
         let offset = self.meta.geo.body_offset(inode.blockno);
         self.meta.put(offset, self.meta.geo.body_len(), *inode);
+        Ok(())
     }
 
     /// Allocates and initialises a new inode near `goal`. The caller links it and puts
@@ -157,19 +163,10 @@ impl Core {
     ) -> FsResult<InodeBody> {
         let span = u64::from(self.meta.geo.resource_blocks);
         let (ino, _) = self.meta.alloc(goal, span, true)?;
-        // The block may have held anything: give the resource a free lock record now.
-        // Written directly (locks are never journaled); harmless if we crash before the
-        // commit, since the block is then still free.
-        let mut lock: LockRecord = bytemuck::Zeroable::zeroed();
-        lock.magic = LockRecord::MAGIC;
-        lock.resource = ino;
-        lock.seal();
-        let sector = self.meta.geo.ats_sector_size as usize;
-        self.meta.lun.write_at(
-            &encode_padded(&lock, sector),
-            self.meta.geo.lock_offset(ino),
-        )?;
-        self.meta.data_dirty = true;
+        // The block may have held anything: its lock record becomes ours now (locks
+        // are never journaled; if we crash before the commit the block is still free
+        // and the record names a dead generation).
+        self.meta.take_new(ino)?;
         let (s, ns) = now();
         let mut inode: InodeBody = bytemuck::Zeroable::zeroed();
         inode.magic = InodeBody::MAGIC;
@@ -217,9 +214,11 @@ impl Core {
         }
         let span = u64::from(self.meta.geo.resource_blocks);
         self.meta.free(inode.blockno, span)?;
+        // The tombstone goes home with the free (`free` dropped the cached body).
         inode.flags |= INODE_FLAG_FREED;
         inode.nlink = 0;
-        self.put_inode(&inode);
+        self.put_inode(&inode)?;
+        self.meta.freed_lock(inode.blockno);
         Ok(())
     }
 }

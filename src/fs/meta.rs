@@ -15,7 +15,9 @@
 //! - After a failed commit or checkpoint the in-memory state is ahead of the disk:
 //!   `failed` is set and every later operation fails (sticky), as after a fence.
 
+use super::locks::Locks;
 use super::{FsError, FsResult};
+use crate::cluster::Node;
 use crate::format::{BlockNo, Geometry, OnDisk, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::{Journal, Record};
 use crate::lun::Lun;
@@ -42,6 +44,8 @@ pub struct MetaStats {
     pub data_reads: u64,
     pub data_writes: u64,
     pub flushes: u64,
+    pub lock_acquires: u64,
+    pub lock_releases: u64,
 }
 
 pub struct Meta {
@@ -62,10 +66,24 @@ pub struct Meta {
     undo: Option<HashMap<u64, Option<Vec<u8>>>>,
     undo_quarantine: usize,
     pub stats: MetaStats,
+    /// This host in the cluster, and the locks it holds.
+    pub node: Arc<Node>,
+    pub locks: Locks,
+    /// Inodes freed by committed transactions whose locks are released once the
+    /// journal tail has passed them.
+    freed_locks: Vec<(BlockNo, Option<u64>)>,
+    /// (clock ms, free blocks) of the last statfs.
+    pub statfs_cache: Option<(u64, u64)>,
 }
 
 impl Meta {
-    pub fn new(lun: Arc<dyn Lun>, geo: Geometry, volume_uuid: [u8; 16], journal: Journal) -> Meta {
+    pub fn new(
+        lun: Arc<dyn Lun>,
+        geo: Geometry,
+        volume_uuid: [u8; 16],
+        journal: Journal,
+        node: Arc<Node>,
+    ) -> Meta {
         let cap = NonZeroUsize::new(CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
         Meta {
             lun,
@@ -80,6 +98,10 @@ impl Meta {
             undo: None,
             undo_quarantine: 0,
             stats: MetaStats::default(),
+            node,
+            locks: Locks::default(),
+            freed_locks: Vec::new(),
+            statfs_cache: None,
         }
     }
 
@@ -195,7 +217,25 @@ impl Meta {
         self.quarantine
             .retain(|q| q.2.is_none_or(|seq| seq >= tail));
         self.undo_quarantine = self.undo_quarantine.min(self.quarantine.len());
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.freed_locks)
+            .into_iter()
+            .partition(|f| f.1.is_some_and(|seq| seq < tail));
+        self.freed_locks = waiting;
+        for (resource, _) in done {
+            self.drop_freed(resource)?;
+        }
         Ok(())
+    }
+
+    /// Notes that the running transaction frees the inode `resource`: its lock is let
+    /// go once that is committed and behind the journal tail.
+    pub fn freed_lock(&mut self, resource: BlockNo) {
+        self.freed_locks.push((resource, None));
+    }
+
+    /// Drops every cached clean image (another host changed something we cached).
+    pub fn drop_cache(&mut self) {
+        self.cache.clear();
     }
 
     /// The first quarantined block at or after `start` within `[start, end)`, as the
@@ -258,6 +298,9 @@ impl Meta {
         self.checkpoint(tx)?;
         for q in self.quarantine.iter_mut().filter(|q| q.2.is_none()) {
             q.2 = Some(seq);
+        }
+        for f in self.freed_locks.iter_mut().filter(|f| f.1.is_none()) {
+            f.1 = Some(seq);
         }
         if self.undo.is_some() {
             self.undo = Some(HashMap::new());

@@ -13,6 +13,7 @@ mod alloc;
 pub(crate) mod dir;
 pub(crate) mod file;
 pub(crate) mod inode;
+mod locks;
 pub mod meta;
 mod mount;
 mod namei;
@@ -51,6 +52,14 @@ pub enum FsError {
     Corrupted(FormatError),
     #[error("this host can no longer write: {0}")]
     Failed(String),
+    /// Another live host holds a lock this operation needs; `Fs` asks it to let go
+    /// and retries the operation.
+    #[error("resource {resource} is locked by another host")]
+    NeedLock {
+        resource: u64,
+        mode: crate::cluster::lock::LockMode,
+        holders: Vec<(u32, u32)>,
+    },
 }
 
 impl FsError {
@@ -65,6 +74,7 @@ impl FsError {
             FsError::NoSpace => libc::ENOSPC,
             FsError::Io(e) => e.errno(),
             FsError::Corrupted(_) | FsError::Failed(_) => libc::EIO,
+            FsError::NeedLock { .. } => libc::EAGAIN,
         }
     }
 }
@@ -88,6 +98,10 @@ impl From<FormatError> for FsError {
 }
 
 pub type FsResult<T> = Result<T, FsError>;
+
+/// How long an operation waits for another host's lock before failing with EAGAIN.
+/// A dead holder is recovered well within it (lease + interval).
+const LOCK_WAIT_MAX_MS: u64 = 60_000;
 
 /// Everything a host's operations share, behind one lock.
 pub struct Core {
@@ -143,24 +157,87 @@ impl Fs {
         Ok(core)
     }
 
-    /// Runs a read-only operation.
-    fn read<T>(&self, op: impl FnOnce(&mut Core) -> FsResult<T>) -> FsResult<T> {
-        let mut core = self.core()?;
-        op(&mut core)
+    /// Runs a read-only operation (it may still take shared locks).
+    fn read<T>(&self, op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.run(false, op)
     }
 
     /// Runs a mutating operation inside the running transaction. The lease is checked
     /// first: a fenced host changes nothing, not even in memory.
-    fn write<T>(&self, op: impl FnOnce(&mut Core) -> FsResult<T>) -> FsResult<T> {
-        self.lease.check()?;
-        let mut core = self.core()?;
-        if core.meta.tx_len() > meta::TX_SOFT_LIMIT {
-            core.meta.commit()?;
+    fn write<T>(&self, op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.run(true, op)
+    }
+
+    /// Runs an operation; when it needs a lock another host holds, rolls it back,
+    /// asks the holder (or recovers it, if dead) outside the core lock, and retries.
+    fn run<T>(&self, mutating: bool, mut op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        let clock = self.lease.clock().clone();
+        let started = clock.now_ms();
+        for attempt in 0u32.. {
+            if mutating {
+                self.lease.check()?;
+            }
+            let result = {
+                let mut core = self.core()?;
+                if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
+                    core.meta.commit()?;
+                }
+                core.meta.begin_op();
+                let result = op(&mut core);
+                core.meta.end_op(result.is_ok());
+                result
+            };
+            let Err(FsError::NeedLock {
+                resource,
+                mode,
+                holders,
+            }) = result
+            else {
+                return result;
+            };
+            if clock.now_ms().saturating_sub(started) > LOCK_WAIT_MAX_MS {
+                tracing::warn!(resource, ?holders, "gave up waiting for a lock");
+                return Err(FsError::Errno(libc::EAGAIN));
+            }
+            self.wait_for_lock(resource, mode, &holders, attempt);
         }
-        core.meta.begin_op();
-        let result = op(&mut core);
-        core.meta.end_op(result.is_ok());
-        result
+        Err(FsError::Errno(libc::EAGAIN))
+    }
+
+    /// Asks the holders of a lock to release it (recovering dead ones), then backs off
+    /// with jitter so that two hosts that want each other's locks do not keep colliding.
+    fn wait_for_lock(
+        &self,
+        resource: u64,
+        mode: crate::cluster::lock::LockMode,
+        holders: &[(u32, u32)],
+        attempt: u32,
+    ) {
+        let Some(node) = self.core.lock().ok().map(|c| c.meta.node.clone()) else {
+            return;
+        };
+        if let Err(e) = node.refresh() {
+            tracing::warn!("reading the heartbeat region: {e:#}");
+        }
+        let code = match mode {
+            crate::cluster::lock::LockMode::Exclusive => crate::format::LOCK_EXCLUSIVE,
+            crate::cluster::lock::LockMode::Shared => crate::format::LOCK_SHARED,
+            crate::cluster::lock::LockMode::MultiWriter => crate::format::LOCK_MULTI_WRITER,
+        };
+        for &(slot, _) in holders.iter().filter(|&&(slot, _)| slot != node.me.slot) {
+            let outcome = match node.recover_if_dead(slot) {
+                Ok(true) => Ok(()),
+                Ok(false) => node.ask_release(slot, resource, code),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = outcome {
+                tracing::warn!(slot, resource, "asking for a lock: {e:#}");
+            }
+        }
+        let base_ms = (2u64 << attempt.min(6)).min(100);
+        let jitter = rand::random::<u64>() % (base_ms + 1);
+        node.clock
+            .sleep(std::time::Duration::from_millis(base_ms / 2 + jitter));
     }
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {

@@ -2,8 +2,9 @@
 
 use super::meta::Meta;
 use super::{Core, Fs, FsError};
+use crate::cluster::lock::Holder;
 use crate::cluster::{
-    claim_slot, settle_other_slots, Clock, GuardedLun, HostUuid, Lease, Membership, SystemClock,
+    claim_slot, go_live, Clock, GuardedLun, HostUuid, Lease, Membership, Node, SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
@@ -123,31 +124,37 @@ impl Fs {
             options.clock.as_ref(),
         )?;
         let slot = claim.slot;
-        if claim.after_crash {
+        let lease = Arc::new(Lease::new(options.clock.clone(), lease_time, interval));
+        let guarded: Arc<dyn Lun> = Arc::new(GuardedLun::new(lun.clone(), lease.clone()));
+        let claim = if claim.after_crash {
+            // Our slot is RECOVERING with the old generation: replay our journal, and
+            // only then take a new generation (which makes our old locks stale).
             tracing::info!(
                 slot,
                 "this host crashed while mounted; replaying its journal"
             );
-        }
-        let lease = Arc::new(Lease::new(options.clock.clone(), lease_time, interval));
-        let membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
-        let guarded: Arc<dyn Lun> = Arc::new(GuardedLun::new(lun, lease.clone()));
-        let settled = settle_other_slots(
-            guarded.as_ref(),
-            &geo,
-            sb.volume_uuid,
+            Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
+                .with_context(|| format!("replaying the journal of slot {slot}"))?;
+            go_live(guarded.as_ref(), &geo, claim)?
+        } else {
+            claim
+        };
+        let me = Holder {
+            uuid: options.host_uuid,
             slot,
-            options.host_uuid,
+            generation: claim.generation,
+        };
+        let membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
+        let node = Arc::new(Node::new(
+            guarded.clone(),
+            geo,
+            sb.volume_uuid,
+            me,
+            options.clock.clone(),
             interval,
             lease_time,
-            options.clock.as_ref(),
-        );
-        if let Err(e) = settled {
-            if let Err(release) = membership.release() {
-                tracing::warn!("could not free our slot again: {release:#}");
-            }
-            return Err(e);
-        }
+        ));
+        node.refresh()?;
         let (journal, report) =
             Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
                 .with_context(|| format!("replaying the journal of slot {slot}"))?;
@@ -158,16 +165,14 @@ impl Fs {
                 "replayed the journal"
             );
         }
-        let meta = Meta::new(guarded, geo, sb.volume_uuid, journal);
+        let meta = Meta::new(guarded, geo, sb.volume_uuid, journal, node.clone());
         let root = sb.root_ino;
-        let mut core = Core {
+        let core = Core {
             meta,
             sb,
             open_counts: HashMap::new(),
             last_generation: 0,
         };
-        core.inode(root)
-            .map_err(|e| anyhow::anyhow!("the root directory (inode {root}) is unreadable: {e}"))?;
         let fs = Arc::new(Fs {
             core: Mutex::new(core),
             root,
@@ -175,7 +180,11 @@ impl Fs {
             membership: Mutex::new(Some(membership)),
             options,
         });
-        spawn_committer(Arc::downgrade(&fs), fs.options.commit_interval);
+        spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
+        if let Err(e) = fs.getattr(root) {
+            let _ = fs.unmount();
+            bail!("the root directory (inode {root}) is unreadable: {e}");
+        }
         Ok(fs)
     }
 
@@ -185,7 +194,11 @@ impl Fs {
             .core
             .lock()
             .map_err(|_| FsError::Failed("poisoned".into()))
-            .and_then(|mut core| core.meta.sync_all());
+            .and_then(|mut core| {
+                core.meta
+                    .release_locks(None)
+                    .and_then(|_| core.meta.sync_all())
+            });
         let membership = self.membership.lock().ok().and_then(|mut m| m.take());
         match (sync_result, membership) {
             (Ok(()), Some(m)) => m.release().context("releasing the heartbeat slot"),
@@ -201,22 +214,84 @@ impl Fs {
     }
 }
 
-fn spawn_committer(fs: Weak<Fs>, interval: Duration) {
+/// The host's background work: honour lock release requests from other hosts
+/// (every few tens of milliseconds), watch the other slots and recover dead ones
+/// (every heartbeat interval), and commit the running transaction (every
+/// `commit_interval`).
+fn spawn_service(fs: Weak<Fs>, commit_interval: Duration, interval: Duration) {
     let spawned = std::thread::Builder::new()
-        .name("committer".into())
-        .spawn(move || loop {
-            std::thread::sleep(interval);
-            let Some(fs) = fs.upgrade() else { return };
-            if fs.lease.is_fenced() {
-                return;
-            }
-            if let Err(e) = fs.sync() {
-                tracing::warn!("background commit failed: {e}");
+        .name("cluster".into())
+        .spawn(move || {
+            let tick = Duration::from_millis(20);
+            let mut since_commit = Duration::ZERO;
+            let mut since_watch = Duration::ZERO;
+            loop {
+                std::thread::sleep(tick);
+                since_commit += tick;
+                since_watch += tick;
+                let Some(fs) = fs.upgrade() else { return };
+                if fs.lease.is_fenced() {
+                    return;
+                }
+                if let Err(e) = fs.serve_mailbox() {
+                    tracing::warn!("serving lock requests: {e}");
+                }
+                if since_watch >= interval {
+                    since_watch = Duration::ZERO;
+                    if let Err(e) = fs.watch_cluster() {
+                        tracing::warn!("watching the other hosts: {e:#}");
+                    }
+                }
+                if since_commit >= commit_interval {
+                    since_commit = Duration::ZERO;
+                    if let Err(e) = fs.sync() {
+                        tracing::warn!("background commit failed: {e}");
+                    }
+                }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(
-            "no background committer ({e}): metadata is committed by fsync and unmount only"
+            "no background service thread ({e}): other hosts cannot get locks from this one"
         );
+    }
+}
+
+impl Fs {
+    /// Releases the locks other hosts asked for in our mailbox.
+    pub fn serve_mailbox(&self) -> Result<(), FsError> {
+        let (lun, geo, slot) = {
+            let core = self.core()?;
+            (core.meta.lun.clone(), core.meta.geo, core.meta.node.me.slot)
+        };
+        let mailbox = crate::cluster::mailbox::read_mailbox(lun.as_ref(), &geo, slot)?;
+        if mailbox.requests().is_empty() {
+            return Ok(());
+        }
+        let wanted: Vec<u64> = mailbox.requests().iter().map(|r| r.resource).collect();
+        let released = {
+            let mut core = self.core()?;
+            core.meta.release_locks(Some(&wanted))?
+        };
+        if !released.is_empty() {
+            tracing::debug!(?released, "released locks other hosts asked for");
+        }
+        crate::cluster::mailbox::remove_requests(lun.as_ref(), &geo, slot, &wanted)?;
+        Ok(())
+    }
+
+    /// Re-reads the other slots and recovers the dead ones.
+    pub fn watch_cluster(&self) -> Result<()> {
+        let node = self
+            .core()
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .meta
+            .node
+            .clone();
+        node.refresh()?;
+        for slot in node.recover_all_dead()? {
+            tracing::warn!(slot, "recovered a dead host");
+        }
+        Ok(())
     }
 }

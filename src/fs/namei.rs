@@ -72,7 +72,7 @@ impl Core {
     ) -> FsResult<T> {
         let mut inode = self.inode(ino)?;
         let out = f(self, &mut inode)?;
-        self.put_inode(&inode);
+        self.put_inode(&inode)?;
         Ok(out)
     }
 
@@ -142,7 +142,7 @@ impl Core {
         if let Some(target) = symlink {
             self.set_symlink_target(&mut child, target)?;
         }
-        self.put_inode(&child);
+        self.put_inode(&child)?;
         let ino = child.blockno;
         self.update(parent, |core, dir| {
             core.dir_add(dir, name, ino, dtype_of(mode))?;
@@ -235,27 +235,25 @@ impl Core {
         if inode.nlink == 0 && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
             return self.free_inode(inode);
         }
-        self.put_inode(&inode);
+        self.put_inode(&inode)?;
         Ok(())
     }
 
     /// Drops an open handle; frees an unlinked inode at its last close.
     pub fn release(&mut self, ino: Ino) -> FsResult<()> {
-        let left = match self.open_counts.get_mut(&ino) {
-            Some(count) => {
-                *count = count.saturating_sub(1);
-                *count
-            }
-            None => 0,
-        };
-        if left == 0 {
-            self.open_counts.remove(&ino);
-            match self.inode(ino) {
-                Ok(inode) if inode.nlink == 0 => return self.free_inode(inode),
-                Ok(_) | Err(FsError::Errno(libc::ESTALE)) => {}
-                Err(e) => return Err(e),
-            }
+        let count = self.open_counts.get(&ino).copied().unwrap_or(0);
+        if count > 1 {
+            self.open_counts.insert(ino, count - 1);
+            return Ok(());
         }
+        // The last handle: free the inode if it was unlinked meanwhile. Nothing is
+        // changed before the steps that may fail, so a retry does the same again.
+        match self.inode(ino) {
+            Ok(inode) if inode.nlink == 0 => self.free_inode(inode)?,
+            Ok(_) | Err(FsError::Errno(libc::ESTALE)) => {}
+            Err(e) => return Err(e),
+        }
+        self.open_counts.remove(&ino);
         Ok(())
     }
 

@@ -474,21 +474,42 @@ fn times_and_modes_are_set_as_asked() {
 }
 
 #[test]
-fn a_second_live_host_is_refused_until_cluster_locking_exists() {
+fn two_hosts_share_one_volume() {
     let lun = fresh_volume(64 << 20);
     let a = mount(&lun, 1);
-    let lun_dyn: Arc<dyn Lun> = lun.clone();
-    let err = Fs::mount(lun_dyn, MountOptions::new(HostUuid([2; 16])))
-        .err()
-        .expect("second host refused");
-    assert!(
-        format!("{err:#}").contains("another host is using this volume"),
-        "{err:#}"
-    );
-    a.unmount().expect("unmount");
-    // Host 2 may mount once host 1 is gone, and got its slot freed on refusal.
     let b = mount(&lun, 2);
-    assert_eq!(b.slot().map(|s| s.0), Some(1));
+    assert_ne!(a.slot().map(|s| s.0), b.slot().map(|s| s.0));
+    let f = a
+        .mknod(a.root(), b"from-a", REG, 0, 0, 0)
+        .expect("create on a")
+        .ino;
+    a.write_data(f, 0, b"written on host a").expect("write");
+    let seen = b.lookup(b.root(), b"from-a").expect("b sees a's file");
+    assert_eq!(
+        b.read_data(seen.ino, 0, 100).expect("read on b"),
+        b"written on host a"
+    );
+    // Both create in one directory; every name appears once on both hosts.
+    let d = a
+        .mkdir(a.root(), b"shared", 0o755, 0, 0)
+        .expect("mkdir")
+        .ino;
+    for i in 0..40 {
+        a.mknod(d, format!("a{i}").as_bytes(), REG, 0, 0, 0)
+            .expect("a create");
+        b.mknod(d, format!("b{i}").as_bytes(), REG, 0, 0, 0)
+            .expect("b create");
+    }
+    assert_eq!(
+        b.mknod(d, b"a7", REG, 0, 0, 0).map_err(|e| e.errno()).err(),
+        Some(libc::EEXIST)
+    );
+    assert_eq!(names(&a, d).len(), 82);
+    assert_eq!(names(&b, d).len(), 82);
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
+    let report = crate::fsck::check(lun.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
 
 #[test]

@@ -161,7 +161,7 @@ impl Core {
         let b = block.blockno;
         self.meta.put(b * BLOCK_SIZE_U64, BLOCK_SIZE, block);
         touch_ctime(&mut inode);
-        self.put_inode(&inode);
+        self.put_inode(&inode)?;
         Ok(())
     }
 }
