@@ -1,1 +1,83 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks, in Rust so that they run wherever cargo does.
+//!
+//! - `demo`: build, make a volume, mount it, use it, mount it again, check it.
+//! - `install`: build release binaries and install them into PREFIX/sbin.
+//! - `pjdfstest`: run the POSIX suite on a fresh mount, against the exclusion list.
+//! - `test`: everything CI runs: build, unit and integration tests, pjdfstest.
+//!
+//! Modules: `sh` runs and prints commands, `mount` holds hosts and their mounts
+//! (a guard that always unmounts), one module per task.
+
+mod demo;
+mod install;
+mod mount;
+mod pjdfstest;
+mod sh;
+mod suite;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "atsfs project tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build atsfs, make a 512 MiB volume in a temporary directory, mount it, use it,
+    /// mount it again, check it with fsck, clean up. Needs root and /dev/fuse.
+    Demo(demo::DemoArgs),
+    /// Build release binaries and install `atsfs` and `mkfs.atsfs` into PREFIX/sbin.
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+    },
+    /// Run pjdfstest (the POSIX suite) on a fresh mount; fail on any failure that
+    /// docs/pjdfstest-exclusions.txt does not list. Needs root and /dev/fuse.
+    Pjdfstest(pjdfstest::PjdArgs),
+    /// The whole test suite, as CI runs it: cargo build, cargo test, pjdfstest.
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Demo(args) => demo::run(&args),
+        Task::Install { prefix } => install::run(&prefix),
+        Task::Pjdfstest(args) => pjdfstest::run_task(&args),
+        Task::Test => suite::run(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("\nxtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Fails with a clear message unless FUSE mounts can work here.
+fn require_root_and_fuse(task: &str) -> anyhow::Result<()> {
+    if !sh::is_root() {
+        anyhow::bail!(
+            "`cargo xtask {task}` mounts through FUSE and needs root; \
+             run it as root, e.g. sudo \"$(command -v cargo)\" xtask {task}"
+        );
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        anyhow::bail!(
+            "`cargo xtask {task}` needs /dev/fuse (load the module with `modprobe fuse`; \
+             in a container, pass the device in, e.g. docker run --device /dev/fuse --cap-add SYS_ADMIN)"
+        );
+    }
+    Ok(())
+}
