@@ -15,6 +15,26 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// File handle of a handle opened for writing (read-only handles are 0).
+const HANDLE_WRITE: u64 = 1;
+
+fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY
+}
+
+fn handle(write: bool) -> FileHandle {
+    FileHandle(if write { HANDLE_WRITE } else { 0 })
+}
+
+/// Multi-writer files bypass the kernel page cache: every host reads the disk.
+fn open_flags(multi: bool) -> FopenFlags {
+    if multi {
+        FopenFlags::FOPEN_DIRECT_IO
+    } else {
+        FopenFlags::empty()
+    }
+}
+
 /// Largest write the kernel sends at once.
 const MAX_WRITE_BYTES: u32 = 1 << 20;
 
@@ -318,9 +338,10 @@ impl Filesystem for AtsFuse {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(self.ino_in(ino)) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = wants_write(flags.0);
+        match self.fs.open(self.ino_in(ino), write) {
+            Ok((_, multi)) => reply.opened(handle(write), open_flags(multi)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -375,13 +396,16 @@ impl Filesystem for AtsFuse {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.fs.release(self.ino_in(ino)));
+        Self::empty(
+            reply,
+            self.fs.release(self.ino_in(ino), fh.0 == HANDLE_WRITE),
+        );
     }
 
     fn fsync(
@@ -503,9 +527,10 @@ impl Filesystem for AtsFuse {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
+        let write = wants_write(flags);
         let mode = libc::S_IFREG | (mode & 0o7777 & !umask);
         let result = self
             .fs
@@ -517,14 +542,14 @@ impl Filesystem for AtsFuse {
                 req.uid(),
                 req.gid(),
             )
-            .and_then(|a| self.fs.open(a.ino).map(|_| a));
+            .and_then(|a| self.fs.open(a.ino, write).map(|(_, multi)| (a, multi)));
         match result {
-            Ok(a) => reply.created(
+            Ok((a, multi)) => reply.created(
                 &self.opts.entry_ttl,
                 &self.attr(&a),
                 Generation(a.generation),
-                FileHandle(0),
-                FopenFlags::empty(),
+                handle(write),
+                open_flags(multi),
             ),
             Err(e) => reply.error(errno(&e)),
         }

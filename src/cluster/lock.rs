@@ -295,3 +295,127 @@ pub fn try_release(
         Caw::Miscompare(actual) => Ok(Err(decode(actual, resource)?)),
     }
 }
+
+/// What kind of open a host records in a lock record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpenKind {
+    /// Read-only: any number of hosts, but no writer on another host.
+    Read,
+    /// For writing: no other host may have the file open at all.
+    Write,
+    /// Opt-in multi-writer file: any number of hosts, each doing direct I/O.
+    Shared,
+}
+
+/// The record after `me` adds (or, with `add = false`, removes) an open of `kind`;
+/// `None` when another live host's open conflicts. Stale entries are cleared.
+pub fn open_changed(
+    record: &LockRecord,
+    me: &Holder,
+    kind: OpenKind,
+    add: bool,
+    stale: &dyn Fn(u32, u32) -> bool,
+    stale16: &dyn Fn(u32, u16) -> bool,
+) -> Option<LockRecord> {
+    let mut r = *record;
+    // Forget entries of hosts that are gone (their journals were replayed).
+    if r.open_flags & crate::format::OPEN_WRITER != 0
+        && stale(r.open_writer_slot, r.open_writer_gen)
+    {
+        r.open_flags &= !crate::format::OPEN_WRITER;
+        r.open_writer_slot = 0;
+        r.open_writer_gen = 0;
+    }
+    for s in 0..64u32 {
+        if r.open_readers & (1u64 << s) != 0 && stale16(s, r.open_reader_gen[s as usize]) {
+            r.open_readers &= !(1u64 << s);
+            r.open_reader_gen[s as usize] = 0;
+        }
+    }
+    let gen16 = me.generation as u16;
+    let my_bit = 1u64 << me.slot;
+    let other_writer = r.open_flags & crate::format::OPEN_WRITER != 0
+        && (r.open_writer_slot != me.slot || r.open_writer_gen != me.generation);
+    let other_readers = r.open_readers & !my_bit != 0;
+    match (kind, add) {
+        (OpenKind::Write, true) => {
+            if other_writer || other_readers {
+                return None;
+            }
+            r.open_flags |= crate::format::OPEN_WRITER;
+            r.open_writer_slot = me.slot;
+            r.open_writer_gen = me.generation;
+        }
+        (OpenKind::Read | OpenKind::Shared, true) => {
+            if other_writer {
+                return None;
+            }
+            r.open_readers |= my_bit;
+            r.open_reader_gen[me.slot as usize] = gen16;
+        }
+        (OpenKind::Write, false) => {
+            if !other_writer {
+                r.open_flags &= !crate::format::OPEN_WRITER;
+                r.open_writer_slot = 0;
+                r.open_writer_gen = 0;
+            }
+        }
+        (OpenKind::Read | OpenKind::Shared, false) => {
+            r.open_readers &= !my_bit;
+            r.open_reader_gen[me.slot as usize] = 0;
+        }
+    }
+    r.change_seq = r.change_seq.wrapping_add(1);
+    Some(r)
+}
+
+/// One ATS attempt to record an open or close. `Ok(Ok(Some(state)))`: written;
+/// `Ok(Ok(None))`: another host's open conflicts (checked against the disk);
+/// `Ok(Err(state))`: the record changed, retry from `state`.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn try_open(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    state: &LockState,
+    me: &Holder,
+    kind: OpenKind,
+    add: bool,
+    stale: &dyn Fn(u32, u32) -> bool,
+    stale16: &dyn Fn(u32, u16) -> bool,
+) -> Result<Result<Option<LockState>, LockState>, LockError> {
+    let resource = state.record.resource;
+    let Some(next) = open_changed(&state.record, me, kind, add, stale, stale16) else {
+        let now = read_lock(lun, geo, resource)?;
+        if now.raw != state.raw {
+            return Ok(Err(now));
+        }
+        return Ok(Ok(None));
+    };
+    let mut next = next;
+    next.resource = resource;
+    let image = encode(&next, geo.ats_sector_size);
+    let outcome = match lun.compare_and_write(geo.lock_offset(resource), &state.raw, &image) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            let now = read_lock(lun, geo, resource)?;
+            if now.raw == image {
+                Caw::Written
+            } else if now.raw == state.raw {
+                return Err(e.into());
+            } else {
+                Caw::Miscompare(now.raw)
+            }
+        }
+    };
+    match outcome {
+        Caw::Written => Ok(Ok(Some(LockState {
+            raw: image,
+            record: next,
+        }))),
+        Caw::Miscompare(actual) if actual == image => Ok(Ok(Some(LockState {
+            raw: image,
+            record: next,
+        }))),
+        Caw::Miscompare(actual) => Ok(Err(decode(actual, resource)?)),
+    }
+}

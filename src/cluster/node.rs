@@ -60,6 +60,17 @@ impl Node {
         self.view.stale(slot, generation)
     }
 
+    /// Like `stale`, for the 16 low bits of a generation kept for file openers.
+    pub fn stale16(&self, slot: u32, generation: u16) -> bool {
+        if slot == self.me.slot {
+            return generation != self.me.generation as u16;
+        }
+        match self.view.slot(slot).and_then(|v| v.image) {
+            Some(image) => image.generation as u16 != generation || image.state == SLOT_FREE,
+            None => false,
+        }
+    }
+
     /// Asks the host in `slot` to release `resource`.
     pub fn ask_release(&self, slot: u32, resource: BlockNo, mode: u32) -> Result<()> {
         let request = MailRequest {

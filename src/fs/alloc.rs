@@ -199,6 +199,7 @@ impl Meta {
                 }
                 set_bits(&mut group.bitmap, start, end - start, true);
                 group.header.free_blocks -= end - start;
+                self.adjust_statfs(-((end - start) as i64));
                 group.header.rotor = if end < len { end } else { meta };
                 self.store_group(group);
                 return Ok(Some((first + start, end - start)));
@@ -238,6 +239,7 @@ impl Meta {
         }
         set_bits(&mut group.bitmap, start - first, len, false);
         group.header.free_blocks += len;
+        self.adjust_statfs(len as i64);
         self.store_group(group);
         for block in start..start + len {
             self.forget(block * BLOCK_SIZE_U64);
@@ -245,6 +247,14 @@ impl Meta {
         }
         self.quarantine(start, len);
         Ok(())
+    }
+
+    /// Keeps the statfs total current with this host's own allocations (other hosts'
+    /// show up when the total expires).
+    fn adjust_statfs(&mut self, delta: i64) {
+        if let Some((_, total)) = self.statfs_cache.as_mut() {
+            *total = total.saturating_add_signed(delta);
+        }
     }
 
     /// Free blocks in all groups. Groups this host holds are read through the cache;

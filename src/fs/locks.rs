@@ -20,7 +20,9 @@
 
 use super::meta::Meta;
 use super::{FsError, FsResult};
-use crate::cluster::lock::{try_acquire, try_release, Acquire, LockMode, LockState};
+use crate::cluster::lock::{
+    read_lock, try_acquire, try_open, try_release, Acquire, LockMode, LockState, OpenKind,
+};
 use crate::format::{BlockNo, LockRecord, OnDisk};
 use std::collections::HashMap;
 
@@ -200,6 +202,45 @@ impl Meta {
                 "changed while the block was being allocated",
             )),
         }
+    }
+
+    /// Records (or, with `add = false`, removes) this host's open of a file in its
+    /// lock record. EBUSY when another live host's open conflicts.
+    pub fn set_open(&mut self, resource: BlockNo, kind: OpenKind, add: bool) -> FsResult<()> {
+        let mut state = match self.locks.held.get(&resource) {
+            Some((state, _)) => state.clone(),
+            None => read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?,
+        };
+        let node = self.node.clone();
+        let stale = |slot: u32, generation: u32| node.stale(slot, generation);
+        let stale16 = |slot: u32, generation: u16| node.stale16(slot, generation);
+        for _ in 0..ATTEMPTS_MAX {
+            match try_open(
+                self.lun.as_ref(),
+                &self.geo,
+                &state,
+                &self.node.me,
+                kind,
+                add,
+                &stale,
+                &stale16,
+            )
+            .map_err(lock_error)?
+            {
+                Ok(Some(now)) => {
+                    match self.locks.held.get_mut(&resource) {
+                        Some(held) => held.0 = now,
+                        None => {
+                            self.locks.released.insert(resource, now.raw);
+                        }
+                    }
+                    return Ok(());
+                }
+                Ok(None) => return Err(FsError::Errno(libc::EBUSY)),
+                Err(now) => state = now,
+            }
+        }
+        Err(FsError::Errno(libc::EBUSY))
     }
 
     /// Forgets a lock whose resource was freed (its record is released with it).

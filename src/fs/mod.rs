@@ -108,8 +108,22 @@ pub struct Core {
     pub meta: Meta,
     pub sb: Superblock,
     /// Open handles per inode: an unlinked inode is freed at its last close.
-    open_counts: HashMap<Ino, u32>,
+    open_counts: HashMap<Ino, OpenCount>,
     last_generation: u64,
+}
+
+/// This host's open handles on one inode, by kind. The lock record says which hosts
+/// have the file open; these counts say when this host's entry can go.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenCount {
+    pub read: u32,
+    pub write: u32,
+}
+
+impl OpenCount {
+    pub fn total(&self) -> u32 {
+        self.read + self.write
+    }
 }
 
 /// Volume-wide usage, for statfs.
@@ -319,18 +333,17 @@ impl Fs {
         self.write(|c| c.rename(parent, name, new_parent, new_name, flags))
     }
 
-    /// Notes an open handle on an inode.
-    pub fn open(&self, ino: Ino) -> FsResult<Attr> {
-        self.read(|c| {
-            let inode = c.inode(ino)?;
-            *c.open_counts.entry(ino).or_insert(0) += 1;
-            Ok(inode::attr_of(&inode))
-        })
+    /// Opens a file: records this host's open in the file's lock record (VMFS
+    /// semantics: an open for writing fails with EBUSY while another host has the
+    /// file open, a read-only open while another host has it open for writing).
+    /// Returns the attributes and whether the file is multi-writer (direct I/O).
+    pub fn open(&self, ino: Ino, write: bool) -> FsResult<(Attr, bool)> {
+        self.write(|c| c.open(ino, write))
     }
 
     /// Drops an open handle; frees the inode if it was unlinked meanwhile.
-    pub fn release(&self, ino: Ino) -> FsResult<()> {
-        self.write(|c| c.release(ino))
+    pub fn release(&self, ino: Ino, write: bool) -> FsResult<()> {
+        self.write(|c| c.release(ino, write))
     }
 
     pub fn read_data(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {

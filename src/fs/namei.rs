@@ -3,10 +3,12 @@
 //! Each step loads what it changes and puts it back at once, so operations whose
 //! source and target directory are the same inode see their own changes.
 
+use super::inode::is_reg;
 use super::inode::{
     attr_of, dtype_of, from_system_time, is_dir, now, touch_ctime, touch_mtime_ctime, Attr,
 };
-use super::{Core, FsError, FsResult, Ino};
+use super::{Core, FsError, FsResult, Ino, OpenCount};
+use crate::cluster::lock::OpenKind;
 use crate::format::{InodeBody, NAME_MAX};
 use std::time::SystemTime;
 
@@ -32,6 +34,30 @@ pub struct SetAttr {
     pub atime: Option<SetTime>,
     pub mtime: Option<SetTime>,
     pub ctime: Option<SystemTime>,
+}
+
+/// The open entries to add (true) or remove (false) when this host's handles on a
+/// file go from `before` to `after`.
+fn open_transitions(before: OpenCount, after: OpenCount, multi: bool) -> Vec<(OpenKind, bool)> {
+    if multi {
+        return match (before.total() > 0, after.total() > 0) {
+            (false, true) => vec![(OpenKind::Shared, true)],
+            (true, false) => vec![(OpenKind::Shared, false)],
+            _ => Vec::new(),
+        };
+    }
+    let mut out = Vec::new();
+    for (kind, b, a) in [
+        (OpenKind::Write, before.write, after.write),
+        (OpenKind::Read, before.read, after.read),
+    ] {
+        match (b > 0, a > 0) {
+            (false, true) => out.push((kind, true)),
+            (true, false) => out.push((kind, false)),
+            _ => {}
+        }
+    }
+    out
 }
 
 fn check_name(name: &[u8]) -> FsResult<()> {
@@ -232,28 +258,63 @@ impl Core {
             inode.nlink.saturating_sub(1)
         };
         touch_ctime(&mut inode);
-        if inode.nlink == 0 && self.open_counts.get(&ino).copied().unwrap_or(0) == 0 {
+        if inode.nlink == 0 && self.open_counts.get(&ino).map_or(0, |c| c.total()) == 0 {
             return self.free_inode(inode);
         }
         self.put_inode(&inode)?;
         Ok(())
     }
 
-    /// Drops an open handle; frees an unlinked inode at its last close.
-    pub fn release(&mut self, ino: Ino) -> FsResult<()> {
-        let count = self.open_counts.get(&ino).copied().unwrap_or(0);
-        if count > 1 {
-            self.open_counts.insert(ino, count - 1);
-            return Ok(());
+    /// Opens a node for this host. For regular files the lock record notes the
+    /// open: a host's first handle of a kind adds its entry, its last removes it.
+    pub fn open(&mut self, ino: Ino, write: bool) -> FsResult<(Attr, bool)> {
+        let inode = self.inode(ino)?;
+        let before = self.open_counts.get(&ino).copied().unwrap_or_default();
+        let mut after = before;
+        if write {
+            after.write += 1;
+        } else {
+            after.read += 1;
         }
-        // The last handle: free the inode if it was unlinked meanwhile. Nothing is
-        // changed before the steps that may fail, so a retry does the same again.
-        match self.inode(ino) {
-            Ok(inode) if inode.nlink == 0 => self.free_inode(inode)?,
-            Ok(_) | Err(FsError::Errno(libc::ESTALE)) => {}
+        let multi = inode.flags & crate::format::INODE_FLAG_MULTI_WRITER != 0;
+        if is_reg(&inode) {
+            for (kind, add) in open_transitions(before, after, multi) {
+                self.meta.set_open(ino, kind, add)?;
+            }
+        }
+        self.open_counts.insert(ino, after);
+        Ok((attr_of(&inode), multi))
+    }
+
+    /// Drops an open handle; at the very last one an unlinked inode is freed.
+    /// Nothing is changed before the steps that may fail, so a retry does the same.
+    pub fn release(&mut self, ino: Ino, write: bool) -> FsResult<()> {
+        let before = self.open_counts.get(&ino).copied().unwrap_or_default();
+        let mut after = before;
+        if write {
+            after.write = after.write.saturating_sub(1);
+        } else {
+            after.read = after.read.saturating_sub(1);
+        }
+        let inode = match self.inode(ino) {
+            Ok(inode) => Some(inode),
+            Err(FsError::Errno(libc::ESTALE)) => None,
             Err(e) => return Err(e),
+        };
+        if let Some(inode) = inode.as_ref().filter(|i| is_reg(i)) {
+            let multi = inode.flags & crate::format::INODE_FLAG_MULTI_WRITER != 0;
+            for (kind, add) in open_transitions(before, after, multi) {
+                self.meta.set_open(ino, kind, add)?;
+            }
         }
-        self.open_counts.remove(&ino);
+        if after.total() == 0 {
+            if let Some(inode) = inode.filter(|i| i.nlink == 0) {
+                self.free_inode(inode)?;
+            }
+            self.open_counts.remove(&ino);
+        } else {
+            self.open_counts.insert(ino, after);
+        }
         Ok(())
     }
 

@@ -277,10 +277,10 @@ fn unlinked_open_files_stay_readable_until_the_last_close() {
     let fs = mount(&lun, 1);
     let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
     fs.write_data(f, 0, b"still here").expect("write");
-    fs.open(f).expect("open");
+    fs.open(f, false).expect("open");
     fs.unlink(fs.root(), b"f").expect("unlink");
     assert_eq!(fs.read_data(f, 0, 100).expect("read"), b"still here");
-    fs.release(f).expect("release");
+    fs.release(f, false).expect("release");
     assert_eq!(
         fs.getattr(f).map_err(|e| e.errno()).err(),
         Some(libc::ESTALE)
@@ -599,4 +599,68 @@ fn replay_after_a_crash_never_overwrites_a_reused_block() {
             &data[..8]
         );
     }
+}
+
+#[test]
+fn an_open_for_writing_excludes_other_hosts() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.open(f, true).expect("a opens for writing");
+    a.open(f, true).expect("a opens again: same host");
+    assert_eq!(
+        b.open(f, true).map_err(|e| e.errno()).err(),
+        Some(libc::EBUSY)
+    );
+    assert_eq!(
+        b.open(f, false).map_err(|e| e.errno()).err(),
+        Some(libc::EBUSY)
+    );
+    a.write_data(f, 0, b"from a").expect("write");
+    a.release(f, true).expect("close");
+    assert_eq!(
+        b.open(f, true).map_err(|e| e.errno()).err(),
+        Some(libc::EBUSY),
+        "one handle is still open"
+    );
+    a.release(f, true).expect("close");
+    b.open(f, true).expect("b may write once a closed");
+    b.write_data(f, 0, b"from b").expect("b writes");
+    // Readers on A are refused while B writes; once B closes, A reads B's bytes.
+    assert_eq!(
+        a.open(f, false).map_err(|e| e.errno()).err(),
+        Some(libc::EBUSY)
+    );
+    b.release(f, true).expect("b closes");
+    a.open(f, false).expect("a reads");
+    assert_eq!(a.read_data(f, 0, 100).expect("read"), b"from b");
+    // Readers share; a writer is refused while anyone else reads.
+    b.open(f, false).expect("b reads too");
+    assert_eq!(
+        b.open(f, true).map_err(|e| e.errno()).err(),
+        Some(libc::EBUSY)
+    );
+    a.release(f, false).expect("a closes");
+    b.open(f, true).expect("b alone may write");
+    b.release(f, true).expect("close");
+    b.release(f, false).expect("close");
+    // A host that crashes with the file open does not hold it past its recovery.
+    b.open(f, true).expect("b opens");
+    drop(b);
+    let started = std::time::Instant::now();
+    let waited = loop {
+        match a.open(f, true) {
+            Ok(_) => break started.elapsed(),
+            Err(e) if e.errno() == libc::EBUSY && started.elapsed() < Duration::from_secs(10) => {
+                a.watch_cluster().expect("watch");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("open after b crashed: {e}"),
+        }
+    };
+    assert!(
+        waited >= Duration::from_millis(900),
+        "b's open ignored too early ({waited:?})"
+    );
 }
