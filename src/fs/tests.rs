@@ -664,3 +664,31 @@ fn an_open_for_writing_excludes_other_hosts() {
         "b's open ignored too early ({waited:?})"
     );
 }
+
+#[test]
+fn multi_writer_files_may_be_open_for_writing_on_several_hosts() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let f = a
+        .mknod(a.root(), b"vmdk", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
+    assert_eq!(
+        a.setxattr(f, b"user.atsfs.multiwriter", b"maybe", 0)
+            .map_err(|e| e.errno())
+            .err(),
+        Some(libc::EINVAL)
+    );
+    a.setxattr(f, b"user.atsfs.multiwriter", b"1", 0)
+        .expect("opt in");
+    let (_, multi) = a.open(f, true).expect("a writes");
+    assert!(multi);
+    let (_, multi) = b.open(f, true).expect("b writes too");
+    assert!(multi);
+    a.write_data(f, 0, b"aaaa").expect("a");
+    b.write_data(f, 4096, b"bbbb").expect("b");
+    assert_eq!(&a.read_data(f, 4096, 4).expect("read"), b"bbbb");
+    a.release(f, true).expect("close");
+    b.release(f, true).expect("close");
+}

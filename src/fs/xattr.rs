@@ -4,8 +4,13 @@
 use super::inode::touch_ctime;
 use super::{Core, FsError, FsResult, Ino};
 use crate::format::{
-    OnDisk, XattrBlock, BLOCK_SIZE, BLOCK_SIZE_U64, XATTR_AREA, XATTR_ENTRY_FIXED,
+    OnDisk, XattrBlock, BLOCK_SIZE, BLOCK_SIZE_U64, INODE_FLAG_MULTI_WRITER, XATTR_AREA,
+    XATTR_ENTRY_FIXED,
 };
+
+/// Setting this attribute to "1" makes a regular file multi-writer: every host may
+/// open it for writing at once, and all I/O to it bypasses the page cache.
+pub const MULTI_WRITER_XATTR: &[u8] = b"user.atsfs.multiwriter";
 
 /// Longest attribute value (the block less its header and one short name).
 pub const XATTR_VALUE_MAX: usize = XATTR_AREA - XATTR_ENTRY_FIXED - 8;
@@ -127,7 +132,32 @@ impl Core {
             (Some(i), _) => pairs[i].1 = value.to_vec(),
             (None, _) => pairs.push((name.to_vec(), value.to_vec())),
         }
+        if name == MULTI_WRITER_XATTR {
+            let on = match value {
+                b"1" | b"1\n" | b"on" | b"yes" | b"true" => true,
+                b"0" | b"0\n" | b"off" | b"no" | b"false" => false,
+                _ => return Err(FsError::Errno(libc::EINVAL)),
+            };
+            self.set_multi_writer(ino, on)?;
+        }
         self.write_pairs(ino, block, &pairs)
+    }
+
+    /// Turns the multi-writer flag of a regular file on or off.
+    fn set_multi_writer(&mut self, ino: Ino, on: bool) -> FsResult<()> {
+        let mut inode = self.inode(ino)?;
+        if !super::inode::is_reg(&inode) {
+            return Err(FsError::Errno(libc::EINVAL));
+        }
+        if self.open_counts.get(&ino).is_some_and(|c| c.total() > 0) {
+            return Err(FsError::Errno(libc::EBUSY));
+        }
+        if on {
+            inode.flags |= INODE_FLAG_MULTI_WRITER;
+        } else {
+            inode.flags &= !INODE_FLAG_MULTI_WRITER;
+        }
+        self.put_inode(&inode)
     }
 
     pub fn removexattr(&mut self, ino: Ino, name: &[u8]) -> FsResult<()> {
@@ -137,6 +167,9 @@ impl Core {
             return Err(FsError::Errno(libc::ENODATA));
         };
         pairs.remove(i);
+        if name == MULTI_WRITER_XATTR {
+            self.set_multi_writer(ino, false)?;
+        }
         self.write_pairs(ino, block, &pairs)
     }
 
