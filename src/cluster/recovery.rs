@@ -1,6 +1,6 @@
-//! Other hosts' slots at mount time: live hosts are refused (until lock records make
-//! sharing safe), dead hosts are recovered: their journal is replayed and their slot
-//! freed, so nothing they committed is lost.
+//! Recovering other hosts' slots: their journal is replayed and their slot freed, so
+//! nothing they committed is lost. At mount on a volume with emulated ATS, hosts of
+//! another kernel are refused (their test-and-set would not be atomic with ours).
 
 use super::heartbeat::read_slot;
 use super::{Clock, HostUuid};
@@ -19,10 +19,11 @@ pub(crate) struct Held {
     pub image: HeartbeatSlot,
 }
 
-/// Watches every other slot marked live for `lease + interval` (on our own clock).
-/// Refuses when any of them moves; recovers the ones that do not.
+/// Watches every other slot marked in use by a host of another kernel (`boot_id`)
+/// for `lease + interval` on our own clock. Refuses when any of them moves: emulated
+/// ATS is atomic only within one kernel. Recovers the ones that do not move.
 #[allow(clippy::too_many_arguments)]
-pub fn settle_other_slots(
+pub fn settle_foreign_slots(
     lun: &dyn Lun,
     geo: &Geometry,
     volume_uuid: [u8; 16],
@@ -35,7 +36,8 @@ pub fn settle_other_slots(
     let mut held = Vec::new();
     for slot in (0..geo.max_hosts).filter(|&s| s != my_slot) {
         let (raw, image) = read_slot(lun, geo, slot)?;
-        if let Some(image) = image.filter(|i| i.state != SLOT_FREE) {
+        let my_boot = super::boot_id();
+        if let Some(image) = image.filter(|i| i.state != SLOT_FREE && i.boot_id != my_boot) {
             held.push(Held { slot, raw, image });
         }
     }
@@ -44,7 +46,7 @@ pub fn settle_other_slots(
     }
     tracing::info!(
         slots = ?held.iter().map(|h| h.slot).collect::<Vec<_>>(),
-        "other slots are marked in use; watching them for the lease"
+        "slots of hosts on another kernel are marked in use; watching them for the lease"
     );
     let deadline = clock.now_ms() + (lease + interval).as_millis() as u64;
     while clock.now_ms() < deadline {
@@ -62,8 +64,9 @@ pub fn settle_other_slots(
                     })
                     .unwrap_or_default();
                 bail!(
-                    "another host is using this volume now (slot {}, host {who}); this version of atsfs mounts \
-                     one host at a time: unmount it first",
+                    "host {who} on another kernel uses this volume now (slot {}), and the volume's \
+                     test-and-set is emulated with file locks, which are atomic only within one \
+                     kernel: mount it from that machine, or use a LUN with real COMPARE AND WRITE",
                     h.slot
                 );
             }

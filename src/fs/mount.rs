@@ -4,7 +4,8 @@ use super::meta::Meta;
 use super::{Core, Fs, FsError};
 use crate::cluster::lock::Holder;
 use crate::cluster::{
-    claim_slot, go_live, Clock, GuardedLun, HostUuid, Lease, Membership, Node, SystemClock,
+    claim_slot, go_live, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease, Membership,
+    Node, SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
@@ -155,6 +156,24 @@ impl Fs {
             lease_time,
         ));
         node.refresh()?;
+        if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
+            let settled = settle_foreign_slots(
+                guarded.as_ref(),
+                &geo,
+                sb.volume_uuid,
+                slot,
+                options.host_uuid,
+                interval,
+                lease_time,
+                options.clock.as_ref(),
+            );
+            if let Err(e) = settled {
+                if let Err(release) = membership.release() {
+                    tracing::warn!("could not free our slot again: {release:#}");
+                }
+                return Err(e);
+            }
+        }
         let (journal, report) =
             Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
                 .with_context(|| format!("replaying the journal of slot {slot}"))?;

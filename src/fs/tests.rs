@@ -692,3 +692,51 @@ fn multi_writer_files_may_be_open_for_writing_on_several_hosts() {
     a.release(f, true).expect("close");
     b.release(f, true).expect("close");
 }
+
+#[test]
+fn emulated_ats_refuses_a_live_host_of_another_kernel() {
+    use crate::format::{encode_padded, HeartbeatSlot, OnDisk, SLOT_LIVE};
+    let lun = fresh_volume(64 << 20);
+    let geo = Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb"));
+    let slot_lun = lun.clone();
+    let write_slot = move |counter: u64| {
+        let mut slot: HeartbeatSlot = bytemuck::Zeroable::zeroed();
+        slot.magic = HeartbeatSlot::MAGIC;
+        slot.slot = 2;
+        slot.state = SLOT_LIVE;
+        slot.host_uuid = [0x77; 16];
+        slot.generation = 1;
+        slot.counter = counter;
+        slot.boot_id = [0xee; 16];
+        slot.seal();
+        slot_lun
+            .write_at(&encode_padded(&slot, 512), geo.slot_offset(2))
+            .expect("slot");
+    };
+    write_slot(1);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beating = {
+        let (stop, write_slot) = (stop.clone(), write_slot.clone());
+        std::thread::spawn(move || {
+            let mut counter = 1;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                counter += 1;
+                write_slot(counter);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let lun_dyn: Arc<dyn Lun> = lun.clone();
+    let err = Fs::mount(lun_dyn.clone(), MountOptions::new(HostUuid([1; 16])))
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("another kernel"), "{err:#}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    beating.join().expect("thread");
+    // The foreign host is gone: the next mount recovers its slot and proceeds.
+    let fs = Fs::mount(lun_dyn, MountOptions::new(HostUuid([1; 16])))
+        .expect("mount after the foreign host died");
+    let (_, slot2) = crate::cluster::read_slot(lun.as_ref(), &geo, 2).expect("read");
+    assert_eq!(slot2.map(|s| s.state), Some(crate::format::SLOT_FREE));
+    fs.unmount().expect("unmount");
+}
