@@ -2,10 +2,9 @@
 //! reader can type it again.
 //!
 //! The demo is a list of steps over a `Demo` (the temporary directory, the image,
-//! the hosts). Today one host, A, mounts the volume, unmounts it and mounts it again.
-//! When cluster locking lands, the two-host demo adds host B
-//! (`demo.host("B", HOST_B_ID)`), mounts both at once, writes on A and reads on B;
-//! until then two hosts on one volume are not safe, so the demo never does it.
+//! the hosts): hosts A and B mount one volume at once and share it; A crashes
+//! (`kill -9`) with a file open for writing, B recovers A's journal and takes the
+//! file over after the lease; A comes back and sees everything; fsck is clean.
 
 use crate::mount::{Host, Mounted};
 use crate::sh::{self, Cmd};
@@ -14,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// Fixed host UUIDs, so that the printed commands are the same every run.
 const HOST_A_ID: &str = "a0a0a0a0-0000-4000-8000-00000000000a";
+const HOST_B_ID: &str = "b0b0b0b0-0000-4000-8000-00000000000b";
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -56,7 +56,7 @@ pub fn run(args: &DemoArgs) -> Result<bool> {
         image: temp.path().join("volume.img"),
         atsfs: PathBuf::from("atsfs"),
     };
-    let result = single_host(&demo);
+    let result = two_hosts(&demo);
     if args.keep || result.is_err() {
         let kept = temp.keep();
         println!("(kept {} with the image and the logs)", kept.display());
@@ -78,28 +78,98 @@ fn put_in_path(bin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One host: make, mount, write, unmount, mount again, compare, check.
-fn single_host(demo: &Demo) -> Result<()> {
-    sh::heading("Making a 512 MiB volume in an image file");
+/// Two hosts share one volume; one crashes and the other recovers it.
+fn two_hosts(demo: &Demo) -> Result<()> {
+    sh::heading("Making a 512 MiB volume in an image file (lease 2 s, heartbeat every 500 ms)");
     Cmd::new("mkfs-atsfs")
-        .args(["-L", "demo", "--size", "512M"])
+        .args([
+            "-L",
+            "demo",
+            "--size",
+            "512M",
+            "--lease",
+            "2s",
+            "--heartbeat-interval",
+            "500ms",
+        ])
         .arg(&demo.image)
         .run()?;
 
     let host_a = demo.host("A", HOST_A_ID);
+    let host_b = demo.host("B", HOST_B_ID);
     sh::heading("Host A mounts the volume and writes to it");
-    let mount = host_a.mount(&demo.atsfs, &demo.image)?;
-    write_sample(&mount, &demo.sums())?;
-    sh::heading("Host A unmounts");
-    mount.unmount()?;
+    let mount_a = host_a.mount(&demo.atsfs, &demo.image)?;
+    write_sample(&mount_a, &demo.sums())?;
 
-    sh::heading("Host A mounts the volume again: everything is still there");
-    let mount = host_a.mount(&demo.atsfs, &demo.image)?;
-    check_sample(&mount, &demo.sums())?;
-    mount.unmount()?;
+    sh::heading("Host B mounts the same volume at the same time and reads A's files");
+    let mount_b = host_b.mount(&demo.atsfs, &demo.image)?;
+    check_sample(&mount_b, &demo.sums())?;
+    status(demo)?;
+
+    sh::heading("Both hosts create files in one directory at once; both see all of them");
+    let (a, b) = (
+        sh::quote(mount_a.path().as_os_str()),
+        sh::quote(mount_b.path().as_os_str()),
+    );
+    Cmd::shell(&format!(
+        "mkdir {a}/shared; \
+         (for i in $(seq 1 200); do echo a > {a}/shared/from-a-$i; done) & \
+         (for i in $(seq 1 200); do echo b > {b}/shared/from-b-$i; done); wait; \
+         ls {a}/shared | wc -l; ls {b}/shared | wc -l"
+    ))
+    .run()?;
+
+    sh::heading("A opens a file for writing; B's open for writing is refused (EBUSY)");
+    let holder = Cmd::shell(&format!(
+        "exec 3>>{a}/vm.disk; echo 'A was here' >&3; sleep 600"
+    ))
+    .into_command()
+    .spawn()
+    .context("starting the process that holds the file open on A")?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Cmd::shell(&format!(
+        "echo 'B tries' >> {b}/vm.disk || echo '(refused, as it should be)'"
+    ))
+    .run()?;
+
+    sh::heading("Host A crashes: its daemon is killed with SIGKILL while the file is open");
+    mount_a.kill9()?;
+    let mut holder = holder;
+    let _ = holder.kill();
+    let _ = holder.wait();
+    sh::heading("B waits for A's lease to run out, recovers A's journal, and takes the file over");
+    Cmd::shell(&format!(
+        "start=$(date +%s%N); until echo 'B took over' >> {b}/vm.disk 2>/dev/null; do sleep 0.2; done; \
+         echo \"B could write $(( ($(date +%s%N) - start) / 1000000 )) ms after the crash\"; cat {b}/vm.disk"
+    ))
+    .run()?;
+    status(demo)?;
+
+    sh::heading("Host A comes back (a new generation of its slot) and sees B's changes");
+    let mount_a = host_a.mount(&demo.atsfs, &demo.image)?;
+    Cmd::shell(&format!("cat {a}/vm.disk; ls {a}/shared | wc -l")).run()?;
+    check_sample(&mount_a, &demo.sums())?;
+    mount_a.unmount()?;
+    mount_b.unmount()?;
 
     sh::heading("Checking the volume (fsck: 0 clean, 4 errors found, 8 could not check)");
     fsck(demo)
+}
+
+/// `atsfs status`, when this build has it.
+fn status(demo: &Demo) -> Result<()> {
+    let out = Cmd::new(&demo.atsfs)
+        .arg("status")
+        .arg(&demo.image)
+        .output()?;
+    if out.status.success() {
+        print!(
+            "$ atsfs status {}\n{}",
+            demo.image.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    Ok(())
 }
 
 /// Files, a directory, a symlink; a listing, the free space and checksums.

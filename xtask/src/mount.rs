@@ -107,6 +107,25 @@ impl Mounted<'_> {
     }
 }
 
+impl Mounted<'_> {
+    /// Kills the daemon with SIGKILL, as a crash would, and detaches the dead mount
+    /// point (it answers "Transport endpoint is not connected" until then).
+    pub fn kill9(mut self) -> Result<()> {
+        self.active = false;
+        let Some(pid) = self.daemon_pid else {
+            bail!("host {}: no daemon process to kill", self.host.name);
+        };
+        Cmd::new("kill").arg("-9").arg(pid.to_string()).run()?;
+        if !wait_exit(pid, DAEMON_EXIT_WAIT) {
+            bail!("host {}: the daemon {pid} survived SIGKILL", self.host.name);
+        }
+        Cmd::new("umount")
+            .arg("-l")
+            .arg(&self.host.mountpoint)
+            .run()
+    }
+}
+
 impl Drop for Mounted<'_> {
     fn drop(&mut self) {
         if !self.active {
