@@ -196,3 +196,138 @@ fn status_lists_both_hosts_live() {
     a.unmount();
     b.unmount();
 }
+
+fn recovery_opts() -> atsfs::mkfs::MkfsOptions {
+    atsfs::mkfs::MkfsOptions {
+        heartbeat_interval: Duration::from_millis(500),
+        lease: Duration::from_secs(2),
+        ..atsfs::mkfs::MkfsOptions::default()
+    }
+}
+
+/// Retries an open for writing until it succeeds; returns how long it took.
+fn open_for_writing_within(path: &Path, limit: Duration) -> (File, Duration) {
+    let started = Instant::now();
+    loop {
+        match OpenOptions::new().write(true).open(path) {
+            Ok(file) => return (file, started.elapsed()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < limit => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!(
+                "open of {} for writing after {:?}: {e}",
+                path.display(),
+                started.elapsed()
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_killed_host_is_recovered_by_the_survivor() {
+    require_fuse!();
+    let scratch = Scratch::new("cluster-kill");
+    let image = scratch.image_with("volume.img", IMAGE_BYTES, &recovery_opts());
+    let a = MountSpec::in_scratch(&scratch, &image, "a").mount();
+    let b = MountSpec::in_scratch(&scratch, &image, "b").mount();
+    fs::create_dir(a.join("fsynced")).expect("mkdir");
+    for i in 0..200 {
+        let mut f = File::create(a.join(&format!("fsynced/f{i}"))).expect("create");
+        f.write_all(format!("file {i} from host A").as_bytes())
+            .expect("write");
+        f.sync_all().expect("fsync");
+    }
+    let mut held = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(a.join("held"))
+        .expect("open");
+    held.write_all(b"A holds this").expect("write");
+    held.sync_all().expect("fsync");
+    let a_spec = a.kill9();
+    let killed = Instant::now();
+    drop(held);
+    // B takes the file over within lease + 2 s of the kill.
+    let (mut on_b, _) = open_for_writing_within(&b.join("held"), Duration::from_secs(10));
+    let took = killed.elapsed();
+    eprintln!("B opened A's file for writing {took:?} after the kill");
+    assert!(
+        took <= Duration::from_secs(4),
+        "took {took:?}, more than lease + 2 s"
+    );
+    on_b.write_all(b"B took over").expect("write on B");
+    drop(on_b);
+    for i in 0..200 {
+        let data = read_all(&b.join(&format!("fsynced/f{i}"))).expect("fsynced file on B");
+        assert_eq!(data, format!("file {i} from host A").as_bytes());
+    }
+    // A comes back with a new generation and sees B's write.
+    let a = a_spec.mount();
+    // B overwrote the first 11 of A's 12 bytes.
+    assert_eq!(
+        read_all(&a.join("held")).expect("read on A"),
+        b"B took overs"
+    );
+    a.unmount();
+    b.unmount();
+    assert_fsck_clean(&image);
+}
+
+#[test]
+fn a_host_stopped_past_its_lease_never_writes_again() {
+    require_fuse!();
+    let scratch = Scratch::new("cluster-stop");
+    let image = scratch.image_with("volume.img", IMAGE_BYTES, &recovery_opts());
+    let a = MountSpec::in_scratch(&scratch, &image, "a").mount();
+    let b = MountSpec::in_scratch(&scratch, &image, "b").mount();
+    let target = a.join("log");
+    let writer = {
+        let target = target.clone();
+        std::thread::spawn(move || {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&target)
+                .expect("open on A");
+            let mut written = 0u64;
+            loop {
+                match file
+                    .write_all(b"A writes a line\n")
+                    .and_then(|_| file.sync_data())
+                {
+                    Ok(()) => written += 1,
+                    Err(e) => return (written, e),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = a.daemon_pid().expect("A's daemon");
+    // SAFETY: signals to our own daemon.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let stopped = Instant::now();
+    // Meanwhile B recovers A and writes a marker into the file.
+    let (mut on_b, _) = open_for_writing_within(&b.join("log"), Duration::from_secs(10));
+    on_b.write_all(b"MARKER FROM B\n").expect("marker");
+    on_b.sync_all().expect("fsync marker");
+    drop(on_b);
+    let remaining = Duration::from_secs(6).saturating_sub(stopped.elapsed());
+    std::thread::sleep(remaining);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let (written, err) = writer.join().expect("writer thread");
+    eprintln!("A's writer wrote {written} lines, then: {err}");
+    // B's marker stays: A wrote nothing after it was fenced.
+    let data = read_all(&b.join("log")).expect("read on B");
+    assert!(
+        data.starts_with(b"MARKER FROM B\n"),
+        "B's marker was overwritten: {:?}",
+        String::from_utf8_lossy(&data[..data.len().min(64)])
+    );
+    drop(a);
+    b.unmount();
+    assert_fsck_clean(&image);
+}
