@@ -50,6 +50,14 @@ enum Command {
         device: PathBuf,
         mountpoint: PathBuf,
     },
+    /// Recover dead hosts' slots offline: replay their journals and free their slots.
+    /// Watches each slot for a lease first; live hosts are left alone.
+    Recover {
+        /// Only this slot.
+        #[arg(long)]
+        slot: Option<u32>,
+        device: PathBuf,
+    },
     /// Check a volume (read-only). Exit 0 clean, 4 errors left, 8 operational error.
     Fsck {
         /// Print every problem as JSON.
@@ -86,6 +94,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Fsck { json, device } => return fsck(&device, json),
+        Command::Recover { slot, device } => recover(&device, slot),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -284,4 +293,43 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
             ExitCode::from(8)
         }
     }
+}
+
+fn recover(device: &Path, only: Option<u32>) -> Result<()> {
+    use atsfs::cluster::{recover_offline, OfflineOutcome, SystemClock};
+    let lun = FileLun::open(device, OpenMode::ReadWrite)
+        .with_context(|| format!("opening {}", device.display()))?;
+    let sb = atsfs::fs::read_superblock(&lun)?;
+    let geo = atsfs::format::Geometry::from_superblock(&sb);
+    let interval = std::time::Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
+    let lease = std::time::Duration::from_millis(u64::from(sb.lease_ms));
+    println!(
+        "watching the slots in use for {} ms (lease + heartbeat interval) to tell live hosts from dead ones...",
+        (lease + interval).as_millis()
+    );
+    let outcomes = recover_offline(
+        &lun,
+        &geo,
+        sb.volume_uuid,
+        only,
+        interval,
+        lease,
+        &SystemClock::default(),
+    )?;
+    let mut recovered = 0;
+    for (slot, outcome) in outcomes {
+        match outcome {
+            OfflineOutcome::Recovered => {
+                recovered += 1;
+                println!("slot {slot}: recovered (journal replayed, slot freed)");
+            }
+            OfflineOutcome::Live => println!("slot {slot}: live (its heartbeat moves); left alone"),
+            OfflineOutcome::Free if only.is_some() => {
+                println!("slot {slot}: free, nothing to recover")
+            }
+            OfflineOutcome::Free => {}
+        }
+    }
+    println!("{recovered} slot(s) recovered");
+    Ok(())
 }

@@ -21,7 +21,7 @@ pub mod view;
 
 pub use heartbeat::{claim_slot, go_live, read_slot, Membership, SlotClaim};
 pub use node::Node;
-pub use recovery::settle_foreign_slots;
+pub use recovery::{recover_offline, settle_foreign_slots, OfflineOutcome};
 
 use crate::lun::{Caw, Lun, LunError, LunResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

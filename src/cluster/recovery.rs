@@ -132,3 +132,68 @@ pub(crate) fn recover_slot(
     lun.flush()?;
     Ok(())
 }
+
+/// What `recover_offline` did with one slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OfflineOutcome {
+    /// The slot's journal was replayed and the slot freed.
+    Recovered,
+    /// The slot moved while watched: its host is alive; left alone.
+    Live,
+    /// The slot was free: nothing to do.
+    Free,
+}
+
+/// Recovers dead slots without mounting (`atsfs recover`): watches every slot in use
+/// (or just `only`) for `lease + interval` on our own clock, and recovers the ones
+/// that did not move, exactly as a surviving host would. The tool holds no slot and no
+/// lease: it is for volumes that no live host will recover (all hosts down).
+pub fn recover_offline(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    volume_uuid: [u8; 16],
+    only: Option<u32>,
+    interval: Duration,
+    lease: Duration,
+    clock: &dyn Clock,
+) -> Result<Vec<(u32, OfflineOutcome)>> {
+    let slots: Vec<u32> = match only {
+        Some(slot) if slot >= geo.max_hosts => bail!(
+            "slot {slot} does not exist (the volume has {} slots)",
+            geo.max_hosts
+        ),
+        Some(slot) => vec![slot],
+        None => (0..geo.max_hosts).collect(),
+    };
+    let mut outcomes = Vec::new();
+    let mut held = Vec::new();
+    for slot in slots {
+        let (raw, image) = read_slot(lun, geo, slot)?;
+        match image.filter(|i| i.state != SLOT_FREE) {
+            Some(image) => held.push(Held { slot, raw, image }),
+            None => outcomes.push((slot, OfflineOutcome::Free)),
+        }
+    }
+    let deadline = clock.now_ms() + (lease + interval).as_millis() as u64;
+    while !held.is_empty() && clock.now_ms() < deadline {
+        clock.sleep(Duration::from_millis(100));
+        let mut still = Vec::new();
+        for h in held {
+            let (raw, _) = read_slot(lun, geo, h.slot)?;
+            if raw == h.raw {
+                still.push(h);
+            } else {
+                outcomes.push((h.slot, OfflineOutcome::Live));
+            }
+        }
+        held = still;
+    }
+    let tool = HostUuid(*uuid::Uuid::new_v4().as_bytes());
+    for h in held {
+        let slot = h.slot;
+        recover_slot(lun, geo, volume_uuid, h, slot, tool)?;
+        outcomes.push((slot, OfflineOutcome::Recovered));
+    }
+    outcomes.sort_by_key(|o| o.0);
+    Ok(outcomes)
+}

@@ -740,3 +740,42 @@ fn emulated_ats_refuses_a_live_host_of_another_kernel() {
     assert_eq!(slot2.map(|s| s.state), Some(crate::format::SLOT_FREE));
     fs.unmount().expect("unmount");
 }
+
+#[test]
+fn offline_recovery_replays_a_dead_hosts_journal() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let f = a
+        .mknod(a.root(), b"kept", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
+    a.write_data(f, 0, b"fsynced").expect("write");
+    a.fsync(f, false).expect("fsync");
+    let b = mount(&lun, 2);
+    drop(a); // crash of host 1 while host 2 runs
+    drop(b); // and of host 2
+    let geo = Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb"));
+    let sb = read_superblock(lun.as_ref()).expect("sb");
+    let clock = crate::cluster::SystemClock::default();
+    let outcomes = crate::cluster::recover_offline(
+        lun.as_ref(),
+        &geo,
+        sb.volume_uuid,
+        None,
+        Duration::from_millis(100),
+        Duration::from_millis(1000),
+        &clock,
+    )
+    .expect("recover");
+    let recovered: Vec<u32> = outcomes
+        .iter()
+        .filter(|o| o.1 == crate::cluster::OfflineOutcome::Recovered)
+        .map(|o| o.0)
+        .collect();
+    assert_eq!(recovered, vec![0, 1]);
+    let report = crate::fsck::check(lun.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let c = mount(&lun, 3);
+    let kept = c.lookup(c.root(), b"kept").expect("lookup");
+    assert_eq!(c.read_data(kept.ino, 0, 10).expect("read"), b"fsynced");
+}
