@@ -243,6 +243,23 @@ impl Meta {
         Err(FsError::Errno(libc::EBUSY))
     }
 
+    /// True when another live host has the file open (read from the disk: open
+    /// entries change without the metadata lock).
+    pub fn open_elsewhere(&mut self, resource: BlockNo) -> FsResult<bool> {
+        let state = read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?;
+        let r = &state.record;
+        let me = self.node.me;
+        let writer = r.open_flags & crate::format::OPEN_WRITER != 0
+            && r.open_writer_slot != me.slot
+            && !self.node.stale(r.open_writer_slot, r.open_writer_gen);
+        let reader = (0..64u32).any(|s| {
+            s != me.slot
+                && r.open_readers & (1u64 << s) != 0
+                && !self.node.stale16(s, r.open_reader_gen[s as usize])
+        });
+        Ok(writer || reader)
+    }
+
     /// Forgets a lock whose resource was freed (its record is released with it).
     pub fn drop_freed(&mut self, resource: BlockNo) -> FsResult<()> {
         if let Some((state, _)) = self.locks.held.remove(&resource) {

@@ -258,7 +258,9 @@ impl Core {
             inode.nlink.saturating_sub(1)
         };
         touch_ctime(&mut inode);
-        if inode.nlink == 0 && self.open_counts.get(&ino).map_or(0, |c| c.total()) == 0 {
+        let open_here = self.open_counts.get(&ino).map_or(0, |c| c.total()) > 0;
+        // A file another host has open stays until that host's last close frees it.
+        if inode.nlink == 0 && !open_here && !(is_reg(&inode) && self.meta.open_elsewhere(ino)?) {
             return self.free_inode(inode);
         }
         self.put_inode(&inode)?;

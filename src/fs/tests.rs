@@ -779,3 +779,27 @@ fn offline_recovery_replays_a_dead_hosts_journal() {
     let kept = c.lookup(c.root(), b"kept").expect("lookup");
     assert_eq!(c.read_data(kept.ino, 0, 10).expect("read"), b"fsynced");
 }
+
+#[test]
+fn a_file_open_on_another_host_outlives_its_unlink() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(f, 0, b"still readable").expect("write");
+    b.open(f, false).expect("b reads it");
+    a.unlink(a.root(), b"f").expect("unlink on a");
+    assert_eq!(
+        b.read_data(f, 0, 100).expect("b still reads"),
+        b"still readable"
+    );
+    b.release(f, false).expect("b's last close frees it");
+    assert_eq!(
+        a.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+    a.unmount().expect("unmount");
+    b.unmount().expect("unmount");
+    let report = crate::fsck::check(lun.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
