@@ -39,11 +39,21 @@ fn create_many(dir: PathBuf, prefix: &'static str, count: usize) -> std::thread:
     })
 }
 
-/// Tries O_CREAT|O_EXCL on every name; returns the names this host won.
-fn race_exclusive(dir: PathBuf, names: usize) -> std::thread::JoinHandle<Vec<usize>> {
+/// Tries O_CREAT|O_EXCL on every name (from the last one when `reverse`, so that two
+/// racers meet in the middle); returns the names this host won.
+fn race_exclusive(
+    dir: PathBuf,
+    names: usize,
+    reverse: bool,
+) -> std::thread::JoinHandle<Vec<usize>> {
     std::thread::spawn(move || {
         let mut won = Vec::new();
-        for i in 0..names {
+        let order: Vec<usize> = if reverse {
+            (0..names).rev().collect()
+        } else {
+            (0..names).collect()
+        };
+        for i in order {
             let path = dir.join(format!("race-{i}"));
             match OpenOptions::new()
                 .write(true)
@@ -103,8 +113,8 @@ fn two_hosts_share_a_volume_through_fuse() {
 
     // O_EXCL races on the same 200 names: every name is won exactly once.
     fs::create_dir(a.join("race")).expect("mkdir");
-    let on_a = race_exclusive(a.join("race"), 200);
-    let on_b = race_exclusive(b.join("race"), 200);
+    let on_a = race_exclusive(a.join("race"), 200, false);
+    let on_b = race_exclusive(b.join("race"), 200, true);
     let (won_a, won_b) = (
         on_a.join().expect("race on A"),
         on_b.join().expect("race on B"),

@@ -29,12 +29,17 @@ use std::collections::HashMap;
 /// ATS attempts on one record within one `need` (each retry follows a concurrent
 /// change of the record by another host).
 const ATTEMPTS_MAX: u32 = 8;
+/// How long a host leaves a lock alone after giving it up to another host.
+const YIELD_GRACE_MS: u64 = 50;
 
 #[derive(Default)]
 pub struct Locks {
     held: HashMap<BlockNo, (LockState, LockMode)>,
     /// The image we left on disk when we last released a lock.
     released: HashMap<BlockNo, Vec<u8>>,
+    /// When we last gave a lock up because another host asked for it: we do not take
+    /// it back for `YIELD_GRACE_MS`, so the asker gets its turn.
+    yielded: HashMap<BlockNo, u64>,
 }
 
 impl Locks {
@@ -123,6 +128,22 @@ impl Meta {
             Err(FsError::NeedLock { .. }) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Releases locks other hosts asked for, and remembers not to take them back at
+    /// once.
+    pub fn yield_locks(&mut self, wanted: &[BlockNo]) -> FsResult<Vec<BlockNo>> {
+        let released = self.release_locks(Some(wanted))?;
+        let now_ms = self.node.clock.now_ms();
+        for &resource in &released {
+            self.locks.yielded.insert(resource, now_ms);
+        }
+        if self.locks.yielded.len() > 4096 {
+            self.locks
+                .yielded
+                .retain(|_, at| now_ms.saturating_sub(*at) < YIELD_GRACE_MS);
+        }
+        Ok(released)
     }
 
     /// Releases the given locks (all when `None`): commits, moves the journal tail,

@@ -290,7 +290,7 @@ impl Fs {
         let wanted: Vec<u64> = mailbox.requests().iter().map(|r| r.resource).collect();
         let released = {
             let mut core = self.core()?;
-            core.meta.release_locks(Some(&wanted))?
+            core.meta.yield_locks(&wanted)?
         };
         if !released.is_empty() {
             tracing::debug!(?released, "released locks other hosts asked for");
