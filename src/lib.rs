@@ -28,6 +28,7 @@ pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+pub mod inspect;
 pub mod journal;
 pub mod lun;
 pub mod mkfs;

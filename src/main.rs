@@ -50,6 +50,23 @@ enum Command {
         device: PathBuf,
         mountpoint: PathBuf,
     },
+    /// Show the host slots of a volume: who is live, dead or gone (read-only).
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// How long to watch the heartbeats (default: two heartbeat intervals).
+        #[arg(long)]
+        watch_ms: Option<u64>,
+        device: PathBuf,
+    },
+    /// Show the held lock records of a volume, or of one PATH inside it (read-only).
+    Locks {
+        #[arg(long)]
+        json: bool,
+        device: PathBuf,
+        /// A path inside the volume, like /dir/file.
+        path: Option<String>,
+    },
     /// Recover dead hosts' slots offline: replay their journals and free their slots.
     /// Watches each slot for a lease first; live hosts are left alone.
     Recover {
@@ -95,6 +112,12 @@ fn main() -> ExitCode {
         }
         Command::Fsck { json, device } => return fsck(&device, json),
         Command::Recover { slot, device } => recover(&device, slot),
+        Command::Status {
+            json,
+            watch_ms,
+            device,
+        } => show_status(&device, json, watch_ms),
+        Command::Locks { json, device, path } => show_locks(&device, json, path.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -331,5 +354,39 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         }
     }
     println!("{recovered} slot(s) recovered");
+    Ok(())
+}
+
+fn open_read_only(device: &Path) -> Result<FileLun> {
+    FileLun::open(device, OpenMode::ReadOnly)
+        .with_context(|| format!("opening {}", device.display()))
+}
+
+fn show_status(device: &Path, json: bool, watch_ms: Option<u64>) -> Result<()> {
+    let lun = open_read_only(device)?;
+    let sb = atsfs::fs::read_superblock(&lun)?;
+    let watch = watch_ms.map_or_else(
+        || atsfs::inspect::default_watch(&sb),
+        std::time::Duration::from_millis,
+    );
+    let status = atsfs::inspect::status(&lun, watch)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        atsfs::inspect::print_status(&status);
+    }
+    Ok(())
+}
+
+fn show_locks(device: &Path, json: bool, path: Option<&str>) -> Result<()> {
+    let lun = open_read_only(device)?;
+    let sb = atsfs::fs::read_superblock(&lun)?;
+    let (status, rows) = atsfs::inspect::locks(&lun, path, atsfs::inspect::default_watch(&sb))?;
+    if json {
+        let out = serde_json::json!({ "volume": status.volume, "locks": rows });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        atsfs::inspect::print_locks(&rows);
+    }
     Ok(())
 }

@@ -128,6 +128,9 @@ pub struct FsckReport {
     /// Facts worth knowing that are not corruption: pending journals, live slots.
     pub notes: Vec<String>,
     pub problems: Vec<Problem>,
+    /// Every inode reached, with (one of) its paths: for `atsfs locks`.
+    #[serde(skip)]
+    pub paths: std::collections::BTreeMap<u64, String>,
 }
 
 /// Problems of one kind listed one by one per object before they are summed up.

@@ -106,6 +106,13 @@ pub(crate) fn walk(
         walk.visit(visit)?;
     }
     walk.check_link_counts();
+    let paths: Vec<(Ino, String)> = walk
+        .files
+        .iter()
+        .map(|(&ino, f)| (ino, f.path.clone()))
+        .chain(walk.dirs.iter().map(|(&ino, d)| (ino, d.path.clone())))
+        .collect();
+    walk.report.paths.extend(paths);
     Ok(())
 }
 
