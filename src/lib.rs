@@ -32,4 +32,5 @@ pub mod inspect;
 pub mod journal;
 pub mod lun;
 pub mod mkfs;
+pub mod sim;
 pub mod units;

@@ -14,6 +14,9 @@ use std::time::Duration;
 /// Attempts to claim a slot before giving up (each retry follows another host's
 /// concurrent claim of the slot we chose).
 const CLAIM_ATTEMPTS_MAX: u32 = 16;
+/// Times a mount waits (`RETRY_DELAY` each) for another host to finish recovering
+/// this host's slot.
+const RECOVERY_WAITS_MAX: u32 = 300;
 /// Delay between renewal retries after an I/O error or a lost reply.
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -82,17 +85,17 @@ fn slot_moves(
     first: &[u8],
     window: Duration,
     clock: &dyn Clock,
-) -> Result<bool> {
+) -> Result<Option<Option<HeartbeatSlot>>> {
     let step = Duration::from_millis(100).min(window);
     let deadline = clock.now_ms() + window.as_millis() as u64;
     while clock.now_ms() < deadline {
         clock.sleep(step);
-        let (raw, _) = read_slot(lun, geo, slot)?;
+        let (raw, image) = read_slot(lun, geo, slot)?;
         if raw != first {
-            return Ok(true);
+            return Ok(Some(image));
         }
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// Claims a heartbeat slot for `me`: our own slot if we have one (after a crash, once
@@ -106,7 +109,8 @@ pub fn claim_slot(
     clock: &dyn Clock,
 ) -> Result<SlotClaim> {
     let my_boot = boot_id();
-    for _ in 0..CLAIM_ATTEMPTS_MAX {
+    let mut waits = 0u32;
+    for _ in 0..CLAIM_ATTEMPTS_MAX + RECOVERY_WAITS_MAX {
         let mut mine = None;
         let mut free = None;
         for slot in 0..geo.max_hosts {
@@ -125,21 +129,31 @@ pub fn claim_slot(
         let (slot, raw, old) = match (mine, free) {
             (Some((slot, raw, old)), _) => {
                 if old.state == SLOT_RECOVERING && old.recoverer_uuid != me.0 {
-                    bail!(
-                        "host {} is recovering this host's slot {slot} right now; mount again in a few seconds",
-                        HostUuid(old.recoverer_uuid)
-                    );
+                    // Another host is replaying our journal: wait for it to free the slot.
+                    waits += 1;
+                    if waits > RECOVERY_WAITS_MAX {
+                        bail!(
+                            "host {} has been recovering this host's slot {slot} for a long time; \
+                             mount again later",
+                            HostUuid(old.recoverer_uuid)
+                        );
+                    }
+                    clock.sleep(RETRY_DELAY);
+                    continue;
                 }
                 if old.state != SLOT_FREE {
                     let same_kernel_dead = old.boot_id == my_boot && !process_exists(old.owner_pid);
                     if !same_kernel_dead {
                         tracing::info!(slot, "our slot is marked live: watching it for the lease before taking it back");
                         let window = lease + interval;
-                        if slot_moves(lun, geo, slot, &raw, window, clock)? {
-                            bail!(
+                        match slot_moves(lun, geo, slot, &raw, window, clock)? {
+                            Some(Some(now)) if now.state == SLOT_LIVE && now.generation == old.generation => bail!(
                                 "host {me} is already mounted on this volume (slot {slot} is live); \
                                  give each host its own --host-id"
-                            );
+                            ),
+                            // Another host recovered the slot meanwhile: look again.
+                            Some(_) => continue,
+                            None => {}
                         }
                     }
                     after_crash = true;

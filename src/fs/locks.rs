@@ -40,6 +40,9 @@ pub struct Locks {
     /// When we last gave a lock up because another host asked for it: we do not take
     /// it back for `YIELD_GRACE_MS`, so the asker gets its turn.
     yielded: HashMap<BlockNo, u64>,
+    /// Locks of resources created by the operation in progress: if it fails, the
+    /// allocation is undone and so must the lock be.
+    pub(super) created_in_op: Vec<BlockNo>,
 }
 
 impl Locks {
@@ -215,6 +218,7 @@ impl Meta {
         {
             Ok(Acquire::Got(now)) => {
                 self.locks.held.insert(resource, (now, LockMode::Exclusive));
+                self.locks.created_in_op.push(resource);
                 Ok(())
             }
             _ => Err(FsError::corrupted(

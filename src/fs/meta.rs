@@ -148,6 +148,7 @@ impl Meta {
 
     /// Starts an operation: its changes can be undone until it ends.
     pub fn begin_op(&mut self) {
+        self.locks.created_in_op.clear();
         self.undo = Some(HashMap::new());
         self.undo_quarantine = self.quarantine.len();
     }
@@ -156,8 +157,15 @@ impl Meta {
     /// undone (changes it committed along the way stay: each commit is consistent).
     pub fn end_op(&mut self, ok: bool) {
         let Some(undo) = self.undo.take() else { return };
+        let created = std::mem::take(&mut self.locks.created_in_op);
         if ok {
             return;
+        }
+        // The blocks these locks were taken for are free again: let the locks go.
+        for resource in created {
+            if let Err(e) = self.drop_freed(resource) {
+                tracing::warn!(resource, "releasing the lock of an undone allocation: {e}");
+            }
         }
         for (offset, before) in undo {
             match before {
@@ -303,8 +311,10 @@ impl Meta {
             f.1 = Some(seq);
         }
         if self.undo.is_some() {
+            // What is committed stays, whatever the rest of the operation does.
             self.undo = Some(HashMap::new());
             self.undo_quarantine = self.quarantine.len();
+            self.locks.created_in_op.clear();
         }
         let waiting: u64 = self.quarantine.iter().map(|q| q.1).sum();
         if waiting > QUARANTINE_BLOCKS_MAX {

@@ -409,6 +409,40 @@ impl Fs {
         self.write(|c| c.removexattr(ino, name))
     }
 
+    /// Checks this host's beliefs against the disk: every lock it thinks it holds is
+    /// recorded with it as a holder (exclusive ones with it alone). A fenced host is
+    /// exempt: it believes nothing any more. While this runs the host can neither
+    /// take nor release a lock, so the comparison is exact. For the simulator.
+    pub fn verify_locks(&self) -> Result<usize, String> {
+        let core = self.core.lock().map_err(|_| "poisoned".to_string())?;
+        if self.lease.check().is_err() || core.meta.check_healthy().is_err() {
+            return Ok(0);
+        }
+        let me = core.meta.node.me;
+        let held = core.meta.locks.held();
+        for &(resource, mode) in &held {
+            let state =
+                crate::cluster::lock::read_lock(core.meta.lun.as_ref(), &core.meta.geo, resource)
+                    .map_err(|e| format!("reading the lock of {resource}: {e}"))?;
+            let holders = state.holders();
+            let ok = match mode {
+                crate::cluster::lock::LockMode::Exclusive => {
+                    state.record.mode == crate::format::LOCK_EXCLUSIVE
+                        && holders == vec![(me.slot, me.generation)]
+                }
+                _ => holders.contains(&(me.slot, me.generation)),
+            };
+            if !ok {
+                return Err(format!(
+                    "host in slot {} (generation {}) believes it holds {resource} {mode:?}, \
+                     but the record says mode {} holders {holders:?}",
+                    me.slot, me.generation, state.record.mode
+                ));
+            }
+        }
+        Ok(held.len())
+    }
+
     /// Device I/O counters since mount.
     pub fn stats(&self) -> FsResult<meta::MetaStats> {
         self.read(|c| Ok(c.meta.stats))
