@@ -258,6 +258,8 @@ impl Sim {
                     libc::EAGAIN,
                     libc::ESTALE,
                     libc::EINVAL,
+                    libc::EPERM,
+                    libc::EMLINK,
                 ];
                 let fenced = self.hosts[host]
                     .fs

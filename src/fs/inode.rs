@@ -130,13 +130,25 @@ impl Core {
         if self.meta.geo.ag_of(ino).is_none() {
             return Err(FsError::Errno(libc::ESTALE));
         }
-        self.meta.need(ino, LockMode::Shared)?;
+        match self.meta.need(ino, LockMode::Shared) {
+            // A stale number whose block now holds something else has no lock record.
+            Err(FsError::Corrupted(e)) => {
+                tracing::warn!("inode {ino}: {e}; treating the inode number as stale");
+                return Err(FsError::Errno(libc::ESTALE));
+            }
+            other => other?,
+        }
         let inode: InodeBody = self.meta.get(
             self.meta.geo.body_offset(ino),
             self.meta.geo.body_len(),
             ino,
         )?;
         if inode.flags & INODE_FLAG_FREED != 0 {
+            // Another host freed it: do not keep a lock on a block that may be reused.
+            // (An exclusive lock is ours, freeing it now; it goes with the commit.)
+            if self.meta.locks.held_mode(ino) != Some(LockMode::Exclusive) {
+                self.meta.drop_freed(ino)?;
+            }
             return Err(FsError::Errno(libc::ESTALE));
         }
         Ok(inode)

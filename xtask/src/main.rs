@@ -45,6 +45,21 @@ enum Task {
     Pjdfstest(pjdfstest::PjdArgs),
     /// The whole test suite, as CI runs it: cargo build, cargo test, pjdfstest.
     Test,
+    /// The cluster simulator: N in-process hosts over one simulated LUN, random
+    /// operations from K seeds, checkers after every step (release build).
+    Sim {
+        #[arg(long, default_value_t = 4)]
+        hosts: u32,
+        #[arg(long, default_value_t = 4)]
+        seeds: u64,
+        #[arg(long, default_value_t = 200)]
+        steps: u64,
+        #[arg(long, default_value_t = 1)]
+        seed_start: u64,
+        /// Also inject lost replies.
+        #[arg(long)]
+        faults: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +69,23 @@ fn main() -> ExitCode {
         Task::Install { prefix } => install::run(&prefix),
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
+        Task::Sim {
+            hosts,
+            seeds,
+            steps,
+            seed_start,
+            faults,
+        } => sh::cargo()
+            .args(["run", "--quiet", "--release", "--example", "sim", "--"])
+            .args([
+                hosts.to_string(),
+                seeds.to_string(),
+                steps.to_string(),
+                seed_start.to_string(),
+            ])
+            .arg(if faults { "1" } else { "0" })
+            .status()
+            .map(|s| s.success()),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

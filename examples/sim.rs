@@ -1,0 +1,54 @@
+//! Runs the cluster simulator: `cargo run --release --example sim -- HOSTS SEEDS STEPS SEED_START FAULTS`.
+//! `cargo xtask sim` is the friendly front end.
+
+use atsfs::sim::{run, SimConfig, SimSummary};
+use std::process::ExitCode;
+
+fn arg(args: &[String], i: usize, default: u64) -> u64 {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let hosts = arg(&args, 0, 4) as usize;
+    let seeds = arg(&args, 1, 4);
+    let steps = arg(&args, 2, 200) as usize;
+    let seed_start = arg(&args, 3, 1);
+    let faults = arg(&args, 4, 0) != 0;
+    let started = std::time::Instant::now();
+    let mut total = SimSummary::default();
+    for seed in seed_start..seed_start + seeds {
+        let cfg = SimConfig {
+            hosts,
+            seed,
+            steps,
+            faults,
+        };
+        match run(&cfg) {
+            Ok(s) => {
+                total.ops += s.ops;
+                total.ok += s.ok;
+                total.clean_errors += s.clean_errors;
+                total.crashes += s.crashes;
+                total.restarts += s.restarts;
+                total.locks_checked += s.locks_checked;
+            }
+            Err(e) => {
+                println!("sim: FAILED {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!(
+        "sim: {seeds} seeds x {hosts} hosts x {steps} steps: ok (ops {}, succeeded {}, clean errors {}, crashes {}, \
+         restarts {}, lock beliefs checked {}) in {:.1} s",
+        total.ops,
+        total.ok,
+        total.clean_errors,
+        total.crashes,
+        total.restarts,
+        total.locks_checked,
+        started.elapsed().as_secs_f64()
+    );
+    ExitCode::SUCCESS
+}
