@@ -114,8 +114,7 @@ pub fn status(lun: &dyn Lun, watch: Duration) -> Result<Status> {
         last = now;
     }
     let watched = started.elapsed();
-    let dead_after =
-        Duration::from_millis(u64::from(sb.lease_ms) + u64::from(sb.heartbeat_interval_ms));
+    let dead_after = Duration::from_millis(u64::from(sb.lease_ms));
     let slots = last
         .iter()
         .enumerate()

@@ -1,8 +1,9 @@
 //! What this host knows of the other slots: their last image and when it last changed
 //! on our own monotonic clock. No synchronised clocks are needed.
 //!
-//! - A LIVE (or RECOVERING) slot is dead when its sector has not changed for
-//!   `lease + interval` on our clock.
+//! - A LIVE (or RECOVERING) slot is dead when its sector has not changed for `lease`
+//!   on our clock: the host itself stopped writing an interval before that (it writes
+//!   only while `now < last renewal + lease - interval` on its own clock).
 //! - A lock holder `(slot, generation)` is stale when the slot has moved past that
 //!   generation, or is FREE at it: only then was its journal replayed (by recovery
 //!   or by a clean unmount), so only then may its locks be overwritten. Staleness
@@ -39,7 +40,10 @@ impl ClusterView {
         };
         ClusterView {
             slots: Mutex::new(vec![empty; max_hosts as usize]),
-            dead_after_ms: (lease + interval).as_millis() as u64,
+            // The host itself stops writing `interval` before its lease ends (on its own
+            // clock), and we saw its last change no earlier than it was written: a
+            // lease of silence on our clock is past its last possible write.
+            dead_after_ms: lease.max(interval * 2).as_millis() as u64,
         }
     }
 

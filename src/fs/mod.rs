@@ -443,6 +443,13 @@ impl Fs {
         Ok(held.len())
     }
 
+    /// Commits and releases every lock this host holds (as if other hosts had asked
+    /// for all of them). For benchmarks and tests.
+    pub fn release_all_locks(&self) -> FsResult<usize> {
+        let mut core = self.core()?;
+        Ok(core.meta.release_locks(None)?.len())
+    }
+
     /// Device I/O counters since mount.
     pub fn stats(&self) -> FsResult<meta::MetaStats> {
         self.read(|c| Ok(c.meta.stats))

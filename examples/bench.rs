@@ -1,0 +1,196 @@
+//! In-process cluster benchmarks: hosts are `Fs` instances in one process, each with
+//! its own open of one image file (emulated ATS between the opens), behind a counting
+//! wrapper. Prints a markdown table. `cargo xtask bench` runs it in release mode.
+//!
+//! Usage: bench IMAGE_DIR [FILES]
+
+use atsfs::cluster::HostUuid;
+use atsfs::fs::{Fs, MountOptions};
+use atsfs::lun::{FaultConfig, FaultLun, FileLun, IoStats, Lun, OpenMode};
+use atsfs::mkfs::{mkfs, MkfsOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const REG: u32 = libc::S_IFREG | 0o644;
+
+type Counted = Arc<FaultLun<FileLun>>;
+
+fn make_image(path: &Path, bytes: u64, opts: &MkfsOptions) {
+    let file = std::fs::File::create(path).expect("create image");
+    file.set_len(bytes).expect("size image");
+    drop(file);
+    let lun = FileLun::open(path, OpenMode::ReadWrite).expect("open image");
+    mkfs(&lun, opts, &mut |_, _| {}).expect("mkfs");
+}
+
+fn host(path: &Path, id: u8) -> (Arc<Fs>, Counted) {
+    let lun = Arc::new(FaultLun::new(
+        FileLun::open(path, OpenMode::ReadWrite).expect("open"),
+        FaultConfig::default(),
+    ));
+    let dynlun: Arc<dyn Lun> = lun.clone();
+    let fs = Fs::mount(dynlun, MountOptions::new(HostUuid([id; 16]))).expect("mount");
+    (fs, lun)
+}
+
+fn delta(a: IoStats, b: IoStats, n: u64) -> String {
+    let per = |x: u64, y: u64| (y - x) as f64 / n as f64;
+    format!(
+        "{:.2} reads, {:.2} writes, {:.2} ATS, {:.3} flushes",
+        per(a.reads, b.reads),
+        per(a.writes, b.writes),
+        per(a.caws, b.caws),
+        per(a.flushes, b.flushes)
+    )
+}
+
+/// Creates `n` files with 100 bytes each in `dir`, then syncs; returns files/s.
+fn create_files(fs: &Fs, dir: u64, prefix: &str, n: u64) -> f64 {
+    let started = Instant::now();
+    for i in 0..n {
+        let f = fs
+            .mknod(dir, format!("{prefix}{i}").as_bytes(), REG, 0, 0, 0)
+            .expect("create")
+            .ino;
+        fs.write_data(f, 0, &[b'x'; 100]).expect("write");
+    }
+    fs.sync().expect("sync");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = PathBuf::from(args.first().map_or("/tmp", |s| s.as_str()));
+    let files: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let image = dir.join("atsfs-bench.img");
+    let opts = MkfsOptions::default();
+    let mut rows: Vec<(String, String)> = Vec::new();
+
+    // mkfs of a sparse 1 TiB image.
+    let big = dir.join("atsfs-bench-1t.img");
+    let started = Instant::now();
+    make_image(&big, 1 << 40, &opts);
+    rows.push((
+        "mkfs of a sparse 1 TiB image (32 hosts)".into(),
+        format!("{:.2} s (target <= 2 s)", started.elapsed().as_secs_f64()),
+    ));
+    let _ = std::fs::remove_file(&big);
+
+    // One host: cost model of create + 100-byte write.
+    make_image(&image, 2 << 30, &opts);
+    let started = Instant::now();
+    let (a, lun_a) = host(&image, 1);
+    rows.push((
+        "mount (claim a slot, replay, root)".into(),
+        format!("{:.0} ms", started.elapsed().as_secs_f64() * 1000.0),
+    ));
+    let d1 = a.mkdir(a.root(), b"one", 0o755, 0, 0).expect("mkdir").ino;
+    let before = lun_a.stats();
+    let rate_one = create_files(&a, d1, "f", files);
+    rows.push((
+        format!("1 host: create + 100 B write of {files} files"),
+        format!("{rate_one:.0} files/s"),
+    ));
+    rows.push((
+        "  device I/O per create (incl. commits)".into(),
+        delta(before, lun_a.stats(), files),
+    ));
+
+    // Uncontended re-acquisition: release every lock, then stat every file again.
+    a.release_all_locks().expect("release");
+    let before = lun_a.stats();
+    let mut inos = Vec::new();
+    a.readdir(d1, 0, &mut |ino, _, _, name| {
+        if name != b"." && name != b".." {
+            inos.push(ino);
+        }
+        false
+    })
+    .expect("readdir");
+    let before_stat = lun_a.stats();
+    for &ino in &inos {
+        a.getattr(ino).expect("stat");
+    }
+    rows.push((
+        format!(
+            "uncontended lock (re-taking {} released inode locks)",
+            inos.len()
+        ),
+        delta(before_stat, lun_a.stats(), inos.len() as u64),
+    ));
+    let _ = before;
+
+    // Two hosts in separate directories vs one host doing the same work.
+    let (b, _lun_b) = host(&image, 2);
+    let d_a = a.mkdir(a.root(), b"sep-a", 0o755, 0, 0).expect("mkdir").ino;
+    let d_b = b.mkdir(b.root(), b"sep-b", 0o755, 0, 0).expect("mkdir").ino;
+    let d_one = a
+        .mkdir(a.root(), b"sep-one", 0o755, 0, 0)
+        .expect("mkdir")
+        .ino;
+    let started = Instant::now();
+    create_files(&a, d_one, "x", 2 * files);
+    let one = 2.0 * files as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| create_files(&a, d_a, "a", files));
+        s.spawn(|| create_files(&b, d_b, "b", files));
+    });
+    let two = 2.0 * files as f64 / started.elapsed().as_secs_f64();
+    rows.push(("1 host, 2N creates".into(), format!("{one:.0} files/s")));
+    rows.push((
+        "2 hosts, N creates each, separate directories".into(),
+        format!(
+            "{two:.0} files/s = {:.2}x one host (target >= 1.0x)",
+            two / one
+        ),
+    ));
+    let d_same = a.mkdir(a.root(), b"same", 0o755, 0, 0).expect("mkdir").ino;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| create_files(&a, d_same, "a", files / 4));
+        s.spawn(|| create_files(&b, d_same, "b", files / 4));
+    });
+    let same = (files / 2) as f64 / started.elapsed().as_secs_f64();
+    rows.push((
+        "2 hosts, one directory".into(),
+        format!(
+            "{same:.0} files/s = {:.2}x one host (target >= 0.5x)",
+            same / one
+        ),
+    ));
+
+    // Failover at the default lease: A holds a file open for writing and dies.
+    let f = a
+        .mknod(a.root(), b"held", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
+    a.open(f, true).expect("open");
+    a.sync().expect("sync");
+    drop(a);
+    let started = Instant::now();
+    loop {
+        match b.open(f, true) {
+            Ok(_) => break,
+            Err(e) if e.errno() == libc::EBUSY && started.elapsed() < Duration::from_secs(60) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("failover: {e}"),
+        }
+    }
+    rows.push((
+        "failover: crash of a host holding a file open for writing, to the survivor's open".into(),
+        format!(
+            "{:.2} s at the default 8 s lease (target <= 9 s)",
+            started.elapsed().as_secs_f64()
+        ),
+    ));
+    let _ = b.unmount();
+    let _ = std::fs::remove_file(&image);
+
+    println!("| measure | result |\n|---|---|");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+}
