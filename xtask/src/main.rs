@@ -45,6 +45,13 @@ enum Task {
     Pjdfstest(pjdfstest::PjdArgs),
     /// The whole test suite, as CI runs it: cargo build, cargo test, pjdfstest.
     Test,
+    /// Benchmarks (release build): the in-process cluster cost model, scaling,
+    /// failover and mkfs; writes docs/perf.md.
+    Bench {
+        /// Fewer files (quicker, noisier).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The cluster simulator: N in-process hosts over one simulated LUN, random
     /// operations from K seeds, checkers after every step (release build).
     Sim {
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
         Task::Install { prefix } => install::run(&prefix),
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
+        Task::Bench { quick } => bench(quick),
         Task::Sim {
             hosts,
             seeds,
@@ -112,4 +120,59 @@ fn require_root_and_fuse(task: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs examples/bench.rs in release mode and records its table in docs/perf.md.
+fn bench(quick: bool) -> anyhow::Result<bool> {
+    use anyhow::Context;
+    let files = if quick { "2000" } else { "10000" };
+    let scratch = tempfile::Builder::new()
+        .prefix("atsfs-bench-")
+        .tempdir()
+        .context("temp dir")?;
+    let command = format!("cargo run --release --example bench -- DIR {files}");
+    let out = sh::cargo()
+        .args(["run", "--quiet", "--release", "--example", "bench", "--"])
+        .arg(scratch.path())
+        .arg(files)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "the benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    print!("{table}");
+    let machine = format!(
+        "{} cores, kernel {}, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        sh::Cmd::new("date")
+            .arg("-u")
+            .arg("+%Y-%m-%d %H:%M UTC")
+            .read()
+            .unwrap_or_default()
+            .trim()
+    );
+    let root = sh::workspace_root()?;
+    let perf = root.join("docs/perf.md");
+    let text = std::fs::read_to_string(&perf).unwrap_or_default();
+    let begin = "<!-- bench:begin -->";
+    let end = "<!-- bench:end -->";
+    let block = format!(
+        "{begin}\nLast run: `cargo xtask bench{}` ({command}), {machine}.\n\n{table}{end}",
+        if quick { " --quick" } else { "" }
+    );
+    let updated = match (text.find(begin), text.find(end)) {
+        (Some(a), Some(b)) if a < b => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
+        _ => format!("{text}\n{block}\n"),
+    };
+    std::fs::write(&perf, updated).with_context(|| format!("writing {}", perf.display()))?;
+    println!("(recorded in {})", perf.display());
+    Ok(true)
 }
