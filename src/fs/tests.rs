@@ -803,3 +803,42 @@ fn a_file_open_on_another_host_outlives_its_unlink() {
     let report = crate::fsck::check(lun.as_ref()).expect("fsck");
     assert!(report.problems.is_empty(), "{:?}", report.problems);
 }
+
+#[test]
+fn a_recoverer_that_dies_mid_recovery_is_recovered_in_turn() {
+    use crate::format::{encode_padded, HeartbeatSlot, OnDisk, SLOT_RECOVERING};
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let f = a
+        .mknod(a.root(), b"from-a", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
+    a.write_data(f, 0, b"committed by a").expect("write");
+    a.fsync(f, false).expect("fsync");
+    drop(a); // crash of host 1
+             // Host 9 claimed slot 0 for recovery, then died before replaying or freeing it.
+    let geo = Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb"));
+    let (_, slot) = crate::cluster::read_slot(lun.as_ref(), &geo, 0).expect("read");
+    let mut slot: HeartbeatSlot = slot.expect("slot 0");
+    slot.state = SLOT_RECOVERING;
+    slot.recoverer_uuid = [9; 16];
+    slot.recoverer_slot = 3;
+    slot.counter += 1;
+    slot.seal();
+    lun.write_at(&encode_padded(&slot, 512), geo.slot_offset(0))
+        .expect("write slot");
+    // Host 2 needs host 1's locks: it recovers the abandoned recovery and goes on.
+    let b = mount(&lun, 2);
+    let found = b
+        .lookup(b.root(), b"from-a")
+        .expect("lookup after recovery");
+    assert_eq!(
+        b.read_data(found.ino, 0, 64).expect("read"),
+        b"committed by a"
+    );
+    let (_, slot0) = crate::cluster::read_slot(lun.as_ref(), &geo, 0).expect("read");
+    assert_eq!(slot0.map(|s| s.state), Some(crate::format::SLOT_FREE));
+    b.unmount().expect("unmount");
+    let report = crate::fsck::check(lun.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
