@@ -75,11 +75,19 @@ enum Command {
         slot: Option<u32>,
         device: PathBuf,
     },
-    /// Check a volume (read-only). Exit 0 clean, 4 errors left, 8 operational error.
+    /// Check a volume (read-only). Exit 0 clean, 1 errors corrected (--repair),
+    /// 4 errors left, 8 operational error.
     Fsck {
         /// Print every problem as JSON.
         #[arg(long)]
         json: bool,
+        /// Repair what the check finds (refused while a host is live).
+        #[arg(long)]
+        repair: bool,
+        /// With --repair: do not watch for live hosts first. Corrupts the volume if a
+        /// host really is live.
+        #[arg(long, requires = "repair")]
+        force: bool,
         device: PathBuf,
     },
 }
@@ -110,7 +118,13 @@ fn main() -> ExitCode {
                 mount_background(log.as_deref())
             }
         }
-        Command::Fsck { json, device } => return fsck(&device, json),
+        Command::Fsck {
+            json,
+            repair: true,
+            force,
+            device,
+        } => return fsck_repair(&device, json, force),
+        Command::Fsck { json, device, .. } => return fsck(&device, json),
         Command::Recover { slot, device } => recover(&device, slot),
         Command::Status {
             json,
@@ -389,4 +403,38 @@ fn show_locks(device: &Path, json: bool, path: Option<&str>) -> Result<()> {
         atsfs::inspect::print_locks(&rows);
     }
     Ok(())
+}
+
+fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
+    let lun = match FileLun::open(device, OpenMode::ReadWrite) {
+        Ok(lun) => lun,
+        Err(e) => {
+            eprintln!("atsfs fsck: cannot open {}: {e}", device.display());
+            return ExitCode::from(8);
+        }
+    };
+    match atsfs::fsck::repair(&lun, force) {
+        Ok(done) => {
+            for line in &done.fixed {
+                println!("repaired: {line}");
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&done.after).unwrap_or_default()
+                );
+            } else {
+                done.after.print();
+            }
+            match (done.after.problems.is_empty(), done.fixed.is_empty()) {
+                (true, true) => ExitCode::SUCCESS,
+                (true, false) => ExitCode::from(1),
+                (false, _) => ExitCode::from(4),
+            }
+        }
+        Err(e) => {
+            eprintln!("atsfs fsck --repair: {}: {e:#}", device.display());
+            ExitCode::from(8)
+        }
+    }
 }

@@ -275,6 +275,12 @@ pub(crate) fn compare_bitmaps(
     let geo = vol.geo;
     report.counts.blocks_reachable = map.claimed() + geo.ag_count * geo.ag_meta_blocks();
     let empty = vec![0u64; WORDS];
+    report.reachable = (0..geo.ag_count)
+        .map(|ag| {
+            map.group_words(ag)
+                .map_or_else(|| empty.clone(), |w| w.to_vec())
+        })
+        .collect();
     for (ag, group) in groups.iter().enumerate() {
         let ag = ag as u64;
         let Some(group) = group else { continue };

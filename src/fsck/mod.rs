@@ -39,9 +39,11 @@
 //! make the check panic: every disk-provided index or count is bounds checked.
 
 mod groups;
+mod repair;
 mod report;
 mod slots;
 mod superblock;
+pub use repair::{repair, Repair};
 mod tree;
 mod volume;
 

@@ -131,6 +131,13 @@ pub struct FsckReport {
     /// Every inode reached, with (one of) its paths: for `atsfs locks`.
     #[serde(skip)]
     pub paths: std::collections::BTreeMap<u64, String>,
+    /// For repair: inodes whose link count is wrong, with the right count.
+    #[serde(skip)]
+    pub(crate) link_fixes: Vec<(u64, u32)>,
+    /// For repair: each group's bitmap of blocks reachable from the root (64-bit
+    /// words, LSB first), group metadata not included.
+    #[serde(skip)]
+    pub(crate) reachable: Vec<Vec<u64>>,
 }
 
 /// Problems of one kind listed one by one per object before they are summed up.

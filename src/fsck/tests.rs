@@ -693,3 +693,92 @@ fn a_512_mib_volume_checks_fast_without_reading_data() {
     // Debug builds are slower; a release build takes a few milliseconds.
     assert!(took < Duration::from_secs(2), "fsck took {took:?}");
 }
+
+/// Corrupts a copy of the built volume, repairs it, and checks that it is clean and
+/// that an untouched file still reads back through a mount.
+fn repaired(corrupt: impl FnOnce(&mut Vec<u8>, &Geometry)) -> super::Repair {
+    let b = built();
+    let mut image = b.image.clone();
+    let geo = geometry(&image);
+    corrupt(&mut image, &geo);
+    let lun = Arc::new(MemLun::from_image(image, 512));
+    let before = check(lun.as_ref()).expect("check");
+    assert!(!before.problems.is_empty(), "the corruption was not seen");
+    let done = super::repair(lun.as_ref(), false).expect("repair");
+    assert!(!done.fixed.is_empty(), "nothing repaired");
+    assert_clean(&done.after);
+    let fs = mount(lun.clone());
+    let docs = fs.lookup(fs.root(), b"docs").expect("docs").ino;
+    let f = fs.lookup(docs, b"b").expect("/docs/b").ino;
+    assert!(!fs.read_data(f, 0, 16).expect("read").is_empty());
+    fs.unmount().expect("unmount");
+    done
+}
+
+#[test]
+fn repair_fixes_a_bumped_link_count() {
+    let ino = built().inos["/docs/b"];
+    let done = repaired(|image, geo| {
+        let mut inode = read_inode(image, geo, ino);
+        inode.nlink += 1;
+        write_inode(image, geo, inode);
+    });
+    assert!(
+        done.fixed.iter().any(|f| f.contains("link count")),
+        "{:?}",
+        done.fixed
+    );
+}
+
+#[test]
+fn repair_rebuilds_bitmaps_with_leaks_lost_blocks_and_bad_checksums() {
+    let ino = built().inos["/docs/b"];
+    repaired(|image, geo| {
+        let target = first_data_block(&read_inode(image, geo, ino));
+        set_bitmap_bit(image, geo, target, false);
+        let end = geo.ag_end(0);
+        for block in end - 40..end - 30 {
+            set_bitmap_bit(image, geo, block, true);
+        }
+    });
+    repaired(|image, geo| {
+        image[geo.ag_bitmap(0) as usize * BLOCK_SIZE + 3000] ^= 1;
+    });
+}
+
+#[test]
+fn repair_rewrites_a_zeroed_primary_superblock() {
+    let done = repaired(|image, _| image[..BLOCK_SIZE].fill(0));
+    assert!(
+        done.fixed.iter().any(|f| f.contains("primary superblock")),
+        "{:?}",
+        done.fixed
+    );
+}
+
+#[test]
+fn repair_refuses_while_a_host_is_live_and_recovers_a_crashed_one() {
+    let lun = fresh(64 << 20);
+    let fs = mount(lun.clone());
+    let f = fs
+        .mknod(fs.root(), b"kept", libc::S_IFREG | 0o644, 0, 0, 0)
+        .expect("create")
+        .ino;
+    fs.write_data(f, 0, b"fsynced").expect("write");
+    fs.fsync(f, false).expect("fsync");
+    let err = super::repair(lun.as_ref(), false)
+        .err()
+        .expect("refused while live");
+    assert!(format!("{err:#}").contains("unmount every host"), "{err:#}");
+    drop(fs); // crash
+    let done = super::repair(lun.as_ref(), false).expect("repair");
+    assert!(
+        done.fixed.iter().any(|f| f.contains("recovered")),
+        "{:?}",
+        done.fixed
+    );
+    assert_clean(&done.after);
+    let fs = mount(lun.clone());
+    let kept = fs.lookup(fs.root(), b"kept").expect("kept");
+    assert_eq!(fs.read_data(kept.ino, 0, 16).expect("read"), b"fsynced");
+}

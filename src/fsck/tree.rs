@@ -838,6 +838,7 @@ impl Walk<'_, '_> {
         let mut wrong = Vec::new();
         for (&ino, f) in &self.files {
             if f.nlink != f.found {
+                self.report.link_fixes.push((ino, f.found));
                 let msg = format!("link count {}, but {} entries name it", f.nlink, f.found);
                 wrong.push((ino, f.path.clone(), msg));
             }
@@ -845,6 +846,7 @@ impl Walk<'_, '_> {
         for (&ino, d) in &self.dirs {
             let expected = 2u64 + u64::from(d.subdirs);
             if u64::from(d.nlink) != expected {
+                self.report.link_fixes.push((ino, expected as u32));
                 let msg = format!(
                     "link count {}, but 2 + {} subdirectories make {expected}",
                     d.nlink, d.subdirs
