@@ -262,6 +262,19 @@ fn a_killed_host_is_recovered_by_the_survivor() {
     );
     on_b.write_all(b"B took over").expect("write on B");
     drop(on_b);
+    // `atsfs status` no longer shows A live.
+    let out = Command::new(atsfs_bin())
+        .arg("status")
+        .arg("--json")
+        .arg(&image)
+        .output()
+        .expect("atsfs status");
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let a_live = status["slots"].as_array().expect("slots").iter().any(|s| {
+        s["host_uuid"] == a_spec.host_id.as_str()
+            && s["state"].as_str().is_some_and(|st| st.starts_with("live"))
+    });
+    assert!(!a_live, "A still shows live: {status}");
     for i in 0..200 {
         let data = read_all(&b.join(&format!("fsynced/f{i}"))).expect("fsynced file on B");
         assert_eq!(data, format!("file {i} from host A").as_bytes());
