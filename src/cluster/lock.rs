@@ -185,6 +185,38 @@ fn taken(
     Some(r)
 }
 
+/// Writes `next` over the record `state` by one ATS, telling a lost reply or a false
+/// miscompare (our image is there) from a real conflict. `Ok(state)`: written;
+/// `Err(state)`: the record holds something else now.
+fn swap(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    state: &LockState,
+    next: LockRecord,
+) -> Result<Result<LockState, LockState>, LockError> {
+    let resource = state.record.resource;
+    let image = encode(&next, geo.ats_sector_size);
+    let actual = match lun.compare_and_write(geo.lock_offset(resource), &state.raw, &image) {
+        Ok(Caw::Written) => image.clone(),
+        Ok(Caw::Miscompare(actual)) => actual,
+        Err(e) => {
+            // The reply may be lost with the write landed: look before giving up.
+            let now = read_lock(lun, geo, resource)?;
+            if now.raw == state.raw {
+                return Err(e.into());
+            }
+            now.raw
+        }
+    };
+    if actual == image {
+        return Ok(Ok(LockState {
+            raw: image,
+            record: next,
+        }));
+    }
+    Ok(Err(decode(actual, resource)?))
+}
+
 /// One ATS attempt to take a lock, starting from `state` (the image last read).
 /// On a miscompare the new image is returned in `Err(Some(state))`-like form: the
 /// caller retries from it.
@@ -208,33 +240,7 @@ pub fn try_acquire(
         }
         return Ok(Ok(Acquire::Held(now)));
     };
-    let image = encode(&next, geo.ats_sector_size);
-    let outcome = match lun.compare_and_write(geo.lock_offset(resource), &state.raw, &image) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            // The reply may be lost with the write landed: look before giving up.
-            let now = read_lock(lun, geo, resource)?;
-            if now.raw == image {
-                Caw::Written
-            } else if now.raw == state.raw {
-                return Err(e.into());
-            } else {
-                Caw::Miscompare(now.raw)
-            }
-        }
-    };
-    match outcome {
-        Caw::Written => Ok(Ok(Acquire::Got(LockState {
-            raw: image,
-            record: next,
-        }))),
-        // A false miscompare: our image is there, only the reply said otherwise.
-        Caw::Miscompare(actual) if actual == image => Ok(Ok(Acquire::Got(LockState {
-            raw: image,
-            record: next,
-        }))),
-        Caw::Miscompare(actual) => Ok(Err(decode(actual, resource)?)),
-    }
+    Ok(swap(lun, geo, state, next)?.map(Acquire::Got))
 }
 
 /// Releases our hold on a lock whose current image is `state` (as we last wrote or
@@ -246,7 +252,6 @@ pub fn try_release(
     state: &LockState,
     me: &Holder,
 ) -> Result<Result<LockState, LockState>, LockError> {
-    let resource = state.record.resource;
     if !state.held_by(me) {
         return Ok(Ok(state.clone()));
     }
@@ -269,31 +274,7 @@ pub fn try_release(
             }
         }
     }
-    let image = encode(&next, geo.ats_sector_size);
-    let outcome = match lun.compare_and_write(geo.lock_offset(resource), &state.raw, &image) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            let now = read_lock(lun, geo, resource)?;
-            if now.raw == image {
-                Caw::Written
-            } else if now.raw == state.raw {
-                return Err(e.into());
-            } else {
-                Caw::Miscompare(now.raw)
-            }
-        }
-    };
-    match outcome {
-        Caw::Written => Ok(Ok(LockState {
-            raw: image,
-            record: next,
-        })),
-        Caw::Miscompare(actual) if actual == image => Ok(Ok(LockState {
-            raw: image,
-            record: next,
-        })),
-        Caw::Miscompare(actual) => Ok(Err(decode(actual, resource)?)),
-    }
+    swap(lun, geo, state, next)
 }
 
 /// What kind of open a host records in a lock record.
@@ -393,29 +374,5 @@ pub fn try_open(
     };
     let mut next = next;
     next.resource = resource;
-    let image = encode(&next, geo.ats_sector_size);
-    let outcome = match lun.compare_and_write(geo.lock_offset(resource), &state.raw, &image) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            let now = read_lock(lun, geo, resource)?;
-            if now.raw == image {
-                Caw::Written
-            } else if now.raw == state.raw {
-                return Err(e.into());
-            } else {
-                Caw::Miscompare(now.raw)
-            }
-        }
-    };
-    match outcome {
-        Caw::Written => Ok(Ok(Some(LockState {
-            raw: image,
-            record: next,
-        }))),
-        Caw::Miscompare(actual) if actual == image => Ok(Ok(Some(LockState {
-            raw: image,
-            record: next,
-        }))),
-        Caw::Miscompare(actual) => Ok(Err(decode(actual, resource)?)),
-    }
+    Ok(swap(lun, geo, state, next)?.map(Some))
 }
