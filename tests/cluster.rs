@@ -21,6 +21,21 @@ fn two_hosts(name: &str) -> (Scratch, PathBuf, Mount, Mount) {
     (scratch, image, a, b)
 }
 
+/// Reads a file, retrying while another host still has it open for writing (its
+/// close reaches its daemon just after close() returns).
+fn read_within(path: &Path, limit: Duration) -> Vec<u8> {
+    let started = Instant::now();
+    loop {
+        match read_all(path) {
+            Ok(data) => return data,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < limit => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("reading {}: {e}", path.display()),
+        }
+    }
+}
+
 fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     File::open(path)?.read_to_end(&mut out)?;
@@ -144,14 +159,14 @@ fn two_hosts_share_a_volume_through_fuse() {
         .expect_err("B must not open it for writing");
     assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
     drop(held);
-    let mut on_b = OpenOptions::new()
-        .write(true)
-        .open(b.join("vm.disk"))
-        .expect("B opens once A closed");
+    // The kernel tells the daemon about a close (FUSE release) just after close()
+    // returns, so the other host may need a moment to see it.
+    let (mut on_b, waited) = open_for_writing_within(&b.join("vm.disk"), Duration::from_secs(2));
+    eprintln!("B could open for writing {waited:?} after A closed");
     on_b.write_all(b"BBBBBBBB").expect("B overwrites");
     drop(on_b);
     assert_eq!(
-        read_all(&a.join("vm.disk")).expect("A reads again"),
+        read_within(&a.join("vm.disk"), Duration::from_secs(2)),
         b"BBBBBBBB"
     );
 
@@ -283,7 +298,7 @@ fn a_killed_host_is_recovered_by_the_survivor() {
     let a = a_spec.mount();
     // B overwrote the first 11 of A's 12 bytes.
     assert_eq!(
-        read_all(&a.join("held")).expect("read on A"),
+        read_within(&a.join("held"), Duration::from_secs(2)),
         b"B took overs"
     );
     a.unmount();
@@ -383,8 +398,7 @@ fn eight_rounds_of_kill_9_among_three_hosts_lose_no_fsynced_file() {
         // needs the victim's locks).
         let survivor = hosts.iter().flatten().next().expect("a survivor");
         for (name, content) in &fsynced {
-            let data = read_all(&survivor.join(name))
-                .unwrap_or_else(|e| panic!("round {round}: {name}: {e}"));
+            let data = read_within(&survivor.join(name), Duration::from_secs(2));
             assert_eq!(&data, content, "round {round}: {name}");
         }
         hosts[victim] = Some(specs[victim].mount());
