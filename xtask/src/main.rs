@@ -9,6 +9,7 @@
 //! (a guard that always unmounts), one module per task.
 
 mod demo;
+mod fusebench;
 mod install;
 mod mount;
 mod pjdfstest;
@@ -51,6 +52,9 @@ enum Task {
         /// Fewer files (quicker, noisier).
         #[arg(long)]
         quick: bool,
+        /// Also run the FUSE-level comparison with ext4, bindfs and fio (root).
+        #[arg(long)]
+        fuse: bool,
     },
     /// The cluster simulator: N in-process hosts over one simulated LUN, random
     /// operations from K seeds, checkers after every step (release build).
@@ -76,7 +80,7 @@ fn main() -> ExitCode {
         Task::Install { prefix } => install::run(&prefix),
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
-        Task::Bench { quick } => bench(quick),
+        Task::Bench { quick, fuse } => bench(quick, fuse),
         Task::Sim {
             hosts,
             seeds,
@@ -123,7 +127,7 @@ fn require_root_and_fuse(task: &str) -> anyhow::Result<()> {
 }
 
 /// Runs examples/bench.rs in release mode and records its table in docs/perf.md.
-fn bench(quick: bool) -> anyhow::Result<bool> {
+fn bench(quick: bool, fuse: bool) -> anyhow::Result<bool> {
     use anyhow::Context;
     let files = if quick { "2000" } else { "10000" };
     let scratch = tempfile::Builder::new()
@@ -159,20 +163,40 @@ fn bench(quick: bool) -> anyhow::Result<bool> {
             .unwrap_or_default()
             .trim()
     );
-    let root = sh::workspace_root()?;
-    let perf = root.join("docs/perf.md");
-    let text = std::fs::read_to_string(&perf).unwrap_or_default();
-    let begin = "<!-- bench:begin -->";
-    let end = "<!-- bench:end -->";
-    let block = format!(
-        "{begin}\nLast run: `cargo xtask bench{}` ({command}), {machine}.\n\n{table}{end}",
-        if quick { " --quick" } else { "" }
+    let flags = format!(
+        "{}{}",
+        if quick { " --quick" } else { "" },
+        if fuse { " --fuse" } else { "" }
     );
-    let updated = match (text.find(begin), text.find(end)) {
+    record(
+        "bench",
+        &format!("Last run: `cargo xtask bench{flags}` ({command}), {machine}.\n\n{table}"),
+    )?;
+    if fuse {
+        let fuse_table = fusebench::run(quick)?;
+        print!("{fuse_table}");
+        record(
+            "fusebench",
+            &format!("Last run: `cargo xtask bench{flags}`, {machine}.\n\n{fuse_table}"),
+        )?;
+    }
+    let perf = sh::workspace_root()?.join("docs/perf.md");
+    println!("(recorded in {})", perf.display());
+    Ok(true)
+}
+
+/// Replaces the text between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in
+/// docs/perf.md (appending the block when it is missing).
+fn record(name: &str, body: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let perf = sh::workspace_root()?.join("docs/perf.md");
+    let text = std::fs::read_to_string(&perf).unwrap_or_default();
+    let begin = format!("<!-- {name}:begin -->");
+    let end = format!("<!-- {name}:end -->");
+    let block = format!("{begin}\n{body}{end}");
+    let updated = match (text.find(&begin), text.find(&end)) {
         (Some(a), Some(b)) if a < b => format!("{}{}{}", &text[..a], block, &text[b + end.len()..]),
         _ => format!("{text}\n{block}\n"),
     };
-    std::fs::write(&perf, updated).with_context(|| format!("writing {}", perf.display()))?;
-    println!("(recorded in {})", perf.display());
-    Ok(true)
+    std::fs::write(&perf, updated).with_context(|| format!("writing {}", perf.display()))
 }

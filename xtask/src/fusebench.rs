@@ -1,0 +1,240 @@
+//! `cargo xtask bench --fuse`: atsfs through FUSE against what a user would run
+//! instead, in the same run on the same machine: ext4 on a loop device (the kernel),
+//! bindfs over that ext4 (what FUSE itself costs), and a plain file with O_DIRECT for
+//! streaming (fio). Prints ratios next to their targets.
+
+use crate::sh::{self, Cmd};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Unmounts and detaches what the benchmark set up, even when it fails.
+#[derive(Default)]
+struct Cleanup {
+    mounts: Vec<PathBuf>,
+    loops: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            let _ = Cmd::new("umount").arg(m).quiet().status();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        for l in &self.loops {
+            let _ = Cmd::new("losetup").args(["-d", l]).quiet().status();
+        }
+    }
+}
+
+/// Operations per second of each phase of the metadata workload.
+struct Meta {
+    create: f64,
+    stat: f64,
+    readdir: f64,
+    unlink: f64,
+}
+
+fn rate(n: usize, started: Instant) -> f64 {
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// create + 100-byte write + close, stat, readdir and unlink of `n` files.
+fn metadata(dir: &Path, n: usize) -> Result<Meta> {
+    std::fs::create_dir_all(dir)?;
+    let name = |i: usize| dir.join(format!("file-{i:06}"));
+    let started = Instant::now();
+    for i in 0..n {
+        std::fs::write(name(i), [b'x'; 100])
+            .with_context(|| format!("creating {}", name(i).display()))?;
+    }
+    let create = rate(n, started);
+    let started = Instant::now();
+    for i in 0..n {
+        std::fs::metadata(name(i))?;
+    }
+    let stat = rate(n, started);
+    let started = Instant::now();
+    let listed = std::fs::read_dir(dir)?.count();
+    if listed != n {
+        bail!("{} lists {listed} entries, not {n}", dir.display());
+    }
+    let readdir = rate(n, started);
+    let started = Instant::now();
+    for i in 0..n {
+        std::fs::remove_file(name(i))?;
+    }
+    let unlink = rate(n, started);
+    Ok(Meta {
+        create,
+        stat,
+        readdir,
+        unlink,
+    })
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
+}
+
+/// One fio job; returns MiB/s (read + write).
+fn fio(file: &Path, rw: &str, bs: &str, size: &str, direct: bool, extra: &[&str]) -> Result<f64> {
+    let out = Cmd::new("fio")
+        .arg("--name=bench")
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--size={size}"))
+        .arg(format!("--direct={}", u8::from(direct)))
+        .args(["--ioengine=psync", "--output-format=json"])
+        .args(extra)
+        .read()?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("fio's JSON output")?;
+    let job = &json["jobs"][0];
+    let kib =
+        job["read"]["bw"].as_f64().unwrap_or(0.0) + job["write"]["bw"].as_f64().unwrap_or(0.0);
+    Ok(kib / 1024.0)
+}
+
+fn need(program: &str, package: &str) -> Result<()> {
+    if sh::which(program).is_none() {
+        Cmd::new("apt-get")
+            .args(["install", "-y", "-q", package])
+            .run()?;
+    }
+    Ok(())
+}
+
+pub fn run(quick: bool) -> Result<String> {
+    crate::require_root_and_fuse("bench --fuse")?;
+    need("bindfs", "bindfs")?;
+    need("fio", "fio")?;
+    need("mkfs.ext4", "e2fsprogs")?;
+    let bin = crate::install::build_release()?;
+    let atsfs = bin.join("atsfs");
+    let mkfs = bin.join("mkfs-atsfs");
+    let temp = tempfile::Builder::new()
+        .prefix("atsfs-fusebench-")
+        .tempdir()?;
+    let dir = temp.path();
+    let mut cleanup = Cleanup::default();
+    let (files, stream) = if quick { (2000, "256M") } else { (10000, "1G") };
+
+    // atsfs, one host.
+    let image = dir.join("atsfs.img");
+    Cmd::new(&mkfs)
+        .args(["-q", "--size", "4G"])
+        .arg(&image)
+        .run()?;
+    let mnt_atsfs = dir.join("atsfs");
+    std::fs::create_dir_all(&mnt_atsfs)?;
+    Cmd::new(&atsfs)
+        .args([
+            "mount",
+            "--host-id",
+            "b0000000-0000-4000-8000-00000000000b",
+            "--log",
+        ])
+        .arg(dir.join("atsfs.log"))
+        .arg(&image)
+        .arg(&mnt_atsfs)
+        .run()?;
+    cleanup.mounts.push(mnt_atsfs.clone());
+
+    // ext4 on a loop device, and bindfs over it.
+    let ext4_img = dir.join("ext4.img");
+    std::fs::File::create(&ext4_img)?.set_len(4 << 30)?;
+    let lo = Cmd::new("losetup")
+        .args(["-f", "--show"])
+        .arg(&ext4_img)
+        .read()?
+        .trim()
+        .to_string();
+    cleanup.loops.push(lo.clone());
+    Cmd::new("mkfs.ext4").args(["-q", "-F", &lo]).run()?;
+    let mnt_ext4 = dir.join("ext4");
+    std::fs::create_dir_all(&mnt_ext4)?;
+    Cmd::new("mount").arg(&lo).arg(&mnt_ext4).run()?;
+    cleanup.mounts.push(mnt_ext4.clone());
+    let mnt_bindfs = dir.join("bindfs");
+    std::fs::create_dir_all(&mnt_bindfs)?;
+    std::fs::create_dir_all(mnt_ext4.join("under-bindfs"))?;
+    Cmd::new("bindfs")
+        .arg(mnt_ext4.join("under-bindfs"))
+        .arg(&mnt_bindfs)
+        .run()?;
+    cleanup.mounts.push(mnt_bindfs.clone());
+
+    let m_atsfs = metadata(&mnt_atsfs.join("meta"), files)?;
+    let m_bindfs = metadata(&mnt_bindfs.join("meta"), files)?;
+    let m_ext4 = metadata(&mnt_ext4.join("meta"), files)?;
+
+    let mut table = String::from("| measure | atsfs | bindfs over ext4 | ext4 | atsfs / bindfs | target |\n|---|---|---|---|---|---|\n");
+    for (what, a, b, e) in [
+        (
+            "create + 100 B write + close /s",
+            m_atsfs.create,
+            m_bindfs.create,
+            m_ext4.create,
+        ),
+        ("stat /s", m_atsfs.stat, m_bindfs.stat, m_ext4.stat),
+        (
+            "readdir entries /s",
+            m_atsfs.readdir,
+            m_bindfs.readdir,
+            m_ext4.readdir,
+        ),
+        ("unlink /s", m_atsfs.unlink, m_bindfs.unlink, m_ext4.unlink),
+    ] {
+        let target = if what.starts_with("readdir") {
+            "-"
+        } else {
+            ">= 1.0x"
+        };
+        table.push_str(&format!(
+            "| {what} ({files} files) | {a:.0} | {b:.0} | {e:.0} | {:.2}x | {target} |\n",
+            a / b
+        ));
+    }
+
+    // Streaming: atsfs (through FUSE) against a plain file with O_DIRECT.
+    let plain = dir.join("plain.bin");
+    let on_atsfs = mnt_atsfs.join("stream.bin");
+    let mut stream_rows = Vec::new();
+    for (what, rw, bs, extra) in [
+        (
+            "sequential write 1 MiB blocks, fsync at end",
+            "write",
+            "1M",
+            vec!["--end_fsync=1"],
+        ),
+        ("cold sequential read 1 MiB blocks", "read", "1M", vec![]),
+        (
+            "4 KiB random read/write",
+            "randrw",
+            "4k",
+            vec!["--runtime=10", "--time_based"],
+        ),
+    ] {
+        if rw == "read" {
+            drop_caches();
+        }
+        let a = fio(&on_atsfs, rw, bs, stream, false, &extra)?;
+        if rw == "read" {
+            drop_caches();
+        }
+        let p = fio(&plain, rw, bs, stream, true, &extra)?;
+        stream_rows.push(format!(
+            "| {what} ({stream}) | {a:.0} MiB/s | {p:.0} MiB/s | {:.2}x | >= 0.8x |\n",
+            a / p
+        ));
+    }
+    table.push_str(
+        "\n| streaming | atsfs | plain file, O_DIRECT | ratio | target |\n|---|---|---|---|---|\n",
+    );
+    for row in stream_rows {
+        table.push_str(&row);
+    }
+    drop(cleanup);
+    Ok(table)
+}
