@@ -52,19 +52,29 @@ enum Command {
     },
     /// Show the host slots of a volume: who is live, dead or gone (read-only).
     Status {
+        /// Print JSON: {volume: {...}, watched_ms, slots: [...]}.
         #[arg(long)]
         json: bool,
-        /// How long to watch the heartbeats (default: two heartbeat intervals).
+        /// Watch the heartbeats for up to this long (default: two heartbeat intervals
+        /// + 200 ms; at most lease + interval + 500 ms, which settles every slot).
         #[arg(long)]
         watch_ms: Option<u64>,
         device: PathBuf,
     },
-    /// Show the held lock records of a volume, or of one PATH inside it (read-only).
+    /// Show the held lock records of a volume, or the record of one PATH inside it,
+    /// with their holders and open files (read-only).
     Locks {
+        /// Print JSON: {volume: {...}, watched_ms, locks: [...]}.
         #[arg(long)]
         json: bool,
+        /// List free records too.
+        #[arg(long)]
+        all: bool,
+        /// Watch the heartbeats for up to this long to judge the holders (as status).
+        #[arg(long)]
+        watch_ms: Option<u64>,
         device: PathBuf,
-        /// A path inside the volume, like /dir/file.
+        /// A path inside the volume, like /dir/file (not through a mount point).
         path: Option<String>,
     },
     /// Recover dead hosts' slots offline: replay their journals and free their slots.
@@ -131,7 +141,20 @@ fn main() -> ExitCode {
             watch_ms,
             device,
         } => show_status(&device, json, watch_ms),
-        Command::Locks { json, device, path } => show_locks(&device, json, path.as_deref()),
+        Command::Locks {
+            json,
+            all,
+            watch_ms,
+            device,
+            path,
+        } => {
+            let query = atsfs::inspect::LockQuery {
+                path,
+                all,
+                watch: watch_ms.map(std::time::Duration::from_millis),
+            };
+            show_locks(&device, json, &query)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -378,29 +401,23 @@ fn open_read_only(device: &Path) -> Result<FileLun> {
 
 fn show_status(device: &Path, json: bool, watch_ms: Option<u64>) -> Result<()> {
     let lun = open_read_only(device)?;
-    let sb = atsfs::fs::read_superblock(&lun)?;
-    let watch = watch_ms.map_or_else(
-        || atsfs::inspect::default_watch(&sb),
-        std::time::Duration::from_millis,
-    );
+    let watch = watch_ms.map(std::time::Duration::from_millis);
     let status = atsfs::inspect::status(&lun, watch)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        atsfs::inspect::print_status(&status);
+        print!("{}", atsfs::inspect::render_status(&status));
     }
     Ok(())
 }
 
-fn show_locks(device: &Path, json: bool, path: Option<&str>) -> Result<()> {
+fn show_locks(device: &Path, json: bool, query: &atsfs::inspect::LockQuery) -> Result<()> {
     let lun = open_read_only(device)?;
-    let sb = atsfs::fs::read_superblock(&lun)?;
-    let (status, rows) = atsfs::inspect::locks(&lun, path, atsfs::inspect::default_watch(&sb))?;
+    let report = atsfs::inspect::locks(&lun, query)?;
     if json {
-        let out = serde_json::json!({ "volume": status.volume, "locks": rows });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        atsfs::inspect::print_locks(&rows);
+        print!("{}", atsfs::inspect::render_locks(&report));
     }
     Ok(())
 }

@@ -38,14 +38,14 @@
 //! `Err` (exit 8); anything wrong on disk is a `Problem` (exit 4). No byte on disk can
 //! make the check panic: every disk-provided index or count is bounds checked.
 
-mod groups;
+pub(crate) mod groups;
 mod repair;
 mod report;
-mod slots;
+pub(crate) mod slots;
 mod superblock;
 pub use repair::{repair, Repair};
-mod tree;
-mod volume;
+pub(crate) mod tree;
+pub(crate) mod volume;
 
 pub use report::{Counts, FsckReport, Problem, ProblemKind};
 

@@ -1,0 +1,73 @@
+//! `atsfs status` and `atsfs locks`: who uses a volume and who holds what, read from
+//! the disk alone. Both are read-only: they hold no slot and no lease, and never
+//! write (the CLI opens the device read-only).
+//!
+//! - `status`: the heartbeat slots, watched on this tool's own monotonic clock.
+//! - `locks`: the lock records of every inode reached from the root (paths from
+//!   fsck's tree walk) and of every allocation group header, with their holders
+//!   judged against the same watch.
+//!
+//! Liveness needs no synchronised clocks (the rule of `cluster::view`, reused here):
+//! a slot whose sector changed while the tool watched is `live`; a LIVE slot that did
+//! not change is `live?` until it has been silent for a lease on the tool's clock,
+//! then `dead`. The watch ends early once every slot in use is settled (moved, or
+//! dead), and never lasts longer than lease + interval + 500 ms.
+//!
+//! What the tools cannot see: an inode unlinked while a host still has it open is in
+//! no directory, so its lock record is not listed; a hard-linked file is known under
+//! one of its names only. On a mounted volume everything read is a snapshot that the
+//! hosts keep changing.
+//!
+//! No byte on disk makes them panic: a slot or lock record that does not decode is
+//! shown as `damaged`, with the reason.
+
+mod locks;
+mod print;
+mod status;
+
+pub use locks::{
+    locks, HolderState, LockQuery, LockReport, LockRow, Owner, RecordMode, ResourceKind, Waiter,
+};
+pub use print::{render_locks, render_status};
+pub use status::{status, watch_window, SlotRow, SlotState, Status};
+
+use crate::format::{get_str, Superblock, ATS_MODE_HARDWARE};
+use crate::lun::Lun;
+use serde::Serialize;
+
+/// The volume's identity and cluster parameters, as the superblock records them.
+#[derive(Clone, Debug, Serialize)]
+pub struct VolumeInfo {
+    pub device: String,
+    pub label: String,
+    pub volume_uuid: String,
+    /// `emulated` (file locks, one kernel) or `hardware` (SCSI COMPARE AND WRITE).
+    pub ats_mode: String,
+    pub ats_sector_size: u32,
+    pub heartbeat_interval_ms: u32,
+    pub lease_ms: u32,
+    pub max_hosts: u32,
+}
+
+impl VolumeInfo {
+    fn new(lun: &dyn Lun, sb: &Superblock) -> VolumeInfo {
+        let ats_mode = if sb.ats_mode == ATS_MODE_HARDWARE {
+            "hardware"
+        } else {
+            "emulated"
+        };
+        VolumeInfo {
+            device: lun.describe(),
+            label: get_str(&sb.label),
+            volume_uuid: uuid::Uuid::from_bytes(sb.volume_uuid).to_string(),
+            ats_mode: ats_mode.into(),
+            ats_sector_size: sb.ats_sector_size,
+            heartbeat_interval_ms: sb.heartbeat_interval_ms,
+            lease_ms: sb.lease_ms,
+            max_hosts: sb.max_hosts,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
