@@ -169,14 +169,9 @@ fn check_group(vol: &mut Volume, report: &mut FsckReport, ag: u64) -> Result<Opt
     let raw = vol.blocks(first, meta)?;
     let sector = geo.ats_sector_size as usize;
     let (lock, body) = raw.split_at(sector.min(raw.len()));
-    match check_lock(lock, first) {
-        Ok(held) => report.counts.locks_held += u64::from(held),
-        Err(e) => report.problem(
-            ProblemKind::LockRecord,
-            Some(first),
-            None,
-            format!("allocation group {ag}: {e}"),
-        ),
+    if let Err(e) = check_lock(lock, first, report) {
+        let msg = format!("allocation group {ag}: {e}");
+        report.problem(ProblemKind::LockRecord, Some(first), None, msg);
     }
     let header = match AgHeader::decode(body, first) {
         Ok(h) => h,
@@ -275,7 +270,7 @@ pub(crate) fn compare_bitmaps(
     let geo = vol.geo;
     report.counts.blocks_reachable = map.claimed() + geo.ag_count * geo.ag_meta_blocks();
     let empty = vec![0u64; WORDS];
-    report.reachable = (0..geo.ag_count)
+    report.fixes.reachable = (0..geo.ag_count)
         .map(|ag| {
             map.group_words(ag)
                 .map_or_else(|| empty.clone(), |w| w.to_vec())

@@ -1,4 +1,5 @@
-//! fsck: a read-only check of a whole volume. It never writes.
+//! fsck: a read-only check of a whole volume (`check` never writes), and `repair`,
+//! which mends what the check found on a volume no host uses.
 //!
 //! The passes, in order (each a submodule):
 //!
@@ -33,6 +34,11 @@
 //!   of a slot in order, slot after slot, exactly as replay will, even an image of a
 //!   block that was freed and reused since. fsck never reads file data, so an old
 //!   metadata image that replay would write over a reused data block goes unseen.
+//!
+//! Besides the problems, the passes record what `repair` can mend and where
+//! (`FsckReport::fixes`): entries to remove or retype, inode fields to set, lock
+//! records to reset, the reachable blocks of every group, and whether the walk could
+//! read everything (if not, repair frees nothing it did not reach).
 //!
 //! Errors and problems: an unreadable device, or no usable superblock at all, is an
 //! `Err` (exit 8); anything wrong on disk is a `Problem` (exit 4). No byte on disk can
@@ -134,14 +140,28 @@ fn progress(show: bool, len: Option<u64>, what: &str) -> ProgressBar {
 }
 
 /// Checks a resource's lock sector: all zeros (never locked) or a valid lock record
-/// naming the resource. Ok(true) when the lock is held.
-pub(crate) fn check_lock(raw: &[u8], resource: BlockNo) -> std::result::Result<bool, String> {
+/// naming the resource. Counts it when held, and notes it for repair when it is
+/// damaged or names a host (as holder or opener). Err(why) when it is damaged.
+pub(crate) fn check_lock(
+    raw: &[u8],
+    resource: BlockNo,
+    report: &mut FsckReport,
+) -> std::result::Result<(), String> {
     if raw.iter().all(|&b| b == 0) {
-        return Ok(false);
+        return Ok(());
     }
     match LockRecord::decode(raw, resource) {
-        Ok(lock) => Ok(lock.mode != LOCK_FREE),
-        Err(e) => Err(e.to_string()),
+        Ok(lock) => {
+            report.counts.locks_held += u64::from(lock.mode != LOCK_FREE);
+            if lock.mode != LOCK_FREE || lock.open_flags != 0 || lock.open_readers != 0 {
+                report.fixes.locks.push(resource);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            report.fixes.locks.push(resource);
+            Err(e.to_string())
+        }
     }
 }
 

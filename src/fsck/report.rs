@@ -131,13 +131,91 @@ pub struct FsckReport {
     /// Every inode reached, with (one of) its paths: for `atsfs locks`.
     #[serde(skip)]
     pub paths: std::collections::BTreeMap<u64, String>,
-    /// For repair: inodes whose link count is wrong, with the right count.
+    /// What repair can fix, in the shape it needs.
     #[serde(skip)]
-    pub(crate) link_fixes: Vec<(u64, u32)>,
-    /// For repair: each group's bitmap of blocks reachable from the root (64-bit
-    /// words, LSB first), group metadata not included.
-    #[serde(skip)]
-    pub(crate) reachable: Vec<Vec<u64>>,
+    pub(crate) fixes: Fixes,
+}
+
+/// What the check found that `repair` can mend, recorded where it was found. Every
+/// item names the place to write and what the walk saw there; repair re-reads each
+/// structure and leaves it alone when it no longer matches.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Fixes {
+    /// Directory entries to remove.
+    pub drop_entries: Vec<(EntryRef, DropReason)>,
+    /// Directory entries to correct in place.
+    pub entry_fixes: Vec<(EntryRef, EntryFix)>,
+    /// Inode fields to set to what the walk found.
+    pub inodes: std::collections::BTreeMap<BlockNo, InodeFix>,
+    /// Resources (inodes reached, group headers) whose lock record is damaged, names
+    /// a holder or records an open file.
+    pub locks: Vec<BlockNo>,
+    /// Why the walk could not follow everything on disk (an unreadable directory
+    /// table or bucket, extent leaf, root). While this is not empty, blocks the walk
+    /// did not reach may still be in use, and repair must not free them.
+    pub hidden: Vec<String>,
+    /// Each group's bitmap of blocks reachable from the root (64-bit words, LSB
+    /// first), group metadata not included.
+    pub reachable: Vec<Vec<u64>>,
+}
+
+/// One directory entry, as repair finds it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EntryRef {
+    /// The directory that holds it.
+    pub dir: BlockNo,
+    /// The bucket block that holds it, and its position among the bucket's entries.
+    pub bucket: BlockNo,
+    pub index: usize,
+    pub name: Vec<u8>,
+    /// The inode it names.
+    pub ino: BlockNo,
+    pub path: String,
+}
+
+/// Why an entry is removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum DropReason {
+    /// It names a block that holds no inode, or lies where no inode can be.
+    NotAnInode,
+    /// It names an inode that was freed.
+    FreedInode,
+    /// It names an inode whose body does not decode: the file is lost.
+    DamagedInode,
+    /// Its name is impossible (`/`, NUL, `.`, `..`) or taken by an earlier entry of
+    /// the bucket: lookups can never reach it.
+    BadName,
+    /// It names a directory already reached through another entry, or the root.
+    DirLinkedTwice,
+}
+
+/// A correction of one directory entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EntryFix {
+    /// Its kind is not its inode's: the inode's DT_* kind.
+    Kind(u8),
+    /// Its stored hash is not its name's, but the bucket is the right one for the
+    /// name's: the name's hash.
+    Hash(u64),
+}
+
+/// Fields of one inode to set; `None` leaves a field alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct InodeFix {
+    pub path: String,
+    pub nlink: Option<u32>,
+    pub blocks: Option<u64>,
+    pub parent: Option<BlockNo>,
+    pub dir_entries: Option<u64>,
+    pub dir_buckets: Option<u64>,
+    /// A directory's size (4096 per bucket), or a regular file's that was past the
+    /// largest file (the end of its last extent).
+    pub size: Option<u64>,
+    /// The flags without the bits format v1 does not know.
+    pub flags: Option<u32>,
+    /// 0: the xattr block lies outside the data area, does not decode or belongs to
+    /// another inode (its attributes are lost).
+    pub xattr_block: Option<BlockNo>,
 }
 
 /// Problems of one kind listed one by one per object before they are summed up.
@@ -171,6 +249,14 @@ impl FsckReport {
 
     pub(crate) fn note(&mut self, message: impl Into<String>) {
         self.notes.push(message.into());
+    }
+
+    /// The pending fix of inode `ino` (found at `path`), created empty.
+    pub(crate) fn inode_fix(&mut self, ino: BlockNo, path: &str) -> &mut InodeFix {
+        self.fixes.inodes.entry(ino).or_insert_with(|| InodeFix {
+            path: path.to_owned(),
+            ..InodeFix::default()
+        })
     }
 
     /// Prints a human summary and every problem, named by block and path.

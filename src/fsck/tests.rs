@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-const REG: u32 = libc::S_IFREG | 0o644;
+pub(super) const REG: u32 = libc::S_IFREG | 0o644;
 
 fn mkfs_options() -> MkfsOptions {
     MkfsOptions {
@@ -27,35 +27,35 @@ fn mkfs_options() -> MkfsOptions {
     }
 }
 
-fn fresh(bytes: u64) -> Arc<MemLun> {
+pub(super) fn fresh(bytes: u64) -> Arc<MemLun> {
     let lun = Arc::new(MemLun::new(bytes, 512));
     mkfs(lun.as_ref(), &mkfs_options(), &mut |_, _| {}).expect("mkfs");
     lun
 }
 
-fn mount(lun: Arc<dyn Lun>) -> Arc<Fs> {
+pub(super) fn mount(lun: Arc<dyn Lun>) -> Arc<Fs> {
     Fs::mount(lun, MountOptions::new(HostUuid([1; 16]))).expect("mount")
 }
 
-fn kinds(report: &FsckReport) -> Vec<ProblemKind> {
+pub(super) fn kinds(report: &FsckReport) -> Vec<ProblemKind> {
     report.problems.iter().map(|p| p.kind).collect()
 }
 
-fn assert_clean(report: &FsckReport) {
+pub(super) fn assert_clean(report: &FsckReport) {
     assert!(report.is_clean(), "not clean:\n{}", report.render());
 }
 
 /// The populated test volume, built once, and the inode numbers of its files.
-struct Built {
-    image: Vec<u8>,
-    inos: HashMap<&'static str, Ino>,
+pub(super) struct Built {
+    pub image: Vec<u8>,
+    pub inos: HashMap<&'static str, Ino>,
 }
 
 /// A volume with two allocation groups holding: nested directories, a directory of
 /// 3000 long names (split buckets, table blocks), hard links, short and long
 /// symlinks, xattrs, a fifo, a file of 300 extents (tree mode), a file preallocated
 /// past its size, and the leftovers of renames, unlinks and rmdirs.
-fn built() -> &'static Built {
+pub(super) fn built() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let lun = fresh(160 << 20);
@@ -81,6 +81,7 @@ fn populate(fs: &Fs) -> HashMap<&'static str, Ino> {
     }
     let a = fs.lookup(docs, b"a").expect("a").ino;
     inos.insert("/docs/b", fs.lookup(docs, b"b").expect("b").ino);
+    inos.insert("/docs/a", a);
     fs.link(a, root, b"hard1").expect("link");
     fs.setxattr(a, b"user.test", b"value", 0).expect("xattr");
     fs.setxattr(docs, b"trusted.x", &[1; 300], 0)
@@ -139,7 +140,7 @@ fn populate(fs: &Fs) -> HashMap<&'static str, Ino> {
     inos
 }
 
-fn check_image(image: Vec<u8>) -> FsckReport {
+pub(super) fn check_image(image: Vec<u8>) -> FsckReport {
     let lun = MemLun::from_image(image, 512);
     check(&lun).expect("fsck")
 }
@@ -155,45 +156,45 @@ fn check_corrupted(
     check_image(image)
 }
 
-fn geometry(image: &[u8]) -> Geometry {
+pub(super) fn geometry(image: &[u8]) -> Geometry {
     let sb = Superblock::decode(&image[..BLOCK_SIZE], 0).expect("superblock");
     Geometry::from_superblock(&sb)
 }
 
-fn body_range(geo: &Geometry, ino: Ino) -> std::ops::Range<usize> {
+pub(super) fn body_range(geo: &Geometry, ino: Ino) -> std::ops::Range<usize> {
     let at = geo.body_offset(ino) as usize;
     at..at + RESOURCE_BODY_SIZE
 }
 
-fn read_inode(image: &[u8], geo: &Geometry, ino: Ino) -> InodeBody {
+pub(super) fn read_inode(image: &[u8], geo: &Geometry, ino: Ino) -> InodeBody {
     InodeBody::decode(&image[body_range(geo, ino)], ino).expect("inode")
 }
 
-fn write_inode(image: &mut [u8], geo: &Geometry, mut inode: InodeBody) {
+pub(super) fn write_inode(image: &mut [u8], geo: &Geometry, mut inode: InodeBody) {
     inode.seal();
     let range = body_range(geo, inode.blockno);
     image[range].copy_from_slice(bytemuck::bytes_of(&inode));
 }
 
-fn block_range(block: u64) -> std::ops::Range<usize> {
+pub(super) fn block_range(block: u64) -> std::ops::Range<usize> {
     let at = (block * BLOCK_SIZE_U64) as usize;
     at..at + BLOCK_SIZE
 }
 
 /// Recomputes the CRC of a structure of `size` bytes at byte `at`.
-fn reseal(image: &mut [u8], at: usize, size: usize) {
+pub(super) fn reseal(image: &mut [u8], at: usize, size: usize) {
     let crc = crc_of(&image[at..at + size]);
     image[at + 4..at + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn first_data_block(inode: &InodeBody) -> u64 {
+pub(super) fn first_data_block(inode: &InodeBody) -> u64 {
     let e: Extent = bytemuck::pod_read_unaligned(&inode.area[..24]);
     assert!(e.len > 0);
     e.disk_block
 }
 
 /// Sets or clears a block's bit in its group's bitmap, fixing the header's CRC.
-fn set_bitmap_bit(image: &mut [u8], geo: &Geometry, block: u64, used: bool) {
+pub(super) fn set_bitmap_bit(image: &mut [u8], geo: &Geometry, block: u64, used: bool) {
     let ag = geo.ag_of(block).expect("in a group");
     let i = (block - geo.ag_first(ag)) as usize;
     let byte = geo.ag_bitmap(ag) as usize * BLOCK_SIZE + i / 8;
@@ -211,7 +212,7 @@ fn set_bitmap_bit(image: &mut [u8], geo: &Geometry, block: u64, used: bool) {
     image[at..at + std::mem::size_of::<AgHeader>()].copy_from_slice(bytemuck::bytes_of(&header));
 }
 
-fn bit_is_set(image: &[u8], geo: &Geometry, block: u64) -> bool {
+pub(super) fn bit_is_set(image: &[u8], geo: &Geometry, block: u64) -> bool {
     let ag = geo.ag_of(block).expect("in a group");
     let i = (block - geo.ag_first(ag)) as usize;
     image[geo.ag_bitmap(ag) as usize * BLOCK_SIZE + i / 8] & (1 << (i % 8)) != 0
@@ -337,7 +338,7 @@ fn a_leaked_block_is_reported_once_per_run() {
 }
 
 /// Finds `name` in the root directory's single bucket: (bucket block, entry offset).
-fn root_entry(image: &[u8], geo: &Geometry, name: &[u8]) -> (u64, usize) {
+pub(super) fn root_entry(image: &[u8], geo: &Geometry, name: &[u8]) -> (u64, usize) {
     let sb = Superblock::decode(&image[..BLOCK_SIZE], 0).expect("superblock");
     let root = read_inode(image, geo, sb.root_ino);
     assert_eq!(root.dir_depth, 0);
@@ -692,93 +693,4 @@ fn a_512_mib_volume_checks_fast_without_reading_data() {
     );
     // Debug builds are slower; a release build takes a few milliseconds.
     assert!(took < Duration::from_secs(2), "fsck took {took:?}");
-}
-
-/// Corrupts a copy of the built volume, repairs it, and checks that it is clean and
-/// that an untouched file still reads back through a mount.
-fn repaired(corrupt: impl FnOnce(&mut Vec<u8>, &Geometry)) -> super::Repair {
-    let b = built();
-    let mut image = b.image.clone();
-    let geo = geometry(&image);
-    corrupt(&mut image, &geo);
-    let lun = Arc::new(MemLun::from_image(image, 512));
-    let before = check(lun.as_ref()).expect("check");
-    assert!(!before.problems.is_empty(), "the corruption was not seen");
-    let done = super::repair(lun.as_ref(), false).expect("repair");
-    assert!(!done.fixed.is_empty(), "nothing repaired");
-    assert_clean(&done.after);
-    let fs = mount(lun.clone());
-    let docs = fs.lookup(fs.root(), b"docs").expect("docs").ino;
-    let f = fs.lookup(docs, b"b").expect("/docs/b").ino;
-    assert!(!fs.read_data(f, 0, 16).expect("read").is_empty());
-    fs.unmount().expect("unmount");
-    done
-}
-
-#[test]
-fn repair_fixes_a_bumped_link_count() {
-    let ino = built().inos["/docs/b"];
-    let done = repaired(|image, geo| {
-        let mut inode = read_inode(image, geo, ino);
-        inode.nlink += 1;
-        write_inode(image, geo, inode);
-    });
-    assert!(
-        done.fixed.iter().any(|f| f.contains("link count")),
-        "{:?}",
-        done.fixed
-    );
-}
-
-#[test]
-fn repair_rebuilds_bitmaps_with_leaks_lost_blocks_and_bad_checksums() {
-    let ino = built().inos["/docs/b"];
-    repaired(|image, geo| {
-        let target = first_data_block(&read_inode(image, geo, ino));
-        set_bitmap_bit(image, geo, target, false);
-        let end = geo.ag_end(0);
-        for block in end - 40..end - 30 {
-            set_bitmap_bit(image, geo, block, true);
-        }
-    });
-    repaired(|image, geo| {
-        image[geo.ag_bitmap(0) as usize * BLOCK_SIZE + 3000] ^= 1;
-    });
-}
-
-#[test]
-fn repair_rewrites_a_zeroed_primary_superblock() {
-    let done = repaired(|image, _| image[..BLOCK_SIZE].fill(0));
-    assert!(
-        done.fixed.iter().any(|f| f.contains("primary superblock")),
-        "{:?}",
-        done.fixed
-    );
-}
-
-#[test]
-fn repair_refuses_while_a_host_is_live_and_recovers_a_crashed_one() {
-    let lun = fresh(64 << 20);
-    let fs = mount(lun.clone());
-    let f = fs
-        .mknod(fs.root(), b"kept", libc::S_IFREG | 0o644, 0, 0, 0)
-        .expect("create")
-        .ino;
-    fs.write_data(f, 0, b"fsynced").expect("write");
-    fs.fsync(f, false).expect("fsync");
-    let err = super::repair(lun.as_ref(), false)
-        .err()
-        .expect("refused while live");
-    assert!(format!("{err:#}").contains("unmount every host"), "{err:#}");
-    drop(fs); // crash
-    let done = super::repair(lun.as_ref(), false).expect("repair");
-    assert!(
-        done.fixed.iter().any(|f| f.contains("recovered")),
-        "{:?}",
-        done.fixed
-    );
-    assert_clean(&done.after);
-    let fs = mount(lun.clone());
-    let kept = fs.lookup(fs.root(), b"kept").expect("kept");
-    assert_eq!(fs.read_data(kept.ino, 0, 16).expect("read"), b"fsynced");
 }

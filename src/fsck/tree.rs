@@ -8,7 +8,9 @@
 
 use super::check_lock;
 use super::groups::{BlockMap, Claim};
-use super::report::{FsckReport, Problem, ProblemKind, PROBLEMS_PER_OBJECT_MAX};
+use super::report::{
+    DropReason, EntryFix, EntryRef, FsckReport, Problem, ProblemKind, PROBLEMS_PER_OBJECT_MAX,
+};
 use super::volume::Volume;
 use crate::format::{
     BlockNo, DirBucket, DirTableBlock, Extent, ExtentLeaf, InodeBody, OnDisk, XattrBlock,
@@ -42,6 +44,26 @@ struct Visit {
     path: String,
     /// The entry's DT_* kind; `None` for the root.
     kind: Option<u8>,
+    /// Where the entry is: its bucket, its position there and its name (for repair;
+    /// unused for the root).
+    bucket: BlockNo,
+    index: usize,
+    name: Vec<u8>,
+}
+
+impl Visit {
+    /// The entry this visit follows; `None` for the root.
+    fn entry(&self) -> Option<EntryRef> {
+        self.kind?;
+        Some(EntryRef {
+            dir: self.parent,
+            bucket: self.bucket,
+            index: self.index,
+            name: self.name.clone(),
+            ino: self.ino,
+            path: self.path.clone(),
+        })
+    }
 }
 
 /// A non-directory inode already reached.
@@ -78,6 +100,8 @@ struct Owned {
     xattr: u64,
     /// Some of it could not be read (already a problem): the count is not checked.
     incomplete: bool,
+    /// The file block after the last one its extents map.
+    mapped_end: u64,
 }
 
 pub(crate) fn walk(
@@ -101,6 +125,9 @@ pub(crate) fn walk(
         parent: root,
         path: "/".into(),
         kind: None,
+        bucket: 0,
+        index: 0,
+        name: Vec::new(),
     });
     while let Some(visit) = walk.stack.pop() {
         walk.visit(visit)?;
@@ -153,6 +180,19 @@ impl Walk<'_, '_> {
         self.report.problem(kind, Some(block), Some(path), msg);
     }
 
+    /// Notes an entry for repair to remove (the root has none).
+    fn drop_entry(&mut self, v: &Visit, why: DropReason) {
+        if let Some(entry) = v.entry() {
+            self.report.fixes.drop_entries.push((entry, why));
+        }
+    }
+
+    /// Notes that the walk could not follow something on disk: blocks it did not
+    /// reach may still be in use.
+    fn hidden(&mut self, path: &str, what: &str) {
+        self.report.fixes.hidden.push(format!("{path}: {what}"));
+    }
+
     /// Claims blocks for a reachable structure; a bad claim is a problem of `kind`
     /// (or of `DoublyUsedBlock` when the blocks are only used twice). Returns false
     /// when some block lies outside the data area (and must not be read).
@@ -192,6 +232,7 @@ impl Walk<'_, '_> {
                 format!("directory {} is also reachable here", seen.path)
             };
             self.problem(ProblemKind::DirLinkedTwice, v.ino, &v.path, msg);
+            self.drop_entry(&v, DropReason::DirLinkedTwice);
             return Ok(());
         }
         if let Some(seen) = self.files.get_mut(&v.ino) {
@@ -231,8 +272,10 @@ impl Walk<'_, '_> {
         if v.kind.is_none() {
             let msg = format!("the superblock's root directory {msg}; nothing is reachable");
             self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
+            self.hidden(&v.path, "the root inode cannot be read");
         } else {
             self.problem(ProblemKind::DirEntry, v.ino, &v.path, msg);
+            self.drop_entry(v, DropReason::NotAnInode);
         }
     }
 
@@ -246,10 +289,17 @@ impl Walk<'_, '_> {
                     kind_name(dtype)
                 );
                 self.problem(ProblemKind::DirEntry, v.ino, &v.path, msg);
+                if let Some(entry) = v.entry() {
+                    self.report
+                        .fixes
+                        .entry_fixes
+                        .push((entry, EntryFix::Kind(dtype)));
+                }
             }
             None if dtype != libc::DT_DIR => {
                 let msg = format!("the root inode is a {}", kind_name(dtype));
                 self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
+                self.hidden(&v.path, "the root inode is not a directory");
             }
             _ => {}
         }
@@ -281,22 +331,30 @@ impl Walk<'_, '_> {
             }
             Err(e) => {
                 self.problem(ProblemKind::Inode, v.ino, &v.path, e.to_string());
+                if v.kind.is_none() {
+                    self.hidden(&v.path, "the root inode does not decode");
+                }
+                self.drop_entry(v, DropReason::DamagedInode);
                 return Ok(None);
             }
         };
         if inode.flags & INODE_FLAG_FREED != 0 {
             let msg = format!("names inode {}, which was freed", v.ino);
             self.problem(ProblemKind::FreedInode, v.ino, &v.path, msg);
+            if v.kind.is_none() {
+                self.hidden(&v.path, "the root inode was freed");
+            }
+            self.drop_entry(v, DropReason::FreedInode);
             return Ok(None);
         }
         let unknown = inode.flags & !INODE_FLAGS_KNOWN;
         if unknown != 0 {
             let msg = format!("unknown inode flags {unknown:#x}");
             self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
+            self.report.inode_fix(v.ino, &v.path).flags = Some(inode.flags & INODE_FLAGS_KNOWN);
         }
-        match check_lock(raw.get(..sector).unwrap_or(&[]), v.ino) {
-            Ok(held) => self.report.counts.locks_held += u64::from(held),
-            Err(e) => self.problem(ProblemKind::LockRecord, v.ino, &v.path, e),
+        if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), v.ino, self.report) {
+            self.problem(ProblemKind::LockRecord, v.ino, &v.path, e);
         }
         let what = format!("inode {} (blocks {}..{})", v.ino, v.ino, v.ino + span);
         self.claim(ProblemKind::Inode, &what, v.ino, span, &v.path);
@@ -318,6 +376,7 @@ impl Walk<'_, '_> {
                 inode.parent, v.parent
             );
             self.problem(ProblemKind::DirParent, v.ino, &v.path, msg);
+            self.report.inode_fix(v.ino, &v.path).parent = Some(v.parent);
         }
         if v.ino != root {
             if let Some(parent) = self.dirs.get_mut(&v.parent) {
@@ -347,6 +406,7 @@ impl Walk<'_, '_> {
                 inode.dir_depth
             );
             self.problem(ProblemKind::DirTable, v.ino, &v.path, msg);
+            self.hidden(&v.path, "the directory's table depth is impossible");
             return Ok(Owned {
                 incomplete: true,
                 ..Owned::default()
@@ -354,6 +414,7 @@ impl Walk<'_, '_> {
         }
         let (ptrs, table_blocks) = self.dir_table(v, inode)?;
         let Some(ptrs) = ptrs else {
+            self.hidden(&v.path, "the directory's table cannot be read");
             return Ok(Owned {
                 incomplete: true,
                 ..Owned::default()
@@ -437,9 +498,12 @@ impl Walk<'_, '_> {
         let mut order = Vec::new();
         let mut entries = 0u64;
         let mut entry_problems = Vec::new();
+        let mut unreadable = 0;
         for (i, &block) in ptrs.iter().enumerate() {
             if let Entry::Vacant(slot) = uses.entry(block) {
-                slot.insert(self.bucket(v, block, depth, &mut entries, &mut entry_problems)?);
+                let used = self.bucket(v, block, depth, &mut entries, &mut entry_problems)?;
+                unreadable += usize::from(used.is_none());
+                slot.insert(used);
                 order.push(block);
             }
             if let Some(Some(used)) = uses.get_mut(&block) {
@@ -471,11 +535,25 @@ impl Walk<'_, '_> {
         let buckets = order.len() as u64;
         self.report.counts.dir_buckets += buckets;
         self.report.counts.dir_entries += entries;
-        self.check_dir_counts(v, inode, buckets, entries);
+        if unreadable > 0 {
+            let what = format!("{unreadable} directory buckets cannot be read");
+            self.hidden(&v.path, &what);
+        }
+        self.check_dir_counts(v, inode, buckets, entries, unreadable == 0);
         Ok(buckets)
     }
 
-    fn check_dir_counts(&mut self, v: &Visit, inode: &InodeBody, buckets: u64, entries: u64) {
+    /// Checks a directory's counts and size; notes the right ones for repair when
+    /// every bucket could be read (`complete`).
+    fn check_dir_counts(
+        &mut self,
+        v: &Visit,
+        inode: &InodeBody,
+        buckets: u64,
+        entries: u64,
+        complete: bool,
+    ) {
+        let size = buckets * BLOCK_SIZE_U64;
         if inode.dir_entries != entries {
             let msg = format!("counts {} entries, holds {entries}", inode.dir_entries);
             self.problem(ProblemKind::DirCount, v.ino, &v.path, msg);
@@ -484,13 +562,19 @@ impl Walk<'_, '_> {
             let msg = format!("counts {} buckets, has {buckets}", inode.dir_buckets);
             self.problem(ProblemKind::DirCount, v.ino, &v.path, msg);
         }
-        if inode.size != buckets * BLOCK_SIZE_U64 {
+        if inode.size != size {
             let msg = format!(
-                "size {} bytes, but {buckets} buckets make {} bytes",
-                inode.size,
-                buckets * BLOCK_SIZE_U64
+                "size {} bytes, but {buckets} buckets make {size} bytes",
+                inode.size
             );
             self.problem(ProblemKind::DirCount, v.ino, &v.path, msg);
+        }
+        let wrong = (inode.dir_entries, inode.dir_buckets, inode.size) != (entries, buckets, size);
+        if complete && wrong {
+            let fix = self.report.inode_fix(v.ino, &v.path);
+            fix.dir_entries = Some(entries);
+            fix.dir_buckets = Some(buckets);
+            fix.size = Some(size);
         }
     }
 
@@ -552,8 +636,17 @@ impl Walk<'_, '_> {
         let seed = self.vol.sb.dir_hash_seed;
         let entries = parse_entries(bucket);
         let mut names = HashSet::new();
-        for e in &entries {
+        for (index, e) in entries.iter().enumerate() {
             let path = child_path(&v.path, &e.name);
+            let visit = Visit {
+                ino: e.ino,
+                parent: v.ino,
+                path: path.clone(),
+                kind: Some(e.kind),
+                bucket: h.blockno,
+                index,
+                name: e.name.clone(),
+            };
             let mut bad = |message: String| {
                 problems.push(Problem {
                     kind: ProblemKind::DirEntry,
@@ -568,23 +661,29 @@ impl Walk<'_, '_> {
                     "bad name {:?}; not followed",
                     String::from_utf8_lossy(name)
                 ));
+                self.drop_entry(&visit, DropReason::BadName);
                 continue;
             }
             if !names.insert(name.clone()) {
                 bad("a second entry of the same name; not followed".into());
+                self.drop_entry(&visit, DropReason::BadName);
                 continue;
             }
-            if e.hash != name_hash(seed, name) {
+            let hash = name_hash(seed, name);
+            if e.hash != hash {
                 bad(format!("stored hash {:#x} is not the name's hash", e.hash));
+                if index_of(hash, h.local_depth) == h.prefix {
+                    if let Some(entry) = visit.entry() {
+                        self.report
+                            .fixes
+                            .entry_fixes
+                            .push((entry, EntryFix::Hash(hash)));
+                    }
+                }
             } else if index_of(e.hash, h.local_depth) != h.prefix {
                 bad("entry in the wrong bucket for its hash: lookups cannot find it".into());
             }
-            self.stack.push(Visit {
-                ino: e.ino,
-                parent: v.ino,
-                path,
-                kind: Some(e.kind),
-            });
+            self.stack.push(visit);
         }
         if entries.len() != h.count as usize {
             problems.push(Problem {
@@ -622,11 +721,14 @@ impl Walk<'_, '_> {
                     self.problem(ProblemKind::Extent, v.ino, &v.path, msg);
                     return Ok(Owned::default());
                 }
+                let owned = self.check_extents(v, inode)?;
                 if inode.size > FILE_SIZE_MAX {
                     let msg = format!("size {} past the largest file", inode.size);
                     self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
+                    let end = owned.mapped_end.saturating_mul(BLOCK_SIZE_U64);
+                    self.report.inode_fix(v.ino, &v.path).size = Some(end.min(FILE_SIZE_MAX));
                 }
-                self.check_extents(v, inode)
+                Ok(owned)
             }
             libc::DT_LNK => {
                 self.report.counts.symlinks += 1;
@@ -680,6 +782,9 @@ impl Walk<'_, '_> {
         let listed = area_extents(&inode.area, inode.extent_count as usize);
         let (extents, leaves, incomplete) = if inode.flags & INODE_FLAG_EXTENT_TREE != 0 {
             let (extents, complete) = self.load_leaves(v, &listed)?;
+            if !complete {
+                self.hidden(&v.path, "extent leaves cannot be read");
+            }
             (extents, listed.len() as u64, !complete)
         } else {
             (listed, 0, false)
@@ -727,6 +832,7 @@ impl Walk<'_, '_> {
             data,
             leaves,
             incomplete,
+            mapped_end: prev_end,
             ..Owned::default()
         })
     }
@@ -777,7 +883,9 @@ impl Walk<'_, '_> {
     // What every inode has.
     // ------------------------------------------------------------------------------
 
-    /// Checks an inode's xattr block; returns the blocks it takes (0 or 1).
+    /// Checks an inode's xattr block; returns the blocks it takes (0 or 1). A block
+    /// outside the data area, that does not decode or belongs to another inode is
+    /// noted for repair to drop.
     fn check_xattr(&mut self, v: &Visit, inode: &InodeBody) -> Result<u64> {
         let block = inode.xattr_block;
         if block == 0 {
@@ -786,35 +894,40 @@ impl Walk<'_, '_> {
         self.report.counts.xattr_blocks += 1;
         let what = format!("xattr block {block}");
         if !self.claim(ProblemKind::Xattr, &what, block, 1, &v.path) {
+            self.report.inode_fix(v.ino, &v.path).xattr_block = Some(0);
             return Ok(1);
         }
         let raw = self.vol.blocks(block, 1)?;
-        let msg = match XattrBlock::decode(&raw, block) {
-            Err(e) => e.to_string(),
-            Ok(x) if x.owner != v.ino => format!("xattr block belongs to inode {}", x.owner),
-            Ok(x) => {
-                let pairs = crate::fs::xattr::parse(&x);
-                let mut names = HashSet::new();
-                let bad = pairs.iter().find_map(|(name, _)| {
-                    let shown = String::from_utf8_lossy(name);
-                    if !names.insert(name) {
-                        Some(format!("attribute {shown:?} is there twice"))
-                    } else if !XATTR_NAMESPACES
-                        .iter()
-                        .any(|ns| name.starts_with(ns) && name.len() > ns.len())
-                    {
-                        Some(format!("attribute {shown:?} is in no known namespace"))
-                    } else {
-                        None
-                    }
-                });
-                match bad {
-                    None => return Ok(1),
-                    Some(msg) => msg,
-                }
+        let x = match XattrBlock::decode(&raw, block) {
+            Ok(x) if x.owner == v.ino => x,
+            other => {
+                let msg = match other {
+                    Err(e) => e.to_string(),
+                    Ok(x) => format!("xattr block belongs to inode {}", x.owner),
+                };
+                self.problem(ProblemKind::Xattr, block, &v.path, msg);
+                self.report.inode_fix(v.ino, &v.path).xattr_block = Some(0);
+                return Ok(1);
             }
         };
-        self.problem(ProblemKind::Xattr, block, &v.path, msg);
+        let pairs = crate::fs::xattr::parse(&x);
+        let mut names = HashSet::new();
+        let bad = pairs.iter().find_map(|(name, _)| {
+            let shown = String::from_utf8_lossy(name);
+            if !names.insert(name) {
+                Some(format!("attribute {shown:?} is there twice"))
+            } else if !XATTR_NAMESPACES
+                .iter()
+                .any(|ns| name.starts_with(ns) && name.len() > ns.len())
+            {
+                Some(format!("attribute {shown:?} is in no known namespace"))
+            } else {
+                None
+            }
+        });
+        if let Some(msg) = bad {
+            self.problem(ProblemKind::Xattr, block, &v.path, msg);
+        }
         Ok(1)
     }
 
@@ -831,32 +944,38 @@ impl Walk<'_, '_> {
                 inode.blocks, owned.data, owned.leaves, owned.dir_blocks, owned.xattr
             );
             self.problem(ProblemKind::BlockCount, v.ino, &v.path, msg);
+            self.report.inode_fix(v.ino, &v.path).blocks = Some(expected);
         }
     }
 
+    /// Compares link counts with the entries found. Repair sets them to what was
+    /// found, but while the walk could not see everything (`hidden`) it only raises
+    /// them: an entry the walk did not see may still name the inode.
     fn check_link_counts(&mut self) {
         let mut wrong = Vec::new();
         for (&ino, f) in &self.files {
             if f.nlink != f.found {
-                self.report.link_fixes.push((ino, f.found));
                 let msg = format!("link count {}, but {} entries name it", f.nlink, f.found);
-                wrong.push((ino, f.path.clone(), msg));
+                wrong.push((ino, f.path.clone(), msg, f.nlink, f.found));
             }
         }
         for (&ino, d) in &self.dirs {
-            let expected = 2u64 + u64::from(d.subdirs);
-            if u64::from(d.nlink) != expected {
-                self.report.link_fixes.push((ino, expected as u32));
+            let expected = 2u32.saturating_add(d.subdirs);
+            if d.nlink != expected {
                 let msg = format!(
                     "link count {}, but 2 + {} subdirectories make {expected}",
                     d.nlink, d.subdirs
                 );
-                wrong.push((ino, d.path.clone(), msg));
+                wrong.push((ino, d.path.clone(), msg, d.nlink, expected));
             }
         }
         wrong.sort();
-        for (ino, path, msg) in wrong {
+        let lower_ok = self.report.fixes.hidden.is_empty();
+        for (ino, path, msg, nlink, found) in wrong {
             self.problem(ProblemKind::LinkCount, ino, &path, msg);
+            if found > nlink || lower_ok {
+                self.report.inode_fix(ino, &path).nlink = Some(found);
+            }
         }
     }
 }
