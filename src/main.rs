@@ -91,11 +91,13 @@ enum Command {
         /// Print every problem as JSON.
         #[arg(long)]
         json: bool,
-        /// Repair what the check finds (refused while a host is live).
+        /// Repair what the check finds: first watches the host slots for a lease and
+        /// refuses (exit 8) while a host is live, recovers dead hosts, then repairs and
+        /// checks again. With --json: {fixed, notes, after}.
         #[arg(long)]
         repair: bool,
-        /// With --repair: do not watch for live hosts first. Corrupts the volume if a
-        /// host really is live.
+        /// With --repair: do not watch for live hosts first; treat every slot in use as
+        /// a dead host. Repairing under a live host corrupts the volume.
         #[arg(long, requires = "repair")]
         force: bool,
         device: PathBuf,
@@ -432,22 +434,21 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
     };
     match atsfs::fsck::repair(&lun, force) {
         Ok(done) => {
-            for line in &done.fixed {
-                println!("repaired: {line}");
+            for note in &done.notes {
+                eprintln!("atsfs fsck --repair: warning: {note}");
             }
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&done.after).unwrap_or_default()
+                    serde_json::to_string_pretty(&done).unwrap_or_default()
                 );
             } else {
+                for line in &done.fixed {
+                    println!("repaired: {line}");
+                }
                 done.after.print();
             }
-            match (done.after.problems.is_empty(), done.fixed.is_empty()) {
-                (true, true) => ExitCode::SUCCESS,
-                (true, false) => ExitCode::from(1),
-                (false, _) => ExitCode::from(4),
-            }
+            ExitCode::from(done.exit_code())
         }
         Err(e) => {
             eprintln!("atsfs fsck --repair: {}: {e:#}", device.display());
