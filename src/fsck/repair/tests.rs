@@ -6,8 +6,8 @@
 use super::{repair, Repair};
 use crate::cluster::HostUuid;
 use crate::format::{
-    AgHeader, Geometry, InodeBody, LockRecord, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64,
-    LOCK_EXCLUSIVE, LOCK_FREE, OPEN_WRITER, RESOURCE_BODY_SIZE,
+    AgHeader, DirBucketHeader, Geometry, InodeBody, LockRecord, OnDisk, Superblock, BLOCK_SIZE,
+    BLOCK_SIZE_U64, DIR_ENTRY_FIXED, LOCK_EXCLUSIVE, LOCK_FREE, OPEN_WRITER, RESOURCE_BODY_SIZE,
 };
 use crate::fs::{Fs, Ino, MountOptions};
 use crate::fsck::tests::{
@@ -228,10 +228,9 @@ fn an_entry_naming_a_data_block_is_removed() {
     let fifo = b.inos["/fifo"];
     let (done, lun, image) = repaired(
         |image, geo, _| {
-            let (bucket, pos) = root_entry(image, geo, b"fifo");
-            let at = (bucket * BLOCK_SIZE_U64) as usize + 48 + pos + 8;
-            image[at..at + 8].copy_from_slice(&data.to_le_bytes());
-            reseal(image, (bucket * BLOCK_SIZE_U64) as usize, BLOCK_SIZE);
+            edit_root_entry(image, geo, b"fifo", |e| {
+                e[8..16].copy_from_slice(&data.to_le_bytes());
+            });
         },
         &[],
     );
@@ -287,10 +286,9 @@ fn a_wrong_block_count_is_set() {
 fn an_entry_outside_the_data_area_is_removed() {
     let (done, _, _) = repaired(
         |image, geo, _| {
-            let (bucket, pos) = root_entry(image, geo, b"fifo");
-            let at = (bucket * BLOCK_SIZE_U64) as usize + 48 + pos + 8;
-            image[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-            reseal(image, (bucket * BLOCK_SIZE_U64) as usize, BLOCK_SIZE);
+            edit_root_entry(image, geo, b"fifo", |e| {
+                e[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+            });
         },
         &[],
     );
@@ -301,9 +299,7 @@ fn an_entry_outside_the_data_area_is_removed() {
 fn a_wrong_entry_kind_is_set_to_the_inodes() {
     let (done, lun, _) = repaired(
         |image, geo, _| {
-            let (bucket, pos) = root_entry(image, geo, b"fifo");
-            image[(bucket * BLOCK_SIZE_U64) as usize + 48 + pos + 16] = libc::DT_DIR;
-            reseal(image, (bucket * BLOCK_SIZE_U64) as usize, BLOCK_SIZE);
+            edit_root_entry(image, geo, b"fifo", |e| e[16] = libc::DT_DIR);
         },
         &[],
     );
@@ -376,22 +372,31 @@ fn unknown_flags_a_size_past_the_largest_file_and_a_damaged_xattr_block_are_fixe
 fn a_wrong_stored_hash_in_the_right_bucket_is_set() {
     let (done, _, _) = repaired(
         |image, geo, _| {
-            let (bucket, pos) = root_entry(image, geo, b"fifo");
             // The root has one bucket of depth 0: every hash belongs there.
-            let at = (bucket * BLOCK_SIZE_U64) as usize + 48 + pos;
-            image[at..at + 8].copy_from_slice(&12345u64.to_le_bytes());
-            reseal(image, (bucket * BLOCK_SIZE_U64) as usize, BLOCK_SIZE);
+            edit_root_entry(image, geo, b"fifo", |e| {
+                e[..8].copy_from_slice(&12345u64.to_le_bytes());
+            });
         },
         &[],
     );
     assert!(line(&done, "entry hashes").ends_with(": /fifo"));
 }
 
+/// Changes the fixed bytes of entry `name` of the root's single bucket (hash at 0,
+/// inode at 8, kind at 16) and reseals the bucket.
+fn edit_root_entry(image: &mut [u8], geo: &Geometry, name: &[u8], edit: impl FnOnce(&mut [u8])) {
+    let (bucket, pos) = root_entry(image, geo, name);
+    let block = (bucket * BLOCK_SIZE_U64) as usize;
+    let at = block + std::mem::size_of::<DirBucketHeader>() + pos;
+    edit(&mut image[at..at + DIR_ENTRY_FIXED]);
+    reseal(image, block, BLOCK_SIZE);
+}
+
 /// The inode a name in the root's single bucket names.
 fn entry_ino(image: &[u8], geo: &Geometry, name: &[u8]) -> Ino {
     let (bucket, pos) = root_entry(image, geo, name);
-    let at = (bucket * BLOCK_SIZE_U64) as usize + 48 + pos + 8;
-    u64::from_le_bytes(image[at..at + 8].try_into().expect("8 bytes"))
+    let at = (bucket * BLOCK_SIZE_U64) as usize + std::mem::size_of::<DirBucketHeader>() + pos;
+    u64::from_le_bytes(image[at + 8..at + 16].try_into().expect("8 bytes"))
 }
 
 #[test]
@@ -562,9 +567,7 @@ fn an_interrupted_repair_is_finished_by_running_it_again() {
     }
     let hdr = geo.ag_header(1) as usize * BLOCK_SIZE;
     image[hdr..hdr + 512].fill(0x33);
-    let (bucket, pos) = root_entry(&image, &geo, b"fifo");
-    image[(bucket * BLOCK_SIZE_U64) as usize + 48 + pos + 16] = libc::DT_REG;
-    reseal(&mut image, (bucket * BLOCK_SIZE_U64) as usize, BLOCK_SIZE);
+    edit_root_entry(&mut image, &geo, b"fifo", |e| e[16] = libc::DT_REG);
 
     let fault = FaultLun::new(
         MemLun::from_image(image.clone(), 512),
