@@ -38,6 +38,17 @@ fn open_flags(multi: bool) -> FopenFlags {
 /// Largest write the kernel sends at once.
 const MAX_WRITE_BYTES: u32 = 1 << 20;
 
+thread_local! {
+    /// Each FUSE thread's read buffer, reused from read to read.
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A read buffer larger than this (a read larger than any the kernel sends) is not kept.
+const READ_BUFFER_KEEP_BYTES: usize = 4 << 20;
+
+/// Default read-ahead of a mount, in KiB: enough for several 1 MiB requests in flight.
+const READAHEAD_KB_DEFAULT: u32 = 4096;
+
 /// Mount options of the FUSE side (`-o`).
 #[derive(Clone, Debug)]
 pub struct FuseOptions {
@@ -47,6 +58,10 @@ pub struct FuseOptions {
     pub default_permissions: bool,
     pub threads: usize,
     pub fsname: String,
+    /// Read-ahead of the mount's kernel page cache in KiB (the kernel starts a FUSE
+    /// mount at 128 KiB, which leaves sequential reads waiting on small requests);
+    /// 0 keeps the kernel's value.
+    pub readahead_kb: u32,
 }
 
 impl Default for FuseOptions {
@@ -58,6 +73,7 @@ impl Default for FuseOptions {
             default_permissions: true,
             threads: 4,
             fsname: "atsfs".into(),
+            readahead_kb: READAHEAD_KB_DEFAULT,
         }
     }
 }
@@ -357,10 +373,15 @@ impl Filesystem for AtsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read_data(self.ino_in(ino), offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(&e)),
-        }
+        READ_BUFFER.with_borrow_mut(|buf| {
+            match self.fs.read_into(self.ino_in(ino), offset, size, buf) {
+                Ok(range) => reply.data(&buf[range]),
+                Err(e) => reply.error(errno(&e)),
+            }
+            if buf.capacity() > READ_BUFFER_KEEP_BYTES {
+                *buf = Vec::new();
+            }
+        });
     }
 
     fn write(
@@ -609,13 +630,76 @@ pub fn parse_options(
                 let text = value.context("option threads needs a value, like threads=4")?;
                 opts.threads = text.parse().ok().filter(|&n| (1..=64).contains(&n)).with_context(|| format!("threads={text}: give 1 to 64"))?;
             }
+            "readahead_kb" => {
+                let text = value.context("option readahead_kb needs a value, like readahead_kb=4096")?;
+                opts.readahead_kb = text.parse().ok().filter(|&n| n <= 1 << 20).with_context(|| format!("readahead_kb={text}: give 0 (the kernel's default) to 1048576"))?;
+            }
             "rw" | "defaults" | "suid" | "dev" | "exec" | "atime" | "relatime" | "_netdev" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: attr_timeout=S, entry_timeout=S, commit_interval=S, \
-                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N)"
+                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N, readahead_kb=N)"
             ),
         }
     }
+    Ok(())
+}
+
+/// The `major:minor` device of the mount on `mountpoint`, from /proc/self/mountinfo
+/// (a stat of the mount point would be a FUSE request nobody serves yet).
+fn mount_device(mountinfo: &str, mountpoint: &Path) -> Option<String> {
+    let want = mountpoint.as_os_str().as_bytes();
+    // Fields: id parent major:minor root mount-point ...; the last mount wins.
+    mountinfo.lines().rev().find_map(|line| {
+        let mut fields = line.split(' ');
+        let device = fields.nth(2)?;
+        let point = fields.nth(1)?;
+        (unescape_mountinfo(point) == want).then(|| device.to_string())
+    })
+}
+
+/// Mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let text = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(text, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Sets the read-ahead of the mount's backing device info (sysfs, root only).
+fn set_readahead(mountpoint: &Path, kb: u32) -> Result<()> {
+    let parent = mountpoint
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let canonical = std::fs::canonicalize(parent)
+        .map(|parent| match mountpoint.file_name() {
+            Some(name) => parent.join(name),
+            None => parent,
+        })
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let device = mount_device(&mountinfo, &canonical)
+        .with_context(|| format!("{} is not in /proc/self/mountinfo", canonical.display()))?;
+    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
+    std::fs::write(&knob, format!("{kb}\n")).with_context(|| format!("writing {knob}"))?;
+    tracing::debug!(kb, "read-ahead set through {knob}");
     Ok(())
 }
 
@@ -647,9 +731,19 @@ impl Mounted {
         config.n_threads = Some(opts.threads);
         config.clone_fd = true;
         let threads = opts.threads;
+        let readahead_kb = opts.readahead_kb;
         let session = fuser::Session::new(AtsFuse::new(fs, opts), mountpoint, &config)
             .with_context(|| format!("mounting on {}", mountpoint.display()))?;
         tracing::info!(threads, "mounted on {}", mountpoint.display());
+        if readahead_kb > 0 {
+            if let Err(e) = set_readahead(mountpoint, readahead_kb) {
+                tracing::warn!(
+                    "could not set the read-ahead of {} to {readahead_kb} KiB \
+                     (sequential reads stay slower; needs root): {e:#}",
+                    mountpoint.display()
+                );
+            }
+        }
         Ok(Mounted { session })
     }
 
@@ -661,5 +755,42 @@ impl Mounted {
     /// Serves requests until the file system is unmounted.
     pub fn run(self) -> Result<()> {
         self.session.run().context("serving FUSE requests")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_device_finds_the_last_mount_on_a_path_with_escapes() {
+        let info = "\
+22 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+90 22 0:40 / /tmp/a\\040b rw,nosuid - fuse.atsfs a.img rw
+91 22 0:41 / /tmp/c rw - fuse.atsfs c.img rw
+92 90 0:42 / /tmp/a\\040b rw - fuse.atsfs d.img rw
+";
+        assert_eq!(
+            mount_device(info, Path::new("/tmp/a b")).as_deref(),
+            Some("0:42")
+        );
+        assert_eq!(
+            mount_device(info, Path::new("/tmp/c")).as_deref(),
+            Some("0:41")
+        );
+        assert_eq!(mount_device(info, Path::new("/tmp/nope")), None);
+        assert_eq!(unescape_mountinfo("x\\134y\\01"), b"x\\y\\01".to_vec());
+    }
+
+    #[test]
+    fn readahead_option_is_parsed_and_bounded() {
+        let mut opts = FuseOptions::default();
+        let mut interval = Duration::from_secs(5);
+        parse_options(&["readahead_kb=1024".into()], &mut opts, &mut interval).unwrap();
+        assert_eq!(opts.readahead_kb, 1024);
+        parse_options(&["readahead_kb=0".into()], &mut opts, &mut interval).unwrap();
+        assert_eq!(opts.readahead_kb, 0);
+        assert!(parse_options(&["readahead_kb=x".into()], &mut opts, &mut interval).is_err());
+        assert!(parse_options(&["readahead_kb".into()], &mut opts, &mut interval).is_err());
     }
 }

@@ -194,6 +194,9 @@ impl Lun for GuardedLun {
         self.lease.check()?;
         self.inner.flush()
     }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len)
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -16,6 +16,81 @@ use crate::format::{
     LEAF_EXTENTS_MAX,
 };
 
+/// A read mapped to device blocks under the core lock, carried out with or without
+/// it. `Fs::read_data` carries it out without the core lock, holding the data I/O
+/// barrier (`Meta::data_io`) shared instead: the blocks it names cannot be reused
+/// before it ends, because a freed block only becomes allocatable again through
+/// `Meta::release_quarantine`, which takes that barrier exclusive, and a lock is
+/// only handed to another host after `release_quarantine`.
+pub struct ReadPlan {
+    /// Holes and unwritten extents read as zeros; `runs` fill the rest.
+    buf_len: usize,
+    runs: Vec<ReadRun>,
+    /// The caller's bytes: `[skip, skip + len)` of the block-aligned buffer.
+    skip: usize,
+    len: usize,
+    /// Bytes known without device I/O (inline data, end of file).
+    ready: Option<Vec<u8>>,
+}
+
+/// Blocks `disk..disk + blocks` land at `at` in the plan's buffer.
+struct ReadRun {
+    at: usize,
+    disk: BlockNo,
+    blocks: usize,
+}
+
+impl ReadPlan {
+    fn ready(bytes: Vec<u8>) -> ReadPlan {
+        ReadPlan {
+            buf_len: 0,
+            runs: Vec::new(),
+            skip: 0,
+            len: bytes.len(),
+            ready: Some(bytes),
+        }
+    }
+
+    /// True when the plan needs device reads.
+    pub fn needs_io(&self) -> bool {
+        !self.runs.is_empty()
+    }
+
+    /// Reads the blocks and returns the caller's bytes.
+    pub fn execute(self, lun: &dyn crate::lun::Lun) -> FsResult<Vec<u8>> {
+        let mut buf = Vec::new();
+        let range = self.execute_into(lun, &mut buf)?;
+        buf.truncate(range.end);
+        buf.drain(..range.start);
+        Ok(buf)
+    }
+
+    /// Reads the blocks into `buf` (reused between calls: a fresh buffer per read
+    /// costs a page fault per page) and returns where the caller's bytes are in it.
+    pub fn execute_into(
+        self,
+        lun: &dyn crate::lun::Lun,
+        buf: &mut Vec<u8>,
+    ) -> FsResult<std::ops::Range<usize>> {
+        if let Some(bytes) = self.ready {
+            buf.clear();
+            buf.extend_from_slice(&bytes);
+            return Ok(0..bytes.len());
+        }
+        buf.resize(self.buf_len, 0);
+        // Holes read as zeros; the buffer may hold an earlier read's bytes.
+        let mut covered = 0usize;
+        for run in &self.runs {
+            buf[covered..run.at].fill(0);
+            let len = run.blocks * BLOCK_SIZE;
+            lun.read_at(&mut buf[run.at..run.at + len], run.disk * BLOCK_SIZE_U64)?;
+            covered = run.at + len;
+        }
+        buf[covered..].fill(0);
+        Ok(self.skip..self.skip + self.len)
+    }
+}
+
 /// Largest file size: 2^32 blocks of 4 KiB (16 TiB), as ext4.
 pub const FILE_SIZE_MAX: u64 = (1u64 << 32) * BLOCK_SIZE_U64;
 /// Most blocks one write allocates at once (keeps a transaction small).
@@ -196,23 +271,37 @@ impl Core {
         Ok(())
     }
 
-    /// Reads up to `size` bytes at `offset` (short at end of file).
+    /// Reads up to `size` bytes at `offset` (short at end of file), under the core lock.
     pub fn read_file(&mut self, ino: Ino, offset: u64, size: usize) -> FsResult<Vec<u8>> {
+        let plan = self.plan_read(ino, offset, size)?;
+        self.meta.stats.data_reads += plan.runs.len() as u64;
+        plan.execute(self.meta.lun.as_ref())
+    }
+
+    /// Maps a read of up to `size` bytes at `offset` to device blocks. The plan is
+    /// carried out later, possibly without the core lock (see `ReadPlan`).
+    pub fn plan_read(&mut self, ino: Ino, offset: u64, size: usize) -> FsResult<ReadPlan> {
         let inode = self.inode(ino)?;
         if !is_reg(&inode) && !is_symlink(&inode) {
             return Err(FsError::Errno(libc::EISDIR));
         }
-        if offset >= inode.size {
-            return Ok(Vec::new());
+        if offset >= inode.size || size == 0 {
+            return Ok(ReadPlan::ready(Vec::new()));
         }
         let end = inode.size.min(offset + size as u64);
         if inode.flags & INODE_FLAG_INLINE != 0 {
-            return Ok(inode.area[offset as usize..end as usize].to_vec());
+            let bytes = inode
+                .area
+                .get(offset as usize..end as usize)
+                .ok_or_else(|| {
+                    FsError::corrupted("inode", ino, "inline data shorter than the size")
+                })?;
+            return Ok(ReadPlan::ready(bytes.to_vec()));
         }
         let extents = self.load_extents(&inode)?;
         let first = offset / BLOCK_SIZE_U64;
         let last = end.div_ceil(BLOCK_SIZE_U64);
-        let mut buf = vec![0u8; ((last - first) * BLOCK_SIZE_U64) as usize];
+        let mut runs = Vec::new();
         let mut block = first;
         while block < last {
             match find(&extents, block) {
@@ -220,12 +309,11 @@ impl Core {
                     let e = extents[i];
                     let run_end = (e.file_block + u64::from(e.len)).min(last);
                     if e.flags & EXTENT_UNWRITTEN == 0 {
-                        let at = ((block - first) * BLOCK_SIZE_U64) as usize;
-                        let len = ((run_end - block) * BLOCK_SIZE_U64) as usize;
-                        self.meta.read_data(
-                            &mut buf[at..at + len],
-                            e.disk_block + (block - e.file_block),
-                        )?;
+                        runs.push(ReadRun {
+                            at: ((block - first) * BLOCK_SIZE_U64) as usize,
+                            disk: e.disk_block + (block - e.file_block),
+                            blocks: (run_end - block) as usize,
+                        });
                     }
                     block = run_end;
                 }
@@ -234,10 +322,13 @@ impl Core {
                 }
             }
         }
-        let skip = (offset - first * BLOCK_SIZE_U64) as usize;
-        buf.drain(..skip);
-        buf.truncate((end - offset) as usize);
-        Ok(buf)
+        Ok(ReadPlan {
+            buf_len: ((last - first) * BLOCK_SIZE_U64) as usize,
+            runs,
+            skip: (offset - first * BLOCK_SIZE_U64) as usize,
+            len: (end - offset) as usize,
+            ready: None,
+        })
     }
 
     /// Writes `data` at `offset`, allocating as needed.
@@ -355,13 +446,49 @@ impl Core {
         let last = seg_end.div_ceil(BLOCK_SIZE_U64);
         let nblocks = (last - first) as usize;
         let head = (pos % BLOCK_SIZE_U64) as usize;
+        let tail = (seg_end % BLOCK_SIZE_U64) as usize;
+        if head == 0 && tail == 0 {
+            // Whole blocks: straight from the caller's buffer.
+            return self.meta.write_data(src, disk);
+        }
+        if nblocks > 2 {
+            // A partial first and/or last block around whole ones: patch the partial
+            // blocks in a block buffer each, write the middle from the caller's buffer.
+            let mut at = 0usize;
+            let mut block_pos = first;
+            if head != 0 {
+                let n = BLOCK_SIZE - head;
+                self.write_segment(disk, block_pos, pos, pos + n as u64, &src[..n], fresh)?;
+                at = n;
+                block_pos += 1;
+            }
+            let whole_end = if tail == 0 {
+                src.len()
+            } else {
+                src.len() - tail
+            };
+            self.meta
+                .write_data(&src[at..whole_end], disk + (block_pos - first))?;
+            if tail != 0 {
+                let last_pos = seg_end - tail as u64;
+                let last_disk = disk + (last - 1 - first);
+                self.write_segment(
+                    last_disk,
+                    last - 1,
+                    last_pos,
+                    seg_end,
+                    &src[whole_end..],
+                    fresh,
+                )?;
+            }
+            return Ok(());
+        }
         let mut buf = vec![0u8; nblocks * BLOCK_SIZE];
         if !fresh {
             if head != 0 {
                 self.meta.read_data(&mut buf[..BLOCK_SIZE], disk)?;
             }
-            let tail_partial = seg_end % BLOCK_SIZE_U64 != 0;
-            if tail_partial && (nblocks > 1 || head == 0) {
+            if tail != 0 && (nblocks > 1 || head == 0) {
                 let at = (nblocks - 1) * BLOCK_SIZE;
                 self.meta
                     .read_data(&mut buf[at..], disk + nblocks as u64 - 1)?;

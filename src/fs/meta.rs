@@ -24,13 +24,18 @@ use crate::lun::Lun;
 use lru::LruCache;
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 /// Clean metadata images kept in memory.
 const CACHE_ENTRIES: usize = 32768;
 /// A mutating operation commits the running transaction first when it holds more
 /// images than this, so that one operation (at most ~150 images) always fits.
 pub const TX_SOFT_LIMIT: usize = 96;
+
+/// Data writes at least this large start their writeback at once (streaming writes
+/// then reach the device while the next ones arrive; small random writes stay cached
+/// until the commit flushes them).
+const WRITEBACK_KICK_BYTES: usize = 256 << 10;
 
 /// Freed blocks waiting for the journal tail before the tail is moved at once.
 const QUARANTINE_BLOCKS_MAX: u64 = 16384;
@@ -74,6 +79,9 @@ pub struct Meta {
     freed_locks: Vec<(BlockNo, Option<u64>)>,
     /// (clock ms, free blocks) of the last statfs.
     pub statfs_cache: Option<(u64, u64)>,
+    /// Data reads carried out without the core lock hold this shared (see
+    /// `file::ReadPlan`); making freed blocks reusable takes it exclusive.
+    pub data_io: Arc<RwLock<()>>,
 }
 
 impl Meta {
@@ -102,6 +110,7 @@ impl Meta {
             locks: Locks::default(),
             freed_locks: Vec::new(),
             statfs_cache: None,
+            data_io: Arc::new(RwLock::new(())),
         }
     }
 
@@ -217,6 +226,8 @@ impl Meta {
     /// Moves the journal tail past every committed transaction (all are home), which
     /// lets the blocks they freed be reused.
     pub fn release_quarantine(&mut self) -> FsResult<()> {
+        // Reads mapped before the blocks were freed finish first.
+        drop(self.data_io.write().unwrap_or_else(|e| e.into_inner()));
         if self.journal.has_unmarked() {
             self.journal.mark_all_home(self.lun.as_ref())?;
             self.stats.flushes += 2;
@@ -373,9 +384,13 @@ impl Meta {
     /// Writes whole data blocks (not journaled; ordered before the next commit).
     pub fn write_data(&mut self, buf: &[u8], block: BlockNo) -> FsResult<()> {
         debug_assert!(buf.len() % BLOCK_SIZE == 0);
-        self.lun.write_at(buf, block * BLOCK_SIZE_U64)?;
+        let offset = block * BLOCK_SIZE_U64;
+        self.lun.write_at(buf, offset)?;
         self.stats.data_writes += 1;
         self.data_dirty = true;
+        if buf.len() >= WRITEBACK_KICK_BYTES {
+            self.lun.start_writeback(offset, buf.len() as u64);
+        }
         Ok(())
     }
 }

@@ -138,6 +138,8 @@ pub struct StatFs {
 /// One mounted host.
 pub struct Fs {
     core: Mutex<Core>,
+    /// Shared by data reads done outside the core lock; see `file::ReadPlan`.
+    data_io: Arc<std::sync::RwLock<()>>,
     root: Ino,
     lease: Arc<Lease>,
     membership: Mutex<Option<Membership>>,
@@ -346,8 +348,35 @@ impl Fs {
         self.write(|c| c.release(ino, write))
     }
 
+    /// Reads file data. The blocks are mapped under the core lock and read without
+    /// it, so reads (the kernel's read-ahead sends several at once) run in parallel
+    /// with each other and with metadata operations.
     pub fn read_data(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        self.read(|c| c.read_file(ino, offset, size as usize))
+        let mut buf = Vec::new();
+        let range = self.read_into(ino, offset, size, &mut buf)?;
+        buf.truncate(range.end);
+        buf.drain(..range.start);
+        Ok(buf)
+    }
+
+    /// Like `read_data`, into a buffer the caller reuses; returns where the bytes are.
+    pub fn read_into(
+        &self,
+        ino: Ino,
+        offset: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> FsResult<std::ops::Range<usize>> {
+        let (plan, lun, _barrier) = self.read(|c| {
+            let plan = c.plan_read(ino, offset, size as usize)?;
+            let lun = c.meta.lun.clone();
+            // Taken before the core lock is let go: see `file::ReadPlan`.
+            let barrier = plan
+                .needs_io()
+                .then(|| self.data_io.read().unwrap_or_else(|e| e.into_inner()));
+            Ok((plan, lun, barrier))
+        })?;
+        plan.execute_into(lun.as_ref(), buf)
     }
 
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {

@@ -192,8 +192,10 @@ impl Fs {
             open_counts: HashMap::new(),
             last_generation: 0,
         };
+        let data_io = core.meta.data_io.clone();
         let fs = Arc::new(Fs {
             core: Mutex::new(core),
+            data_io,
             root,
             lease,
             membership: Mutex::new(Some(membership)),

@@ -87,6 +87,9 @@ pub trait Lun: Send + Sync {
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw>;
     /// Makes every completed write durable.
     fn flush(&self) -> LunResult<()>;
+    /// A hint: start writing `[offset, offset + len)` to stable storage now, without
+    /// waiting, so that a later `flush` has less to do. Not a durability point.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
     /// A short description for messages ("image file /tmp/a.img").
     fn describe(&self) -> String;
 }
@@ -109,6 +112,9 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     }
     fn flush(&self) -> LunResult<()> {
         (**self).flush()
+    }
+    fn start_writeback(&self, offset: u64, len: u64) {
+        (**self).start_writeback(offset, len)
     }
     fn describe(&self) -> String {
         (**self).describe()
