@@ -39,30 +39,69 @@ pub(crate) fn index_of(hash: u64, depth: u32) -> u64 {
     }
 }
 
-/// Entries of a (validated) bucket.
-pub fn parse_entries(bucket: &DirBucket) -> Vec<Entry> {
-    let mut out = Vec::with_capacity(bucket.header.count as usize);
+/// An entry of a bucket, borrowed from the bucket's bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryRef<'a> {
+    pub hash: u64,
+    pub ino: Ino,
+    pub kind: u8,
+    pub name: &'a [u8],
+}
+
+impl EntryRef<'_> {
+    fn to_entry(self) -> Entry {
+        Entry {
+            hash: self.hash,
+            ino: self.ino,
+            kind: self.kind,
+            name: self.name.to_vec(),
+        }
+    }
+}
+
+/// Entries of a (validated) bucket, without copying them out.
+pub fn bucket_entries(bucket: &DirBucket) -> impl Iterator<Item = EntryRef<'_>> {
+    let area = &bucket.area[..(bucket.header.used as usize).min(bucket.area.len())];
     let mut pos = 0usize;
-    let area = &bucket.area[..bucket.header.used as usize];
-    while pos + DIR_ENTRY_FIXED <= area.len() {
-        let fixed = &area[pos..pos + DIR_ENTRY_FIXED];
+    std::iter::from_fn(move || {
+        let fixed = area.get(pos..pos + DIR_ENTRY_FIXED)?;
+        let name_len = usize::from(fixed[17]);
+        let name = area.get(pos + DIR_ENTRY_FIXED..pos + DIR_ENTRY_FIXED + name_len)?;
         let mut hash = [0u8; 8];
         hash.copy_from_slice(&fixed[0..8]);
         let mut ino = [0u8; 8];
         ino.copy_from_slice(&fixed[8..16]);
-        let name_len = fixed[17] as usize;
-        let Some(name) = area.get(pos + DIR_ENTRY_FIXED..pos + DIR_ENTRY_FIXED + name_len) else {
-            break;
-        };
-        out.push(Entry {
+        pos += DIR_ENTRY_FIXED + name_len;
+        Some(EntryRef {
             hash: u64::from_le_bytes(hash),
             ino: u64::from_le_bytes(ino),
             kind: fixed[16],
-            name: name.to_vec(),
-        });
-        pos += DIR_ENTRY_FIXED + name_len;
+            name,
+        })
+    })
+}
+
+/// Entries of a (validated) bucket.
+pub fn parse_entries(bucket: &DirBucket) -> Vec<Entry> {
+    bucket_entries(bucket).map(EntryRef::to_entry).collect()
+}
+
+/// Appends one entry at the end of a bucket's used area; false when it does not fit.
+fn append_entry(bucket: &mut DirBucket, e: &Entry) -> bool {
+    let pos = bucket.header.used as usize;
+    let end = pos + entry_size(&e.name);
+    if end > DIR_BUCKET_AREA || end > bucket.area.len() {
+        return false;
     }
-    out
+    let slot = &mut bucket.area[pos..end];
+    slot[0..8].copy_from_slice(&e.hash.to_le_bytes());
+    slot[8..16].copy_from_slice(&e.ino.to_le_bytes());
+    slot[16] = e.kind;
+    slot[17] = e.name.len() as u8;
+    slot[DIR_ENTRY_FIXED..].copy_from_slice(&e.name);
+    bucket.header.count += 1;
+    bucket.header.used = end as u32;
+    true
 }
 
 fn entry_size(name: &[u8]) -> usize {
@@ -267,10 +306,10 @@ impl Core {
         let hash = self.hash_name(name);
         let block = self.table_get(dir, index_of(hash, dir.dir_depth))?;
         let bucket = self.get_bucket(block, dir.blockno)?;
-        Ok(parse_entries(&bucket)
-            .into_iter()
+        let found = bucket_entries(&bucket)
             .find(|e| e.hash == hash && e.name == name)
-            .map(|e| (e.ino, e.kind)))
+            .map(|e| (e.ino, e.kind));
+        Ok(found)
     }
 
     /// Adds an entry (the caller checked that the name is absent) and updates `dir`
@@ -294,9 +333,7 @@ impl Core {
             let index = index_of(hash, dir.dir_depth);
             let block = self.table_get(dir, index)?;
             let mut bucket = self.get_bucket(block, dir.blockno)?;
-            let mut entries = parse_entries(&bucket);
-            entries.push(entry.clone());
-            if store_entries(&mut bucket, &entries) {
+            if append_entry(&mut bucket, &entry) {
                 self.put_bucket(bucket);
                 dir.dir_entries += 1;
                 return Ok(());
