@@ -21,6 +21,8 @@ struct Durable {
 }
 
 struct Recorded {
+    /// Transactions sealed for a group commit during the workload.
+    seals: u64,
     base: Vec<u8>,
     records: Vec<WriteRecord>,
     flush_count: u64,
@@ -33,9 +35,15 @@ fn content_of(i: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Runs a workload of creates, writes, renames, unlinks and fsyncs on a recording LUN.
-fn record_workload(files: usize) -> Recorded {
-    let mem = fresh_volume(12 << 20);
+/// Runs a workload of creates, writes, renames, unlinks and fsyncs (of every
+/// `fsync_every`-th file) on a recording LUN.
+fn record_workload(files: usize, fsync_every: usize) -> Recorded {
+    // 2 MiB journals when transactions are grouped (a 1 MiB one takes one at a time).
+    let mem = if fsync_every > 2 {
+        volume_with_journal(16 << 20, 2 << 20)
+    } else {
+        fresh_volume(12 << 20)
+    };
     let base = mem.snapshot();
     let fault = Arc::new(FaultLun::new(mem.clone(), FaultConfig::default()));
     fault.start_recording();
@@ -77,7 +85,7 @@ fn record_workload(files: usize) -> Recorded {
             fs.write_data(tmp, 0, &[9; 5000]).expect("tmp write");
             fs.unlink(parent, b"tmp").expect("unlink");
         }
-        if i % 2 == 0 {
+        if i % fsync_every == 0 {
             fs.fsync(ino, false).expect("fsync");
             durable.push(Durable {
                 name: if parent == dir {
@@ -94,13 +102,28 @@ fn record_workload(files: usize) -> Recorded {
     fault.stop_recording();
     let records = fault.records();
     let flush_count = fault.flush_count();
+    let seals = fs.stats().expect("stats").seals;
     drop(fs);
     Recorded {
+        seals,
         base,
         records,
         flush_count,
         durable,
     }
+}
+
+fn volume_with_journal(bytes: u64, journal_bytes: u64) -> Arc<MemLun> {
+    let lun = Arc::new(MemLun::new(bytes, 512));
+    let opts = crate::mkfs::MkfsOptions {
+        max_hosts: 2,
+        heartbeat_interval: std::time::Duration::from_millis(100),
+        lease: std::time::Duration::from_millis(1000),
+        journal_bytes: Some(journal_bytes),
+        ..crate::mkfs::MkfsOptions::default()
+    };
+    crate::mkfs::mkfs(lun.as_ref(), &opts, &mut |_, _| {}).expect("mkfs");
+    lun
 }
 
 /// Marks slot 0's owner process as gone, as it is after a real crash, so the next
@@ -164,7 +187,19 @@ fn recover_and_check(
 
 #[test]
 fn every_prefix_of_the_write_log_recovers_with_fsynced_files_intact() {
-    let recorded = record_workload(24);
+    check_every_prefix(&record_workload(24, 2));
+}
+
+#[test]
+fn group_commits_cut_at_every_write_recover_with_fsynced_files_intact() {
+    // Few fsyncs: the running transaction outgrows its soft limit between them and
+    // is sealed, so commits write groups of transactions with one flush.
+    let recorded = record_workload(150, 75);
+    assert!(recorded.seals > 0, "no transaction was sealed");
+    check_every_prefix(&recorded);
+}
+
+fn check_every_prefix(recorded: &Recorded) {
     let n = recorded.records.len();
     assert!(n > 50, "the workload wrote only {n} times");
     for cut in 0..=n {
@@ -172,7 +207,7 @@ fn every_prefix_of_the_write_log_recovers_with_fsynced_files_intact() {
         recover_and_check(
             image,
             |d| d.records_before <= cut,
-            &recorded,
+            recorded,
             &format!("cut {cut}/{n}"),
         );
         if cut > 0 && recorded.records[cut - 1].data.len() > 512 {
@@ -189,7 +224,7 @@ fn every_prefix_of_the_write_log_recovers_with_fsynced_files_intact() {
             recover_and_check(
                 torn,
                 |d| d.records_before < cut,
-                &recorded,
+                recorded,
                 &format!("cut {cut}/{n} torn"),
             );
         }
@@ -198,7 +233,7 @@ fn every_prefix_of_the_write_log_recovers_with_fsynced_files_intact() {
 
 #[test]
 fn unflushed_writes_may_all_be_lost() {
-    let recorded = record_workload(16);
+    let recorded = record_workload(16, 2);
     let n = recorded.records.len();
     for cut in 0..=n {
         let flushes = flushes_at_cut(&recorded.records, cut, recorded.flush_count);

@@ -397,18 +397,29 @@ impl Core {
         let hash = self.hash_name(name);
         let block = self.table_get(dir, index_of(hash, dir.dir_depth))?;
         let mut bucket = self.get_bucket(block, dir.blockno)?;
-        let mut entries = parse_entries(&bucket);
-        let Some(pos) = entries
-            .iter()
-            .position(|e| e.hash == hash && e.name == name)
-        else {
+        // Where the entry starts in the area, and its size.
+        let mut at = 0usize;
+        let mut found = None;
+        for e in bucket_entries(&bucket) {
+            let size = entry_size(e.name);
+            if e.hash == hash && e.name == name {
+                found = Some((at, size, e.ino, e.kind));
+                break;
+            }
+            at += size;
+        }
+        let Some((at, size, ino, kind)) = found else {
             return Ok(None);
         };
-        let removed = entries.remove(pos);
-        store_entries(&mut bucket, &entries);
+        // Close the gap in place; the freed tail is zeroed as store_entries leaves it.
+        let used = bucket.header.used as usize;
+        bucket.area.copy_within(at + size..used, at);
+        bucket.area[used - size..used].fill(0);
+        bucket.header.used = (used - size) as u32;
+        bucket.header.count = bucket.header.count.saturating_sub(1);
         self.put_bucket(bucket);
         dir.dir_entries = dir.dir_entries.saturating_sub(1);
-        Ok(Some((removed.ino, removed.kind)))
+        Ok(Some((ino, kind)))
     }
 
     /// Points an existing entry at another inode (rename over an existing name).

@@ -5,6 +5,14 @@
 //! transaction first (`get`). `commit` writes the transaction to this host's journal
 //! (the commit point), then writes every image home, synchronously.
 //!
+//! Group commit: when the running transaction grows past `TX_SOFT_LIMIT` images
+//! between two operations, it is sealed (`seal`) rather than committed: it waits in
+//! memory, whole, for the next commit, which writes every sealed transaction and the
+//! running one to the journal with one flush (`Journal::commit_group`) and then home.
+//! Nothing is lost that was promised: a sealed transaction holds no fsynced change
+//! (fsync commits), and no lock is released before a commit. Reads see the running
+//! transaction, then the sealed ones (newest first), then the cache.
+//!
 //! Invariants:
 //! - A metadata image is written home only after the transaction holding it is
 //!   committed. File data is flushed before the commit that points at it.
@@ -26,6 +34,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::{Arc, RwLock};
 
+/// A metadata image (one block or sector), shared rather than copied.
+type Image = Arc<Vec<u8>>;
+
 /// Clean metadata images kept in memory.
 const CACHE_ENTRIES: usize = 32768;
 /// A mutating operation commits the running transaction first when it holds more
@@ -36,6 +47,10 @@ pub const TX_SOFT_LIMIT: usize = 96;
 /// then reach the device while the next ones arrive; small random writes stay cached
 /// until the commit flushes them).
 const WRITEBACK_KICK_BYTES: usize = 256 << 10;
+
+/// Most journal blocks sealed transactions may wait with (16 MiB of images): bounds
+/// memory and the work of the next commit.
+const SEALED_SPAN_MAX: u64 = 4096;
 
 /// Freed blocks waiting for the journal tail before the tail is moved at once.
 const QUARANTINE_BLOCKS_MAX: u64 = 16384;
@@ -51,6 +66,8 @@ pub struct MetaStats {
     pub flushes: u64,
     pub lock_acquires: u64,
     pub lock_releases: u64,
+    /// Transactions sealed to wait for a group commit.
+    pub seals: u64,
 }
 
 pub struct Meta {
@@ -58,7 +75,12 @@ pub struct Meta {
     pub geo: Geometry,
     pub volume_uuid: [u8; 16],
     cache: LruCache<u64, Arc<Vec<u8>>>,
-    tx: BTreeMap<u64, Vec<u8>>,
+    /// Images are shared with `get` callers and the cache, never copied to be read.
+    tx: BTreeMap<u64, Image>,
+    /// Sealed transactions waiting for the next commit, oldest first.
+    sealed: Vec<BTreeMap<u64, Image>>,
+    /// Journal blocks the sealed transactions will take.
+    sealed_span: u64,
     journal: Journal,
     /// Freed runs: (start, len, the transaction that freed them; None = running).
     quarantine: Vec<(BlockNo, u64, Option<u64>)>,
@@ -68,7 +90,7 @@ pub struct Meta {
     failed: Option<String>,
     /// While an operation runs: the transaction's images before the operation touched
     /// them, so a failed operation leaves no half-done change behind.
-    undo: Option<HashMap<u64, Option<Vec<u8>>>>,
+    undo: Option<HashMap<u64, Option<Image>>>,
     undo_quarantine: usize,
     pub stats: MetaStats,
     /// This host in the cluster, and the locks it holds.
@@ -99,6 +121,8 @@ impl Meta {
             volume_uuid,
             cache: LruCache::new(cap),
             tx: BTreeMap::new(),
+            sealed: Vec::new(),
+            sealed_span: 0,
             journal,
             quarantine: Vec::new(),
             data_dirty: false,
@@ -126,7 +150,10 @@ impl Meta {
     /// version if any, else the cache's, else the disk's.
     pub fn raw(&mut self, offset: u64, len: usize) -> FsResult<Arc<Vec<u8>>> {
         if let Some(image) = self.tx.get(&offset) {
-            return Ok(Arc::new(image.clone()));
+            return Ok(image.clone());
+        }
+        if let Some(image) = self.sealed.iter().rev().find_map(|tx| tx.get(&offset)) {
+            return Ok(image.clone());
         }
         if let Some(image) = self.cache.get(&offset) {
             if image.len() == len {
@@ -199,18 +226,40 @@ impl Meta {
         let mut image = vec![0u8; len];
         let bytes = bytemuck::bytes_of(&value);
         image[..bytes.len()].copy_from_slice(bytes);
-        self.tx.insert(offset, image);
+        self.tx.insert(offset, Arc::new(image));
     }
 
     /// Puts raw bytes (a bitmap block) into the running transaction.
     pub fn put_raw(&mut self, offset: u64, image: Vec<u8>) {
         self.note_undo(offset);
-        self.tx.insert(offset, image);
+        self.tx.insert(offset, Arc::new(image));
     }
 
     /// Images in the running transaction.
     pub fn tx_len(&self) -> usize {
         self.tx.len()
+    }
+
+    /// True when changes wait for a commit (running or sealed transactions).
+    pub fn has_uncommitted(&self) -> bool {
+        !self.tx.is_empty() || !self.sealed.is_empty()
+    }
+
+    /// Between operations: closes the running transaction and keeps it for the next
+    /// commit's group, or commits when the group would outgrow the journal's bound.
+    pub fn seal(&mut self) -> FsResult<()> {
+        self.check_healthy()?;
+        if self.tx.is_empty() {
+            return Ok(());
+        }
+        let span = self.tx.len() as u64 + 2;
+        if self.sealed_span + span > self.journal.group_span_max().min(SEALED_SPAN_MAX) {
+            return self.commit();
+        }
+        self.sealed_span += span;
+        self.sealed.push(std::mem::take(&mut self.tx));
+        self.stats.seals += 1;
+        Ok(())
     }
 
     /// Marks a run of blocks freed in the running transaction.
@@ -295,26 +344,32 @@ impl Meta {
             self.stats.flushes += 1;
             self.data_dirty = false;
         }
-        if self.tx.is_empty() {
+        let mut group = std::mem::take(&mut self.sealed);
+        self.sealed_span = 0;
+        if !self.tx.is_empty() {
+            group.push(std::mem::take(&mut self.tx));
+        }
+        if group.is_empty() {
             return Ok(());
         }
-        let tx = std::mem::take(&mut self.tx);
-        let records: Vec<Record> = tx
-            .iter()
-            .map(|(&target, image)| Record {
-                target,
-                image: image.clone(),
-            })
-            .collect();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let seq = self.journal.commit(self.lun.as_ref(), &records, now)?;
-        self.stats.commits += 1;
-        self.stats.flushes += 1;
-        self.stats.committed_images += records.len() as u64;
-        self.checkpoint(tx)?;
+        // In chunks the journal takes with one flush each; a chunk is home before the
+        // next is written, since writing one may move the journal's tail.
+        let span_max = self.journal.group_span_max();
+        let mut seq = 0;
+        let mut rest = group.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut chunk = Vec::new();
+            let mut span = 0;
+            while let Some(tx) = rest.peek() {
+                let next = tx.len() as u64 + 2;
+                if !chunk.is_empty() && span + next > span_max {
+                    break;
+                }
+                span += next;
+                chunk.extend(rest.next());
+            }
+            seq = self.commit_chunk(chunk)?;
+        }
         for q in self.quarantine.iter_mut().filter(|q| q.2.is_none()) {
             q.2 = Some(seq);
         }
@@ -334,8 +389,38 @@ impl Meta {
         Ok(())
     }
 
+    /// Commits transactions to the journal with one flush, then writes them home.
+    fn commit_chunk(&mut self, chunk: Vec<BTreeMap<u64, Image>>) -> FsResult<u64> {
+        let txs: Vec<Vec<Record>> = chunk
+            .iter()
+            .map(|tx| {
+                tx.iter()
+                    .map(|(&target, image)| Record {
+                        target,
+                        image: image.as_ref().clone(),
+                    })
+                    .collect()
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let seq = self.journal.commit_group(self.lun.as_ref(), &txs, now)?;
+        self.stats.commits += txs.len() as u64;
+        self.stats.flushes += 1;
+        self.stats.committed_images += txs.iter().map(|t| t.len() as u64).sum::<u64>();
+        // Home writes: the newest image of each block.
+        let mut home = BTreeMap::new();
+        for tx in chunk {
+            home.extend(tx);
+        }
+        self.checkpoint(home)?;
+        Ok(seq)
+    }
+
     /// Writes committed images home, merging neighbours into one write.
-    fn checkpoint(&mut self, tx: BTreeMap<u64, Vec<u8>>) -> FsResult<()> {
+    fn checkpoint(&mut self, tx: BTreeMap<u64, Image>) -> FsResult<()> {
         let mut run_start = 0u64;
         let mut run: Vec<u8> = Vec::new();
         for (&offset, image) in &tx {
@@ -352,7 +437,7 @@ impl Meta {
             self.lun.write_at(&run, run_start)?;
         }
         for (offset, image) in tx {
-            self.cache.put(offset, Arc::new(image));
+            self.cache.put(offset, image);
         }
         Ok(())
     }

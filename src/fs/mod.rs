@@ -196,7 +196,7 @@ impl Fs {
             let result = {
                 let mut core = self.core()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
-                    core.meta.commit()?;
+                    core.meta.seal()?;
                 }
                 core.meta.begin_op();
                 let result = op(&mut core);
@@ -391,7 +391,9 @@ impl Fs {
     /// Commits the running transaction (the background syncer, `sync`).
     pub fn sync(&self) -> FsResult<()> {
         let core = self.core()?;
-        if core.meta.tx_len() == 0 && !core.meta.data_dirty && !core.meta.has_committed_quarantine()
+        if !core.meta.has_uncommitted()
+            && !core.meta.data_dirty
+            && !core.meta.has_committed_quarantine()
         {
             return Ok(());
         }

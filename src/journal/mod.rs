@@ -132,12 +132,101 @@ impl Journal {
         records: &[Record],
         now_unix_ms: u64,
     ) -> Result<u64, JournalError> {
+        let seq = self.write_tx(lun, records, now_unix_ms, true)?;
+        lun.flush()?;
+        // This is the commit point: the transaction is durable in the journal.
+        Ok(seq)
+    }
+
+    /// Most journal blocks a group of transactions (`commit_group`) may span, so
+    /// that the group can never lap itself: the group's runs plus the blocks skipped
+    /// at one wrap (less than one run) fit in the journal's blocks after the header.
+    pub fn group_span_max(&self) -> u64 {
+        self.blocks
+            .saturating_sub(1)
+            .saturating_sub(self.records_max() as u64 + 2)
+    }
+
+    /// Writes several transactions, in order, and makes them durable with one flush
+    /// (group commit). Replay redoes a prefix of them after a crash before the flush
+    /// returns, and all of them after. Returns the last one's sequence number.
+    pub fn commit_group(
+        &mut self,
+        lun: &dyn Lun,
+        txs: &[Vec<Record>],
+        now_unix_ms: u64,
+    ) -> Result<u64, JournalError> {
+        if let [one] = txs {
+            return self.commit(lun, one, now_unix_ms);
+        }
+        let mut spans = Vec::with_capacity(txs.len());
+        for records in txs {
+            let count = records.len();
+            if count == 0 || count > self.records_max() {
+                return Err(JournalError::TooLarge(count));
+            }
+            spans.push(count as u64 + 2);
+        }
+        let total: u64 = spans.iter().sum();
+        if total > self.group_span_max() {
+            return Err(JournalError::TooLarge(total as usize));
+        }
+        // Move the tail first if the group would land on transactions replay may
+        // still need; within the group nothing may be marked home (its images are
+        // not home yet), and the size bound keeps it from lapping itself.
+        if self.group_overlaps_live(&spans) {
+            self.mark_all_home(lun)?;
+        }
+        let mut last = 0;
+        for records in txs {
+            last = self.write_tx(lun, records, now_unix_ms, false)?;
+        }
+        lun.flush()?;
+        Ok(last)
+    }
+
+    /// True when placing runs of `spans` blocks from the head would overwrite the
+    /// live region (tail to head) as it stands.
+    fn group_overlaps_live(&self, spans: &[u64]) -> bool {
+        if !self.has_unmarked() {
+            return false;
+        }
+        let (tail, head) = (self.tail, self.head);
+        let live = |b: u64| {
+            if tail == head {
+                true
+            } else if tail < head {
+                b >= tail && b < head
+            } else {
+                b >= tail || b < head
+            }
+        };
+        let mut pos = head;
+        for &span in spans {
+            let at = if pos + span > self.blocks { 1 } else { pos };
+            if (at..at + span).any(live) {
+                return true;
+            }
+            pos = at + span;
+        }
+        false
+    }
+
+    /// Writes one transaction's run at the head (no flush) and advances the head.
+    /// With `may_mark` false, a run that would need the tail moved is an error.
+    fn write_tx(
+        &mut self,
+        lun: &dyn Lun,
+        records: &[Record],
+        now_unix_ms: u64,
+        may_mark: bool,
+    ) -> Result<u64, JournalError> {
         let count = records.len();
         if count == 0 || count > self.records_max() {
             return Err(JournalError::TooLarge(count));
         }
         let span = count as u64 + 2;
-        self.make_room(lun, span)?;
+        self.make_room(lun, span, may_mark)?;
         let at = self.head;
         let desc_block = self.start + at;
         let seq = self.next_seq;
@@ -178,8 +267,6 @@ impl Journal {
         run[tail..tail + std::mem::size_of::<JournalCommit>()]
             .copy_from_slice(bytemuck::bytes_of(&commit));
         lun.write_at(&run, desc_block * BLOCK_SIZE_U64)?;
-        lun.flush()?;
-        // This is the commit point: the transaction is durable in the journal.
         self.head = at + span;
         if self.head >= self.blocks {
             self.head = 1;
@@ -192,7 +279,7 @@ impl Journal {
     /// transaction replay might still need: if the run would land in the live region
     /// (tail to head), the tail is moved first. Callers checkpoint synchronously after
     /// each commit, so every committed image is already home by then.
-    fn make_room(&mut self, lun: &dyn Lun, span: u64) -> Result<(), JournalError> {
+    fn make_room(&mut self, lun: &dyn Lun, span: u64, may_mark: bool) -> Result<(), JournalError> {
         let old_head = self.head;
         let at = if old_head + span > self.blocks {
             1
@@ -210,6 +297,9 @@ impl Journal {
             }
         };
         if self.has_unmarked() && (at..at + span).any(live) {
+            if !may_mark {
+                return Err(JournalError::TooLarge(span as usize));
+            }
             self.mark_all_home(lun)?;
         }
         self.head = at;

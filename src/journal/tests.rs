@@ -229,3 +229,133 @@ proptest! {
         run_model(256, &txs, last_home);
     }
 }
+
+/// Commits groups of transactions (`commit_group`), writing each group home except
+/// perhaps the last; replay must leave every target holding the last image.
+fn run_group_model(journal_blocks: u64, groups: &[Vec<Vec<(u64, u8)>>], last_home: bool) {
+    let (lun, geo) = setup(journal_blocks);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    assert_eq!(journal.group_span_max(), 769);
+    let mut expected = std::collections::BTreeMap::new();
+    for (g, group) in groups.iter().enumerate() {
+        let txs: Vec<Vec<Record>> = group
+            .iter()
+            .map(|tx| tx.iter().map(|&(n, fill)| record(&geo, n, fill)).collect())
+            .collect();
+        journal.commit_group(&lun, &txs, 0).expect("commit group");
+        if last_home || g + 1 < groups.len() {
+            for r in txs.iter().flatten() {
+                lun.write_at(&r.image, r.target).expect("home");
+            }
+        }
+        for &(n, fill) in group.iter().flatten() {
+            expected.insert(n, fill);
+        }
+    }
+    Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    for (&n, &fill) in &expected {
+        assert_eq!(read_block(&lun, target(&geo, n))[0], fill, "block {n}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+    #[test]
+    fn group_replay_matches_the_model(
+        groups in prop::collection::vec(
+            // At most 12 x (60 + 2) = 744 blocks: within the bound of a 1024-block journal.
+            prop::collection::vec(prop::collection::vec((0u64..30, 1u8..255), 1..61), 1..13),
+            1..40,
+        ),
+        last_home in any::<bool>(),
+    ) {
+        run_group_model(1024, &groups, last_home);
+    }
+}
+
+#[test]
+fn a_group_larger_than_its_bound_is_refused_and_one_transaction_always_fits() {
+    let (lun, geo) = setup(256);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    assert!(journal.group_span_max() < 6);
+    let tx = vec![record(&geo, 0, 1)];
+    assert!(matches!(
+        journal.commit_group(&lun, &[tx.clone(), tx.clone()], 0),
+        Err(JournalError::TooLarge(_))
+    ));
+    journal
+        .commit_group(&lun, &[tx], 0)
+        .expect("one transaction");
+}
+
+#[test]
+fn a_group_cut_at_any_write_replays_a_prefix_of_its_transactions() {
+    use crate::lun::{crash_image, FaultConfig, FaultLun};
+    let (mem, geo) = setup(1024);
+    let mem = std::sync::Arc::new(mem);
+    let lun = FaultLun::new(mem.clone(), FaultConfig::default());
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    // An earlier group, home already, so that the next one lands behind it.
+    let first: Vec<Vec<Record>> = (0..3u8)
+        .map(|i| vec![record(&geo, u64::from(i), 100 + i)])
+        .collect();
+    journal.commit_group(&lun, &first, 0).expect("first group");
+    for r in first.iter().flatten() {
+        lun.write_at(&r.image, r.target).expect("home");
+    }
+    lun.flush().expect("flush");
+    let base = mem.snapshot();
+    lun.start_recording();
+    // Five transactions over overlapping targets; transaction t fills with t + 1.
+    let txs: Vec<Vec<Record>> = (0..5u64)
+        .map(|t| {
+            (0..4)
+                .map(|k| record(&geo, (t + k) % 6, t as u8 + 1))
+                .collect()
+        })
+        .collect();
+    journal.commit_group(&lun, &txs, 0).expect("group");
+    lun.stop_recording();
+    let records = lun.records();
+    // The state after the first `k` transactions, for every k.
+    let states: Vec<Vec<u8>> = (0..=txs.len())
+        .map(|k| {
+            let mut block = vec![0u8; 6];
+            for (n, b) in block.iter_mut().enumerate() {
+                *b = if n < 3 { 100 + n as u8 } else { 0 };
+            }
+            for tx in &txs[..k] {
+                for r in tx {
+                    let n = (r.target / BLOCK_SIZE_U64 - geo.ag_start - 10) as usize;
+                    block[n] = r.image[0];
+                }
+            }
+            block
+        })
+        .collect();
+    let mut images = Vec::new();
+    for cut in 0..=records.len() {
+        images.push(crash_image(&base, &records, cut, None, 512));
+        images.push(crash_image(&base, &records, cut, Some(1), 512));
+    }
+    // Nothing orders the writes before the flush: any subset of them may land.
+    assert!(records.len() <= 10, "{} writes", records.len());
+    for subset in 0u32..1 << records.len() {
+        let landed: Vec<_> = (0..records.len())
+            .filter(|i| subset & (1 << i) != 0)
+            .map(|i| records[i].clone())
+            .collect();
+        images.push(crash_image(&base, &landed, landed.len(), None, 512));
+    }
+    for (i, image) in images.into_iter().enumerate() {
+        let crashed = MemLun::from_image(image, 512);
+        Journal::open_and_replay(&crashed, &geo, 0, UUID).expect("replay");
+        let now: Vec<u8> = (0..6)
+            .map(|n| read_block(&crashed, target(&geo, n))[0])
+            .collect();
+        assert!(
+            states.contains(&now),
+            "crash image {i}: {now:?} is not the state after any prefix of the group"
+        );
+    }
+}
