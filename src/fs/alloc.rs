@@ -108,6 +108,20 @@ impl Meta {
     /// Allocates a run of up to `want` blocks (exactly `want` when `exact`), as near
     /// to `goal` as it finds. Returns the first block and the length.
     pub fn alloc(&mut self, goal: BlockNo, want: u64, exact: bool) -> FsResult<(BlockNo, u64)> {
+        let (start, len) = self.alloc_any(goal, want, exact)?;
+        self.forget_freed_locks(start, len, None);
+        Ok((start, len))
+    }
+
+    /// Allocates the `span` blocks of a new inode near `goal`; the caller takes its
+    /// lock with `take_new`, free of I/O when it is a freed inode's lock we kept.
+    pub fn alloc_inode(&mut self, goal: BlockNo, span: u64) -> FsResult<BlockNo> {
+        let (start, len) = self.alloc_any(goal, span, true)?;
+        self.forget_freed_locks(start, len, Some(start));
+        Ok(start)
+    }
+
+    fn alloc_any(&mut self, goal: BlockNo, want: u64, exact: bool) -> FsResult<(BlockNo, u64)> {
         match self.alloc_once(goal, want, exact) {
             Err(FsError::NoSpace) if self.has_committed_quarantine() => {
                 // Freed blocks wait for the journal tail: move it and look again.

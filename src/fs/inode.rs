@@ -174,7 +174,7 @@ impl Core {
         rdev: u64,
     ) -> FsResult<InodeBody> {
         let span = u64::from(self.meta.geo.resource_blocks);
-        let (ino, _) = self.meta.alloc(goal, span, true)?;
+        let ino = self.meta.alloc_inode(goal, span)?;
         // The block may have held anything: its lock record becomes ours now (locks
         // are never journaled; if we crash before the commit the block is still free
         // and the record names a dead generation).

@@ -43,6 +43,10 @@ pub struct Locks {
     /// Locks of resources created by the operation in progress: if it fails, the
     /// allocation is undone and so must the lock be.
     pub(super) created_in_op: Vec<BlockNo>,
+    /// Exclusive locks of inodes this host freed, kept while it holds the lock of
+    /// their allocation group (nobody else can allocate the block meanwhile), so that
+    /// reusing the block for a new inode costs no I/O. Released with the group's lock.
+    freed_held: std::collections::HashSet<BlockNo>,
 }
 
 impl Locks {
@@ -152,7 +156,7 @@ impl Meta {
     /// Releases the given locks (all when `None`): commits, moves the journal tail,
     /// then frees each record. Returns the resources released.
     pub fn release_locks(&mut self, which: Option<&[BlockNo]>) -> FsResult<Vec<BlockNo>> {
-        let targets: Vec<BlockNo> = match which {
+        let mut targets: Vec<BlockNo> = match which {
             Some(list) => list
                 .iter()
                 .copied()
@@ -163,7 +167,31 @@ impl Meta {
         if targets.is_empty() {
             return Ok(targets);
         }
+        // After this, every freed inode whose lock we keep is in `freed_held`.
         self.sync_all()?;
+        // Freed inodes' locks go with their group's lock (see `Locks::freed_held`).
+        let groups: std::collections::HashSet<u64> = targets
+            .iter()
+            .filter_map(|&r| {
+                let ag = self.geo.ag_of(r)?;
+                (self.geo.ag_header(ag) == r).then_some(ag)
+            })
+            .collect();
+        if which.is_some() && !groups.is_empty() {
+            let geo = self.geo;
+            let extra: Vec<BlockNo> = self
+                .locks
+                .freed_held
+                .iter()
+                .copied()
+                .filter(|&r| geo.ag_of(r).is_some_and(|ag| groups.contains(&ag)))
+                .filter(|r| !targets.contains(r))
+                .collect();
+            targets.extend(extra);
+        }
+        for r in &targets {
+            self.locks.freed_held.remove(r);
+        }
         for &resource in &targets {
             let Some((mut state, _)) = self.locks.held.remove(&resource) else {
                 continue;
@@ -188,6 +216,13 @@ impl Meta {
     /// Records the lock of a resource this host just created (a new inode on a block
     /// it allocated): taken exclusive by ATS from whatever the sector holds.
     pub fn take_new(&mut self, resource: BlockNo) -> FsResult<()> {
+        if self.locks.freed_held.remove(&resource)
+            && self.locks.held_mode(resource) == Some(LockMode::Exclusive)
+        {
+            // We freed this inode and kept its lock: nobody else can have taken it.
+            self.locks.created_in_op.push(resource);
+            return Ok(());
+        }
         self.locks.released.remove(&resource);
         self.locks.held.remove(&resource);
         let mut raw = vec![0u8; self.geo.ats_sector_size as usize];
@@ -285,8 +320,38 @@ impl Meta {
         Ok(writer || reader)
     }
 
-    /// Forgets a lock whose resource was freed (its record is released with it).
+    /// Forgets the kept locks of freed inodes in `[start, start + len)` (except
+    /// `keep`): the blocks were just allocated for something else, which overwrites
+    /// their lock sectors. Nobody else believes it holds them (we did, exclusive).
+    pub fn forget_freed_locks(&mut self, start: BlockNo, len: u64, keep: Option<BlockNo>) {
+        if self.locks.freed_held.is_empty() {
+            return;
+        }
+        let gone: Vec<BlockNo> = self
+            .locks
+            .freed_held
+            .iter()
+            .copied()
+            .filter(|&r| r >= start && r < start + len && Some(r) != keep)
+            .collect();
+        for r in gone {
+            self.locks.freed_held.remove(&r);
+            self.locks.held.remove(&r);
+            self.locks.released.remove(&r);
+        }
+    }
+
+    /// Lets go of the lock of a freed inode: kept (see `Locks::freed_held`) when it is
+    /// ours exclusive and we hold its group's lock exclusive, else released.
     pub fn drop_freed(&mut self, resource: BlockNo) -> FsResult<()> {
+        let group_held = self.geo.ag_of(resource).is_some_and(|ag| {
+            self.locks.held_mode(self.geo.ag_header(ag)) == Some(LockMode::Exclusive)
+        });
+        if group_held && self.locks.held_mode(resource) == Some(LockMode::Exclusive) {
+            self.locks.freed_held.insert(resource);
+            return Ok(());
+        }
+        self.locks.freed_held.remove(&resource);
         if let Some((state, _)) = self.locks.held.remove(&resource) {
             if let Ok(Ok(now)) = try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
                 self.locks.released.insert(resource, now.raw);
