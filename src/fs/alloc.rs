@@ -124,7 +124,9 @@ impl Meta {
     fn alloc_any(&mut self, goal: BlockNo, want: u64, exact: bool) -> FsResult<(BlockNo, u64)> {
         match self.alloc_once(goal, want, exact) {
             Err(FsError::NoSpace) if self.has_committed_quarantine() => {
-                // Freed blocks wait for the journal tail: move it and look again.
+                // Freed blocks wait for the journal tail (and sealed transactions for
+                // their commit): commit those, move the tail and look again.
+                self.commit_sealed()?;
                 self.release_quarantine()?;
                 self.alloc_once(goal, want, exact)
             }

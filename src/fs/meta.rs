@@ -48,6 +48,10 @@ pub const TX_SOFT_LIMIT: usize = 96;
 /// until the commit flushes them).
 const WRITEBACK_KICK_BYTES: usize = 256 << 10;
 
+/// In `quarantine` and `freed_locks`: freed by a sealed transaction, which gets its
+/// sequence number when the next commit writes it.
+const SEALED_SEQ: u64 = u64::MAX;
+
 /// Most journal blocks sealed transactions may wait with (16 MiB of images): bounds
 /// memory and the work of the next commit.
 const SEALED_SPAN_MAX: u64 = 4096;
@@ -259,7 +263,25 @@ impl Meta {
         self.sealed_span += span;
         self.sealed.push(std::mem::take(&mut self.tx));
         self.stats.seals += 1;
+        for q in self.quarantine.iter_mut().filter(|q| q.2.is_none()) {
+            q.2 = Some(SEALED_SEQ);
+        }
+        for f in self.freed_locks.iter_mut().filter(|f| f.1.is_none()) {
+            f.1 = Some(SEALED_SEQ);
+        }
         Ok(())
+    }
+
+    /// Commits the sealed transactions only (each is whole operations; the running
+    /// one may be half an operation), e.g. when blocks they freed are needed.
+    pub fn commit_sealed(&mut self) -> FsResult<()> {
+        self.check_healthy()?;
+        let result = self.commit_inner(false);
+        if let Err(e) = &result {
+            self.failed = Some(format!("commit failed: {e}"));
+            tracing::error!("commit failed, no further writes from this host: {e}");
+        }
+        result
     }
 
     /// Marks a run of blocks freed in the running transaction.
@@ -329,7 +351,7 @@ impl Meta {
     /// Commits the running transaction and writes it home. Sticky on failure.
     pub fn commit(&mut self) -> FsResult<()> {
         self.check_healthy()?;
-        let result = self.commit_inner();
+        let result = self.commit_inner(true);
         if let Err(e) = &result {
             self.failed = Some(format!("commit failed: {e}"));
             tracing::error!("commit failed, no further writes from this host: {e}");
@@ -337,7 +359,8 @@ impl Meta {
         result
     }
 
-    fn commit_inner(&mut self) -> FsResult<()> {
+    /// Commits the sealed transactions and, with `running`, the running one.
+    fn commit_inner(&mut self, running: bool) -> FsResult<()> {
         if self.data_dirty {
             // Ordered mode: file data is durable before the commit that points at it.
             self.lun.flush()?;
@@ -346,7 +369,7 @@ impl Meta {
         }
         let mut group = std::mem::take(&mut self.sealed);
         self.sealed_span = 0;
-        if !self.tx.is_empty() {
+        if running && !self.tx.is_empty() {
             group.push(std::mem::take(&mut self.tx));
         }
         if group.is_empty() {
@@ -370,11 +393,15 @@ impl Meta {
             }
             seq = self.commit_chunk(chunk)?;
         }
-        for q in self.quarantine.iter_mut().filter(|q| q.2.is_none()) {
+        let committed = |s: Option<u64>| s == Some(SEALED_SEQ) || running && s.is_none();
+        for q in self.quarantine.iter_mut().filter(|q| committed(q.2)) {
             q.2 = Some(seq);
         }
-        for f in self.freed_locks.iter_mut().filter(|f| f.1.is_none()) {
+        for f in self.freed_locks.iter_mut().filter(|f| committed(f.1)) {
             f.1 = Some(seq);
+        }
+        if !running {
+            return Ok(());
         }
         if self.undo.is_some() {
             // What is committed stays, whatever the rest of the operation does.

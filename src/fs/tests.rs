@@ -971,3 +971,51 @@ fn reads_never_see_blocks_reused_after_a_truncate() {
     let reads = reader.join().expect("reader");
     assert!(reads > 10, "only {reads} reads saw data");
 }
+
+#[test]
+fn space_freed_by_a_sealed_transaction_is_found_when_the_volume_is_full() {
+    // A 2 MiB journal lets transactions be sealed for a group commit. Blocks a sealed
+    // transaction freed must become allocatable when nothing else is left, without
+    // waiting for the background commit.
+    let lun = Arc::new(MemLun::new(48 << 20, 512));
+    let opts = MkfsOptions {
+        max_hosts: 2,
+        heartbeat_interval: Duration::from_millis(100),
+        lease: Duration::from_millis(1000),
+        journal_bytes: Some(2 << 20),
+        ..MkfsOptions::default()
+    };
+    mkfs(lun.as_ref(), &opts, &mut |_, _| {}).expect("mkfs");
+    let shared: Arc<dyn Lun> = lun.clone();
+    let mut options = MountOptions::new(HostUuid([1; 16]));
+    options.commit_interval = Duration::from_secs(3600);
+    let fs = Fs::mount(shared, options).expect("mount");
+    let root = fs.root();
+    let f = fs.mknod(root, b"f", REG, 0, 0, 0).expect("create").ino;
+    let chunk = vec![7u8; 1 << 20];
+    let mut written = 0u64;
+    while fs.write_data(f, written, &chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    assert!(written > 8 << 20, "only {written} bytes fit");
+    fs.fsync(f, false).expect("fsync");
+    let seals_before = fs.stats().expect("stats").seals;
+    fs.unlink(root, b"f").expect("unlink");
+    // Enough small changes after the unlink that its transaction gets sealed.
+    for i in 0..300 {
+        fs.mknod(root, format!("small-{i}").as_bytes(), REG, 0, 0, 0)
+            .expect("small create");
+    }
+    assert!(
+        fs.stats().expect("stats").seals > seals_before,
+        "nothing was sealed"
+    );
+    let g = fs.mknod(root, b"g", REG, 0, 0, 0).expect("create g").ino;
+    let mut again = 0u64;
+    while again < written / 2 {
+        fs.write_data(g, again, &chunk)
+            .expect("the freed space is found again");
+        again += chunk.len() as u64;
+    }
+    fs.unmount().expect("unmount");
+}
