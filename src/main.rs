@@ -77,6 +77,15 @@ enum Command {
         /// A path inside the volume, like /dir/file (not through a mount point).
         path: Option<String>,
     },
+    /// Show a mounted host's counters since mount: the device I/O its filesystem
+    /// issued (reads, writes, ATS, flushes), journal commits and locks.
+    Stats {
+        /// Print the JSON the daemon reports (the `user.atsfs.stats` xattr).
+        #[arg(long)]
+        json: bool,
+        /// The mount point (the root of an atsfs mount).
+        mountpoint: PathBuf,
+    },
     /// Recover dead hosts' slots offline: replay their journals and free their slots.
     /// Watches each slot for a lease first; live hosts are left alone.
     Recover {
@@ -102,6 +111,94 @@ enum Command {
         force: bool,
         device: PathBuf,
     },
+}
+
+/// Reads the `user.atsfs.stats` xattr of a mount point.
+fn read_stats_xattr(mountpoint: &Path) -> Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .context("the mount point contains a NUL byte")?;
+    let name = c"user.atsfs.stats";
+    let not_atsfs = |e: std::io::Error| match e.raw_os_error() {
+        Some(libc::ENODATA) | Some(libc::EOPNOTSUPP) => anyhow::anyhow!(
+            "{} is not the root of an atsfs mount (no user.atsfs.stats attribute); \
+             give the directory the volume is mounted on",
+            mountpoint.display()
+        ),
+        _ => anyhow::anyhow!("reading the stats of {}: {e}", mountpoint.display()),
+    };
+    for _ in 0..4 {
+        // SAFETY: `path` and `name` are NUL-terminated; a null buffer of size 0 asks
+        // for the value's size.
+        let size = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            return Err(not_atsfs(std::io::Error::last_os_error()));
+        }
+        // Room for the value to grow between the two calls.
+        let mut buf = vec![0u8; size as usize + 256];
+        // SAFETY: `buf` is valid for `buf.len()` bytes.
+        let got = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if got >= 0 {
+            buf.truncate(got as usize);
+            return Ok(buf);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(not_atsfs(e));
+        }
+    }
+    bail!(
+        "the stats of {} kept growing while being read",
+        mountpoint.display()
+    )
+}
+
+fn stats(mountpoint: &Path, json: bool) -> Result<()> {
+    let raw = read_stats_xattr(mountpoint)?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&raw));
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&raw).context("the daemon's stats are not JSON")?;
+    let n = |path: &[&str]| -> u64 {
+        path.iter()
+            .try_fold(&v, |v, k| v.get(k))
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0)
+    };
+    println!("host slot {} on {}", n(&["slot"]), mountpoint.display());
+    println!("device I/O since mount (the filesystem's; heartbeats not included):");
+    println!(
+        "  reads        {:>12}  ({} bytes)",
+        n(&["io", "reads"]),
+        n(&["io", "read_bytes"])
+    );
+    println!(
+        "  writes       {:>12}  ({} bytes)",
+        n(&["io", "writes"]),
+        n(&["io", "written_bytes"])
+    );
+    println!("  ATS          {:>12}", n(&["io", "caws"]));
+    println!("  flushes      {:>12}", n(&["io", "flushes"]));
+    println!("journal:");
+    println!(
+        "  transactions {:>12}  ({} images, {} waited for a group commit)",
+        n(&["commits"]),
+        n(&["committed_images"]),
+        n(&["sealed_transactions"])
+    );
+    println!("locks:");
+    println!("  acquired     {:>12}", n(&["lock_acquires"]));
+    println!("  held now     {:>12}", n(&["locks_held"]));
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -138,6 +235,7 @@ fn main() -> ExitCode {
         } => return fsck_repair(&device, json, force),
         Command::Fsck { json, device, .. } => return fsck(&device, json),
         Command::Recover { slot, device } => recover(&device, slot),
+        Command::Stats { json, mountpoint } => stats(&mountpoint, json),
         Command::Status {
             json,
             watch_ms,

@@ -716,3 +716,75 @@ fn directory_of_100000_entries() {
     check(list(&mount.join("big")));
     mount.unmount();
 }
+
+/// `atsfs stats MOUNTPOINT --json`, parsed.
+fn stats_json(mountpoint: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(common::atsfs_bin())
+        .args(["stats", "--json"])
+        .arg(mountpoint)
+        .output()
+        .expect("run atsfs stats");
+    assert!(
+        out.status.success(),
+        "atsfs stats failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stats JSON")
+}
+
+#[test]
+fn stats_count_the_device_io_of_the_daemon() {
+    require_fuse!();
+    let scratch = Scratch::new("stats");
+    let image = scratch.image("volume.img", IMAGE_BYTES);
+    let mount = MountSpec::in_scratch(&scratch, &image, "host").mount();
+    let before = stats_json(mount.path());
+    for i in 0..100 {
+        fs::write(mount.path().join(format!("f{i}")), b"some bytes").expect("write");
+    }
+    File::open(mount.path().join("f0"))
+        .expect("open")
+        .sync_all()
+        .expect("fsync");
+    let after = stats_json(mount.path());
+    let grew = |key: &str| {
+        let a = after["io"][key].as_u64().expect("a counter");
+        let b = before["io"][key].as_u64().expect("a counter");
+        assert!(a > b, "io.{key} did not grow: {b} -> {a}");
+        a - b
+    };
+    // Each new file's data block is written, its lock taken by ATS; fsync flushes.
+    assert!(grew("writes") >= 100);
+    assert!(grew("caws") >= 100);
+    grew("flushes");
+    assert!(after["commits"].as_u64() > before["commits"].as_u64());
+    // Only the mount's root answers; the name is read-only and not listed.
+    let sub = std::process::Command::new(common::atsfs_bin())
+        .args(["stats"])
+        .arg(mount.path().join("f0"))
+        .output()
+        .expect("run atsfs stats");
+    assert!(!sub.status.success());
+    assert!(String::from_utf8_lossy(&sub.stderr).contains("not the root of an atsfs mount"));
+    let root = cpath(mount.path());
+    let value = b"1";
+    // SAFETY: NUL-terminated path and name, a valid value buffer.
+    let rc = unsafe {
+        libc::setxattr(
+            root.as_ptr(),
+            c"user.atsfs.stats".as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(rc, -1);
+    assert_eq!(last_errno(), libc::EPERM);
+    let mut list = vec![0u8; 4096];
+    // SAFETY: NUL-terminated path, a valid buffer of its length.
+    let n = unsafe { libc::listxattr(root.as_ptr(), list.as_mut_ptr().cast(), list.len()) };
+    assert!(n >= 0);
+    assert!(!String::from_utf8_lossy(&list[..n as usize]).contains("atsfs.stats"));
+    drop(mount);
+    assert_fsck_clean(&image);
+}

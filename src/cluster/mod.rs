@@ -157,18 +157,63 @@ impl Lease {
 }
 
 /// The LUN as the fs sees it: every write, compare-and-write and flush first checks
-/// the lease.
+/// the lease. It also counts the device I/O the fs issues (`IoCounters`).
 pub struct GuardedLun {
     inner: Arc<dyn Lun>,
     lease: Arc<Lease>,
+    counters: Arc<IoCounters>,
+}
+
+/// Device I/O issued through a `GuardedLun`, since it was made (relaxed atomics:
+/// each is exact, a snapshot of several is not taken at one instant).
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    caws: AtomicU64,
+    flushes: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+}
+
+/// A snapshot of `IoCounters`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IoCount {
+    pub reads: u64,
+    pub writes: u64,
+    pub caws: u64,
+    pub flushes: u64,
+    pub read_bytes: u64,
+    pub written_bytes: u64,
+}
+
+impl IoCounters {
+    pub fn snapshot(&self) -> IoCount {
+        IoCount {
+            reads: self.reads.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            caws: self.caws.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            written_bytes: self.written_bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl GuardedLun {
     pub fn new(inner: Arc<dyn Lun>, lease: Arc<Lease>) -> GuardedLun {
-        GuardedLun { inner, lease }
+        GuardedLun {
+            inner,
+            lease,
+            counters: Arc::new(IoCounters::default()),
+        }
     }
     pub fn lease(&self) -> &Arc<Lease> {
         &self.lease
+    }
+    /// The counters of the I/O issued through this LUN.
+    pub fn counters(&self) -> &Arc<IoCounters> {
+        &self.counters
     }
 }
 
@@ -180,18 +225,28 @@ impl Lun for GuardedLun {
         self.inner.len_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         self.lease.check()?;
+        self.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .written_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.inner.write_at(buf, offset)
     }
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
         self.lease.check()?;
+        self.counters.caws.fetch_add(1, Ordering::Relaxed);
         self.inner.compare_and_write(offset, expected, new)
     }
     fn flush(&self) -> LunResult<()> {
         self.lease.check()?;
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.flush()
     }
     fn start_writeback(&self, offset: u64, len: u64) {

@@ -126,6 +126,21 @@ impl OpenCount {
     }
 }
 
+/// A host's counters since mount (`atsfs stats`, the `user.atsfs.stats` xattr).
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct HostStats {
+    pub slot: u32,
+    /// Device I/O the filesystem issued (not the membership thread's heartbeats).
+    pub io: crate::cluster::IoCount,
+    /// Journal transactions written.
+    pub commits: u64,
+    pub committed_images: u64,
+    /// Transactions that waited for a group commit.
+    pub sealed_transactions: u64,
+    pub lock_acquires: u64,
+    pub locks_held: u64,
+}
+
 /// Volume-wide usage, for statfs.
 #[derive(Clone, Copy, Debug)]
 pub struct StatFs {
@@ -140,6 +155,9 @@ pub struct Fs {
     core: Mutex<Core>,
     /// Shared by data reads done outside the core lock; see `file::ReadPlan`.
     data_io: Arc<std::sync::RwLock<()>>,
+    /// Device I/O this host's filesystem issued (heartbeats and mailbox polls of the
+    /// membership thread are not included).
+    io_counters: Arc<crate::cluster::IoCounters>,
     root: Ino,
     lease: Arc<Lease>,
     membership: Mutex<Option<Membership>>,
@@ -423,7 +441,17 @@ impl Fs {
         })
     }
 
+    /// Reads an xattr. `user.atsfs.stats` on the root directory is the host's
+    /// counters as JSON (`HostStats`), made up at each read and stored nowhere.
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
+        if name == xattr::STATS_XATTR {
+            if ino != self.root {
+                return Err(FsError::Errno(libc::ENODATA));
+            }
+            let stats = self.host_stats()?;
+            return serde_json::to_vec(&stats)
+                .map_err(|e| FsError::Failed(format!("encoding the stats: {e}")));
+        }
         self.read(|c| c.getxattr(ino, name))
     }
 
@@ -433,10 +461,16 @@ impl Fs {
 
     /// Sets an xattr; `flags` takes XATTR_CREATE and XATTR_REPLACE.
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: i32) -> FsResult<()> {
+        if name == xattr::STATS_XATTR {
+            return Err(FsError::Errno(libc::EPERM));
+        }
         self.write(|c| c.setxattr(ino, name, value, flags))
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        if name == xattr::STATS_XATTR {
+            return Err(FsError::Errno(libc::EPERM));
+        }
         self.write(|c| c.removexattr(ino, name))
     }
 
@@ -484,6 +518,27 @@ impl Fs {
     /// Device I/O counters since mount.
     pub fn stats(&self) -> FsResult<meta::MetaStats> {
         self.read(|c| Ok(c.meta.stats))
+    }
+
+    /// Everything `atsfs stats` shows: the device I/O the filesystem issued and the
+    /// journal and lock counters, since mount.
+    pub fn host_stats(&self) -> FsResult<HostStats> {
+        let (meta, slot, locks_held) = self.read(|c| {
+            Ok((
+                c.meta.stats,
+                c.meta.node.me.slot,
+                c.meta.locks.held().len() as u64,
+            ))
+        })?;
+        Ok(HostStats {
+            slot,
+            io: self.io_counters.snapshot(),
+            commits: meta.commits,
+            committed_images: meta.committed_images,
+            sealed_transactions: meta.seals,
+            lock_acquires: meta.lock_acquires,
+            locks_held,
+        })
     }
 }
 

@@ -126,7 +126,9 @@ impl Fs {
         )?;
         let slot = claim.slot;
         let lease = Arc::new(Lease::new(options.clock.clone(), lease_time, interval));
-        let guarded: Arc<dyn Lun> = Arc::new(GuardedLun::new(lun.clone(), lease.clone()));
+        let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
+        let io_counters = guarded_lun.counters().clone();
+        let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
         let claim = if claim.after_crash {
             // Our slot is RECOVERING with the old generation: replay our journal, and
             // only then take a new generation (which makes our old locks stale).
@@ -196,6 +198,7 @@ impl Fs {
         let fs = Arc::new(Fs {
             core: Mutex::new(core),
             data_io,
+            io_counters,
             root,
             lease,
             membership: Mutex::new(Some(membership)),

@@ -11,6 +11,8 @@ use crate::format::{
 /// Setting this attribute to "1" makes a regular file multi-writer: every host may
 /// open it for writing at once, and all I/O to it bypasses the page cache.
 pub const MULTI_WRITER_XATTR: &[u8] = b"user.atsfs.multiwriter";
+/// Read-only, on the root directory only, not listed: the host's counters as JSON.
+pub const STATS_XATTR: &[u8] = b"user.atsfs.stats";
 
 /// Longest attribute value (the block less its header and one short name).
 pub const XATTR_VALUE_MAX: usize = XATTR_AREA - XATTR_ENTRY_FIXED - 8;
