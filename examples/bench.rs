@@ -2,7 +2,7 @@
 //! its own open of one image file (emulated ATS between the opens), behind a counting
 //! wrapper. Prints a markdown table. `cargo xtask bench` runs it in release mode.
 //!
-//! Usage: bench IMAGE_DIR [FILES]
+//! Usage: bench IMAGE_DIR [FILES [BIG_DIR_ENTRIES]]
 
 use atsfs::cluster::HostUuid;
 use atsfs::fs::{Fs, MountOptions};
@@ -45,6 +45,53 @@ fn delta(a: IoStats, b: IoStats, n: u64) -> String {
     )
 }
 
+/// Creates `n` empty files in `dir` (names `{prefix}{i}`), then commits; returns
+/// files/s, commit included.
+fn create_empty(fs: &Fs, dir: u64, prefix: &str, from: u64, n: u64) -> f64 {
+    let started = Instant::now();
+    for i in from..from + n {
+        fs.mknod(dir, format!("{prefix}{i:08}").as_bytes(), REG, 0, 0, 0)
+            .expect("create");
+    }
+    fs.sync().expect("sync");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A directory of `entries` entries: the create rate of its last 1% (at least 1000)
+/// against that of a directory of 1000, on one host, each with its commit.
+fn big_directory(dir: &Path, entries: u64, rows: &mut Vec<(String, String)>) {
+    let image = dir.join("atsfs-bench-bigdir.img");
+    // One resource block per inode, plus buckets and tables: 4 KiB per entry, twice.
+    let bytes = (entries * 8192).max(1 << 30).next_multiple_of(1 << 30);
+    make_image(&image, bytes, &MkfsOptions::default());
+    let (fs, _) = host(&image, 3);
+    let small = fs
+        .mkdir(fs.root(), b"small", 0o755, 0, 0)
+        .expect("mkdir")
+        .ino;
+    let small_rate = create_empty(&fs, small, "s", 0, 1000);
+    let big = fs.mkdir(fs.root(), b"big", 0o755, 0, 0).expect("mkdir").ino;
+    let tail = (entries / 100).max(1000).min(entries);
+    let started = Instant::now();
+    create_empty(&fs, big, "b", 0, entries - tail);
+    let tail_rate = create_empty(&fs, big, "b", entries - tail, tail);
+    let total = started.elapsed().as_secs_f64();
+    let listed = fs.getattr(big).map(|a| a.size).unwrap_or(0);
+    let _ = fs.unmount();
+    let _ = std::fs::remove_file(&image);
+    rows.push((
+        "create rate in a directory of 1,000 entries".into(),
+        format!("{small_rate:.0} files/s"),
+    ));
+    rows.push((
+        format!("create rate of the last {tail} of {entries} entries in one directory"),
+        format!(
+            "{tail_rate:.0} files/s = {:.2}x the 1k directory (target >= 0.5x); all {entries} in {total:.0} s, directory size {listed} B",
+            tail_rate / small_rate
+        ),
+    ));
+}
+
 /// Creates `n` files with 100 bytes each in `dir`, then syncs; returns files/s.
 fn create_files(fs: &Fs, dir: u64, prefix: &str, n: u64) -> f64 {
     let started = Instant::now();
@@ -63,6 +110,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let dir = PathBuf::from(args.first().map_or("/tmp", |s| s.as_str()));
     let files: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(5000);
+    let big_dir: u64 = args
+        .get(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let image = dir.join("atsfs-bench.img");
     let opts = MkfsOptions::default();
     let mut rows: Vec<(String, String)> = Vec::new();
@@ -188,6 +239,8 @@ fn main() {
     ));
     let _ = b.unmount();
     let _ = std::fs::remove_file(&image);
+
+    big_directory(&dir, big_dir, &mut rows);
 
     println!("| measure | result |\n|---|---|");
     for (k, v) in rows {

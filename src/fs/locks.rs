@@ -140,7 +140,30 @@ impl Meta {
     /// Releases locks other hosts asked for, and remembers not to take them back at
     /// once.
     pub fn yield_locks(&mut self, wanted: &[BlockNo]) -> FsResult<Vec<BlockNo>> {
-        let released = self.release_locks(Some(wanted))?;
+        let mut released = self.release_locks(Some(wanted))?;
+        // A record may name this host although it does not hold the lock: a freed
+        // inode's kept lock forgotten when its block was allocated for something
+        // that has not overwritten the record yet (preallocated, or an allocation
+        // rolled back). Free such a record when asked, or the asker waits for nothing.
+        for &resource in wanted {
+            if self.locks.held.contains_key(&resource) || released.contains(&resource) {
+                continue;
+            }
+            if self.geo.ag_of(resource).is_none() {
+                continue;
+            }
+            let Ok(state) = read_lock(self.lun.as_ref(), &self.geo, resource) else {
+                continue;
+            };
+            if !state.held_by(&self.node.me) {
+                continue;
+            }
+            if let Ok(Ok(now)) = try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
+                tracing::debug!(resource, "freed a lock record that named this host");
+                self.locks.released.insert(resource, now.raw);
+                released.push(resource);
+            }
+        }
         let now_ms = self.node.clock.now_ms();
         for &resource in &released {
             self.locks.yielded.insert(resource, now_ms);

@@ -27,51 +27,117 @@ impl Drop for Cleanup {
     }
 }
 
-/// Operations per second of each phase of the metadata workload.
+/// Operations per second of each phase of the metadata workload, and atsfs's device
+/// I/O per operation in each phase (when a stats probe is given).
 struct Meta {
     create: f64,
     stat: f64,
     readdir: f64,
     unlink: f64,
+    cost: Vec<(&'static str, Io)>,
+}
+
+/// Device I/O counters of an atsfs daemon (`atsfs stats --json`).
+#[derive(Clone, Copy, Default)]
+struct Io {
+    reads: f64,
+    writes: f64,
+    caws: f64,
+    flushes: f64,
+}
+
+impl Io {
+    fn per_op(self, before: Io, n: usize) -> Io {
+        let n = n as f64;
+        Io {
+            reads: (self.reads - before.reads) / n,
+            writes: (self.writes - before.writes) / n,
+            caws: (self.caws - before.caws) / n,
+            flushes: (self.flushes - before.flushes) / n,
+        }
+    }
+}
+
+/// Reads a mounted atsfs host's counters.
+fn atsfs_io(atsfs: &Path, mountpoint: &Path) -> Result<Io> {
+    let out = Cmd::new(atsfs)
+        .args(["stats", "--json"])
+        .arg(mountpoint)
+        .read()?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("atsfs stats --json")?;
+    let get = |k: &str| v["io"][k].as_f64().unwrap_or(0.0);
+    Ok(Io {
+        reads: get("reads"),
+        writes: get("writes"),
+        caws: get("caws"),
+        flushes: get("flushes"),
+    })
 }
 
 fn rate(n: usize, started: Instant) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
-/// create + 100-byte write + close, stat, readdir and unlink of `n` files.
-fn metadata(dir: &Path, n: usize) -> Result<Meta> {
+/// create + 100-byte write + close, stat, readdir and unlink of `n` files; `probe`
+/// reads the daemon's counters around each phase (atsfs only). The counters include
+/// the daemon's background commits during the phase.
+fn metadata(dir: &Path, n: usize, probe: Option<&dyn Fn() -> Result<Io>>) -> Result<Meta> {
     std::fs::create_dir_all(dir)?;
     let name = |i: usize| dir.join(format!("file-{i:06}"));
+    let mut cost = Vec::new();
+    let mut mark = |what: &'static str, before: Option<Io>| -> Result<Option<Io>> {
+        let Some(probe) = probe else { return Ok(None) };
+        let now = probe()?;
+        if let Some(before) = before {
+            cost.push((what, now.per_op(before, n)));
+        }
+        Ok(Some(now))
+    };
+    let before = mark("", None)?;
     let started = Instant::now();
     for i in 0..n {
         std::fs::write(name(i), [b'x'; 100])
             .with_context(|| format!("creating {}", name(i).display()))?;
     }
     let create = rate(n, started);
+    let before = mark("create + 100 B write + close", before)?;
     let started = Instant::now();
     for i in 0..n {
         std::fs::metadata(name(i))?;
     }
     let stat = rate(n, started);
+    let before = mark("stat", before)?;
     let started = Instant::now();
     let listed = std::fs::read_dir(dir)?.count();
     if listed != n {
         bail!("{} lists {listed} entries, not {n}", dir.display());
     }
     let readdir = rate(n, started);
+    let before = mark("", before)?;
     let started = Instant::now();
     for i in 0..n {
         std::fs::remove_file(name(i))?;
     }
     let unlink = rate(n, started);
+    mark("unlink", before)?;
     Ok(Meta {
         create,
         stat,
         readdir,
         unlink,
+        cost,
     })
 }
+
+/// The median of a few measurements.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Rounds of each workload, alternating the file systems, of which the median counts:
+/// single runs on a shared machine vary by a third.
+const ROUNDS: usize = 3;
 
 fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
@@ -165,11 +231,48 @@ pub fn run(quick: bool) -> Result<String> {
         .run()?;
     cleanup.mounts.push(mnt_bindfs.clone());
 
-    let m_atsfs = metadata(&mnt_atsfs.join("meta"), files)?;
-    let m_bindfs = metadata(&mnt_bindfs.join("meta"), files)?;
-    let m_ext4 = metadata(&mnt_ext4.join("meta"), files)?;
+    let probe = || atsfs_io(&atsfs, &mnt_atsfs);
+    let mut runs: [Vec<Meta>; 3] = Default::default();
+    for round in 0..ROUNDS {
+        let dir = format!("meta-{round}");
+        // Rotate who goes first, so that no one always runs on a warmer machine.
+        for k in 0..3 {
+            let which = (round + k) % 3;
+            let m = match which {
+                0 => metadata(&mnt_atsfs.join(&dir), files, Some(&probe))?,
+                1 => metadata(&mnt_bindfs.join(&dir), files, None)?,
+                _ => metadata(&mnt_ext4.join(&dir), files, None)?,
+            };
+            runs[which].push(m);
+        }
+    }
+    let med = |which: usize, f: fn(&Meta) -> f64| median(runs[which].iter().map(f).collect());
+    let m_atsfs = Meta {
+        create: med(0, |m| m.create),
+        stat: med(0, |m| m.stat),
+        readdir: med(0, |m| m.readdir),
+        unlink: med(0, |m| m.unlink),
+        cost: runs[0].last().map(|m| m.cost.clone()).unwrap_or_default(),
+    };
+    let m_bindfs = Meta {
+        create: med(1, |m| m.create),
+        stat: med(1, |m| m.stat),
+        readdir: med(1, |m| m.readdir),
+        unlink: med(1, |m| m.unlink),
+        cost: Vec::new(),
+    };
+    let m_ext4 = Meta {
+        create: med(2, |m| m.create),
+        stat: med(2, |m| m.stat),
+        readdir: med(2, |m| m.readdir),
+        unlink: med(2, |m| m.unlink),
+        cost: Vec::new(),
+    };
 
-    let mut table = String::from("| measure | atsfs | bindfs over ext4 | ext4 | atsfs / bindfs | target |\n|---|---|---|---|---|---|\n");
+    let mut table = format!(
+        "Medians of {ROUNDS} rounds; in each round atsfs, bindfs and ext4 run the workload one after another, in rotating order.\n\n\
+         | measure | atsfs | bindfs over ext4 | ext4 | atsfs / bindfs | target |\n|---|---|---|---|---|---|\n"
+    );
     for (what, a, b, e) in [
         (
             "create + 100 B write + close /s",
@@ -216,14 +319,20 @@ pub fn run(quick: bool) -> Result<String> {
             vec!["--runtime=10", "--time_based"],
         ),
     ] {
-        if rw == "read" {
-            drop_caches();
+        let (mut a, mut p) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            for k in 0..2 {
+                if rw == "read" {
+                    drop_caches();
+                }
+                if (round + k) % 2 == 0 {
+                    a.push(fio(&on_atsfs, rw, bs, stream, false, &extra)?);
+                } else {
+                    p.push(fio(&plain, rw, bs, stream, true, &extra)?);
+                }
+            }
         }
-        let a = fio(&on_atsfs, rw, bs, stream, false, &extra)?;
-        if rw == "read" {
-            drop_caches();
-        }
-        let p = fio(&plain, rw, bs, stream, true, &extra)?;
+        let (a, p) = (median(a), median(p));
         stream_rows.push(format!(
             "| {what} ({stream}) | {a:.0} MiB/s | {p:.0} MiB/s | {:.2}x | >= 0.8x |\n",
             a / p
@@ -234,6 +343,16 @@ pub fn run(quick: bool) -> Result<String> {
     );
     for row in stream_rows {
         table.push_str(&row);
+    }
+    table.push_str(&format!(
+        "\natsfs device I/O per operation, from the daemon's counters (`atsfs stats`, last round, background commits included):\n\n\
+         | phase ({files} files) | reads | writes | ATS | flushes |\n|---|---|---|---|---|\n"
+    ));
+    for (what, io) in &m_atsfs.cost {
+        table.push_str(&format!(
+            "| {what} | {:.2} | {:.2} | {:.2} | {:.3} |\n",
+            io.reads, io.writes, io.caws, io.flushes
+        ));
     }
     drop(cleanup);
     Ok(table)

@@ -130,15 +130,17 @@ fn require_root_and_fuse(task: &str) -> anyhow::Result<()> {
 fn bench(quick: bool, fuse: bool) -> anyhow::Result<bool> {
     use anyhow::Context;
     let files = if quick { "2000" } else { "10000" };
+    let big_dir = if quick { "100000" } else { "1000000" };
     let scratch = tempfile::Builder::new()
         .prefix("atsfs-bench-")
         .tempdir()
         .context("temp dir")?;
-    let command = format!("cargo run --release --example bench -- DIR {files}");
+    let command = format!("cargo run --release --example bench -- DIR {files} {big_dir}");
     let out = sh::cargo()
         .args(["run", "--quiet", "--release", "--example", "bench", "--"])
         .arg(scratch.path())
         .arg(files)
+        .arg(big_dir)
         .output()?;
     if !out.status.success() {
         anyhow::bail!(
