@@ -9,6 +9,14 @@ fn arg(args: &[String], i: usize, default: u64) -> u64 {
 }
 
 fn main() -> ExitCode {
+    // Quiet unless RUST_LOG asks (e.g. RUST_LOG=atsfs=debug to follow one seed).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let hosts = arg(&args, 0, 4) as usize;
     let seeds = arg(&args, 1, 4);

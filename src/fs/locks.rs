@@ -326,10 +326,15 @@ impl Meta {
         Err(FsError::Errno(libc::EBUSY))
     }
 
-    /// True when another live host has the file open (read from the disk: open
-    /// entries change without the metadata lock).
+    /// True when another live host has the file open. A host changes its open entries
+    /// only while it holds the inode's lock (`Core::open` and `Core::release` load the
+    /// inode first), so while this host holds it exclusive the record is the image it
+    /// last wrote; otherwise it is read from the disk.
     pub fn open_elsewhere(&mut self, resource: BlockNo) -> FsResult<bool> {
-        let state = read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?;
+        let state = match self.locks.held.get(&resource) {
+            Some((state, LockMode::Exclusive)) => state.clone(),
+            _ => read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?,
+        };
         let r = &state.record;
         let me = self.node.me;
         let writer = r.open_flags & crate::format::OPEN_WRITER != 0

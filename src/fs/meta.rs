@@ -108,6 +108,8 @@ pub struct Meta {
     /// Data reads carried out without the core lock hold this shared (see
     /// `file::ReadPlan`); making freed blocks reusable takes it exclusive.
     pub data_io: Arc<RwLock<()>>,
+    /// This host's lease: a failed commit fences it (`fail`).
+    lease: Option<Arc<crate::cluster::Lease>>,
 }
 
 impl Meta {
@@ -139,7 +141,26 @@ impl Meta {
             freed_locks: Vec::new(),
             statfs_cache: None,
             data_io: Arc::new(RwLock::new(())),
+            lease: None,
         }
+    }
+
+    /// The lease to fence when a commit fails.
+    pub fn set_lease(&mut self, lease: Arc<crate::cluster::Lease>) {
+        self.lease = Some(lease);
+    }
+
+    /// Marks the host failed after a commit or checkpoint failed: every later
+    /// operation fails, and the lease is fenced, so the heartbeat stops and the
+    /// other hosts recover this host's journal and break its locks after one lease
+    /// (a failed host that kept heartbeating would hold its locks for ever).
+    fn fail(&mut self, e: &FsError) {
+        let reason = format!("commit failed: {e}");
+        tracing::error!("{reason}; no further writes from this host");
+        if let Some(lease) = &self.lease {
+            lease.fence(&reason);
+        }
+        self.failed = Some(reason);
     }
 
     /// Fails when an earlier commit failed.
@@ -278,8 +299,7 @@ impl Meta {
         self.check_healthy()?;
         let result = self.commit_inner(false);
         if let Err(e) = &result {
-            self.failed = Some(format!("commit failed: {e}"));
-            tracing::error!("commit failed, no further writes from this host: {e}");
+            self.fail(e);
         }
         result
     }
@@ -353,8 +373,7 @@ impl Meta {
         self.check_healthy()?;
         let result = self.commit_inner(true);
         if let Err(e) = &result {
-            self.failed = Some(format!("commit failed: {e}"));
-            tracing::error!("commit failed, no further writes from this host: {e}");
+            self.fail(e);
         }
         result
     }

@@ -250,6 +250,18 @@ impl Fs {
         let Some(node) = self.core.lock().ok().map(|c| c.meta.node.clone()) else {
             return;
         };
+        if attempt % 50 == 49 {
+            let stale: Vec<bool> = holders.iter().map(|&(s, g)| node.stale(s, g)).collect();
+            tracing::debug!(
+                me = node.me.slot,
+                resource,
+                ?mode,
+                ?holders,
+                ?stale,
+                attempt,
+                "still waiting for a lock"
+            );
+        }
         if let Err(e) = node.refresh() {
             tracing::warn!("reading the heartbeat region: {e:#}");
         }

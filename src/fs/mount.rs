@@ -186,7 +186,8 @@ impl Fs {
                 "replayed the journal"
             );
         }
-        let meta = Meta::new(guarded, geo, sb.volume_uuid, journal, node.clone());
+        let mut meta = Meta::new(guarded, geo, sb.volume_uuid, journal, node.clone());
+        meta.set_lease(lease.clone());
         let root = sb.root_ino;
         let core = Core {
             meta,
@@ -297,9 +298,7 @@ impl Fs {
             let mut core = self.core()?;
             core.meta.yield_locks(&wanted)?
         };
-        if !released.is_empty() {
-            tracing::debug!(?released, "released locks other hosts asked for");
-        }
+        tracing::debug!(slot, ?wanted, ?released, "served the mailbox");
         crate::cluster::mailbox::remove_requests(lun.as_ref(), &geo, slot, &wanted)?;
         Ok(())
     }

@@ -1019,3 +1019,42 @@ fn space_freed_by_a_sealed_transaction_is_found_when_the_volume_is_full() {
     }
     fs.unmount().expect("unmount");
 }
+
+#[test]
+fn a_failed_commit_fences_the_host_so_the_others_recover_it() {
+    // A host whose commit failed must not keep heartbeating: it would hold its locks
+    // for ever. It fences its lease; the heartbeat stops.
+    let mem = fresh_volume(32 << 20);
+    let fault = Arc::new(crate::lun::FaultLun::new(
+        mem.clone(),
+        crate::lun::FaultConfig::default(),
+    ));
+    let shared: Arc<dyn Lun> = fault.clone();
+    let mut options = MountOptions::new(HostUuid([1; 16]));
+    options.commit_interval = Duration::from_secs(3600);
+    let fs = Fs::mount(shared, options).expect("mount");
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fault.set_config(crate::lun::FaultConfig {
+        eio_flush_prob: 1.0,
+        ..crate::lun::FaultConfig::default()
+    });
+    assert_eq!(
+        fs.fsync(f, false).map_err(|e| e.errno()).err(),
+        Some(libc::EIO)
+    );
+    assert!(
+        fs.lease().is_fenced(),
+        "the failed host is still not fenced"
+    );
+    assert!(fs.mknod(fs.root(), b"g", REG, 0, 0, 0).is_err());
+    // Another host finds it dead after the lease and takes over its locks.
+    fault.set_config(crate::lun::FaultConfig::default());
+    let other = mount(&mem, 2);
+    let started = std::time::Instant::now();
+    // The lookup waits inside for the dead host's locks (at most 60 s, then EAGAIN).
+    match other.lookup(other.root(), b"f") {
+        Ok(_) | Err(FsError::Errno(libc::ENOENT)) => {}
+        Err(e) => panic!("the other host could not look: {e}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -88,7 +88,7 @@ fn metadata(dir: &Path, n: usize, probe: Option<&dyn Fn() -> Result<Io>>) -> Res
     let mut mark = |what: &'static str, before: Option<Io>| -> Result<Option<Io>> {
         let Some(probe) = probe else { return Ok(None) };
         let now = probe()?;
-        if let Some(before) = before {
+        if let (Some(before), false) = (before, what.is_empty()) {
             cost.push((what, now.per_op(before, n)));
         }
         Ok(Some(now))
