@@ -196,7 +196,11 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
         n(&["sealed_transactions"])
     );
     println!("locks:");
-    println!("  acquired     {:>12}", n(&["lock_acquires"]));
+    // Counted by `Meta::need`; the lock of a new inode (`Meta::take_new`) is not.
+    println!(
+        "  acquired     {:>12}  (existing inodes and groups; new inodes' not counted)",
+        n(&["lock_acquires"])
+    );
     println!("  held now     {:>12}", n(&["locks_held"]));
     Ok(())
 }
