@@ -176,20 +176,9 @@ pub struct IoCounters {
     written_bytes: AtomicU64,
 }
 
-/// A snapshot of `IoCounters`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct IoCount {
-    pub reads: u64,
-    pub writes: u64,
-    pub caws: u64,
-    pub flushes: u64,
-    pub read_bytes: u64,
-    pub written_bytes: u64,
-}
-
 impl IoCounters {
-    pub fn snapshot(&self) -> IoCount {
-        IoCount {
+    pub fn snapshot(&self) -> crate::lun::IoStats {
+        crate::lun::IoStats {
             reads: self.reads.load(Ordering::Relaxed),
             writes: self.writes.load(Ordering::Relaxed),
             caws: self.caws.load(Ordering::Relaxed),

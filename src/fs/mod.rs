@@ -131,7 +131,7 @@ impl OpenCount {
 pub struct HostStats {
     pub slot: u32,
     /// Device I/O the filesystem issued (not the membership thread's heartbeats).
-    pub io: crate::cluster::IoCount,
+    pub io: crate::lun::IoStats,
     /// Journal transactions written.
     pub commits: u64,
     pub committed_images: u64,

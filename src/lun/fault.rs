@@ -75,8 +75,9 @@ pub struct WriteRecord {
     pub after_flush: u64,
 }
 
-/// I/O counts since creation or `reset_stats`: every call, failed or not.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// I/O counts since creation or `reset_stats`: every call, failed or not. (Also the
+/// daemon's counters, `cluster::IoCounters::snapshot`.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IoStats {
     pub reads: u64,
     pub writes: u64,

@@ -135,6 +135,18 @@ fn median(mut values: Vec<f64>) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// Each phase's median rate over rounds; the cost model of the last round.
+fn medians(rounds: &[Meta]) -> Meta {
+    let med = |f: fn(&Meta) -> f64| median(rounds.iter().map(f).collect());
+    Meta {
+        create: med(|m| m.create),
+        stat: med(|m| m.stat),
+        readdir: med(|m| m.readdir),
+        unlink: med(|m| m.unlink),
+        cost: rounds.last().map(|m| m.cost.clone()).unwrap_or_default(),
+    }
+}
+
 /// Rounds of each workload, alternating the file systems, of which the median counts:
 /// single runs on a shared machine vary by a third.
 const ROUNDS: usize = 3;
@@ -246,28 +258,7 @@ pub fn run(quick: bool) -> Result<String> {
             runs[which].push(m);
         }
     }
-    let med = |which: usize, f: fn(&Meta) -> f64| median(runs[which].iter().map(f).collect());
-    let m_atsfs = Meta {
-        create: med(0, |m| m.create),
-        stat: med(0, |m| m.stat),
-        readdir: med(0, |m| m.readdir),
-        unlink: med(0, |m| m.unlink),
-        cost: runs[0].last().map(|m| m.cost.clone()).unwrap_or_default(),
-    };
-    let m_bindfs = Meta {
-        create: med(1, |m| m.create),
-        stat: med(1, |m| m.stat),
-        readdir: med(1, |m| m.readdir),
-        unlink: med(1, |m| m.unlink),
-        cost: Vec::new(),
-    };
-    let m_ext4 = Meta {
-        create: med(2, |m| m.create),
-        stat: med(2, |m| m.stat),
-        readdir: med(2, |m| m.readdir),
-        unlink: med(2, |m| m.unlink),
-        cost: Vec::new(),
-    };
+    let [m_atsfs, m_bindfs, m_ext4] = runs.map(|r| medians(&r));
 
     let mut table = format!(
         "Medians of {ROUNDS} rounds; in each round atsfs, bindfs and ext4 run the workload one after another, in rotating order.\n\n\
