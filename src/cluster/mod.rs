@@ -23,7 +23,7 @@ pub use heartbeat::{claim_slot, go_live, read_slot, Membership, SlotClaim};
 pub use node::Node;
 pub use recovery::{recover_offline, settle_foreign_slots, OfflineOutcome};
 
-use crate::lun::{Caw, Lun, LunError, LunResult};
+use crate::lun::{Caw, IoCounters, Lun, LunError, LunResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,32 +161,8 @@ impl Lease {
 pub struct GuardedLun {
     inner: Arc<dyn Lun>,
     lease: Arc<Lease>,
+    /// The device I/O the fs issued through it since it was made.
     counters: Arc<IoCounters>,
-}
-
-/// Device I/O issued through a `GuardedLun`, since it was made (relaxed atomics:
-/// each is exact, a snapshot of several is not taken at one instant).
-#[derive(Debug, Default)]
-pub struct IoCounters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    caws: AtomicU64,
-    flushes: AtomicU64,
-    read_bytes: AtomicU64,
-    written_bytes: AtomicU64,
-}
-
-impl IoCounters {
-    pub fn snapshot(&self) -> crate::lun::IoStats {
-        crate::lun::IoStats {
-            reads: self.reads.load(Ordering::Relaxed),
-            writes: self.writes.load(Ordering::Relaxed),
-            caws: self.caws.load(Ordering::Relaxed),
-            flushes: self.flushes.load(Ordering::Relaxed),
-            read_bytes: self.read_bytes.load(Ordering::Relaxed),
-            written_bytes: self.written_bytes.load(Ordering::Relaxed),
-        }
-    }
 }
 
 impl GuardedLun {
@@ -214,28 +190,22 @@ impl Lun for GuardedLun {
         self.inner.len_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
-        self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .read_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters.read(buf.len());
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         self.lease.check()?;
-        self.counters.writes.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .written_bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.counters.write(buf.len());
         self.inner.write_at(buf, offset)
     }
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
         self.lease.check()?;
-        self.counters.caws.fetch_add(1, Ordering::Relaxed);
+        self.counters.caw();
         self.inner.compare_and_write(offset, expected, new)
     }
     fn flush(&self) -> LunResult<()> {
         self.lease.check()?;
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.counters.flush();
         self.inner.flush()
     }
     fn start_writeback(&self, offset: u64, len: u64) {

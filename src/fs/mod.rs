@@ -157,7 +157,7 @@ pub struct Fs {
     data_io: Arc<std::sync::RwLock<()>>,
     /// Device I/O this host's filesystem issued (heartbeats and mailbox polls of the
     /// membership thread are not included).
-    io_counters: Arc<crate::cluster::IoCounters>,
+    io_counters: Arc<crate::lun::IoCounters>,
     root: Ino,
     lease: Arc<Lease>,
     membership: Mutex<Option<Membership>>,

@@ -191,25 +191,38 @@ impl Journal {
         if !self.has_unmarked() {
             return false;
         }
-        let (tail, head) = (self.tail, self.head);
-        let live = |b: u64| {
-            if tail == head {
-                true
-            } else if tail < head {
-                b >= tail && b < head
-            } else {
-                b >= tail || b < head
-            }
-        };
-        let mut pos = head;
+        let mut pos = self.head;
         for &span in spans {
-            let at = if pos + span > self.blocks { 1 } else { pos };
-            if (at..at + span).any(live) {
+            let at = self.run_start(pos, span);
+            if (at..at + span).any(|b| self.in_live(b)) {
                 return true;
             }
             pos = at + span;
         }
         false
+    }
+
+    /// Where a run of `span` blocks goes when the head is at `pos`: there, or at
+    /// block 1 when it would not fit before the end (a run never wraps).
+    fn run_start(&self, pos: u64, span: u64) -> u64 {
+        if pos + span > self.blocks {
+            1
+        } else {
+            pos
+        }
+    }
+
+    /// True when block `b` lies in the live region (tail to head); when tail and head
+    /// meet, the whole journal counts (callers ask only when it is not empty).
+    fn in_live(&self, b: u64) -> bool {
+        let (tail, head) = (self.tail, self.head);
+        if tail == head {
+            true
+        } else if tail < head {
+            b >= tail && b < head
+        } else {
+            b >= tail || b < head
+        }
     }
 
     /// Writes one transaction's run at the head (no flush) and advances the head.
@@ -280,23 +293,8 @@ impl Journal {
     /// (tail to head), the tail is moved first. Callers checkpoint synchronously after
     /// each commit, so every committed image is already home by then.
     fn make_room(&mut self, lun: &dyn Lun, span: u64, may_mark: bool) -> Result<(), JournalError> {
-        let old_head = self.head;
-        let at = if old_head + span > self.blocks {
-            1
-        } else {
-            old_head
-        };
-        let tail = self.tail;
-        let live = |b: u64| {
-            if tail == old_head {
-                true
-            } else if tail < old_head {
-                b >= tail && b < old_head
-            } else {
-                b >= tail || b < old_head
-            }
-        };
-        if self.has_unmarked() && (at..at + span).any(live) {
+        let at = self.run_start(self.head, span);
+        if self.has_unmarked() && (at..at + span).any(|b| self.in_live(b)) {
             if !may_mark {
                 return Err(JournalError::TooLarge(span as usize));
             }

@@ -27,7 +27,7 @@ use super::{check_caw, check_range, Caw, Lun, LunError, LunResult};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -75,8 +75,8 @@ pub struct WriteRecord {
     pub after_flush: u64,
 }
 
-/// I/O counts since creation or `reset_stats`: every call, failed or not. (Also the
-/// daemon's counters, `cluster::IoCounters::snapshot`.)
+/// I/O counts since creation or `reset_stats`: every call, failed or not (a
+/// snapshot of `IoCounters`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct IoStats {
     pub reads: u64,
@@ -94,7 +94,7 @@ pub struct FaultLun<L: Lun> {
     faults: Mutex<Faults>,
     recording: AtomicBool,
     log: Mutex<Log>,
-    counters: Counters,
+    counters: super::IoCounters,
 }
 
 struct Faults {
@@ -109,16 +109,6 @@ struct Faults {
 struct Log {
     records: Vec<WriteRecord>,
     flushes: u64,
-}
-
-#[derive(Default)]
-struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    caws: AtomicU64,
-    flushes: AtomicU64,
-    read_bytes: AtomicU64,
-    written_bytes: AtomicU64,
 }
 
 /// What happens to one write or compare-and-write.
@@ -143,7 +133,7 @@ impl<L: Lun> FaultLun<L> {
             }),
             recording: AtomicBool::new(false),
             log: Mutex::new(Log::default()),
-            counters: Counters::default(),
+            counters: super::IoCounters::default(),
         }
     }
 
@@ -207,29 +197,11 @@ impl<L: Lun> FaultLun<L> {
     }
 
     pub fn stats(&self) -> IoStats {
-        let c = &self.counters;
-        IoStats {
-            reads: c.reads.load(Ordering::Relaxed),
-            writes: c.writes.load(Ordering::Relaxed),
-            caws: c.caws.load(Ordering::Relaxed),
-            flushes: c.flushes.load(Ordering::Relaxed),
-            read_bytes: c.read_bytes.load(Ordering::Relaxed),
-            written_bytes: c.written_bytes.load(Ordering::Relaxed),
-        }
+        self.counters.snapshot()
     }
 
     pub fn reset_stats(&self) {
-        let c = &self.counters;
-        for counter in [
-            &c.reads,
-            &c.writes,
-            &c.caws,
-            &c.flushes,
-            &c.read_bytes,
-            &c.written_bytes,
-        ] {
-            counter.store(0, Ordering::Relaxed);
-        }
+        self.counters.reset();
     }
 
     fn faults(&self) -> MutexGuard<'_, Faults> {
@@ -361,9 +333,7 @@ impl<L: Lun> Lun for FaultLun<L> {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
-        self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let len = buf.len() as u64;
-        self.counters.read_bytes.fetch_add(len, Ordering::Relaxed);
+        self.counters.read(buf.len());
         check_range("read", offset, buf.len(), self.inner.len_bytes(), None)?;
         let (eio, latency) = {
             let mut f = self.faults();
@@ -378,11 +348,7 @@ impl<L: Lun> Lun for FaultLun<L> {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
-        self.counters.writes.fetch_add(1, Ordering::Relaxed);
-        let len = buf.len() as u64;
-        self.counters
-            .written_bytes
-            .fetch_add(len, Ordering::Relaxed);
+        self.counters.write(buf.len());
         check_range("write", offset, buf.len(), self.inner.len_bytes(), None)?;
         let sector = self.inner.sector_size() as usize;
         match self.decide_write(buf.len().div_ceil(sector)) {
@@ -404,7 +370,7 @@ impl<L: Lun> Lun for FaultLun<L> {
     }
 
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
-        self.counters.caws.fetch_add(1, Ordering::Relaxed);
+        self.counters.caw();
         let (sector, size) = (self.inner.sector_size(), self.inner.len_bytes());
         check_caw(offset, expected, new, sector, size)?;
         let op = "compare-and-write";
@@ -420,7 +386,7 @@ impl<L: Lun> Lun for FaultLun<L> {
     }
 
     fn flush(&self) -> LunResult<()> {
-        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        self.counters.flush();
         let (crashed, eio, latency) = {
             let mut f = self.faults();
             let latency = draw_latency(&mut f);

@@ -20,8 +20,61 @@ pub use fault::{
 pub use file::{FileLun, OpenMode};
 pub use mem::MemLun;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use thiserror::Error;
+
+/// Counters of the I/O a LUN wrapper passes on (relaxed atomics: each is exact, a
+/// snapshot of several is not taken at one instant). `FaultLun` and the fs's
+/// `GuardedLun` count with it.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    reads: AtomicU64,
+    writes: AtomicU64,
+    caws: AtomicU64,
+    flushes: AtomicU64,
+    read_bytes: AtomicU64,
+    written_bytes: AtomicU64,
+}
+
+impl IoCounters {
+    pub fn read(&self, len: usize) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+    pub fn write(&self, len: usize) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.written_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+    pub fn caw(&self) {
+        self.caws.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn flush(&self) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> IoStats {
+        IoStats {
+            reads: self.reads.load(Ordering::Relaxed),
+            writes: self.writes.load(Ordering::Relaxed),
+            caws: self.caws.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            written_bytes: self.written_bytes.load(Ordering::Relaxed),
+        }
+    }
+    pub fn reset(&self) {
+        for counter in [
+            &self.reads,
+            &self.writes,
+            &self.caws,
+            &self.flushes,
+            &self.read_bytes,
+            &self.written_bytes,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+}
 
 /// The result of an atomic compare-and-write of one sector.
 #[derive(Debug, Clone, PartialEq, Eq)]
