@@ -195,6 +195,10 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
         n(&["committed_images"]),
         n(&["sealed_transactions"])
     );
+    println!(
+        "  groups       {:>12}  committed in the background while operations went on",
+        n(&["pipelined_commits"])
+    );
     println!("locks:");
     // Counted by `Meta::need`; the lock of a new inode (`Meta::take_new`) is not.
     println!(

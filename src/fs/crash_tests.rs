@@ -23,6 +23,8 @@ struct Durable {
 struct Recorded {
     /// Transactions sealed for a group commit during the workload.
     seals: u64,
+    /// Groups written by the committer thread during the workload.
+    pipelined: u64,
     base: Vec<u8>,
     records: Vec<WriteRecord>,
     flush_count: u64,
@@ -102,10 +104,11 @@ fn record_workload(files: usize, fsync_every: usize) -> Recorded {
     fault.stop_recording();
     let records = fault.records();
     let flush_count = fault.flush_count();
-    let seals = fs.stats().expect("stats").seals;
+    let stats = fs.stats().expect("stats");
     drop(fs);
     Recorded {
-        seals,
+        seals: stats.seals,
+        pipelined: stats.pipelined,
         base,
         records,
         flush_count,
@@ -196,6 +199,10 @@ fn group_commits_cut_at_every_write_recover_with_fsynced_files_intact() {
     // is sealed, so commits write groups of transactions with one flush.
     let recorded = record_workload(150, 75);
     assert!(recorded.seals > 0, "no transaction was sealed");
+    assert!(
+        recorded.pipelined > 0,
+        "no group went to the committer thread"
+    );
     check_every_prefix(&recorded);
 }
 

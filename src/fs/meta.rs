@@ -13,6 +13,16 @@
 //! (fsync commits), and no lock is released before a commit. Reads see the running
 //! transaction, then the sealed ones (newest first), then the cache.
 //!
+//! Pipelined commit: once the sealed transactions take a quarter of the group's
+//! bound, `start_async` hands them (with the journal) to this host's committer
+//! thread, which writes them to the journal, flushes and writes them home while
+//! operations go on under the core lock. Until the group is settled (`settle`: the
+//! journal comes back, its images go to the cache, the blocks and locks it freed get
+//! its sequence number) reads see its images after the sealed ones. Everything that
+//! needs the journal or promises durability (every other commit, moving the tail,
+//! releasing a lock) settles first, so commits still reach the journal and home in
+//! order, and no lock is released before what it covers is committed and home.
+//!
 //! Invariants:
 //! - A metadata image is written home only after the transaction holding it is
 //!   committed. File data is flushed before the commit that points at it.
@@ -30,8 +40,9 @@ use crate::format::{BlockNo, Geometry, OnDisk, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::{Journal, Record};
 use crate::lun::Lun;
 use lru::LruCache;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroUsize;
+use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 
 /// A metadata image (one block or sector), shared rather than copied.
@@ -51,6 +62,8 @@ const WRITEBACK_KICK_BYTES: usize = 256 << 10;
 /// In `quarantine` and `freed_locks`: freed by a sealed transaction, which gets its
 /// sequence number when the next commit writes it.
 const SEALED_SEQ: u64 = u64::MAX;
+/// Likewise, freed by the group the committer thread is writing.
+const INFLIGHT_SEQ: u64 = u64::MAX - 1;
 
 /// Most journal blocks sealed transactions may wait with (16 MiB of images): bounds
 /// memory and the work of the next commit.
@@ -58,6 +71,148 @@ const SEALED_SPAN_MAX: u64 = 4096;
 
 /// Freed blocks waiting for the journal tail before the tail is moved at once.
 const QUARANTINE_BLOCKS_MAX: u64 = 16384;
+
+/// A group of sealed transactions the committer thread is writing.
+struct Inflight {
+    /// The newest image of each block in the group, read until the group settles.
+    images: HashMap<u64, Image>,
+    /// Blocks forgotten (freed) meanwhile: neither read from the group nor cached.
+    forgotten: HashSet<u64>,
+    /// The cache was dropped meanwhile: the group's images are not cached either.
+    no_cache: bool,
+}
+
+/// What writing a group did (`write_group`).
+#[derive(Default)]
+struct GroupDone {
+    /// The last transaction's sequence number (None: no transaction, data only).
+    seq: Option<u64>,
+    commits: u64,
+    images: u64,
+    flushes: u64,
+}
+
+/// A group for the committer thread: the journal travels with it and comes back
+/// with the result, so no one else can write the journal meanwhile.
+struct Job {
+    lun: Arc<dyn Lun>,
+    journal: Journal,
+    group: Vec<BTreeMap<u64, Image>>,
+    flush_data: bool,
+    span_max: u64,
+}
+
+type JobResult = (Journal, FsResult<GroupDone>);
+
+/// This host's committer thread (started at the first pipelined commit).
+struct Committer {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<JobResult>,
+}
+
+impl Committer {
+    fn spawn() -> std::io::Result<Committer> {
+        let (jobs, job_rx) = mpsc::channel::<Job>();
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                for mut job in job_rx {
+                    let result = write_group(
+                        job.lun.as_ref(),
+                        &mut job.journal,
+                        &job.group,
+                        job.flush_data,
+                        job.span_max,
+                    );
+                    if done_tx.send((job.journal, result)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Committer { jobs, done })
+    }
+}
+
+/// Writes a group of transactions: file data flushed first (with `flush_data`), then
+/// the transactions to the journal in chunks of at most `span_max` journal blocks,
+/// one flush each, each chunk written home before the next is journaled (writing one
+/// may move the journal's tail).
+fn write_group(
+    lun: &dyn Lun,
+    journal: &mut Journal,
+    group: &[BTreeMap<u64, Image>],
+    flush_data: bool,
+    span_max: u64,
+) -> FsResult<GroupDone> {
+    let mut done = GroupDone::default();
+    if flush_data {
+        // Ordered mode: file data is durable before the commit that points at it.
+        lun.flush()?;
+        done.flushes += 1;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut rest = group;
+    while !rest.is_empty() {
+        let mut take = 0;
+        let mut span = 0;
+        for tx in rest {
+            let next = tx.len() as u64 + 2;
+            if take > 0 && span + next > span_max {
+                break;
+            }
+            span += next;
+            take += 1;
+        }
+        let (chunk, after) = rest.split_at(take);
+        rest = after;
+        let txs: Vec<Vec<Record>> = chunk
+            .iter()
+            .map(|tx| {
+                tx.iter()
+                    .map(|(&target, image)| Record {
+                        target,
+                        image: image.as_ref().clone(),
+                    })
+                    .collect()
+            })
+            .collect();
+        done.seq = Some(journal.commit_group(lun, &txs, now)?);
+        done.commits += txs.len() as u64;
+        done.flushes += 1;
+        done.images += txs.iter().map(|t| t.len() as u64).sum::<u64>();
+        // Home writes: the newest image of each block.
+        let mut home = BTreeMap::new();
+        for tx in chunk {
+            home.extend(tx.iter().map(|(&o, i)| (o, i)));
+        }
+        write_home(lun, &home)?;
+    }
+    Ok(done)
+}
+
+/// Writes committed images home, merging neighbours into one write.
+fn write_home(lun: &dyn Lun, images: &BTreeMap<u64, &Image>) -> FsResult<()> {
+    let mut run_start = 0u64;
+    let mut run: Vec<u8> = Vec::new();
+    for (&offset, image) in images {
+        if !run.is_empty() && run_start + run.len() as u64 != offset {
+            lun.write_at(&run, run_start)?;
+            run.clear();
+        }
+        if run.is_empty() {
+            run_start = offset;
+        }
+        run.extend_from_slice(image);
+    }
+    if !run.is_empty() {
+        lun.write_at(&run, run_start)?;
+    }
+    Ok(())
+}
 
 /// Counters of device I/O, for `atsfs stats` and the benchmarks.
 #[derive(Clone, Copy, Debug, Default)]
@@ -72,6 +227,8 @@ pub struct MetaStats {
     pub lock_releases: u64,
     /// Transactions sealed to wait for a group commit.
     pub seals: u64,
+    /// Groups handed to the committer thread (pipelined commits).
+    pub pipelined: u64,
 }
 
 pub struct Meta {
@@ -83,9 +240,16 @@ pub struct Meta {
     tx: BTreeMap<u64, Image>,
     /// Sealed transactions waiting for the next commit, oldest first.
     sealed: Vec<BTreeMap<u64, Image>>,
+    /// The newest image of each block in `sealed`.
+    sealed_index: HashMap<u64, Image>,
     /// Journal blocks the sealed transactions will take.
     sealed_span: u64,
-    journal: Journal,
+    /// None while the committer thread has it (`inflight`).
+    journal: Option<Journal>,
+    /// Most journal blocks one group may take (`Journal::group_span_max`).
+    span_max: u64,
+    inflight: Option<Inflight>,
+    committer: Option<Committer>,
     /// Freed runs: (start, len, the transaction that freed them; None = running).
     quarantine: Vec<(BlockNo, u64, Option<u64>)>,
     /// File data was written since the last flush.
@@ -128,8 +292,12 @@ impl Meta {
             cache: LruCache::new(cap),
             tx: BTreeMap::new(),
             sealed: Vec::new(),
+            sealed_index: HashMap::new(),
             sealed_span: 0,
-            journal,
+            span_max: journal.group_span_max(),
+            journal: Some(journal),
+            inflight: None,
+            committer: None,
             quarantine: Vec::new(),
             data_dirty: false,
             failed: None,
@@ -177,8 +345,15 @@ impl Meta {
         if let Some(image) = self.tx.get(&offset) {
             return Ok(image.clone());
         }
-        if let Some(image) = self.sealed.iter().rev().find_map(|tx| tx.get(&offset)) {
+        if let Some(image) = self.sealed_index.get(&offset) {
             return Ok(image.clone());
+        }
+        if let Some(inflight) = &self.inflight {
+            if let Some(image) = inflight.images.get(&offset) {
+                if !inflight.forgotten.contains(&offset) {
+                    return Ok(image.clone());
+                }
+            }
         }
         if let Some(image) = self.cache.get(&offset) {
             if image.len() == len {
@@ -265,9 +440,10 @@ impl Meta {
         self.tx.len()
     }
 
-    /// True when changes wait for a commit (running or sealed transactions).
+    /// True when changes wait for a commit (running, sealed or in-flight
+    /// transactions).
     pub fn has_uncommitted(&self) -> bool {
-        !self.tx.is_empty() || !self.sealed.is_empty()
+        !self.tx.is_empty() || !self.sealed.is_empty() || self.inflight.is_some()
     }
 
     /// Between operations: closes the running transaction and keeps it for the next
@@ -278,17 +454,191 @@ impl Meta {
             return Ok(());
         }
         let span = self.tx.len() as u64 + 2;
-        if self.sealed_span + span > self.journal.group_span_max().min(SEALED_SPAN_MAX) {
+        let bound = self.span_max.min(SEALED_SPAN_MAX);
+        if self.sealed_span + span > bound {
             return self.commit();
         }
         self.sealed_span += span;
-        self.sealed.push(std::mem::take(&mut self.tx));
+        let tx = std::mem::take(&mut self.tx);
+        self.sealed_index
+            .extend(tx.iter().map(|(&o, i)| (o, i.clone())));
+        self.sealed.push(tx);
         self.stats.seals += 1;
         for q in self.quarantine.iter_mut().filter(|q| q.2.is_none()) {
             q.2 = Some(SEALED_SEQ);
         }
         for f in self.freed_locks.iter_mut().filter(|f| f.1.is_none()) {
             f.1 = Some(SEALED_SEQ);
+        }
+        self.settle_if_done()?;
+        if self.inflight.is_none() && self.sealed_span >= bound / 4 {
+            self.start_async()?;
+        }
+        Ok(())
+    }
+
+    /// The periodic commit: commits the running transaction (and flushes file data)
+    /// through the committer thread, unless a group is still in flight; first lets go
+    /// of blocks and locks freed by transactions already committed.
+    pub fn background_commit(&mut self) -> FsResult<()> {
+        self.check_healthy()?;
+        self.settle_if_done()?;
+        if self.inflight.is_some() {
+            return Ok(());
+        }
+        let committed = |s: Option<u64>| s.is_some_and(|s| s < INFLIGHT_SEQ);
+        if self.quarantine.iter().any(|q| committed(q.2))
+            || self.freed_locks.iter().any(|f| committed(f.1))
+        {
+            self.release_quarantine()?;
+        }
+        if !self.tx.is_empty() {
+            self.seal()?;
+        }
+        if self.inflight.is_none() && (!self.sealed.is_empty() || self.data_dirty) {
+            self.start_async()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the sealed transactions (and a pending data flush) to the committer
+    /// thread. Without one (it cannot be started), commits them here.
+    fn start_async(&mut self) -> FsResult<()> {
+        debug_assert!(self.inflight.is_none());
+        if self.committer.is_none() {
+            match Committer::spawn() {
+                Ok(c) => self.committer = Some(c),
+                Err(e) => {
+                    tracing::warn!("no committer thread ({e}); committing in line");
+                    return self.commit_sealed();
+                }
+            }
+        }
+        let Some(journal) = self.journal.take() else {
+            return Err(FsError::Failed("the journal is gone".into()));
+        };
+        let job = Job {
+            lun: self.lun.clone(),
+            journal,
+            group: std::mem::take(&mut self.sealed),
+            flush_data: std::mem::take(&mut self.data_dirty),
+            span_max: self.span_max,
+        };
+        let images = std::mem::take(&mut self.sealed_index);
+        self.sealed_span = 0;
+        for q in self
+            .quarantine
+            .iter_mut()
+            .filter(|q| q.2 == Some(SEALED_SEQ))
+        {
+            q.2 = Some(INFLIGHT_SEQ);
+        }
+        for f in self
+            .freed_locks
+            .iter_mut()
+            .filter(|f| f.1 == Some(SEALED_SEQ))
+        {
+            f.1 = Some(INFLIGHT_SEQ);
+        }
+        self.stats.pipelined += 1;
+        self.inflight = Some(Inflight {
+            images,
+            forgotten: HashSet::new(),
+            no_cache: false,
+        });
+        let sent = match &self.committer {
+            Some(c) => c.jobs.send(job).map_err(|e| e.0),
+            None => Err(job),
+        };
+        if let Err(mut job) = sent {
+            // The thread is gone: write the group here and settle it at once.
+            self.committer = None;
+            let result = write_group(
+                job.lun.as_ref(),
+                &mut job.journal,
+                &job.group,
+                job.flush_data,
+                job.span_max,
+            );
+            return self.finish_inflight((job.journal, result));
+        }
+        Ok(())
+    }
+
+    /// Takes in the group in flight when the committer thread is done with it.
+    pub fn settle_if_done(&mut self) -> FsResult<()> {
+        if self.inflight.is_none() {
+            return Ok(());
+        }
+        let Some(c) = &self.committer else {
+            return self.settle();
+        };
+        match c.done.try_recv() {
+            Ok(done) => self.finish_inflight(done),
+            Err(mpsc::TryRecvError::Empty) => Ok(()),
+            Err(mpsc::TryRecvError::Disconnected) => self.settle(),
+        }
+    }
+
+    /// Waits for the group in flight, if any, and takes it in.
+    pub fn settle(&mut self) -> FsResult<()> {
+        if self.inflight.is_none() {
+            return Ok(());
+        }
+        let done = match &self.committer {
+            Some(c) => c.done.recv().ok(),
+            None => None,
+        };
+        match done {
+            Some(done) => self.finish_inflight(done),
+            None => {
+                self.inflight = None;
+                let e = FsError::Failed("the committer thread died with the journal".into());
+                self.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The journal back; on success the group's images into the cache and its
+    /// sequence number onto the blocks and locks it freed; on failure the host fails.
+    fn finish_inflight(&mut self, (journal, result): JobResult) -> FsResult<()> {
+        self.journal = Some(journal);
+        let Some(inflight) = self.inflight.take() else {
+            return Ok(());
+        };
+        let done = match result {
+            Ok(done) => done,
+            Err(e) => {
+                self.fail(&e);
+                return Err(e);
+            }
+        };
+        self.stats.commits += done.commits;
+        self.stats.committed_images += done.images;
+        self.stats.flushes += done.flushes;
+        if let Some(seq) = done.seq {
+            for q in self
+                .quarantine
+                .iter_mut()
+                .filter(|q| q.2 == Some(INFLIGHT_SEQ))
+            {
+                q.2 = Some(seq);
+            }
+            for f in self
+                .freed_locks
+                .iter_mut()
+                .filter(|f| f.1 == Some(INFLIGHT_SEQ))
+            {
+                f.1 = Some(seq);
+            }
+        }
+        if !inflight.no_cache {
+            for (offset, image) in inflight.images {
+                if !inflight.forgotten.contains(&offset) {
+                    self.cache.put(offset, image);
+                }
+            }
         }
         Ok(())
     }
@@ -317,13 +667,19 @@ impl Meta {
     /// Moves the journal tail past every committed transaction (all are home), which
     /// lets the blocks they freed be reused.
     pub fn release_quarantine(&mut self) -> FsResult<()> {
+        self.settle()?;
         // Reads mapped before the blocks were freed finish first.
         drop(self.data_io.write().unwrap_or_else(|e| e.into_inner()));
-        if self.journal.has_unmarked() {
-            self.journal.mark_all_home(self.lun.as_ref())?;
+        let lun = self.lun.clone();
+        let journal = self.journal_mut()?;
+        let marked = journal.has_unmarked();
+        if marked {
+            journal.mark_all_home(lun.as_ref())?;
+        }
+        let tail = journal.tail_seq();
+        if marked {
             self.stats.flushes += 2;
         }
-        let tail = self.journal.tail_seq();
         self.quarantine
             .retain(|q| q.2.is_none_or(|seq| seq >= tail));
         self.undo_quarantine = self.undo_quarantine.min(self.quarantine.len());
@@ -346,6 +702,16 @@ impl Meta {
     /// Drops every cached clean image (another host changed something we cached).
     pub fn drop_cache(&mut self) {
         self.cache.clear();
+        if let Some(inflight) = &mut self.inflight {
+            inflight.no_cache = true;
+        }
+    }
+
+    /// The journal (not in flight: callers settle first).
+    fn journal_mut(&mut self) -> FsResult<&mut Journal> {
+        self.journal
+            .as_mut()
+            .ok_or_else(|| FsError::Failed("the journal is gone".into()))
     }
 
     /// The first quarantined block at or after `start` within `[start, end)`, as the
@@ -366,6 +732,9 @@ impl Meta {
             self.tx.remove(&offset);
         }
         self.cache.pop(&offset);
+        if let Some(inflight) = &mut self.inflight {
+            inflight.forgotten.insert(offset);
+        }
     }
 
     /// Commits the running transaction and writes it home. Sticky on failure.
@@ -380,38 +749,37 @@ impl Meta {
 
     /// Commits the sealed transactions and, with `running`, the running one.
     fn commit_inner(&mut self, running: bool) -> FsResult<()> {
-        if self.data_dirty {
-            // Ordered mode: file data is durable before the commit that points at it.
-            self.lun.flush()?;
-            self.stats.flushes += 1;
-            self.data_dirty = false;
-        }
+        self.settle()?;
         let mut group = std::mem::take(&mut self.sealed);
+        self.sealed_index.clear();
         self.sealed_span = 0;
         if running && !self.tx.is_empty() {
             group.push(std::mem::take(&mut self.tx));
         }
-        if group.is_empty() {
+        let flush_data = std::mem::take(&mut self.data_dirty);
+        if group.is_empty() && !flush_data {
             return Ok(());
         }
-        // In chunks the journal takes with one flush each; a chunk is home before the
-        // next is written, since writing one may move the journal's tail.
-        let span_max = self.journal.group_span_max();
-        let mut seq = 0;
-        let mut rest = group.into_iter().peekable();
-        while rest.peek().is_some() {
-            let mut chunk = Vec::new();
-            let mut span = 0;
-            while let Some(tx) = rest.peek() {
-                let next = tx.len() as u64 + 2;
-                if !chunk.is_empty() && span + next > span_max {
-                    break;
-                }
-                span += next;
-                chunk.extend(rest.next());
+        let lun = self.lun.clone();
+        let span_max = self.span_max;
+        let done = write_group(
+            lun.as_ref(),
+            self.journal_mut()?,
+            &group,
+            flush_data,
+            span_max,
+        )?;
+        self.stats.commits += done.commits;
+        self.stats.committed_images += done.images;
+        self.stats.flushes += done.flushes;
+        for tx in group {
+            for (offset, image) in tx {
+                self.cache.put(offset, image);
             }
-            seq = self.commit_chunk(chunk)?;
         }
+        let Some(seq) = done.seq else {
+            return Ok(());
+        };
         let committed = |s: Option<u64>| s == Some(SEALED_SEQ) || running && s.is_none();
         for q in self.quarantine.iter_mut().filter(|q| committed(q.2)) {
             q.2 = Some(seq);
@@ -435,59 +803,6 @@ impl Meta {
         Ok(())
     }
 
-    /// Commits transactions to the journal with one flush, then writes them home.
-    fn commit_chunk(&mut self, chunk: Vec<BTreeMap<u64, Image>>) -> FsResult<u64> {
-        let txs: Vec<Vec<Record>> = chunk
-            .iter()
-            .map(|tx| {
-                tx.iter()
-                    .map(|(&target, image)| Record {
-                        target,
-                        image: image.as_ref().clone(),
-                    })
-                    .collect()
-            })
-            .collect();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let seq = self.journal.commit_group(self.lun.as_ref(), &txs, now)?;
-        self.stats.commits += txs.len() as u64;
-        self.stats.flushes += 1;
-        self.stats.committed_images += txs.iter().map(|t| t.len() as u64).sum::<u64>();
-        // Home writes: the newest image of each block.
-        let mut home = BTreeMap::new();
-        for tx in chunk {
-            home.extend(tx);
-        }
-        self.checkpoint(home)?;
-        Ok(seq)
-    }
-
-    /// Writes committed images home, merging neighbours into one write.
-    fn checkpoint(&mut self, tx: BTreeMap<u64, Image>) -> FsResult<()> {
-        let mut run_start = 0u64;
-        let mut run: Vec<u8> = Vec::new();
-        for (&offset, image) in &tx {
-            if !run.is_empty() && run_start + run.len() as u64 != offset {
-                self.lun.write_at(&run, run_start)?;
-                run.clear();
-            }
-            if run.is_empty() {
-                run_start = offset;
-            }
-            run.extend_from_slice(image);
-        }
-        if !run.is_empty() {
-            self.lun.write_at(&run, run_start)?;
-        }
-        for (offset, image) in tx {
-            self.cache.put(offset, image);
-        }
-        Ok(())
-    }
-
     /// Commits, then records in the journal header that everything is home.
     pub fn sync_all(&mut self) -> FsResult<()> {
         self.commit()?;
@@ -497,6 +812,8 @@ impl Meta {
     /// Flushes file data without a commit (fdatasync of a file whose metadata is
     /// unchanged).
     pub fn flush_data(&mut self) -> FsResult<()> {
+        // A group in flight may be the one to flush earlier data.
+        self.settle()?;
         if self.data_dirty {
             self.lun.flush()?;
             self.stats.flushes += 1;
@@ -523,5 +840,16 @@ impl Meta {
             self.lun.start_writeback(offset, buf.len() as u64);
         }
         Ok(())
+    }
+}
+
+impl Drop for Meta {
+    /// A group in flight is finished first: the host stops with it written whole.
+    fn drop(&mut self) {
+        if self.inflight.is_some() {
+            if let Some(c) = &self.committer {
+                let _ = c.done.recv();
+            }
+        }
     }
 }

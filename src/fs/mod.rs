@@ -137,6 +137,8 @@ pub struct HostStats {
     pub committed_images: u64,
     /// Transactions that waited for a group commit.
     pub sealed_transactions: u64,
+    /// Groups committed by the committer thread while operations went on.
+    pub pipelined_commits: u64,
     pub lock_acquires: u64,
     pub locks_held: u64,
 }
@@ -213,6 +215,7 @@ impl Fs {
             }
             let result = {
                 let mut core = self.core()?;
+                core.meta.settle_if_done()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
                     core.meta.seal()?;
                 }
@@ -431,6 +434,20 @@ impl Fs {
         self.write(|c| c.meta.sync_all())
     }
 
+    /// The periodic commit of the service thread: like `sync`, but the commit itself
+    /// runs on the committer thread while operations go on (`Meta::background_commit`).
+    pub fn background_sync(&self) -> FsResult<()> {
+        let core = self.core()?;
+        if !core.meta.has_uncommitted()
+            && !core.meta.data_dirty
+            && !core.meta.has_committed_quarantine()
+        {
+            return Ok(());
+        }
+        drop(core);
+        self.write(|c| c.meta.background_commit())
+    }
+
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         self.write(|c| c.fallocate(ino, offset, len, mode))
     }
@@ -548,6 +565,7 @@ impl Fs {
             commits: meta.commits,
             committed_images: meta.committed_images,
             sealed_transactions: meta.seals,
+            pipelined_commits: meta.pipelined,
             lock_acquires: meta.lock_acquires,
             locks_held,
         })

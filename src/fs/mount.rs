@@ -269,7 +269,7 @@ fn spawn_service(fs: Weak<Fs>, commit_interval: Duration, interval: Duration) {
                 }
                 if since_commit >= commit_interval {
                     since_commit = Duration::ZERO;
-                    if let Err(e) = fs.sync() {
+                    if let Err(e) = fs.background_sync() {
                         tracing::warn!("background commit failed: {e}");
                     }
                 }
