@@ -126,6 +126,19 @@ pub trait OnDisk: Pod {
         Ok(value)
     }
 
+    /// Decodes an image already known good (built by this host, or checked by
+    /// `decode` before): only the length and the magic are checked, not the CRC.
+    fn decode_checked(bytes: &[u8], block: BlockNo) -> Result<Self, FormatError> {
+        let size = std::mem::size_of::<Self>();
+        let Some(raw) = bytes.get(..size) else {
+            return Err(FormatError::corrupted(Self::WHAT, block, "short buffer"));
+        };
+        if !Self::has_magic(raw) {
+            return Self::decode(bytes, block);
+        }
+        Ok(bytemuck::pod_read_unaligned(raw))
+    }
+
     /// True when `bytes` start with this structure's magic (no other check).
     fn has_magic(bytes: &[u8]) -> bool {
         bytes.len() >= 4

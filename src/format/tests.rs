@@ -819,3 +819,20 @@ proptest! {
             <= geo.journal_start * BLOCK_SIZE_U64);
     }
 }
+
+#[test]
+fn decode_checked_skips_only_the_crc() {
+    let mut h = journal_header();
+    h.seal();
+    let mut bytes = bytemuck::bytes_of(&h).to_vec();
+    bytes[40] ^= 1;
+    assert!(JournalHeader::decode(&bytes, BLOCK).is_err(), "decode checks the CRC");
+    let trusted = JournalHeader::decode_checked(&bytes, BLOCK).expect("a checked image");
+    assert_eq!(bytemuck::bytes_of(&trusted), &bytes[..]);
+    bytes[0] ^= 1;
+    assert!(
+        JournalHeader::decode_checked(&bytes, BLOCK).is_err(),
+        "a wrong magic is never trusted"
+    );
+    assert!(JournalHeader::decode_checked(&bytes[..8], BLOCK).is_err());
+}

@@ -79,14 +79,17 @@ impl Meta {
             set_bits(&mut fresh, 0, self.geo.ag_meta_blocks(), true);
             fresh
         } else {
-            let raw = self.raw(bitmap_block * BLOCK_SIZE_U64, BLOCK_SIZE)?;
-            if crc32fast::hash(&raw) != header.bitmap_crc {
+            let (raw, checked) = self.raw_checked(bitmap_block * BLOCK_SIZE_U64, BLOCK_SIZE)?;
+            if !checked && crc32fast::hash(&raw) != header.bitmap_crc {
                 self.forget(bitmap_block * BLOCK_SIZE_U64);
                 return Err(FsError::corrupted(
                     "allocation bitmap",
                     bitmap_block,
                     "checksum mismatch",
                 ));
+            }
+            if !checked {
+                self.mark_checked(bitmap_block * BLOCK_SIZE_U64);
             }
             raw.to_vec()
         };

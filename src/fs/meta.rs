@@ -235,7 +235,9 @@ pub struct Meta {
     pub lun: Arc<dyn Lun>,
     pub geo: Geometry,
     pub volume_uuid: [u8; 16],
-    cache: LruCache<u64, Arc<Vec<u8>>>,
+    /// With each image: whether a decode has checked it (CRC, fields). Images this
+    /// host wrote are checked by construction; images read from disk until decoded.
+    cache: LruCache<u64, (Image, bool)>,
     /// Images are shared with `get` callers and the cache, never copied to be read.
     tx: BTreeMap<u64, Image>,
     /// Sealed transactions waiting for the next commit, oldest first.
@@ -342,39 +344,58 @@ impl Meta {
     /// Raw bytes of the image at `offset` (`len` bytes): the running transaction's
     /// version if any, else the cache's, else the disk's.
     pub fn raw(&mut self, offset: u64, len: usize) -> FsResult<Arc<Vec<u8>>> {
+        Ok(self.raw_checked(offset, len)?.0)
+    }
+
+    /// `raw`, and whether the image is known good: written by this host, or read
+    /// from disk and since checked by a decode (`mark_checked`).
+    pub fn raw_checked(&mut self, offset: u64, len: usize) -> FsResult<(Image, bool)> {
         if let Some(image) = self.tx.get(&offset) {
-            return Ok(image.clone());
+            return Ok((image.clone(), true));
         }
         if let Some(image) = self.sealed_index.get(&offset) {
-            return Ok(image.clone());
+            return Ok((image.clone(), true));
         }
         if let Some(inflight) = &self.inflight {
             if let Some(image) = inflight.images.get(&offset) {
                 if !inflight.forgotten.contains(&offset) {
-                    return Ok(image.clone());
+                    return Ok((image.clone(), true));
                 }
             }
         }
-        if let Some(image) = self.cache.get(&offset) {
+        if let Some((image, checked)) = self.cache.get(&offset) {
             if image.len() == len {
-                return Ok(image.clone());
+                return Ok((image.clone(), *checked));
             }
         }
         let mut buf = vec![0u8; len];
         self.lun.read_at(&mut buf, offset)?;
         self.stats.meta_reads += 1;
         let image = Arc::new(buf);
-        self.cache.put(offset, image.clone());
-        Ok(image)
+        self.cache.put(offset, (image.clone(), false));
+        Ok((image, false))
+    }
+
+    /// Notes that the cached image at `offset` passed its checks.
+    pub fn mark_checked(&mut self, offset: u64) {
+        if let Some(entry) = self.cache.peek_mut(&offset) {
+            entry.1 = true;
+        }
     }
 
     /// Decodes a structure at `offset`; `block` names it in errors. Images read from
     /// disk are validated (magic, CRC, block number) before they are trusted; an image
     /// that fails is dropped from the cache so a later read tries the disk again.
     pub fn get<T: OnDisk>(&mut self, offset: u64, len: usize, block: BlockNo) -> FsResult<T> {
-        let image = self.raw(offset, len)?;
+        let (image, checked) = self.raw_checked(offset, len)?;
+        if checked {
+            return T::decode_checked(&image, block).map_err(FsError::Corrupted);
+        }
         match T::decode(&image, block) {
-            Ok(value) => Ok(value),
+            Ok(value) => {
+                self.mark_checked(offset);
+                Ok(value)
+            }
             Err(e) => {
                 self.cache.pop(&offset);
                 Err(FsError::Corrupted(e))
@@ -636,7 +657,7 @@ impl Meta {
         if !inflight.no_cache {
             for (offset, image) in inflight.images {
                 if !inflight.forgotten.contains(&offset) {
-                    self.cache.put(offset, image);
+                    self.cache.put(offset, (image, true));
                 }
             }
         }
@@ -774,7 +795,7 @@ impl Meta {
         self.stats.flushes += done.flushes;
         for tx in group {
             for (offset, image) in tx {
-                self.cache.put(offset, image);
+                self.cache.put(offset, (image, true));
             }
         }
         let Some(seq) = done.seq else {
