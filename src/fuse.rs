@@ -369,12 +369,17 @@ impl Filesystem for AtsFuse {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // O_DIRECT end to end: the daemon does not cache what the caller would not.
+        let uncached = flags.0 & libc::O_DIRECT != 0;
         READ_BUFFER.with_borrow_mut(|buf| {
-            match self.fs.read_into(self.ino_in(ino), offset, size, buf) {
+            match self
+                .fs
+                .read_into(self.ino_in(ino), offset, size, buf, uncached)
+            {
                 Ok(range) => reply.data(&buf[range]),
                 Err(e) => reply.error(errno(&e)),
             }

@@ -564,6 +564,50 @@ fn statvfs(path: &Path) -> libc::statvfs {
 }
 
 #[test]
+fn direct_io_reads_what_buffered_io_wrote() {
+    require_fuse!();
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let scratch = Scratch::new("odirect");
+    let image = scratch.image("volume.img", IMAGE_BYTES);
+    let mount = MountSpec::in_scratch(&scratch, &image, "host").mount();
+    let path = mount.path().join("f");
+    let data = random_bytes(7, 3 << 20);
+    write_file(&path, &data);
+    // Not synced: the daemon's O_DIRECT reads of the image must still see it.
+    let direct = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .expect("open with O_DIRECT");
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).expect("layout");
+    // SAFETY: the layout has a non-zero size; the memory is freed below.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!ptr.is_null());
+    // SAFETY: ptr points to layout.size() bytes we own until dealloc.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, layout.size()) };
+    for chunk in 0..3u64 {
+        direct
+            .read_exact_at(buf, chunk << 20)
+            .expect("O_DIRECT read");
+        let at = (chunk << 20) as usize;
+        assert!(buf[..] == data[at..at + (1 << 20)], "chunk {chunk} differs");
+    }
+    // An O_DIRECT write is read back by buffered I/O, and the other way round.
+    buf.fill(0x5a);
+    direct.write_all_at(buf, 1 << 20).expect("O_DIRECT write");
+    let back = read_at(&path, 1 << 20, 1 << 20);
+    assert!(
+        back.iter().all(|&b| b == 0x5a),
+        "buffered read after O_DIRECT write"
+    );
+    direct.read_exact_at(buf, 0).expect("O_DIRECT read");
+    assert!(buf[..] == data[..1 << 20]);
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+}
+
+#[test]
 fn statfs_reports_the_volume() {
     require_fuse!();
     let scratch = Scratch::new("statfs");

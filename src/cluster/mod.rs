@@ -211,6 +211,10 @@ impl Lun for GuardedLun {
     fn start_writeback(&self, offset: u64, len: u64) {
         self.inner.start_writeback(offset, len)
     }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.counters.read(buf.len());
+        self.inner.read_uncached(buf, offset)
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }

@@ -826,7 +826,10 @@ fn decode_checked_skips_only_the_crc() {
     h.seal();
     let mut bytes = bytemuck::bytes_of(&h).to_vec();
     bytes[40] ^= 1;
-    assert!(JournalHeader::decode(&bytes, BLOCK).is_err(), "decode checks the CRC");
+    assert!(
+        JournalHeader::decode(&bytes, BLOCK).is_err(),
+        "decode checks the CRC"
+    );
     let trusted = JournalHeader::decode_checked(&bytes, BLOCK).expect("a checked image");
     assert_eq!(bytemuck::bytes_of(&trusted), &bytes[..]);
     bytes[0] ^= 1;

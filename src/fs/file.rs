@@ -59,7 +59,7 @@ impl ReadPlan {
     /// Reads the blocks and returns the caller's bytes.
     pub fn execute(self, lun: &dyn crate::lun::Lun) -> FsResult<Vec<u8>> {
         let mut buf = Vec::new();
-        let range = self.execute_into(lun, &mut buf)?;
+        let range = self.execute_into(lun, &mut buf, false)?;
         buf.truncate(range.end);
         buf.drain(..range.start);
         Ok(buf)
@@ -67,27 +67,42 @@ impl ReadPlan {
 
     /// Reads the blocks into `buf` (reused between calls: a fresh buffer per read
     /// costs a page fault per page) and returns where the caller's bytes are in it.
+    /// With `uncached` (the file was opened with O_DIRECT), the blocks are read
+    /// past the host's page cache (`Lun::read_uncached`). The blocks land at a
+    /// block-aligned place in `buf`, so that direct reads need no bounce copy.
     pub fn execute_into(
         self,
         lun: &dyn crate::lun::Lun,
         buf: &mut Vec<u8>,
+        uncached: bool,
     ) -> FsResult<std::ops::Range<usize>> {
         if let Some(bytes) = self.ready {
             buf.clear();
             buf.extend_from_slice(&bytes);
             return Ok(0..bytes.len());
         }
-        buf.resize(self.buf_len, 0);
-        // Holes read as zeros; the buffer may hold an earlier read's bytes.
+        buf.clear();
+        buf.reserve(self.buf_len + BLOCK_SIZE);
+        // Capacity is reserved: the resize below keeps the buffer where it is.
+        let base = buf.as_ptr().align_offset(BLOCK_SIZE).min(BLOCK_SIZE);
+        buf.resize(base + self.buf_len, 0);
+        let blocks = &mut buf[base..];
+        // Holes read as zeros (the resize zeroed only what was new).
         let mut covered = 0usize;
         for run in &self.runs {
-            buf[covered..run.at].fill(0);
+            blocks[covered..run.at].fill(0);
             let len = run.blocks * BLOCK_SIZE;
-            lun.read_at(&mut buf[run.at..run.at + len], run.disk * BLOCK_SIZE_U64)?;
+            let target = &mut blocks[run.at..run.at + len];
+            let offset = run.disk * BLOCK_SIZE_U64;
+            if uncached {
+                lun.read_uncached(target, offset)?;
+            } else {
+                lun.read_at(target, offset)?;
+            }
             covered = run.at + len;
         }
-        buf[covered..].fill(0);
-        Ok(self.skip..self.skip + self.len)
+        blocks[covered..].fill(0);
+        Ok(base + self.skip..base + self.skip + self.len)
     }
 }
 

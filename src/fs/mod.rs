@@ -386,7 +386,7 @@ impl Fs {
     /// with each other and with metadata operations.
     pub fn read_data(&self, ino: Ino, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         let mut buf = Vec::new();
-        let range = self.read_into(ino, offset, size, &mut buf)?;
+        let range = self.read_into(ino, offset, size, &mut buf, false)?;
         buf.truncate(range.end);
         buf.drain(..range.start);
         Ok(buf)
@@ -399,6 +399,7 @@ impl Fs {
         offset: u64,
         size: u32,
         buf: &mut Vec<u8>,
+        uncached: bool,
     ) -> FsResult<std::ops::Range<usize>> {
         let (plan, lun, _barrier) = self.read(|c| {
             let plan = c.plan_read(ino, offset, size as usize)?;
@@ -409,7 +410,7 @@ impl Fs {
                 .then(|| self.data_io.read().unwrap_or_else(|e| e.into_inner()));
             Ok((plan, lun, barrier))
         })?;
-        plan.execute_into(lun.as_ref(), buf)
+        plan.execute_into(lun.as_ref(), buf, uncached)
     }
 
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {

@@ -31,7 +31,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -78,7 +78,14 @@ pub struct FileLun {
     io_align: u32,
     len_bytes: u64,
     caw_stripes: Box<[Mutex<()>]>,
+    /// An image file opened again with O_DIRECT, for `read_uncached` (None where the
+    /// file is direct already, or its filesystem refuses O_DIRECT, as tmpfs does).
+    uncached: Option<File>,
 }
+
+/// Alignment of `read_uncached` on an image file: a block, which covers the logical
+/// block size of any device an image file may sit on.
+const UNCACHED_ALIGN: u32 = 4096;
 
 /// Open-time choices; `direct_align` forces O_DIRECT on an image file (tests).
 struct OpenOptionsLun {
@@ -160,8 +167,18 @@ impl FileLun {
         let io_align = direct_align.unwrap_or(1);
         let sector = options.sector.unwrap_or(logical_bytes.max(io_align));
         check_sector(sector, io_align).map_err(|e| err("open", e))?;
+        let uncached = if direct_align.is_none() {
+            OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+                .ok()
+        } else {
+            None
+        };
         Ok(FileLun {
             file,
+            uncached,
             path: path.to_path_buf(),
             block_device,
             read_only: mode == OpenMode::ReadOnly,
@@ -228,6 +245,15 @@ impl Lun for FileLun {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         check_range("read", offset, buf.len(), self.len_bytes, None)?;
         self.read_raw(buf, offset)
+            .map_err(|e| self.io_error("read", offset, e))
+    }
+
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        let Some(direct) = &self.uncached else {
+            return self.read_at(buf, offset);
+        };
+        check_range("read", offset, buf.len(), self.len_bytes, None)?;
+        read_aligned(direct, UNCACHED_ALIGN, buf, offset)
             .map_err(|e| self.io_error("read", offset, e))
     }
 
@@ -593,6 +619,27 @@ mod tests {
         let mut before = vec![0xffu8; 512];
         again.read_at(&mut before, 3584).unwrap();
         assert!(before.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn uncached_reads_see_what_buffered_writes_left_in_the_page_cache() {
+        let img = image(LEN_BYTES);
+        let lun = FileLun::open(img.path(), OpenMode::ReadWrite).unwrap();
+        let data: Vec<u8> = (0..3 * 4096).map(|i| (i * 7 % 251) as u8).collect();
+        lun.write_at(&data, 8192).unwrap();
+        // Not flushed: O_DIRECT reads must still see it (the kernel writes it back
+        // first). Aligned, misaligned memory and a partial block.
+        let mut aligned = AlignedBuf::new(data.len(), 4096).unwrap();
+        lun.read_uncached(aligned.as_mut_slice(), 8192).unwrap();
+        assert_eq!(aligned.as_mut_slice(), &data[..]);
+        let mut odd = vec![0u8; data.len() + 1];
+        lun.read_uncached(&mut odd[1..], 8192).unwrap();
+        assert_eq!(&odd[1..], &data[..]);
+        let mut part = vec![0u8; 100];
+        lun.read_uncached(&mut part, 8192 + 4000).unwrap();
+        assert_eq!(part, &data[4000..4100]);
+        let err = lun.read_uncached(&mut part, LEN_BYTES - 50).unwrap_err();
+        assert!(matches!(err, LunError::OutOfRange { .. }), "{err}");
     }
 
     #[test]

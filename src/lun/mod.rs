@@ -143,6 +143,11 @@ pub trait Lun: Send + Sync {
     /// A hint: start writing `[offset, offset + len)` to stable storage now, without
     /// waiting, so that a later `flush` has less to do. Not a durability point.
     fn start_writeback(&self, _offset: u64, _len: u64) {}
+    /// `read_at` past the host's page cache, where the LUN has one (an image file),
+    /// for reads whose caller asked for direct I/O. The same bytes as `read_at`.
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.read_at(buf, offset)
+    }
     /// A short description for messages ("image file /tmp/a.img").
     fn describe(&self) -> String;
 }
@@ -168,6 +173,9 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     }
     fn start_writeback(&self, offset: u64, len: u64) {
         (**self).start_writeback(offset, len)
+    }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        (**self).read_uncached(buf, offset)
     }
     fn describe(&self) -> String {
         (**self).describe()
