@@ -37,6 +37,8 @@ fn open_flags(multi: bool) -> FopenFlags {
 
 /// Largest write the kernel sends at once.
 const MAX_WRITE_BYTES: u32 = 1 << 20;
+/// O_DIRECT reads this large or larger bypass the image file's page cache.
+const UNCACHED_READ_MIN: u32 = 128 << 10;
 
 thread_local! {
     /// Each FUSE thread's read buffer, reused from read to read.
@@ -373,8 +375,10 @@ impl Filesystem for AtsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        // O_DIRECT end to end: the daemon does not cache what the caller would not.
-        let uncached = flags.0 & libc::O_DIRECT != 0;
+        // O_DIRECT reads of at least UNCACHED_READ_MIN bytes skip the image file's
+        // page cache too (streaming: no page-cache fills); smaller ones may be served
+        // from it (see docs/perf.md).
+        let uncached = flags.0 & libc::O_DIRECT != 0 && size >= UNCACHED_READ_MIN;
         READ_BUFFER.with_borrow_mut(|buf| {
             match self
                 .fs

@@ -105,6 +105,7 @@ impl Meta {
                         || self.locks.released.get(&resource) == Some(&expected_first)
                             && state.raw == expected_first;
                     if !untouched {
+                        tracing::debug!(resource, "lock taken after another holder: cache dropped");
                         self.drop_cache();
                     }
                     self.stats.lock_acquires += 1;

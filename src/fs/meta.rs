@@ -77,9 +77,10 @@ struct Inflight {
     /// The newest image of each block in the group, read until the group settles.
     images: HashMap<u64, Image>,
     /// Blocks forgotten (freed) meanwhile: neither read from the group nor cached.
+    /// (A dropped cache does not touch the group: like the running and sealed
+    /// transactions, it holds this host's own changes to blocks whose locks it has
+    /// kept since.)
     forgotten: HashSet<u64>,
-    /// The cache was dropped meanwhile: the group's images are not cached either.
-    no_cache: bool,
 }
 
 /// What writing a group did (`write_group`).
@@ -371,6 +372,7 @@ impl Meta {
         let mut buf = vec![0u8; len];
         self.lun.read_at(&mut buf, offset)?;
         self.stats.meta_reads += 1;
+        tracing::trace!(offset, len, "metadata read");
         let image = Arc::new(buf);
         self.cache.put(offset, (image.clone(), false));
         Ok((image, false))
@@ -565,7 +567,6 @@ impl Meta {
         self.inflight = Some(Inflight {
             images,
             forgotten: HashSet::new(),
-            no_cache: false,
         });
         let sent = match &self.committer {
             Some(c) => c.jobs.send(job).map_err(|e| e.0),
@@ -654,11 +655,9 @@ impl Meta {
                 f.1 = Some(seq);
             }
         }
-        if !inflight.no_cache {
-            for (offset, image) in inflight.images {
-                if !inflight.forgotten.contains(&offset) {
-                    self.cache.put(offset, (image, true));
-                }
+        for (offset, image) in inflight.images {
+            if !inflight.forgotten.contains(&offset) {
+                self.cache.put(offset, (image, true));
             }
         }
         Ok(())
@@ -723,9 +722,6 @@ impl Meta {
     /// Drops every cached clean image (another host changed something we cached).
     pub fn drop_cache(&mut self) {
         self.cache.clear();
-        if let Some(inflight) = &mut self.inflight {
-            inflight.no_cache = true;
-        }
     }
 
     /// The journal (not in flight: callers settle first).
