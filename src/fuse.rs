@@ -198,6 +198,15 @@ impl Filesystem for AtsFuse {
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             let _ = config.set_max_write(nearest);
         }
+        // Direct I/O submitted asynchronously (io_submit, io_uring: QEMU with
+        // cache=none) reaches the daemon as concurrent requests instead of one at a
+        // time, as libfuse has it by default.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+            tracing::debug!(
+                ?missing,
+                "the kernel does not offer asynchronous direct I/O"
+            );
+        }
         Ok(())
     }
 
