@@ -206,6 +206,12 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
         n(&["lock_acquires"])
     );
     println!("  held now     {:>12}", n(&["locks_held"]));
+    println!("data:");
+    println!(
+        "  read ahead   {:>12}  ranges of sequential O_DIRECT reads ({} served a read)",
+        n(&["readaheads"]),
+        n(&["readahead_hits"])
+    );
     Ok(())
 }
 

@@ -13,15 +13,17 @@ use super::{Core, FsError, FsResult, Ino};
 use crate::format::{
     BlockNo, Extent, ExtentLeaf, InodeBody, OnDisk, BLOCK_SIZE, BLOCK_SIZE_U64, EXTENT_UNWRITTEN,
     INODE_AREA_SIZE, INODE_EXTENTS_MAX, INODE_FLAG_EXTENT_TREE, INODE_FLAG_INLINE,
-    LEAF_EXTENTS_MAX,
+    INODE_FLAG_MULTI_WRITER, LEAF_EXTENTS_MAX,
 };
 
 /// A read mapped to device blocks under the core lock, carried out with or without
-/// it. `Fs::read_data` carries it out without the core lock, holding the data I/O
-/// barrier (`Meta::data_io`) shared instead: the blocks it names cannot be reused
-/// before it ends, because a freed block only becomes allocatable again through
-/// `Meta::release_quarantine`, which takes that barrier exclusive, and a lock is
-/// only handed to another host after `release_quarantine`.
+/// it. `Fs::read_data` carries it out without the core lock, inside the data I/O
+/// barrier (`Meta::data_io`, entered under the core lock) instead: the blocks it
+/// names cannot be reused before it ends, because a freed block only becomes
+/// allocatable again through `Meta::release_quarantine`, which waits for the
+/// barrier to be empty, and a lock is only handed to another host after
+/// `release_quarantine`.
+#[derive(Clone, Debug, PartialEq)]
 pub struct ReadPlan {
     /// Holes and unwritten extents read as zeros; `runs` fill the rest.
     buf_len: usize,
@@ -31,9 +33,12 @@ pub struct ReadPlan {
     len: usize,
     /// Bytes known without device I/O (inline data, end of file).
     ready: Option<Vec<u8>>,
+    /// The file is in multi-writer mode: other hosts may write it meanwhile.
+    multi_writer: bool,
 }
 
 /// Blocks `disk..disk + blocks` land at `at` in the plan's buffer.
+#[derive(Clone, Debug, PartialEq)]
 struct ReadRun {
     at: usize,
     disk: BlockNo,
@@ -48,12 +53,20 @@ impl ReadPlan {
             skip: 0,
             len: bytes.len(),
             ready: Some(bytes),
+            multi_writer: false,
         }
     }
 
     /// True when the plan needs device reads.
     pub fn needs_io(&self) -> bool {
         !self.runs.is_empty()
+    }
+
+    /// True when the blocks may be read ahead of their read (`fs::readahead`): they
+    /// need device reads, and no other host may write them while this one holds
+    /// the file's lock.
+    pub fn may_read_ahead(&self) -> bool {
+        self.needs_io() && !self.multi_writer
     }
 
     /// Reads the blocks and returns the caller's bytes.
@@ -343,6 +356,7 @@ impl Core {
             skip: (offset - first * BLOCK_SIZE_U64) as usize,
             len: (end - offset) as usize,
             ready: None,
+            multi_writer: inode.flags & INODE_FLAG_MULTI_WRITER != 0,
         })
     }
 

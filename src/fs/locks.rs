@@ -191,6 +191,8 @@ impl Meta {
         if targets.is_empty() {
             return Ok(targets);
         }
+        // Another host may change what these locks cover as soon as they are gone.
+        self.epoch += 1;
         // After this, every freed inode whose lock we keep is in `freed_held`.
         self.sync_all()?;
         // Freed inodes' locks go with their group's lock (see `Locks::freed_held`).
@@ -382,6 +384,7 @@ impl Meta {
         }
         self.locks.freed_held.remove(&resource);
         if let Some((state, _)) = self.locks.held.remove(&resource) {
+            self.epoch += 1;
             if let Ok(Ok(now)) = try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
                 self.locks.released.insert(resource, now.raw);
             }

@@ -34,6 +34,7 @@
 //!   `failed` is set and every later operation fails (sticky), as after a fence.
 
 use super::locks::Locks;
+use super::readahead::IoBarrier;
 use super::{FsError, FsResult};
 use crate::cluster::Node;
 use crate::format::{BlockNo, Geometry, OnDisk, BLOCK_SIZE, BLOCK_SIZE_U64};
@@ -43,7 +44,7 @@ use lru::LruCache;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::mpsc;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// A metadata image (one block or sector), shared rather than copied.
 type Image = Arc<Vec<u8>>;
@@ -272,9 +273,13 @@ pub struct Meta {
     freed_locks: Vec<(BlockNo, Option<u64>)>,
     /// (clock ms, free blocks) of the last statfs.
     pub statfs_cache: Option<(u64, u64)>,
-    /// Data reads carried out without the core lock hold this shared (see
-    /// `file::ReadPlan`); making freed blocks reusable takes it exclusive.
-    pub data_io: Arc<RwLock<()>>,
+    /// Data reads carried out without the core lock are inside this (see
+    /// `file::ReadPlan`); making freed blocks reusable waits for it to be empty.
+    pub data_io: Arc<IoBarrier>,
+    /// Moves whenever this host may have changed what a read returns: each
+    /// mutating operation, each lock let go, each cache drop. A read-ahead mapped at
+    /// one epoch serves only a read mapped at the same epoch (`fs::readahead`).
+    pub epoch: u64,
     /// This host's lease: a failed commit fences it (`fail`).
     lease: Option<Arc<crate::cluster::Lease>>,
 }
@@ -311,7 +316,8 @@ impl Meta {
             locks: Locks::default(),
             freed_locks: Vec::new(),
             statfs_cache: None,
-            data_io: Arc::new(RwLock::new(())),
+            data_io: Arc::new(IoBarrier::default()),
+            epoch: 0,
             lease: None,
         }
     }
@@ -689,7 +695,7 @@ impl Meta {
     pub fn release_quarantine(&mut self) -> FsResult<()> {
         self.settle()?;
         // Reads mapped before the blocks were freed finish first.
-        drop(self.data_io.write().unwrap_or_else(|e| e.into_inner()));
+        self.data_io.wait_idle();
         let lun = self.lun.clone();
         let journal = self.journal_mut()?;
         let marked = journal.has_unmarked();
@@ -721,6 +727,7 @@ impl Meta {
 
     /// Drops every cached clean image (another host changed something we cached).
     pub fn drop_cache(&mut self) {
+        self.epoch += 1;
         self.cache.clear();
     }
 

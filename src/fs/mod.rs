@@ -17,6 +17,7 @@ mod locks;
 pub mod meta;
 mod mount;
 mod namei;
+pub(crate) mod readahead;
 pub(crate) mod xattr;
 
 pub use inode::{Attr, INODE_FLAG_FREED};
@@ -141,6 +142,9 @@ pub struct HostStats {
     pub pipelined_commits: u64,
     pub lock_acquires: u64,
     pub locks_held: u64,
+    /// Ranges of sequential O_DIRECT reads read ahead, and reads they served.
+    pub readaheads: u64,
+    pub readahead_hits: u64,
 }
 
 /// Volume-wide usage, for statfs.
@@ -155,8 +159,10 @@ pub struct StatFs {
 /// One mounted host.
 pub struct Fs {
     core: Mutex<Core>,
-    /// Shared by data reads done outside the core lock; see `file::ReadPlan`.
-    data_io: Arc<std::sync::RwLock<()>>,
+    /// Entered by data reads done outside the core lock; see `file::ReadPlan`.
+    data_io: Arc<readahead::IoBarrier>,
+    /// Read-ahead of sequential O_DIRECT reads.
+    readahead: readahead::ReadAhead,
     /// Device I/O this host's filesystem issued (heartbeats and mailbox polls of the
     /// membership thread are not included).
     io_counters: Arc<crate::lun::IoCounters>,
@@ -218,6 +224,9 @@ impl Fs {
                 core.meta.settle_if_done()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
                     core.meta.seal()?;
+                }
+                if mutating {
+                    core.meta.epoch += 1;
                 }
                 core.meta.begin_op();
                 let result = op(&mut core);
@@ -393,6 +402,9 @@ impl Fs {
     }
 
     /// Like `read_data`, into a buffer the caller reuses; returns where the bytes are.
+    /// `uncached` reads (O_DIRECT) bypass the image file's page cache; when one
+    /// follows the previous one of the file, the next range is read ahead
+    /// (`readahead`).
     pub fn read_into(
         &self,
         ino: Ino,
@@ -401,16 +413,61 @@ impl Fs {
         buf: &mut Vec<u8>,
         uncached: bool,
     ) -> FsResult<std::ops::Range<usize>> {
-        let (plan, lun, _barrier) = self.read(|c| {
+        let candidate = if uncached {
+            self.readahead.take(ino, offset, size)
+        } else {
+            None
+        };
+        let ahead = if uncached {
+            self.readahead.note_read(ino, offset, size)
+        } else {
+            Vec::new()
+        };
+        let (plan, epoch, lun, token, next) = self.read(|c| {
             let plan = c.plan_read(ino, offset, size as usize)?;
+            let epoch = c.meta.epoch;
             let lun = c.meta.lun.clone();
-            // Taken before the core lock is let go: see `file::ReadPlan`.
-            let barrier = plan
-                .needs_io()
-                .then(|| self.data_io.read().unwrap_or_else(|e| e.into_inner()));
-            Ok((plan, lun, barrier))
+            let mut next = Vec::new();
+            if plan.may_read_ahead() {
+                for &at in &ahead {
+                    let Ok(plan) = c.plan_read(ino, at, size as usize) else {
+                        break;
+                    };
+                    if !plan.may_read_ahead() {
+                        break;
+                    }
+                    next.push(readahead::Next {
+                        ino,
+                        offset: at,
+                        size,
+                        epoch,
+                        plan,
+                        lun: lun.clone(),
+                        // Entered before the core lock is let go: see `file::ReadPlan`.
+                        token: self.data_io.enter(),
+                    });
+                }
+            }
+            let token = plan.needs_io().then(|| self.data_io.enter());
+            Ok((plan, epoch, lun, token, next))
         })?;
-        plan.execute_into(lun.as_ref(), buf, uncached)
+        for next in next {
+            self.readahead.start(next);
+        }
+        // A read-ahead serves only a host sure of its lease (another host may have
+        // taken over the file's lock from one that is not).
+        let candidate = candidate.filter(|_| self.lease.check().is_ok());
+        if let Some(range) = self.readahead.settle(candidate, epoch, &plan, buf) {
+            return Ok(range);
+        }
+        let result = plan.execute_into(lun.as_ref(), buf, uncached);
+        drop(token);
+        result
+    }
+
+    /// Read-ahead counters: ranges read ahead, and reads they served.
+    pub fn readahead_stats(&self) -> readahead::ReadAheadStats {
+        self.readahead.stats()
     }
 
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
@@ -560,6 +617,7 @@ impl Fs {
                 c.meta.locks.held().len() as u64,
             ))
         })?;
+        let readahead = self.readahead.stats();
         Ok(HostStats {
             slot,
             io: self.io_counters.snapshot(),
@@ -569,6 +627,8 @@ impl Fs {
             pipelined_commits: meta.pipelined,
             lock_acquires: meta.lock_acquires,
             locks_held,
+            readaheads: readahead.issued,
+            readahead_hits: readahead.used,
         })
     }
 }

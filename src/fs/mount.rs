@@ -199,6 +199,7 @@ impl Fs {
         let fs = Arc::new(Fs {
             core: Mutex::new(core),
             data_io,
+            readahead: Default::default(),
             io_counters,
             root,
             lease,

@@ -1255,3 +1255,131 @@ fn a_failed_pipelined_commit_fails_the_host_and_fences_its_lease() {
         "a failed host goes on serving"
     );
 }
+
+/// An O_DIRECT read through `read_into`, as the FUSE adapter makes it.
+fn read_direct(fs: &Fs, ino: Ino, offset: u64, size: u32) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let range = fs
+        .read_into(ino, offset, size, &mut buf, true)
+        .expect("direct read");
+    buf[range].to_vec()
+}
+
+/// Chunk `i` of version `v` of a test file: every byte says which it is.
+fn chunk(i: u64, v: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| (i as u8).wrapping_mul(31) ^ v ^ (k as u8))
+        .collect()
+}
+
+const CHUNK: usize = 16 << 10;
+
+fn file_of_chunks(fs: &Fs, name: &[u8], chunks: u64) -> Ino {
+    let f = fs.mknod(fs.root(), name, REG, 0, 0, 0).expect("create").ino;
+    for i in 0..chunks {
+        fs.write_data(f, i * CHUNK as u64, &chunk(i, 0, CHUNK))
+            .expect("write");
+    }
+    fs.sync().expect("sync");
+    f
+}
+
+#[test]
+fn sequential_direct_reads_are_read_ahead_and_never_stale() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = file_of_chunks(&fs, b"stream", 64);
+    for i in 0..64 {
+        assert_eq!(
+            read_direct(&fs, f, i * CHUNK as u64, CHUNK as u32),
+            chunk(i, 0, CHUNK),
+            "chunk {i}"
+        );
+    }
+    let stats = fs.readahead_stats();
+    assert!(
+        stats.used >= 60 && stats.issued >= stats.used,
+        "sequential reads were not read ahead: {stats:?}"
+    );
+    // Chunks overwritten in place (same blocks, so the same mapping) between a
+    // sequential read and the next: the next read returns the new bytes, whatever
+    // was read ahead before the write.
+    for (v, at) in (1u8..).zip((2..60).step_by(4)) {
+        assert_eq!(
+            read_direct(&fs, f, (at - 1) * CHUNK as u64, CHUNK as u32),
+            chunk(at - 1, 0, CHUNK)
+        );
+        assert_eq!(
+            read_direct(&fs, f, at * CHUNK as u64, CHUNK as u32),
+            chunk(at, 0, CHUNK)
+        );
+        // Let the read-ahead of `at + 1` land before the write, now and then.
+        if v % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        fs.write_data(f, (at + 1) * CHUNK as u64, &chunk(at + 1, v, CHUNK))
+            .expect("overwrite");
+        assert_eq!(
+            read_direct(&fs, f, (at + 1) * CHUNK as u64, CHUNK as u32),
+            chunk(at + 1, v, CHUNK),
+            "a read after an overwrite returned what was read ahead before it"
+        );
+    }
+    // A truncate between two reads: the next read ends at the new size.
+    read_direct(&fs, f, 0, CHUNK as u32);
+    read_direct(&fs, f, CHUNK as u64, CHUNK as u32);
+    let set = SetAttr {
+        size: Some(2 * CHUNK as u64 + 100),
+        ..SetAttr::default()
+    };
+    fs.setattr(f, &set).expect("truncate");
+    assert_eq!(
+        read_direct(&fs, f, 2 * CHUNK as u64, CHUNK as u32),
+        chunk(2, 0, CHUNK)[..100].to_vec()
+    );
+    fs.unmount().expect("unmount");
+}
+
+#[test]
+fn a_read_ahead_is_not_served_after_another_host_wrote_the_file() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let f = file_of_chunks(&a, b"shared", 16);
+    for round in 1..=4u8 {
+        // a reads two chunks in sequence: the next ones are read ahead.
+        let at = u64::from(round) * 3;
+        read_direct(&a, f, (at - 2) * CHUNK as u64, CHUNK as u32);
+        read_direct(&a, f, (at - 1) * CHUNK as u64, CHUNK as u32);
+        std::thread::sleep(Duration::from_millis(5));
+        // b takes the file's lock from a and overwrites the next chunk in place.
+        b.write_data(f, at * CHUNK as u64, &chunk(at, round, CHUNK))
+            .expect("b overwrites");
+        b.fsync(f, false).expect("fsync on b");
+        assert_eq!(
+            read_direct(&a, f, at * CHUNK as u64, CHUNK as u32),
+            chunk(at, round, CHUNK),
+            "host a served what it read ahead before host b wrote"
+        );
+    }
+    assert!(a.readahead_stats().issued > 0);
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
+}
+
+#[test]
+fn multi_writer_files_are_never_read_ahead() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = file_of_chunks(&fs, b"vmdk", 8);
+    fs.setxattr(f, b"user.atsfs.multiwriter", b"1", 0)
+        .expect("opt in");
+    for i in 0..8 {
+        assert_eq!(
+            read_direct(&fs, f, i * CHUNK as u64, CHUNK as u32),
+            chunk(i, 0, CHUNK)
+        );
+    }
+    assert_eq!(fs.readahead_stats().issued, 0);
+    fs.unmount().expect("unmount");
+}

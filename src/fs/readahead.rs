@@ -1,0 +1,425 @@
+//! Read-ahead of sequential O_DIRECT reads, and the barrier that keeps blocks being
+//! read outside the core lock from being reused.
+//!
+//! A program that reads a file with O_DIRECT one large block at a time (`dd
+//! iflag=direct`, a backup, fio's psync engine) sends the next FUSE read only after
+//! the reply to the last one: without read-ahead the device sits idle while the
+//! reply is copied and the next request comes, and the kernel's own read-ahead does
+//! not apply to direct I/O. A disk controller would read ahead; this is the same,
+//! in the daemon: when an uncached read follows the previous one of the same file,
+//! the next range of the same size is mapped in the same critical section and read
+//! by the read-ahead thread while the reply goes out.
+//!
+//! File data is still never served from a cache that could be stale. A read-ahead
+//! is used only by the read of exactly its range, and only if that read's own
+//! mapping (made under the core lock, as every read's) is identical and this host's
+//! epoch (`Meta::epoch`) has not moved since the read-ahead was mapped: the epoch
+//! moves with every mutating operation of this host (its own writes, truncates,
+//! frees) and whenever it lets a lock go or drops its cache (another host may then
+//! change the file). Another host can change a file's data only under that file's
+//! lock, which this host must let go first; files in multi-writer mode, which other
+//! hosts write while this one holds the lock, are never read ahead. Otherwise the
+//! read-ahead is dropped and the read goes to the device as it would have.
+
+use super::file::ReadPlan;
+use super::{FsResult, Ino};
+use crate::lun::Lun;
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+/// Counts data reads in progress outside the core lock (see `file::ReadPlan`).
+/// A reader enters under the core lock and leaves when its device reads are done;
+/// `wait_idle`, called under the core lock before freed blocks become reusable,
+/// waits for every reader that entered before. A token may be handed to another
+/// thread (the read-ahead thread), unlike a lock guard.
+#[derive(Debug, Default)]
+pub struct IoBarrier {
+    readers: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// One reader inside the barrier; leaves it when dropped.
+#[derive(Debug)]
+pub struct IoToken(Arc<IoBarrier>);
+
+impl IoBarrier {
+    fn readers(&self) -> MutexGuard<'_, usize> {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn enter(self: &Arc<Self>) -> IoToken {
+        *self.readers() += 1;
+        IoToken(self.clone())
+    }
+
+    /// Returns once no reader is inside.
+    pub fn wait_idle(&self) {
+        let mut readers = self.readers();
+        while *readers > 0 {
+            readers = self.idle.wait(readers).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl Drop for IoToken {
+    fn drop(&mut self) {
+        let mut readers = self.0.readers();
+        *readers -= 1;
+        if *readers == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// Files whose sequential reads are followed at once (least recently read dropped).
+const STREAMS_MAX: usize = 8;
+/// Ranges read ahead of a stream's last read: two keep the device busy while the
+/// reply to one goes out and the request for the next comes.
+const DEPTH: u64 = 2;
+/// Buffers kept for reuse: a fresh one costs a page fault per page.
+const SPARE_BUFFERS_MAX: usize = 6;
+/// How long a read waits for the read-ahead of its range before reading itself.
+const WAIT_MAX: Duration = Duration::from_secs(2);
+
+/// The bytes of a finished read-ahead: the buffer and where the caller's bytes are.
+type Filled = FsResult<(Vec<u8>, Range<usize>)>;
+
+struct Ahead {
+    offset: u64,
+    size: u32,
+    /// `Meta::epoch` when it was mapped, and the mapping.
+    epoch: u64,
+    plan: ReadPlan,
+    /// None while the read-ahead thread reads it.
+    filled: Option<Filled>,
+}
+
+struct Stream {
+    ino: Ino,
+    /// Where the next sequential read starts.
+    next: u64,
+    last_used: u64,
+    /// Oldest first.
+    aheads: VecDeque<Ahead>,
+}
+
+#[derive(Default)]
+struct State {
+    streams: Vec<Stream>,
+    tick: u64,
+    spare: Vec<Vec<u8>>,
+}
+
+struct Job {
+    ino: Ino,
+    offset: u64,
+    plan: ReadPlan,
+    lun: Arc<dyn Lun>,
+    _token: IoToken,
+    buf: Vec<u8>,
+}
+
+/// A read-ahead the caller may use, once its own mapping is known.
+pub struct Candidate {
+    epoch: u64,
+    plan: ReadPlan,
+    buf: Vec<u8>,
+    range: Range<usize>,
+}
+
+/// A range to read ahead, mapped in the critical section of the read before it.
+pub struct Next {
+    pub ino: Ino,
+    pub offset: u64,
+    pub size: u32,
+    pub epoch: u64,
+    pub plan: ReadPlan,
+    pub lun: Arc<dyn Lun>,
+    pub token: IoToken,
+}
+
+/// Counters for `atsfs stats`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadAheadStats {
+    /// Ranges read ahead.
+    pub issued: u64,
+    /// Reads served from a read-ahead.
+    pub used: u64,
+}
+
+#[derive(Default)]
+pub struct ReadAhead {
+    shared: Arc<Shared>,
+    worker: OnceLock<mpsc::Sender<Job>>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    filled: Condvar,
+    stats: Mutex<ReadAheadStats>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> MutexGuard<'_, ReadAheadStats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores a finished read-ahead, if it is still wanted.
+    fn fill(&self, ino: Ino, offset: u64, filled: Filled) {
+        let mut state = self.state();
+        let slot = state.stream(ino).and_then(|s| {
+            s.aheads
+                .iter_mut()
+                .find(|a| a.offset == offset && a.filled.is_none())
+        });
+        match slot {
+            Some(ahead) => ahead.filled = Some(filled),
+            None => {
+                if let Ok((buf, _)) = filled {
+                    state.recycle(buf);
+                }
+            }
+        }
+        drop(state);
+        self.filled.notify_all();
+    }
+}
+
+impl State {
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS_MAX && buf.capacity() > 0 {
+            self.spare.push(buf);
+        }
+    }
+
+    /// Drops a read-ahead nobody will use (one still being read is dropped when
+    /// the read-ahead thread finds it gone).
+    fn discard(&mut self, ahead: Ahead) {
+        if let Some(Ok((buf, _))) = ahead.filled {
+            self.recycle(buf);
+        }
+    }
+
+    fn stream(&mut self, ino: Ino) -> Option<&mut Stream> {
+        self.streams.iter_mut().find(|s| s.ino == ino)
+    }
+}
+
+impl ReadAhead {
+    pub fn stats(&self) -> ReadAheadStats {
+        *self.shared.stats()
+    }
+
+    /// Before a read is mapped: takes the read-ahead of exactly this range, waiting
+    /// for it if the read-ahead thread is still reading it. Holds no lock meanwhile
+    /// (the read-ahead thread needs none, and a commit may be waiting for it).
+    /// Read-aheads of ranges before this one are dropped: the reader moved on.
+    pub fn take(&self, ino: Ino, offset: u64, size: u32) -> Option<Candidate> {
+        let mut state = self.shared.state();
+        let deadline = std::time::Instant::now() + WAIT_MAX;
+        loop {
+            let stream = state.stream(ino)?;
+            let mut stale = Vec::new();
+            while let Some(front) = stream.aheads.front() {
+                if front.offset > offset || (front.offset == offset && front.size == size) {
+                    break;
+                }
+                stale.extend(stream.aheads.pop_front());
+            }
+            let ready = match stream.aheads.front() {
+                Some(front) if front.offset == offset => front.filled.is_some(),
+                _ => {
+                    stale.into_iter().for_each(|a| state.discard(a));
+                    return None;
+                }
+            };
+            stale.into_iter().for_each(|a| state.discard(a));
+            if ready {
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::debug!(ino, offset, "gave up waiting for a read-ahead");
+                let late = state.stream(ino)?.aheads.pop_front()?;
+                state.discard(late);
+                return None;
+            }
+            state = self
+                .shared
+                .filled
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let ahead = state.stream(ino)?.aheads.pop_front()?;
+        match ahead.filled? {
+            Ok((buf, range)) => Some(Candidate {
+                epoch: ahead.epoch,
+                plan: ahead.plan,
+                buf,
+                range,
+            }),
+            Err(e) => {
+                tracing::debug!(ino, offset, "read-ahead failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Uses a candidate when the read's own mapping, made at `epoch`, is the one the
+    /// read-ahead read: swaps its bytes into `buf` and returns where they are. The
+    /// caller's old buffer is kept for a later read-ahead.
+    pub fn settle(
+        &self,
+        candidate: Option<Candidate>,
+        epoch: u64,
+        plan: &ReadPlan,
+        buf: &mut Vec<u8>,
+    ) -> Option<Range<usize>> {
+        let mut candidate = candidate?;
+        let valid = candidate.epoch == epoch && candidate.plan == *plan;
+        if valid {
+            std::mem::swap(buf, &mut candidate.buf);
+            self.shared.stats().used += 1;
+        }
+        self.shared.state().recycle(candidate.buf);
+        valid.then_some(candidate.range)
+    }
+
+    /// Notes a read of `size` bytes at `offset`; when it follows the previous read
+    /// of the file, returns the offsets of the ranges of the same size after it
+    /// that are worth reading ahead (those not being read ahead already).
+    pub fn note_read(&self, ino: Ino, offset: u64, size: u32) -> Vec<u64> {
+        let mut state = self.shared.state();
+        state.tick += 1;
+        let tick = state.tick;
+        let next = offset.saturating_add(u64::from(size));
+        if let Some(stream) = state.stream(ino) {
+            let sequential = stream.next == offset && size > 0;
+            stream.next = next;
+            stream.last_used = tick;
+            if !sequential {
+                return Vec::new();
+            }
+            return (1..=DEPTH)
+                .filter_map(|k| offset.checked_add(k * u64::from(size)))
+                .filter(|&o| !stream.aheads.iter().any(|a| a.offset == o))
+                .collect();
+        }
+        if state.streams.len() >= STREAMS_MAX {
+            let oldest = (0..state.streams.len()).min_by_key(|&i| state.streams[i].last_used);
+            if let Some(oldest) = oldest {
+                let gone = state.streams.swap_remove(oldest);
+                gone.aheads.into_iter().for_each(|a| state.discard(a));
+            }
+        }
+        state.streams.push(Stream {
+            ino,
+            next,
+            last_used: tick,
+            aheads: VecDeque::new(),
+        });
+        Vec::new()
+    }
+
+    /// Starts reading `next` ahead on the read-ahead thread.
+    pub fn start(&self, next: Next) {
+        let buf = {
+            let mut state = self.shared.state();
+            let buf = state.spare.pop().unwrap_or_default();
+            let Some(stream) = state.stream(next.ino) else {
+                return;
+            };
+            stream.aheads.push_back(Ahead {
+                offset: next.offset,
+                size: next.size,
+                epoch: next.epoch,
+                plan: next.plan.clone(),
+                filled: None,
+            });
+            if stream.aheads.len() > DEPTH as usize {
+                if let Some(oldest) = stream.aheads.pop_front() {
+                    state.discard(oldest);
+                }
+            }
+            buf
+        };
+        let job = Job {
+            ino: next.ino,
+            offset: next.offset,
+            plan: next.plan,
+            lun: next.lun,
+            _token: next.token,
+            buf,
+        };
+        if self.worker().is_some_and(|w| w.send(job).is_ok()) {
+            self.shared.stats().issued += 1;
+        } else {
+            let failed = super::FsError::Failed("no read-ahead thread".into());
+            self.shared.fill(next.ino, next.offset, Err(failed));
+        }
+    }
+
+    /// The read-ahead thread, started on first use; it ends when `self` is dropped.
+    fn worker(&self) -> Option<&mpsc::Sender<Job>> {
+        if let Some(worker) = self.worker.get() {
+            return Some(worker);
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("atsfs-readahead".into())
+            .spawn(move || {
+                for mut job in rx {
+                    let filled = job
+                        .plan
+                        .execute_into(job.lun.as_ref(), &mut job.buf, true)
+                        .map(|range| (job.buf, range));
+                    shared.fill(job.ino, job.offset, filled);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("no read-ahead thread: {e}");
+            return None;
+        }
+        Some(self.worker.get_or_init(|| tx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn the_barrier_waits_for_readers_that_entered_before_on_any_thread() {
+        let barrier = Arc::new(IoBarrier::default());
+        barrier.wait_idle();
+        let done = Arc::new(AtomicBool::new(false));
+        let token = barrier.enter();
+        let other = barrier.enter();
+        drop(other);
+        let reader = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                done.store(true, Ordering::SeqCst);
+                drop(token);
+            })
+        };
+        barrier.wait_idle();
+        assert!(
+            done.load(Ordering::SeqCst),
+            "wait_idle returned while a reader was inside"
+        );
+        reader.join().expect("reader");
+    }
+}
