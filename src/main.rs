@@ -205,6 +205,7 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
         "  acquired     {:>12}  (existing inodes and groups; new inodes' not counted)",
         n(&["lock_acquires"])
     );
+    println!("  released     {:>12}", n(&["lock_releases"]));
     println!("  held now     {:>12}", n(&["locks_held"]));
     println!("data:");
     println!(

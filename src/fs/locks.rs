@@ -161,6 +161,7 @@ impl Meta {
             }
             if let Ok(Ok(now)) = try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
                 tracing::debug!(resource, "freed a lock record that named this host");
+                self.stats.lock_releases += 1;
                 self.locks.released.insert(resource, now.raw);
                 released.push(resource);
             }
@@ -227,6 +228,7 @@ impl Meta {
                     .map_err(lock_error)?
                 {
                     Ok(now) => {
+                        self.stats.lock_releases += 1;
                         self.locks.released.insert(resource, now.raw);
                         break;
                     }
@@ -386,6 +388,7 @@ impl Meta {
         if let Some((state, _)) = self.locks.held.remove(&resource) {
             self.epoch += 1;
             if let Ok(Ok(now)) = try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
+                self.stats.lock_releases += 1;
                 self.locks.released.insert(resource, now.raw);
             }
         }

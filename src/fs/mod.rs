@@ -141,6 +141,8 @@ pub struct HostStats {
     /// Groups committed by the committer thread while operations went on.
     pub pipelined_commits: u64,
     pub lock_acquires: u64,
+    /// Locks let go by ATS (asked for by other hosts, at unmount, freed inodes').
+    pub lock_releases: u64,
     pub locks_held: u64,
     /// Ranges of sequential O_DIRECT reads read ahead, and reads they served.
     pub readaheads: u64,
@@ -626,6 +628,7 @@ impl Fs {
             sealed_transactions: meta.seals,
             pipelined_commits: meta.pipelined,
             lock_acquires: meta.lock_acquires,
+            lock_releases: meta.lock_releases,
             locks_held,
             readaheads: readahead.issued,
             readahead_hits: readahead.used,

@@ -1383,3 +1383,35 @@ fn multi_writer_files_are_never_read_ahead() {
     assert_eq!(fs.readahead_stats().issued, 0);
     fs.unmount().expect("unmount");
 }
+
+#[test]
+fn lock_counters_count_acquires_and_releases() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let root = a.root();
+    let files: Vec<Ino> = (0..5)
+        .map(|i| {
+            a.mknod(root, format!("f{i}").as_bytes(), REG, 0, 0, 0)
+                .expect("create")
+                .ino
+        })
+        .collect();
+    let before = a.host_stats().expect("stats");
+    let released = a.release_all_locks().expect("release") as u64;
+    let after = a.host_stats().expect("stats");
+    assert_eq!(after.lock_releases - before.lock_releases, released);
+    assert_eq!(after.locks_held, 0);
+    for &f in &files {
+        a.getattr(f).expect("stat");
+    }
+    let again = a.host_stats().expect("stats");
+    // Each file's lock, and the root's for nothing (stat needs only the inode's).
+    assert!(again.lock_acquires - after.lock_acquires >= files.len() as u64);
+    // Another host's write takes a file's lock from this one.
+    let b = mount(&lun, 2);
+    b.write_data(files[0], 0, b"from b").expect("write on b");
+    let later = a.host_stats().expect("stats");
+    assert!(later.lock_releases > again.lock_releases);
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
+}
