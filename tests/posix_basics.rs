@@ -571,7 +571,7 @@ fn direct_io_reads_what_buffered_io_wrote() {
     let image = scratch.image("volume.img", IMAGE_BYTES);
     let mount = MountSpec::in_scratch(&scratch, &image, "host").mount();
     let path = mount.path().join("f");
-    let data = random_bytes(7, 5 << 20);
+    let data = random_bytes(7, 6 << 20);
     write_file(&path, &data);
     // Not synced: the daemon's O_DIRECT reads of the image must still see it.
     let direct = fs::OpenOptions::new()
@@ -587,7 +587,7 @@ fn direct_io_reads_what_buffered_io_wrote() {
     // SAFETY: ptr points to layout.size() bytes we own until dealloc.
     let buf = unsafe { std::slice::from_raw_parts_mut(ptr, layout.size()) };
     let before = stats_json(mount.path());
-    for chunk in 0..3u64 {
+    for chunk in 0..4u64 {
         direct
             .read_exact_at(buf, chunk << 20)
             .expect("O_DIRECT read");
@@ -602,15 +602,15 @@ fn direct_io_reads_what_buffered_io_wrote() {
         .open(&path)
         .expect("open for buffered writes");
     buffered
-        .write_all_at(&[0x77; 1 << 20], 3 << 20)
+        .write_all_at(&[0x77; 1 << 20], 4 << 20)
         .expect("buffered write");
-    direct.read_exact_at(buf, 3 << 20).expect("O_DIRECT read");
+    direct.read_exact_at(buf, 4 << 20).expect("O_DIRECT read");
     assert!(
         buf.iter().all(|&b| b == 0x77),
         "an O_DIRECT read returned what was read ahead before a buffered write"
     );
-    direct.read_exact_at(buf, 4 << 20).expect("O_DIRECT read");
-    assert!(buf[..] == data[4 << 20..5 << 20], "chunk 4 differs");
+    direct.read_exact_at(buf, 5 << 20).expect("O_DIRECT read");
+    assert!(buf[..] == data[5 << 20..6 << 20], "chunk 5 differs");
     let after = stats_json(mount.path());
     let grew = |key: &str| after[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
     assert!(

@@ -420,10 +420,11 @@ impl Fs {
         } else {
             None
         };
-        let ahead = if uncached {
-            self.readahead.note_read(ino, offset, size)
+        let (_reading, ahead) = if uncached {
+            let (reading, ahead) = self.readahead.note_read(ino, offset, size);
+            (Some(reading), ahead)
         } else {
-            Vec::new()
+            (None, Vec::new())
         };
         let (plan, epoch, lun, token, next) = self.read(|c| {
             let plan = c.plan_read(ino, offset, size as usize)?;

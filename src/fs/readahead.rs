@@ -79,6 +79,8 @@ const STREAMS_MAX: usize = 8;
 /// Ranges read ahead of a stream's last read: two keep the device busy while the
 /// reply to one goes out and the request for the next comes.
 const DEPTH: u64 = 2;
+/// Serial sequential reads in a row before the next ranges are read ahead.
+const SERIAL_MIN: u32 = 2;
 /// Buffers kept for reuse: a fresh one costs a page fault per page.
 const SPARE_BUFFERS_MAX: usize = 6;
 /// How long a read waits for the read-ahead of its range before reading itself.
@@ -102,6 +104,13 @@ struct Stream {
     /// Where the next sequential read starts.
     next: u64,
     last_used: u64,
+    /// Reads of the file in progress.
+    in_flight: u32,
+    /// Sequential reads in a row that came with no other read of the file in
+    /// progress. A program with several reads in flight (asynchronous direct I/O)
+    /// keeps the device busy itself; reading ahead for it would only funnel its
+    /// parallel reads through the one read-ahead thread.
+    serial: u32,
     /// Oldest first.
     aheads: VecDeque<Ahead>,
 }
@@ -139,6 +148,21 @@ pub struct Next {
     pub plan: ReadPlan,
     pub lun: Arc<dyn Lun>,
     pub token: IoToken,
+}
+
+/// A read in progress (`ReadAhead::note_read`).
+pub struct Reading<'a> {
+    readahead: &'a ReadAhead,
+    ino: Ino,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let mut state = self.readahead.shared.state();
+        if let Some(stream) = state.stream(self.ino) {
+            stream.in_flight = stream.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 /// Counters for `atsfs stats`.
@@ -294,25 +318,37 @@ impl ReadAhead {
         valid.then_some(candidate.range)
     }
 
-    /// Notes a read of `size` bytes at `offset`; when it follows the previous read
-    /// of the file, returns the offsets of the ranges of the same size after it
-    /// that are worth reading ahead (those not being read ahead already).
-    pub fn note_read(&self, ino: Ino, offset: u64, size: u32) -> Vec<u64> {
+    /// Notes the start of a read of `size` bytes at `offset` (it ends when the
+    /// returned guard is dropped); when it follows the previous read of the file,
+    /// serially (`Stream::serial`), returns the offsets of the ranges of the same
+    /// size after it that are worth reading ahead (those not being read ahead
+    /// already).
+    pub fn note_read(&self, ino: Ino, offset: u64, size: u32) -> (Reading<'_>, Vec<u64>) {
+        let reading = Reading {
+            readahead: self,
+            ino,
+        };
         let mut state = self.shared.state();
         state.tick += 1;
         let tick = state.tick;
         let next = offset.saturating_add(u64::from(size));
         if let Some(stream) = state.stream(ino) {
             let sequential = stream.next == offset && size > 0;
+            stream.serial = match (sequential, stream.in_flight) {
+                (true, 0) => stream.serial.saturating_add(1),
+                _ => 0,
+            };
+            stream.in_flight += 1;
             stream.next = next;
             stream.last_used = tick;
-            if !sequential {
-                return Vec::new();
+            if stream.serial < SERIAL_MIN {
+                return (reading, Vec::new());
             }
-            return (1..=DEPTH)
+            let wanted = (1..=DEPTH)
                 .filter_map(|k| offset.checked_add(k * u64::from(size)))
                 .filter(|&o| !stream.aheads.iter().any(|a| a.offset == o))
                 .collect();
+            return (reading, wanted);
         }
         if state.streams.len() >= STREAMS_MAX {
             let oldest = (0..state.streams.len()).min_by_key(|&i| state.streams[i].last_used);
@@ -325,9 +361,11 @@ impl ReadAhead {
             ino,
             next,
             last_used: tick,
+            in_flight: 1,
+            serial: 0,
             aheads: VecDeque::new(),
         });
-        Vec::new()
+        (reading, Vec::new())
     }
 
     /// Starts reading `next` ahead on the read-ahead thread.
@@ -398,6 +436,38 @@ impl ReadAhead {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn only_serial_sequential_reads_are_read_ahead() {
+        let ra = ReadAhead::default();
+        const MIB: u32 = 1 << 20;
+        let at = |i: u64| i * u64::from(MIB);
+        // One read at a time, each where the last ended: from the third on, the
+        // next two ranges are wanted (less those already asked for).
+        assert!(ra.note_read(7, at(0), MIB).1.is_empty());
+        assert!(ra.note_read(7, at(1), MIB).1.is_empty());
+        assert_eq!(ra.note_read(7, at(2), MIB).1, vec![at(3), at(4)]);
+        // A jump starts over.
+        assert!(ra.note_read(7, at(9), MIB).1.is_empty());
+        assert!(ra.note_read(7, at(10), MIB).1.is_empty());
+        assert_eq!(ra.note_read(7, at(11), MIB).1, vec![at(12), at(13)]);
+        // Reads of a file in flight together (asynchronous direct I/O): none,
+        // however sequential.
+        let (first, _) = ra.note_read(7, at(12), MIB);
+        for i in 13..20 {
+            let (_reading, wanted) = ra.note_read(7, at(i), MIB);
+            assert!(
+                wanted.is_empty(),
+                "read {i} alongside another was read ahead"
+            );
+        }
+        drop(first);
+        // Serial again: read ahead again after SERIAL_MIN reads.
+        assert!(ra.note_read(7, at(20), MIB).1.is_empty());
+        assert_eq!(ra.note_read(7, at(21), MIB).1, vec![at(22), at(23)]);
+        // Another file is a stream of its own.
+        assert!(ra.note_read(8, at(21), MIB).1.is_empty());
+    }
 
     #[test]
     fn the_barrier_waits_for_readers_that_entered_before_on_any_thread() {
