@@ -64,6 +64,10 @@ pub struct FuseOptions {
     /// mount at 128 KiB, which leaves sequential reads waiting on small requests);
     /// 0 keeps the kernel's value.
     pub readahead_kb: u32,
+    /// Ask the kernel for asynchronous direct I/O (`FUSE_ASYNC_DIO`): O_DIRECT
+    /// requests submitted together (libaio, io_uring) reach the daemon together;
+    /// one-at-a-time O_DIRECT requests then go through the kernel's background queue.
+    pub async_dio: bool,
 }
 
 impl Default for FuseOptions {
@@ -76,6 +80,7 @@ impl Default for FuseOptions {
             threads: 4,
             fsname: "atsfs".into(),
             readahead_kb: READAHEAD_KB_DEFAULT,
+            async_dio: true,
         }
     }
 }
@@ -200,8 +205,11 @@ impl Filesystem for AtsFuse {
         }
         // Direct I/O submitted asynchronously (io_submit, io_uring: QEMU with
         // cache=none) reaches the daemon as concurrent requests instead of one at a
-        // time, as libfuse has it by default.
-        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
+        // time, as libfuse has it by default (see docs/perf.md for the cost to
+        // one-at-a-time direct I/O).
+        if !self.opts.async_dio {
+            tracing::debug!("asynchronous direct I/O not asked for (noasync_dio)");
+        } else if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_ASYNC_DIO) {
             tracing::debug!(
                 ?missing,
                 "the kernel does not offer asynchronous direct I/O"
@@ -655,10 +663,12 @@ pub fn parse_options(
                 let text = value.context("option readahead_kb needs a value, like readahead_kb=4096")?;
                 opts.readahead_kb = text.parse().ok().filter(|&n| n <= 1 << 20).with_context(|| format!("readahead_kb={text}: give 0 (the kernel's default) to 1048576"))?;
             }
+            "async_dio" => opts.async_dio = true,
+            "noasync_dio" => opts.async_dio = false,
             "rw" | "defaults" | "suid" | "dev" | "exec" | "atime" | "relatime" | "_netdev" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: attr_timeout=S, entry_timeout=S, commit_interval=S, \
-                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N, readahead_kb=N)"
+                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N, readahead_kb=N, async_dio, noasync_dio)"
             ),
         }
     }
@@ -813,5 +823,16 @@ mod tests {
         assert_eq!(opts.readahead_kb, 0);
         assert!(parse_options(&["readahead_kb=x".into()], &mut opts, &mut interval).is_err());
         assert!(parse_options(&["readahead_kb".into()], &mut opts, &mut interval).is_err());
+    }
+
+    #[test]
+    fn async_dio_is_on_unless_turned_off() {
+        let mut opts = FuseOptions::default();
+        let mut interval = Duration::from_secs(5);
+        assert!(opts.async_dio);
+        parse_options(&["rw,noasync_dio".into()], &mut opts, &mut interval).unwrap();
+        assert!(!opts.async_dio);
+        parse_options(&["async_dio".into()], &mut opts, &mut interval).unwrap();
+        assert!(opts.async_dio);
     }
 }
