@@ -150,12 +150,16 @@ fn medians(rounds: &[Meta]) -> Meta {
 /// Rounds of each workload, alternating the file systems, of which the median counts:
 /// single runs on a shared machine vary by a third.
 const ROUNDS: usize = 3;
+/// Rounds of each fio job: the plain file's own rate moves by half from one run to
+/// the next on the shared machines.
+const STREAM_ROUNDS: usize = 5;
 
 fn drop_caches() {
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3\n");
 }
 
-/// One fio job; returns MiB/s (read + write).
+/// One fio job (psync unless `extra` names another engine); returns MiB/s (read +
+/// write).
 fn fio(file: &Path, rw: &str, bs: &str, size: &str, direct: bool, extra: &[&str]) -> Result<f64> {
     let out = Cmd::new("fio")
         .arg("--name=bench")
@@ -164,7 +168,8 @@ fn fio(file: &Path, rw: &str, bs: &str, size: &str, direct: bool, extra: &[&str]
         .arg(format!("--bs={bs}"))
         .arg(format!("--size={size}"))
         .arg(format!("--direct={}", u8::from(direct)))
-        .args(["--ioengine=psync", "--output-format=json"])
+        .arg("--output-format=json")
+        .args((!extra.iter().any(|a| a.starts_with("--ioengine="))).then_some("--ioengine=psync"))
         .args(extra)
         .read()?;
     let json: serde_json::Value = serde_json::from_str(&out).context("fio's JSON output")?;
@@ -292,9 +297,11 @@ pub fn run(quick: bool) -> Result<String> {
     }
 
     // Streaming: the same fio job on atsfs (through FUSE) and on a plain file, both
-    // with O_DIRECT; atsfs through the page cache too, for what buffered I/O costs.
+    // with O_DIRECT; on bindfs with O_DIRECT (what FUSE itself costs); and on atsfs
+    // through the page cache, for what buffered I/O costs.
     let plain = dir.join("plain.bin");
     let on_atsfs = mnt_atsfs.join("stream.bin");
+    let on_bindfs = mnt_bindfs.join("stream.bin");
     let mut stream_rows = Vec::new();
     for (what, rw, bs, extra) in [
         (
@@ -305,39 +312,48 @@ pub fn run(quick: bool) -> Result<String> {
         ),
         ("cold sequential read 1 MiB blocks", "read", "1M", vec![]),
         (
+            "cold sequential read 1 MiB blocks, 4 in flight (libaio)",
+            "read",
+            "1M",
+            vec!["--ioengine=libaio", "--iodepth=4"],
+        ),
+        (
             "4 KiB random read/write",
             "randrw",
             "4k",
             vec!["--runtime=10", "--time_based"],
         ),
     ] {
-        // [atsfs O_DIRECT, atsfs buffered, plain O_DIRECT], in rotating order.
-        let mut runs: [Vec<f64>; 3] = Default::default();
-        for round in 0..ROUNDS {
-            for k in 0..3 {
-                let which = (round + k) % 3;
+        // [atsfs O_DIRECT, atsfs buffered, plain O_DIRECT, bindfs O_DIRECT], in
+        // rotating order.
+        let mut runs: [Vec<f64>; 4] = Default::default();
+        for round in 0..STREAM_ROUNDS {
+            for k in 0..4 {
+                let which = (round + k) % 4;
                 if rw == "read" {
                     drop_caches();
                 }
                 let (file, direct) = match which {
                     0 => (&on_atsfs, true),
                     1 => (&on_atsfs, false),
-                    _ => (&plain, true),
+                    2 => (&plain, true),
+                    _ => (&on_bindfs, true),
                 };
                 runs[which].push(fio(file, rw, bs, stream, direct, &extra)?);
             }
         }
-        let [d, b, p] = runs.map(median);
+        let [d, b, p, f] = runs.map(median);
         stream_rows.push(format!(
-            "| {what} ({stream}) | {d:.0} MiB/s | {p:.0} MiB/s | {:.2}x | >= 0.8x | {b:.0} MiB/s | {:.2}x |\n",
+            "| {what} ({stream}) | {d:.0} MiB/s | {p:.0} MiB/s | {:.2}x | >= 0.8x | {f:.0} MiB/s | {:.2}x | {b:.0} MiB/s | {:.2}x |\n",
             d / p,
+            d / f,
             b / p
         ));
     }
-    table.push_str(
-        "\nThe same fio job (psync) with O_DIRECT on both sides; the last two columns are atsfs without O_DIRECT (through the page cache).\n\n\
-         | streaming | atsfs, O_DIRECT | plain file, O_DIRECT | ratio | target | atsfs, buffered | ratio |\n|---|---|---|---|---|---|---|\n",
-    );
+    table.push_str(&format!(
+        "\nMedians of {STREAM_ROUNDS} rounds of the same fio job (psync, one request at a time, unless the row says otherwise) with O_DIRECT on atsfs, on a plain file (the target's baseline) and on bindfs over ext4 (what FUSE itself costs); the last two columns are atsfs without O_DIRECT (through the page cache) against the plain file.\n\n\
+         | streaming | atsfs, O_DIRECT | plain file, O_DIRECT | ratio | target | bindfs, O_DIRECT | atsfs / bindfs | atsfs, buffered | ratio |\n|---|---|---|---|---|---|---|---|---|\n",
+    ));
     for row in stream_rows {
         table.push_str(&row);
     }
