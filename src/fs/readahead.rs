@@ -6,9 +6,11 @@
 //! the reply to the last one: without read-ahead the device sits idle while the
 //! reply is copied and the next request comes, and the kernel's own read-ahead does
 //! not apply to direct I/O. A disk controller would read ahead; this is the same,
-//! in the daemon: when an uncached read follows the previous one of the same file,
-//! the next range of the same size is mapped in the same critical section and read
-//! by the read-ahead thread while the reply goes out.
+//! in the daemon: when uncached reads of a file come one at a time, each where the
+//! last ended, the next two ranges of the same size are mapped in the critical
+//! section of the read and read by the read-ahead thread while the reply goes out.
+//! A program with several reads in flight (asynchronous direct I/O) keeps the
+//! device busy itself and is left alone.
 //!
 //! File data is still never served from a cache that could be stale. A read-ahead
 //! is used only by the read of exactly its range, and only if that read's own
