@@ -404,8 +404,8 @@ impl Fs {
     }
 
     /// Like `read_data`, into a buffer the caller reuses; returns where the bytes are.
-    /// `uncached` reads (O_DIRECT) bypass the image file's page cache; when one
-    /// follows the previous one of the file, the next range is read ahead
+    /// `uncached` reads (O_DIRECT) bypass the image file's page cache; when they come
+    /// one at a time, each where the last ended, the next ranges are read ahead
     /// (`readahead`).
     pub fn read_into(
         &self,
