@@ -1416,3 +1416,41 @@ fn lock_counters_count_acquires_and_releases() {
     a.unmount().expect("unmount a");
     b.unmount().expect("unmount b");
 }
+
+#[test]
+fn a_reused_read_buffer_never_shows_the_last_reads_bytes() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount(&lun, 1);
+    let f = fs
+        .mknod(fs.root(), b"holes", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
+    // Data in blocks 0-3 and 8-11, a hole in 4-7, and a block half written at 12.
+    fs.write_data(f, 0, &[0xaa; 16384]).expect("write");
+    fs.write_data(f, 32768, &[0xbb; 16384]).expect("write");
+    fs.write_data(f, 49152, &[0xcc; 100]).expect("write");
+    let mut buf = Vec::new();
+    for uncached in [false, true] {
+        let r = fs.read_into(f, 0, 16384, &mut buf, uncached).expect("read");
+        assert!(buf[r].iter().all(|&b| b == 0xaa));
+        // Same size, now over the hole and half the second run.
+        let r = fs
+            .read_into(f, 16384, 32768, &mut buf, uncached)
+            .expect("read");
+        let got = &buf[r];
+        assert!(
+            got[..16384].iter().all(|&b| b == 0),
+            "the hole shows old bytes"
+        );
+        assert!(got[16384..].iter().all(|&b| b == 0xbb));
+        // Smaller, unaligned, across the end of the file.
+        let r = fs
+            .read_into(f, 49100, 4096, &mut buf, uncached)
+            .expect("read");
+        let got = &buf[r];
+        assert_eq!(got.len(), 152);
+        assert!(got[..52].iter().all(|&b| b == 0xbb));
+        assert!(got[52..].iter().all(|&b| b == 0xcc));
+    }
+    fs.unmount().expect("unmount");
+}
