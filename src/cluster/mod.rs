@@ -208,12 +208,18 @@ impl Lun for GuardedLun {
         self.counters.flush();
         self.inner.flush()
     }
-    fn start_writeback(&self, offset: u64, len: u64) {
-        self.inner.start_writeback(offset, len)
-    }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         self.counters.read(buf.len());
         self.inner.read_uncached(buf, offset)
+    }
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.lease.check()?;
+        self.counters.write(buf.len());
+        self.inner.write_uncached(buf, offset)
+    }
+    fn may_write(&self) -> LunResult<()> {
+        self.lease.check()?;
+        self.inner.may_write()
     }
     fn describe(&self) -> String {
         self.inner.describe()

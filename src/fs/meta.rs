@@ -55,10 +55,11 @@ const CACHE_ENTRIES: usize = 32768;
 /// images than this, so that one operation (at most ~150 images) always fits.
 pub const TX_SOFT_LIMIT: usize = 96;
 
-/// Data writes at least this large start their writeback at once (streaming writes
-/// then reach the device while the next ones arrive; small random writes stay cached
-/// until the commit flushes them).
-const WRITEBACK_KICK_BYTES: usize = 256 << 10;
+/// Data writes at least this large go past the image's page cache (`write_uncached`),
+/// queued behind by `WriteBehind`: streaming writes then reach the device while the
+/// next ones arrive, without filling page-cache pages. Smaller ones stay cached until
+/// the commit flushes them (a small random write costs no device round trip).
+const UNCACHED_WRITE_MIN: usize = 128 << 10;
 
 /// In `quarantine` and `freed_locks`: freed by a sealed transaction, which gets its
 /// sequence number when the next commit writes it.
@@ -839,7 +840,13 @@ impl Meta {
         // A group in flight may be the one to flush earlier data.
         self.settle()?;
         if self.data_dirty {
-            self.lun.flush()?;
+            // A failed flush may stand for a queued data write that is lost: as fatal
+            // as a failed commit.
+            if let Err(e) = self.lun.flush() {
+                let e = FsError::from(e);
+                self.fail(&e);
+                return Err(e);
+            }
             self.stats.flushes += 1;
             self.data_dirty = false;
         }
@@ -857,12 +864,13 @@ impl Meta {
     pub fn write_data(&mut self, buf: &[u8], block: BlockNo) -> FsResult<()> {
         debug_assert!(buf.len() % BLOCK_SIZE == 0);
         let offset = block * BLOCK_SIZE_U64;
-        self.lun.write_at(buf, offset)?;
+        if buf.len() >= UNCACHED_WRITE_MIN {
+            self.lun.write_uncached(buf, offset)?;
+        } else {
+            self.lun.write_at(buf, offset)?;
+        }
         self.stats.data_writes += 1;
         self.data_dirty = true;
-        if buf.len() >= WRITEBACK_KICK_BYTES {
-            self.lun.start_writeback(offset, buf.len() as u64);
-        }
         Ok(())
     }
 }

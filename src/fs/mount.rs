@@ -9,7 +9,7 @@ use crate::cluster::{
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
-use crate::lun::Lun;
+use crate::lun::{Lun, WriteBehind};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -186,7 +186,10 @@ impl Fs {
                 "replayed the journal"
             );
         }
-        let mut meta = Meta::new(guarded, geo, sb.volume_uuid, journal, node.clone());
+        // Large data writes are queued behind (see lun/behind.rs); everything else of
+        // the fs waits for the queued writes it overlaps, and every flush for all.
+        let behind: Arc<dyn Lun> = Arc::new(WriteBehind::new(guarded));
+        let mut meta = Meta::new(behind, geo, sb.volume_uuid, journal, node.clone());
         meta.set_lease(lease.clone());
         let root = sb.root_ino;
         let core = Core {

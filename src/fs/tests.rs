@@ -1059,6 +1059,41 @@ fn a_failed_commit_fences_the_host_so_the_others_recover_it() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+#[test]
+fn a_large_write_that_fails_behind_the_caller_fails_fsync_and_fences_the_host() {
+    // A 1 MiB write is queued (WriteBehind): the caller gets success before the
+    // device has it. When the device then refuses it, fsync must not succeed, and
+    // the host stops writing as after a failed commit.
+    let mem = fresh_volume(32 << 20);
+    let fault = Arc::new(crate::lun::FaultLun::new(
+        mem.clone(),
+        crate::lun::FaultConfig::default(),
+    ));
+    let shared: Arc<dyn Lun> = fault.clone();
+    let mut options = MountOptions::new(HostUuid([1; 16]));
+    options.commit_interval = Duration::from_secs(3600);
+    let fs = Fs::mount(shared, options).expect("mount");
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.fsync(f, false).expect("fsync of the empty file");
+    fault.set_config(crate::lun::FaultConfig {
+        eio_write_prob: 1.0,
+        ..crate::lun::FaultConfig::default()
+    });
+    let data = vec![0x5au8; 1 << 20];
+    assert_eq!(fs.write_data(f, 0, &data).expect("queued"), data.len());
+    // A read of the range waits for the queued write; after it, only that write has
+    // failed, and the journal's writes of the commit would succeed.
+    let _ = fs.read_data(f, 0, 4096);
+    fault.set_config(crate::lun::FaultConfig::default());
+    assert_eq!(
+        fs.fsync(f, false).map_err(|e| e.errno()).err(),
+        Some(libc::EIO),
+        "fsync reported lost data as durable"
+    );
+    assert!(fs.lease().is_fenced(), "the host still writes");
+    assert!(fs.write_data(f, 0, &data).is_err());
+}
+
 /// Holds every flush until the gate opens; can make flushes fail.
 struct GatedFlush {
     inner: Arc<MemLun>,

@@ -9,8 +9,11 @@
 //!   read-modify-write of a shared block could undo another host's update.
 //!
 //! Image files use the page cache, which is coherent between the processes of one
-//! kernel; any offset and length works there. (File data through a second, O_DIRECT
-//! descriptor was measured slower for 1 MiB streams: docs/perf.md.)
+//! kernel; any offset and length works there. Large file data goes through a second,
+//! O_DIRECT descriptor (`read_uncached`, `write_uncached`): the kernel keeps the two
+//! coherent (a direct write writes back and drops cached pages of its range first).
+//! Direct writes alone, one at a time, were slower than the page cache for 1 MiB
+//! streams; the fs queues them behind (`WriteBehind`, docs/perf.md).
 //!
 //! Compare-and-write is emulated: take an OFD write lock on exactly the sector's byte
 //! range, read, compare, write if equal, unlock. OFD locks exclude other open file
@@ -78,8 +81,9 @@ pub struct FileLun {
     io_align: u32,
     len_bytes: u64,
     caw_stripes: Box<[Mutex<()>]>,
-    /// An image file opened again with O_DIRECT, for `read_uncached` (None where the
-    /// file is direct already, or its filesystem refuses O_DIRECT, as tmpfs does).
+    /// An image file opened again with O_DIRECT, for `read_uncached` and
+    /// `write_uncached` (None where the file is direct already, or its filesystem
+    /// refuses O_DIRECT, as tmpfs does).
     uncached: Option<File>,
 }
 
@@ -170,6 +174,7 @@ impl FileLun {
         let uncached = if direct_align.is_none() {
             OpenOptions::new()
                 .read(true)
+                .write(mode == OpenMode::ReadWrite)
                 .custom_flags(libc::O_DIRECT)
                 .open(path)
                 .ok()
@@ -257,6 +262,23 @@ impl Lun for FileLun {
             .map_err(|e| self.io_error("read", offset, e))
     }
 
+    /// Through the O_DIRECT descriptor when the write is aligned for it; the kernel
+    /// writes back and drops any cached pages of the range, so the page cache and the
+    /// device stay coherent for both descriptors.
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        let align = u64::from(UNCACHED_ALIGN);
+        let Some(direct) = &self.uncached else {
+            return self.write_at(buf, offset);
+        };
+        if offset % align != 0 || buf.len() as u64 % align != 0 {
+            return self.write_at(buf, offset);
+        }
+        check_range("write", offset, buf.len(), self.len_bytes, None)?;
+        self.check_writable("write", offset)?;
+        write_aligned(direct, UNCACHED_ALIGN, buf, offset)
+            .map_err(|e| self.io_error("write", offset, e))
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         check_range("write", offset, buf.len(), self.len_bytes, None)?;
         if self.io_align > 1 {
@@ -284,31 +306,6 @@ impl Lun for FileLun {
         self.file
             .sync_data()
             .map_err(|e| self.io_error("flush", 0, e))
-    }
-
-    /// An image file's writes sit in the host's page cache until `flush`; starting
-    /// their writeback at once overlaps it with the writes that follow (direct I/O
-    /// has nothing to start).
-    fn start_writeback(&self, offset: u64, len: u64) {
-        if self.io_align > 1 {
-            return;
-        }
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            return;
-        };
-        // SAFETY: plain syscall on a descriptor this LUN owns; no pointers.
-        let rc = unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                offset,
-                len,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            tracing::debug!(offset, len, "sync_file_range: {e}");
-        }
     }
 
     fn describe(&self) -> String {

@@ -8,12 +8,15 @@
 //!
 //! Backends: `FileLun` (image files and block devices, ATS emulated with OFD locks),
 //! `MemLun` (in memory, for tests and the simulator), and `FaultLun` (wraps any LUN
-//! and injects faults, records writes for crash-point tests).
+//! and injects faults, records writes for crash-point tests). `WriteBehind` wraps the
+//! fs's LUN and queues large data writes to a writer thread.
 
+mod behind;
 mod fault;
 mod file;
 mod mem;
 
+pub use behind::WriteBehind;
 pub use fault::{
     crash_image, durable_image, flushes_at_cut, FaultConfig, FaultLun, IoStats, WriteRecord,
 };
@@ -140,13 +143,22 @@ pub trait Lun: Send + Sync {
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw>;
     /// Makes every completed write durable.
     fn flush(&self) -> LunResult<()>;
-    /// A hint: start writing `[offset, offset + len)` to stable storage now, without
-    /// waiting, so that a later `flush` has less to do. Not a durability point.
-    fn start_writeback(&self, _offset: u64, _len: u64) {}
     /// `read_at` past the host's page cache, where the LUN has one (an image file),
     /// for reads whose caller asked for direct I/O. The same bytes as `read_at`.
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         self.read_at(buf, offset)
+    }
+    /// `write_at` past the host's page cache, where the LUN has one, for large data
+    /// writes (block aligned). Not durable until `flush`, like any write; a layer may
+    /// queue it (`WriteBehind`), and then keeps every later I/O of the range, and
+    /// `flush`, behind it.
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.write_at(buf, offset)
+    }
+    /// Whether a write issued now would be allowed (`GuardedLun`: the lease), so that
+    /// a layer that queues writes can refuse one at once.
+    fn may_write(&self) -> LunResult<()> {
+        Ok(())
     }
     /// A short description for messages ("image file /tmp/a.img").
     fn describe(&self) -> String;
@@ -171,11 +183,14 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     fn flush(&self) -> LunResult<()> {
         (**self).flush()
     }
-    fn start_writeback(&self, offset: u64, len: u64) {
-        (**self).start_writeback(offset, len)
-    }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         (**self).read_uncached(buf, offset)
+    }
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        (**self).write_uncached(buf, offset)
+    }
+    fn may_write(&self) -> LunResult<()> {
+        (**self).may_write()
     }
     fn describe(&self) -> String {
         (**self).describe()
