@@ -197,7 +197,16 @@ impl WriteBehind {
                 return Err(duplicate(e));
             }
             if let Some(mut buf) = state.spare.pop() {
+                // The copy runs without the lock, so the writer thread is not held
+                // up meanwhile.
+                drop(state);
                 buf.slice_mut(piece.len()).copy_from_slice(piece);
+                state = self.shared.lock();
+                if let Some(e) = &state.failed {
+                    let e = duplicate(e);
+                    state.spare.push(buf);
+                    return Err(e);
+                }
                 state.queued += 1;
                 let seq = state.queued;
                 state.queue.push_back(Queued {
