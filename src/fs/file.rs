@@ -46,7 +46,7 @@ struct ReadRun {
 }
 
 impl ReadPlan {
-    fn ready(bytes: Vec<u8>) -> ReadPlan {
+    pub(crate) fn ready(bytes: Vec<u8>) -> ReadPlan {
         ReadPlan {
             buf_len: 0,
             runs: Vec::new(),

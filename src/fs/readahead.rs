@@ -8,7 +8,7 @@
 //! not apply to direct I/O. A disk controller would read ahead; this is the same,
 //! in the daemon: when uncached reads of a file come one at a time, each where the
 //! last ended, the next two ranges of the same size are mapped in the critical
-//! section of the read and read by the read-ahead thread while the reply goes out.
+//! section of the read and read by a read-ahead thread while the reply goes out.
 //! A program with several reads in flight (asynchronous direct I/O) keeps the
 //! device busy itself and is left alone.
 //!
@@ -81,6 +81,9 @@ const STREAMS_MAX: usize = 8;
 /// Ranges read ahead of a stream's last read: two keep the device busy while the
 /// reply to one goes out and the request for the next comes.
 const DEPTH: u64 = 2;
+/// Read-ahead threads: the two ranges ahead of a stream are read at the same time
+/// (one at a time left the device idle between them: docs/perf.md).
+const READERS: usize = 2;
 /// Serial sequential reads in a row before the next ranges are read ahead.
 const SERIAL_MIN: u32 = 2;
 /// Buffers kept for reuse: a fresh one costs a page fault per page.
@@ -92,12 +95,15 @@ const WAIT_MAX: Duration = Duration::from_secs(2);
 type Filled = FsResult<(Vec<u8>, Range<usize>)>;
 
 struct Ahead {
+    /// Which job fills it: a job for the same offset started for an earlier,
+    /// discarded ahead (another mapping) must not fill this one.
+    id: u64,
     offset: u64,
     size: u32,
     /// `Meta::epoch` when it was mapped, and the mapping.
     epoch: u64,
     plan: ReadPlan,
-    /// None while the read-ahead thread reads it.
+    /// None while a read-ahead thread reads it.
     filled: Option<Filled>,
 }
 
@@ -111,7 +117,7 @@ struct Stream {
     /// Sequential reads in a row that came with no other read of the file in
     /// progress. A program with several reads in flight (asynchronous direct I/O)
     /// keeps the device busy itself; reading ahead for it would only funnel its
-    /// parallel reads through the one read-ahead thread.
+    /// parallel reads through the read-ahead threads.
     serial: u32,
     /// Oldest first.
     aheads: VecDeque<Ahead>,
@@ -122,11 +128,13 @@ struct State {
     streams: Vec<Stream>,
     tick: u64,
     spare: Vec<Vec<u8>>,
+    /// The id of the last read-ahead started.
+    last_id: u64,
 }
 
 struct Job {
+    id: u64,
     ino: Ino,
-    offset: u64,
     plan: ReadPlan,
     lun: Arc<dyn Lun>,
     _token: IoToken,
@@ -199,12 +207,12 @@ impl Shared {
     }
 
     /// Stores a finished read-ahead, if it is still wanted.
-    fn fill(&self, ino: Ino, offset: u64, filled: Filled) {
+    fn fill(&self, ino: Ino, id: u64, filled: Filled) {
         let mut state = self.state();
         let slot = state.stream(ino).and_then(|s| {
             s.aheads
                 .iter_mut()
-                .find(|a| a.offset == offset && a.filled.is_none())
+                .find(|a| a.id == id && a.filled.is_none())
         });
         match slot {
             Some(ahead) => ahead.filled = Some(filled),
@@ -227,7 +235,7 @@ impl State {
     }
 
     /// Drops a read-ahead nobody will use (one still being read is dropped when
-    /// the read-ahead thread finds it gone).
+    /// its read-ahead thread finds it gone).
     fn discard(&mut self, ahead: Ahead) {
         if let Some(Ok((buf, _))) = ahead.filled {
             self.recycle(buf);
@@ -245,8 +253,8 @@ impl ReadAhead {
     }
 
     /// Before a read is mapped: takes the read-ahead of exactly this range, waiting
-    /// for it if the read-ahead thread is still reading it. Holds no lock meanwhile
-    /// (the read-ahead thread needs none, and a commit may be waiting for it).
+    /// for it if a read-ahead thread is still reading it. Holds no lock meanwhile
+    /// (a read-ahead thread needs none, and a commit may be waiting for it).
     /// Read-aheads of ranges before this one are dropped: the reader moved on.
     pub fn take(&self, ino: Ino, offset: u64, size: u32) -> Option<Candidate> {
         let mut state = self.shared.state();
@@ -370,15 +378,18 @@ impl ReadAhead {
         (reading, Vec::new())
     }
 
-    /// Starts reading `next` ahead on the read-ahead thread.
+    /// Starts reading `next` ahead on a read-ahead thread.
     pub fn start(&self, next: Next) {
-        let buf = {
+        let (buf, id) = {
             let mut state = self.shared.state();
             let buf = state.spare.pop().unwrap_or_default();
+            state.last_id += 1;
+            let id = state.last_id;
             let Some(stream) = state.stream(next.ino) else {
                 return;
             };
             stream.aheads.push_back(Ahead {
+                id,
                 offset: next.offset,
                 size: next.size,
                 epoch: next.epoch,
@@ -390,11 +401,11 @@ impl ReadAhead {
                     state.discard(oldest);
                 }
             }
-            buf
+            (buf, id)
         };
         let job = Job {
+            id,
             ino: next.ino,
-            offset: next.offset,
             plan: next.plan,
             lun: next.lun,
             _token: next.token,
@@ -404,31 +415,38 @@ impl ReadAhead {
             self.shared.stats().issued += 1;
         } else {
             let failed = super::FsError::Failed("no read-ahead thread".into());
-            self.shared.fill(next.ino, next.offset, Err(failed));
+            self.shared.fill(next.ino, id, Err(failed));
         }
     }
 
-    /// The read-ahead thread, started on first use; it ends when `self` is dropped.
+    /// The read-ahead threads (`READERS`, sharing one queue), started on first use;
+    /// they end when `self` is dropped.
     fn worker(&self) -> Option<&mpsc::Sender<Job>> {
         if let Some(worker) = self.worker.get() {
             return Some(worker);
         }
         let (tx, rx) = mpsc::channel::<Job>();
-        let shared = self.shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("atsfs-readahead".into())
-            .spawn(move || {
-                for mut job in rx {
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..READERS {
+            let shared = self.shared.clone();
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("atsfs-readahead".into())
+                .spawn(move || loop {
+                    let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    let Ok(mut job) = next else {
+                        return;
+                    };
                     let filled = job
                         .plan
                         .execute_into(job.lun.as_ref(), &mut job.buf, true)
                         .map(|range| (job.buf, range));
-                    shared.fill(job.ino, job.offset, filled);
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("no read-ahead thread: {e}");
-            return None;
+                    shared.fill(job.ino, job.id, filled);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("no read-ahead thread: {e}");
+                return None;
+            }
         }
         Some(self.worker.get_or_init(|| tx))
     }
@@ -469,6 +487,47 @@ mod tests {
         assert_eq!(ra.note_read(7, at(21), MIB).1, vec![at(22), at(23)]);
         // Another file is a stream of its own.
         assert!(ra.note_read(8, at(21), MIB).1.is_empty());
+    }
+
+    #[test]
+    fn a_late_read_ahead_of_an_earlier_mapping_never_fills_a_newer_one() {
+        // Read-ahead threads finish in any order. The job of an ahead that was
+        // discarded (its range was mapped again, to other blocks) must not fill
+        // the new ahead of the same range, whose check compares the new mapping.
+        let ra = ReadAhead::default();
+        let ahead = |id, plan: &ReadPlan| Ahead {
+            id,
+            offset: 4096,
+            size: 4096,
+            epoch: 2,
+            plan: plan.clone(),
+            filled: None,
+        };
+        let plan = ReadPlan::ready(vec![0; 4096]);
+        {
+            let mut state = ra.shared.state();
+            state.streams.push(Stream {
+                ino: 7,
+                next: 4096,
+                last_used: 0,
+                in_flight: 0,
+                serial: 0,
+                aheads: VecDeque::from([ahead(2, &plan)]),
+            });
+        }
+        // Job 1 (the discarded ahead's, read from the old blocks) ends last.
+        ra.shared.fill(7, 1, Ok((vec![1; 4096], 0..4096)));
+        {
+            let mut state = ra.shared.state();
+            let stream = state.stream(7).expect("stream");
+            assert!(
+                stream.aheads[0].filled.is_none(),
+                "an older job filled a newer ahead"
+            );
+        }
+        ra.shared.fill(7, 2, Ok((vec![2; 4096], 0..4096)));
+        let candidate = ra.take(7, 4096, 4096).expect("the new ahead is filled");
+        assert_eq!(candidate.buf, vec![2; 4096]);
     }
 
     #[test]
