@@ -1020,10 +1020,16 @@ fn space_freed_by_a_sealed_transaction_is_found_when_the_volume_is_full() {
     fs.unmount().expect("unmount");
 }
 
-#[test]
-fn a_failed_commit_fences_the_host_so_the_others_recover_it() {
-    // A host whose commit failed must not keep heartbeating: it would hold its locks
-    // for ever. It fences its lease; the heartbeat stops.
+/// Host 1 on a fresh volume behind a FaultLun (no faults yet), without periodic
+/// commits, with one empty file "f": (volume, fault LUN, fs, f's inode).
+type FaultedVolume = (
+    Arc<MemLun>,
+    Arc<crate::lun::FaultLun<Arc<MemLun>>>,
+    Arc<Fs>,
+    Ino,
+);
+
+fn mounted_on_faults() -> FaultedVolume {
     let mem = fresh_volume(32 << 20);
     let fault = Arc::new(crate::lun::FaultLun::new(
         mem.clone(),
@@ -1034,6 +1040,14 @@ fn a_failed_commit_fences_the_host_so_the_others_recover_it() {
     options.commit_interval = Duration::from_secs(3600);
     let fs = Fs::mount(shared, options).expect("mount");
     let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    (mem, fault, fs, f)
+}
+
+#[test]
+fn a_failed_commit_fences_the_host_so_the_others_recover_it() {
+    // A host whose commit failed must not keep heartbeating: it would hold its locks
+    // for ever. It fences its lease; the heartbeat stops.
+    let (mem, fault, fs, f) = mounted_on_faults();
     fault.set_config(crate::lun::FaultConfig {
         eio_flush_prob: 1.0,
         ..crate::lun::FaultConfig::default()
@@ -1064,16 +1078,7 @@ fn a_large_write_that_fails_behind_the_caller_fails_fsync_and_fences_the_host() 
     // A 1 MiB write is queued (WriteBehind): the caller gets success before the
     // device has it. When the device then refuses it, fsync must not succeed, and
     // the host stops writing as after a failed commit.
-    let mem = fresh_volume(32 << 20);
-    let fault = Arc::new(crate::lun::FaultLun::new(
-        mem.clone(),
-        crate::lun::FaultConfig::default(),
-    ));
-    let shared: Arc<dyn Lun> = fault.clone();
-    let mut options = MountOptions::new(HostUuid([1; 16]));
-    options.commit_interval = Duration::from_secs(3600);
-    let fs = Fs::mount(shared, options).expect("mount");
-    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    let (_mem, fault, fs, f) = mounted_on_faults();
     fs.fsync(f, false).expect("fsync of the empty file");
     fault.set_config(crate::lun::FaultConfig {
         eio_write_prob: 1.0,
