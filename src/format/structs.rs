@@ -685,7 +685,11 @@ pub struct JournalHeader {
     pub tail_block: u64,
     pub journal_blocks: u64,
     pub volume_uuid: [u8; 16],
-    pub reserved: [u8; 64],
+    /// The life of the journal that wrote this header: every descriptor and commit
+    /// record written since carries it, and replay accepts no other. 0: a journal
+    /// no atsfs with life nonces has opened yet (mkfs, or an older atsfs).
+    pub nonce: u64,
+    pub reserved: [u8; 56],
 }
 const _: () = assert!(size_of::<JournalHeader>() == 128);
 
@@ -730,7 +734,9 @@ pub struct JournalDescriptor {
     pub count: u32,
     pub pad: u32,
     pub volume_uuid: [u8; 16],
-    pub reserved: [u8; 16],
+    /// The header's nonce of the life that wrote this transaction.
+    pub nonce: u64,
+    pub reserved: [u8; 8],
     pub entries: [JournalEntry; JOURNAL_DESC_ENTRIES],
 }
 const _: () = assert!(size_of::<JournalDescriptor>() == BLOCK_SIZE);
@@ -777,7 +783,8 @@ pub struct JournalCommit {
     pub data_crc: u32,
     pub volume_uuid: [u8; 16],
     pub commit_unix_ms: u64,
-    pub reserved: [u8; 8],
+    /// The header's nonce of the life that wrote this transaction.
+    pub nonce: u64,
 }
 const _: () = assert!(size_of::<JournalCommit>() == 64);
 
@@ -1044,6 +1051,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 tail_block,
                 journal_blocks,
                 volume_uuid,
+                nonce,
                 reserved
             }),
         ),
@@ -1063,6 +1071,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 count,
                 pad,
                 volume_uuid,
+                nonce,
                 reserved,
                 entries
             }),
@@ -1079,7 +1088,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 data_crc,
                 volume_uuid,
                 commit_unix_ms,
-                reserved
+                nonce
             }),
         ),
     ]

@@ -9,6 +9,12 @@
 //!
 //! Invariants:
 //! - Sequence numbers only grow; replay follows them from the header's tail.
+//! - Each life of a journal (one `open_and_replay`: a mount, a recovery, a repair)
+//!   writes a fresh random nonce into the header before it writes any transaction,
+//!   and stamps every descriptor and commit record with it. Replay accepts only
+//!   transactions carrying the header's nonce, so a run left over from an earlier
+//!   life (one that landed while an earlier run of its group did not) is never taken
+//!   for the new life's transaction of the same sequence number and position.
 //! - A transaction never wraps: if it does not fit before the end, it starts at
 //!   block 1. Replay, on finding no transaction of the expected seq at its position,
 //!   looks at block 1 for it.
@@ -35,6 +41,8 @@ pub enum JournalError {
     Format(#[from] FormatError),
     #[error("transaction of {0} blocks is larger than the journal allows")]
     TooLarge(usize),
+    #[error("no random nonce for the journal of slot {slot}: {reason}")]
+    Nonce { slot: u32, reason: String },
 }
 
 /// One home write of a transaction.
@@ -59,6 +67,8 @@ pub struct Journal {
     start: BlockNo,
     blocks: u64,
     volume_uuid: [u8; 16],
+    /// This life's nonce: in the header and in every transaction written.
+    nonce: u64,
     /// Where the next transaction goes (relative block, >= 1).
     head: u64,
     /// Sequence number of the next transaction.
@@ -77,7 +87,7 @@ impl Journal {
     }
 
     /// Opens a slot's journal, replaying whatever committed transactions it holds, and
-    /// leaves it empty (tail = head) on disk.
+    /// leaves it empty (tail = head) on disk, under a fresh nonce: a new life.
     pub fn open_and_replay(
         lun: &dyn Lun,
         geo: &Geometry,
@@ -91,12 +101,16 @@ impl Journal {
             start,
             blocks: geo.journal_blocks,
             volume_uuid,
+            nonce: header.nonce,
             head: header.tail_block,
             next_seq: header.tail_seq,
             tail: header.tail_block,
             tail_seq: header.tail_seq,
         };
         let report = journal.replay(lun)?;
+        // The new life begins when this header is durable: from here on, replay
+        // accepts only what this life writes.
+        journal.nonce = fresh_nonce(slot, header.nonce)?;
         journal.mark_all_home(lun)?;
         Ok((journal, report))
     }
@@ -108,6 +122,7 @@ impl Journal {
             start: self.start,
             blocks: self.blocks,
             volume_uuid: self.volume_uuid,
+            nonce: self.nonce,
             head: self.head,
             next_seq: self.next_seq,
             steps_left: self.blocks,
@@ -250,6 +265,7 @@ impl Journal {
         desc.seq = seq;
         desc.count = count as u32;
         desc.volume_uuid = self.volume_uuid;
+        desc.nonce = self.nonce;
         for (i, record) in records.iter().enumerate() {
             debug_assert!(!record.image.is_empty() && record.image.len() <= BLOCK_SIZE);
             desc.entries[i] = JournalEntry {
@@ -275,6 +291,7 @@ impl Journal {
         commit.data_crc = hasher.finalize();
         commit.volume_uuid = self.volume_uuid;
         commit.commit_unix_ms = now_unix_ms;
+        commit.nonce = self.nonce;
         commit.seal();
         let tail = (count + 1) * BLOCK_SIZE;
         run[tail..tail + std::mem::size_of::<JournalCommit>()]
@@ -318,7 +335,8 @@ impl Journal {
             tail_block: self.head,
             journal_blocks: self.blocks,
             volume_uuid: self.volume_uuid,
-            reserved: [0; 64],
+            nonce: self.nonce,
+            reserved: [0; 56],
         };
         header.seal();
         lun.write_at(
@@ -350,6 +368,8 @@ struct Chain {
     start: BlockNo,
     blocks: u64,
     volume_uuid: [u8; 16],
+    /// The header's nonce: only the life that wrote the header has transactions here.
+    nonce: u64,
     /// Where the next transaction is expected (relative block).
     head: u64,
     /// The sequence number it must carry.
@@ -402,6 +422,7 @@ impl Chain {
         let count = desc.count as usize;
         if desc.seq != self.next_seq
             || desc.volume_uuid != self.volume_uuid
+            || desc.nonce != self.nonce
             || at + count as u64 + 2 > self.blocks
         {
             return Ok(None);
@@ -428,6 +449,7 @@ impl Chain {
         }
         let valid = commit.seq == desc.seq
             && commit.count == desc.count
+            && commit.nonce == desc.nonce
             && commit.data_crc == hasher.finalize();
         Ok(valid.then_some(records))
     }
@@ -448,6 +470,7 @@ pub fn pending_transactions(
         start,
         blocks: geo.journal_blocks,
         volume_uuid,
+        nonce: header.nonce,
         head: header.tail_block,
         next_seq: header.tail_seq,
         steps_left: geo.journal_blocks,
@@ -457,6 +480,31 @@ pub fn pending_transactions(
         out.push(records);
     }
     Ok(out)
+}
+
+/// A nonce for a new life of slot `slot`'s journal: random, never 0 (the nonce of a
+/// journal no life has stamped) and never the previous life's `old`. 64 random bits
+/// make a repeat of any earlier life's nonce as unlikely as a CRC-64 collision.
+fn fresh_nonce(slot: u32, old: u64) -> Result<u64, JournalError> {
+    use rand::RngCore;
+    const TRIES_MAX: usize = 8;
+    let mut bytes = [0u8; 8];
+    for _ in 0..TRIES_MAX {
+        rand::rngs::OsRng
+            .try_fill_bytes(&mut bytes)
+            .map_err(|e| JournalError::Nonce {
+                slot,
+                reason: e.to_string(),
+            })?;
+        let nonce = u64::from_le_bytes(bytes);
+        if nonce != 0 && nonce != old {
+            return Ok(nonce);
+        }
+    }
+    Err(JournalError::Nonce {
+        slot,
+        reason: format!("{TRIES_MAX} draws gave 0 or the old nonce"),
+    })
 }
 
 /// Reads and validates a journal header.

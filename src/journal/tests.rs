@@ -25,7 +25,8 @@ fn setup(journal_blocks: u64) -> (MemLun, Geometry) {
             tail_block: 1,
             journal_blocks: geo.journal_blocks,
             volume_uuid: UUID,
-            reserved: [0; 64],
+            nonce: 0,
+            reserved: [0; 56],
         };
         header.seal();
         lun.write_at(
@@ -52,6 +53,13 @@ fn read_block(lun: &MemLun, offset: u64) -> Vec<u8> {
     let mut buf = vec![0u8; BLOCK_SIZE];
     lun.read_at(&mut buf, offset).expect("read");
     buf
+}
+
+/// The volume's bytes with slot 0's journal header block cut out.
+fn without_header(geo: &Geometry, mut image: Vec<u8>) -> Vec<u8> {
+    let at = (geo.journal_of(0) * BLOCK_SIZE_U64) as usize;
+    image.drain(at..at + BLOCK_SIZE);
+    image
 }
 
 #[test]
@@ -200,10 +208,10 @@ fn run_model(journal_blocks: u64, txs: &[Vec<(u64, u8)>], last_home: bool) {
     for (&n, &fill) in &expected {
         assert_eq!(read_block(&lun, target(&geo, n))[0], fill, "block {n}");
     }
-    // Replay is idempotent: a second run changes nothing.
-    let before = lun.snapshot();
+    // Replay is idempotent: a second run changes nothing but the header's nonce.
+    let before = without_header(&geo, lun.snapshot());
     Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay again");
-    assert_eq!(before, lun.snapshot());
+    assert_eq!(before, without_header(&geo, lun.snapshot()));
 }
 
 #[test]
@@ -358,4 +366,100 @@ fn a_group_cut_at_any_write_replays_a_prefix_of_its_transactions() {
             "crash image {i}: {now:?} is not the state after any prefix of the group"
         );
     }
+}
+
+/// A group of two transactions whose second run landed and whose first did not
+/// (nothing orders the writes before the group's flush), then a new life: replay,
+/// commit `next`, write it home, mark it home, and another host changes the blocks the
+/// landed run names. A further replay must find nothing: the landed run belongs to
+/// a life that is over, even where its position and sequence number come round again.
+fn replay_after_a_lost_first_run(advance: u64, lost: usize, landed: usize, next: usize) {
+    use crate::lun::{crash_image, FaultConfig, FaultLun};
+    let (mem, geo) = setup(1024);
+    let mem = std::sync::Arc::new(mem);
+    let lun = FaultLun::new(mem.clone(), FaultConfig::default());
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    for i in 0..advance {
+        let tx = vec![record(&geo, 100 + i % 7, 1)];
+        journal.commit(&lun, &tx, 0).expect("commit");
+        journal.mark_all_home(&lun).expect("mark");
+    }
+    let base = mem.snapshot();
+    lun.start_recording();
+    let lost_tx: Vec<Record> = (0..lost as u64).map(|n| record(&geo, n, 0xAA)).collect();
+    let landed_tx: Vec<Record> = (0..landed as u64)
+        .map(|n| record(&geo, 40 + n, 0xEE))
+        .collect();
+    journal
+        .commit_group(&lun, &[lost_tx, landed_tx.clone()], 0)
+        .expect("group");
+    lun.stop_recording();
+    let records = lun.records();
+    assert_eq!(records.len(), 2, "one write per run");
+    let crashed = MemLun::from_image(crash_image(&base, &records[1..], 1, None, 512), 512);
+
+    let (mut journal, report) = Journal::open_and_replay(&crashed, &geo, 0, UUID).expect("replay");
+    assert_eq!(report.transactions, 0, "the first run is missing");
+    let next_tx: Vec<Record> = (0..next as u64).map(|n| record(&geo, 80 + n, 3)).collect();
+    journal.commit(&crashed, &next_tx, 0).expect("commit");
+    for r in &next_tx {
+        crashed.write_at(&r.image, r.target).expect("home");
+    }
+    journal.mark_all_home(&crashed).expect("mark");
+    // Another host changes the blocks the stale run names.
+    for r in &landed_tx {
+        crashed
+            .write_at(&vec![0x55; BLOCK_SIZE], r.target)
+            .expect("other host");
+    }
+    assert!(pending_transactions(&crashed, &geo, 0, UUID)
+        .expect("pending")
+        .is_empty());
+    let (_, report) = Journal::open_and_replay(&crashed, &geo, 0, UUID).expect("replay again");
+    assert_eq!(
+        report.transactions, 0,
+        "a stale run of an earlier life was replayed"
+    );
+    for r in &landed_tx {
+        assert_eq!(read_block(&crashed, r.target)[0], 0x55);
+    }
+}
+
+#[test]
+fn a_run_of_an_earlier_life_is_not_replayed_at_its_old_position() {
+    // No wrap: the new life's transaction has the size of the lost one, so the next
+    // sequence number is expected exactly where the stale run lies.
+    replay_after_a_lost_first_run(0, 2, 1, 2);
+}
+
+#[test]
+fn a_run_of_an_earlier_life_is_not_replayed_at_block_1() {
+    // The landed run wrapped to block 1 (head at 1000, 3 + 32 blocks do not fit);
+    // the new life's smaller transaction leaves the tail at 1003, where nothing is,
+    // and replay looks at block 1.
+    replay_after_a_lost_first_run(333, 1, 30, 1);
+}
+
+#[test]
+fn every_life_stamps_a_new_nonce_and_journals_without_one_still_replay() {
+    let (lun, geo) = setup(256);
+    let header_nonce = |lun: &MemLun| read_header(lun, geo.journal_of(0)).expect("header").nonce;
+    // mkfs (and an atsfs before nonces) leaves nonce 0 everywhere.
+    assert_eq!(header_nonce(&lun), 0);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    let first = header_nonce(&lun);
+    assert_ne!(first, 0);
+    assert_eq!(journal.nonce, first);
+    // A journal written by an atsfs before nonces: header and runs carry 0.
+    journal.nonce = 0;
+    journal.mark_all_home(&lun).expect("mark");
+    journal
+        .commit(&lun, &[record(&geo, 0, 4)], 0)
+        .expect("commit");
+    let (journal, report) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("replay");
+    assert_eq!(report.transactions, 1);
+    assert_eq!(read_block(&lun, target(&geo, 0)), vec![4; BLOCK_SIZE]);
+    let second = header_nonce(&lun);
+    assert!(second != 0 && second != first);
+    assert_eq!(journal.nonce, second);
 }
