@@ -218,6 +218,39 @@ impl Geometry {
         (ag < self.ag_count && block < self.ag_end(ag)).then_some(ag)
     }
 
+    /// Checks that a journaled home write of `len` bytes at byte `target` lies where
+    /// the filesystem journals: inside the allocation groups (inodes, directory and
+    /// extent blocks, xattr blocks, group header bodies, bitmaps), and not over a
+    /// group header's lock sector (lock sectors change only by ATS). The superblock,
+    /// the heartbeat region, the journals, the backup superblock and anything past
+    /// the last group are never journaled. Says why not when it does not.
+    pub fn check_journal_target(&self, target: u64, len: u64) -> Result<(), String> {
+        let area = || {
+            format!(
+                "outside the allocation groups (bytes {}..{})",
+                self.ag_start * BLOCK_SIZE_U64,
+                self.ag_end(self.ag_count.saturating_sub(1)) * BLOCK_SIZE_U64
+            )
+        };
+        let Some(end) = target.checked_add(len).filter(|_| len > 0) else {
+            return Err(area());
+        };
+        let first = target / BLOCK_SIZE_U64;
+        let last = (end - 1) / BLOCK_SIZE_U64;
+        let (Some(ag_first), Some(ag_last)) = (self.ag_of(first), self.ag_of(last)) else {
+            return Err(area());
+        };
+        for ag in [ag_first, ag_last] {
+            let lock = self.lock_offset(self.ag_header(ag));
+            if target < lock + u64::from(self.ats_sector_size) && end > lock {
+                return Err(format!(
+                    "over the lock sector of allocation group {ag}'s header"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Byte offset of a resource's lock sector.
     pub fn lock_offset(&self, resource: BlockNo) -> u64 {
         resource * BLOCK_SIZE_U64

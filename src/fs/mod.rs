@@ -88,7 +88,9 @@ impl From<JournalError> for FsError {
             JournalError::TooLarge(n) => FsError::Failed(format!(
                 "a transaction of {n} images does not fit the journal"
             )),
-            e @ JournalError::Nonce { .. } => FsError::Failed(e.to_string()),
+            e @ (JournalError::Nonce { .. } | JournalError::BadTarget { .. }) => {
+                FsError::Failed(e.to_string())
+            }
         }
     }
 }

@@ -18,7 +18,8 @@ pub enum ProblemKind {
     HeartbeatSlot,
     /// A journal header does not decode or disagrees with the superblock.
     JournalHeader,
-    /// A committed journal record that replay could not write.
+    /// A committed journal record that replay could not write, or that would write
+    /// where atsfs never journals (replay refuses its transaction).
     JournalRecord,
     /// A lock record (first ATS sector of a resource) is neither zero nor valid.
     LockRecord,

@@ -83,7 +83,11 @@ pub(crate) fn check_journals(
             }
             Err(e) => {
                 let block = vol.geo.journal_of(slot);
-                report.problem(ProblemKind::JournalHeader, Some(block), None, e.to_string());
+                let kind = match e {
+                    JournalError::BadTarget { .. } => ProblemKind::JournalRecord,
+                    _ => ProblemKind::JournalHeader,
+                };
+                report.problem(kind, Some(block), None, e.to_string());
                 continue;
             }
         };

@@ -694,3 +694,29 @@ fn a_512_mib_volume_checks_fast_without_reading_data() {
     // Debug builds are slower; a release build takes a few milliseconds.
     assert!(took < Duration::from_secs(2), "fsck took {took:?}");
 }
+
+#[test]
+fn a_committed_write_outside_the_groups_is_reported_not_applied() {
+    let lun = fresh(24 << 20);
+    let sb = crate::fs::read_superblock(lun.as_ref()).expect("sb");
+    let geo = Geometry::from_superblock(&sb);
+    let (mut journal, _) =
+        crate::journal::Journal::open_and_replay(lun.as_ref(), &geo, 3, sb.volume_uuid)
+            .expect("open");
+    let heartbeat = geo.hb_start * BLOCK_SIZE_U64;
+    let record = crate::journal::Record {
+        target: heartbeat,
+        image: vec![0xAB; 512],
+    };
+    journal
+        .commit_unchecked(lun.as_ref(), &[record])
+        .expect("commit");
+    let report = check(lun.as_ref()).expect("fsck");
+    assert!(
+        kinds(&report).contains(&ProblemKind::JournalRecord),
+        "{}",
+        report.render()
+    );
+    let render = report.render();
+    assert!(render.contains("slot 3") && render.contains(&format!("byte {heartbeat}")));
+}

@@ -22,6 +22,11 @@
 //!   and flushed. The writer never overwrites the block at the tail with a new
 //!   transaction before moving the tail past it (`make_room`).
 //!
+//! - Every home write lies inside the allocation groups, off the group headers' lock
+//!   sectors (`Geometry::check_journal_target`): the writer refuses other targets,
+//!   and replay refuses a committed transaction that names one, before writing any
+//!   of its images.
+//!
 //! Caller's duties: write every committed image home (the caller's checkpoint) and
 //! flush before calling `mark_all_home`; never write a metadata image home before
 //! the transaction holding it is committed.
@@ -43,6 +48,17 @@ pub enum JournalError {
     TooLarge(usize),
     #[error("no random nonce for the journal of slot {slot}: {reason}")]
     Nonce { slot: u32, reason: String },
+    #[error(
+        "journal of slot {slot}, transaction seq {seq}: a home write of {len} bytes at \
+         byte {target} lies {reason}, where atsfs never journals; refusing it"
+    )]
+    BadTarget {
+        slot: u32,
+        seq: u64,
+        target: u64,
+        len: u64,
+        reason: String,
+    },
 }
 
 /// One home write of a transaction.
@@ -64,6 +80,7 @@ pub struct ReplayReport {
 /// The writer side of one slot's journal.
 pub struct Journal {
     slot: u32,
+    geo: Geometry,
     start: BlockNo,
     blocks: u64,
     volume_uuid: [u8; 16],
@@ -98,6 +115,7 @@ impl Journal {
         let header = read_header(lun, start)?;
         let mut journal = Journal {
             slot,
+            geo: *geo,
             start,
             blocks: geo.journal_blocks,
             volume_uuid,
@@ -119,6 +137,8 @@ impl Journal {
     fn replay(&mut self, lun: &dyn Lun) -> Result<ReplayReport, JournalError> {
         let mut report = ReplayReport::default();
         let mut chain = Chain {
+            slot: self.slot,
+            geo: self.geo,
             start: self.start,
             blocks: self.blocks,
             volume_uuid: self.volume_uuid,
@@ -147,9 +167,23 @@ impl Journal {
         records: &[Record],
         now_unix_ms: u64,
     ) -> Result<u64, JournalError> {
+        check_targets(&self.geo, self.slot, self.next_seq, records)?;
         let seq = self.write_tx(lun, records, now_unix_ms, true)?;
         lun.flush()?;
         // This is the commit point: the transaction is durable in the journal.
+        Ok(seq)
+    }
+
+    /// `commit` without the check of its targets: writes what a damaged or foreign
+    /// journal could hold, for tests of the readers' checks.
+    #[cfg(test)]
+    pub(crate) fn commit_unchecked(
+        &mut self,
+        lun: &dyn Lun,
+        records: &[Record],
+    ) -> Result<u64, JournalError> {
+        let seq = self.write_tx(lun, records, 0, true)?;
+        lun.flush()?;
         Ok(seq)
     }
 
@@ -175,7 +209,8 @@ impl Journal {
             return self.commit(lun, one, now_unix_ms);
         }
         let mut spans = Vec::with_capacity(txs.len());
-        for records in txs {
+        for (seq, records) in (self.next_seq..).zip(txs) {
+            check_targets(&self.geo, self.slot, seq, records)?;
             let count = records.len();
             if count == 0 || count > self.records_max() {
                 return Err(JournalError::TooLarge(count));
@@ -365,6 +400,8 @@ impl Journal {
 /// The chain of committed transactions of one slot's journal, from the header's tail:
 /// the walk replay makes, as a cursor that reads and never writes.
 struct Chain {
+    slot: u32,
+    geo: Geometry,
     start: BlockNo,
     blocks: u64,
     volume_uuid: [u8; 16],
@@ -451,7 +488,12 @@ impl Chain {
             && commit.count == desc.count
             && commit.nonce == desc.nonce
             && commit.data_crc == hasher.finalize();
-        Ok(valid.then_some(records))
+        if !valid {
+            return Ok(None);
+        }
+        // A committed transaction: it must write nowhere atsfs does not journal.
+        check_targets(&self.geo, self.slot, desc.seq, &records)?;
+        Ok(Some(records))
     }
 }
 
@@ -467,6 +509,8 @@ pub fn pending_transactions(
     let start = geo.journal_of(slot);
     let header = read_header(lun, start)?;
     let mut chain = Chain {
+        slot,
+        geo: *geo,
         start,
         blocks: geo.journal_blocks,
         volume_uuid,
@@ -480,6 +524,29 @@ pub fn pending_transactions(
         out.push(records);
     }
     Ok(out)
+}
+
+/// Fails unless every record of transaction `seq` of slot `slot`'s journal writes
+/// where atsfs journals (`Geometry::check_journal_target`).
+fn check_targets(
+    geo: &Geometry,
+    slot: u32,
+    seq: u64,
+    records: &[Record],
+) -> Result<(), JournalError> {
+    for record in records {
+        let len = record.image.len() as u64;
+        if let Err(reason) = geo.check_journal_target(record.target, len) {
+            return Err(JournalError::BadTarget {
+                slot,
+                seq,
+                target: record.target,
+                len,
+                reason,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A nonce for a new life of slot `slot`'s journal: random, never 0 (the nonce of a

@@ -463,3 +463,98 @@ fn every_life_stamps_a_new_nonce_and_journals_without_one_still_replay() {
     assert!(second != 0 && second != first);
     assert_eq!(journal.nonce, second);
 }
+
+/// Byte targets a journal must never write: the superblock, the heartbeat region,
+/// the journals (its own and another's), a group header's lock sector, the backup
+/// superblock, past the end, and an image running off the last group.
+fn forbidden_targets(geo: &Geometry) -> Vec<(&'static str, u64)> {
+    let b = BLOCK_SIZE_U64;
+    let last = geo.ag_count - 1;
+    vec![
+        ("superblock", 0),
+        ("heartbeat region", geo.hb_start * b),
+        ("own journal", (geo.journal_of(0) + 200) * b),
+        ("another journal", geo.journal_of(1) * b),
+        ("group header lock sector", geo.ag_header(last) * b),
+        ("backup superblock", geo.backup_superblock() * b),
+        ("past the end", geo.total_blocks * b),
+        ("far past the end", u64::MAX - 4095),
+        (
+            "straddling the end of the groups",
+            geo.ag_end(last) * b - 512,
+        ),
+    ]
+}
+
+#[test]
+fn replay_refuses_a_transaction_that_writes_outside_the_groups() {
+    for (what, bad) in forbidden_targets(&setup(256).1) {
+        let (lun, geo) = setup(256);
+        let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+        let good = record(&geo, 0, 6);
+        journal
+            .commit(&lun, std::slice::from_ref(&good), 0)
+            .expect("a good transaction");
+        // Checks at commit are bypassed here: this is what a damaged or foreign
+        // journal would hold.
+        let seq = journal.next_seq;
+        journal
+            .commit_unchecked(
+                &lun,
+                &[
+                    record(&geo, 1, 6),
+                    Record {
+                        target: bad,
+                        image: vec![6; BLOCK_SIZE],
+                    },
+                ],
+            )
+            .expect("commit unchecked");
+        let err = Journal::open_and_replay(&lun, &geo, 0, UUID)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: a target at byte {bad} was replayed"));
+        let message = err.to_string();
+        for part in ["slot 0", &format!("seq {seq}"), &format!("byte {bad}")] {
+            assert!(message.contains(part), "{what}: {message:?} lacks {part:?}");
+        }
+        // Nothing of the refused transaction was written; the earlier one was.
+        assert_eq!(read_block(&lun, good.target), vec![6; BLOCK_SIZE]);
+        assert_eq!(
+            read_block(&lun, target(&geo, 1)),
+            vec![0; BLOCK_SIZE],
+            "{what}"
+        );
+        assert!(pending_transactions(&lun, &geo, 0, UUID).is_err(), "{what}");
+    }
+}
+
+#[test]
+fn the_writer_refuses_a_target_outside_the_groups() {
+    let (lun, geo) = setup(256);
+    let (mut journal, _) = Journal::open_and_replay(&lun, &geo, 0, UUID).expect("open");
+    for (what, bad) in forbidden_targets(&geo) {
+        let tx = [Record {
+            target: bad,
+            image: vec![1; BLOCK_SIZE],
+        }];
+        assert!(journal.commit(&lun, &tx, 0).is_err(), "{what}");
+    }
+    // Every structure the filesystem journals lies in a group: an inode body, a
+    // group header body and bitmap, whole blocks up to the last one.
+    let last = geo.ag_count - 1;
+    let sector = u64::from(geo.ats_sector_size);
+    let ok = [
+        (geo.body_offset(geo.ag_header(0)), geo.body_len()),
+        (geo.ag_bitmap(0) * BLOCK_SIZE_U64, BLOCK_SIZE),
+        (geo.body_offset(geo.ag_first(0) + 40), geo.body_len()),
+        ((geo.ag_end(last) - 1) * BLOCK_SIZE_U64, BLOCK_SIZE),
+        (geo.ag_header(last) * BLOCK_SIZE_U64 + sector, 512),
+    ];
+    for (at, len) in ok {
+        let tx = [Record {
+            target: at,
+            image: vec![1; len],
+        }];
+        journal.commit(&lun, &tx, 0).expect("a target in a group");
+    }
+}
