@@ -99,8 +99,11 @@ fn check_superblock(lun: &dyn Lun, sb: Superblock) -> Result<Superblock> {
     }
     if sb.ats_sector_size != lun.sector_size() {
         bail!(
-            "{device} has {}-byte sectors but the volume was made for {}-byte sectors; \
-             atomic test-and-set would not cover one lock record",
+            "{device} has {}-byte ATS sectors (its physical block, at least its logical \
+             one) but the volume was made for {}-byte sectors; a one-sector write would \
+             not be atomic, or test-and-set would not cover one lock record: use the \
+             volume through a device with its sector size, or copy its files to a volume \
+             made anew on this device",
             lun.sector_size(),
             sb.ats_sector_size
         );

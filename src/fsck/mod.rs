@@ -95,7 +95,8 @@ pub(crate) fn check_with(lun: &dyn Lun, options: Options) -> Result<FsckReport> 
     report.label = get_str(&sb.label);
     if sb.ats_sector_size != lun.sector_size() {
         report.note(format!(
-            "the device has {}-byte sectors but the volume was made for {}-byte sectors: \
+            "the device has {}-byte ATS sectors (its physical block, at least its logical \
+             one) but the volume was made for {}-byte sectors: \
              hosts refuse to mount it on this device",
             lun.sector_size(),
             sb.ats_sector_size

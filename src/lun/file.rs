@@ -26,6 +26,10 @@
 //! compare-and-write must not be written with `write_at` while others may CAW it. Like
 //! any write, a compare-and-write is durable only after `flush`.
 //!
+//! **The ATS sector of a block device is its physical block**, or its logical block
+//! where that is larger: a 512e disk (512-byte logical, 4096-byte physical blocks)
+//! writes 4 KiB at a time, so only a whole physical block is written atomically.
+//!
 //! The device size is read once, at open.
 
 use super::{check_caw, check_range, Caw, Lun, LunError, LunResult};
@@ -58,6 +62,9 @@ mod ioctl {
     nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
     // BLKSSZGET = _IO(0x12, 104) with an int out-argument: the logical block size.
     nix::ioctl_read_bad!(blksszget, libc::BLKSSZGET, libc::c_int);
+    // BLKPBSZGET = _IO(0x12, 123) with an unsigned int out-argument: the physical
+    // block size, the unit the device writes atomically.
+    nix::ioctl_read_bad!(blkpbszget, libc::BLKPBSZGET, libc::c_uint);
 }
 
 /// How to open the device.
@@ -98,7 +105,8 @@ struct OpenOptionsLun {
 }
 
 impl FileLun {
-    /// Opens an image file (sector 512) or a block device (its logical block size).
+    /// Opens an image file (sector 512) or a block device (its physical block size,
+    /// at least its logical one: `ats_sector_for`).
     pub fn open(path: impl AsRef<Path>, mode: OpenMode) -> LunResult<FileLun> {
         let options = OpenOptionsLun {
             sector: None,
@@ -155,10 +163,10 @@ impl FileLun {
             );
             return Err(err("open", source));
         }
-        let (len_bytes, logical_bytes) = if block_device {
+        let (len_bytes, logical_bytes, physical_bytes) = if block_device {
             block_device_geometry(&file).map_err(|e| err("ioctl", e))?
         } else {
-            (meta.len(), SECTOR_DEFAULT_BYTES)
+            (meta.len(), SECTOR_DEFAULT_BYTES, SECTOR_DEFAULT_BYTES)
         };
         let direct_align = match (block_device, options.direct_align) {
             (true, _) => Some(logical_bytes),
@@ -169,7 +177,9 @@ impl FileLun {
             check_io_align(align).map_err(|e| err("open", e))?;
         }
         let io_align = direct_align.unwrap_or(1);
-        let sector = options.sector.unwrap_or(logical_bytes.max(io_align));
+        let sector = options
+            .sector
+            .unwrap_or(ats_sector_for(logical_bytes, physical_bytes).max(io_align));
         check_sector(sector, io_align).map_err(|e| err("open", e))?;
         let uncached = if direct_align.is_none() {
             OpenOptions::new()
@@ -422,16 +432,19 @@ fn is_aligned(align: u32, addr: *const u8, len: usize, offset: u64) -> bool {
     (addr as usize) % align == 0 && len % align == 0 && offset % (align as u64) == 0
 }
 
-/// The size in bytes and logical block size of a block device.
-fn block_device_geometry(file: &File) -> io::Result<(u64, u32)> {
+/// The size in bytes, logical and physical block size of a block device.
+fn block_device_geometry(file: &File) -> io::Result<(u64, u32, u32)> {
     let fd = file.as_raw_fd();
     let mut len_bytes: u64 = 0;
     let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
     // SAFETY: `fd` is an open block device and each pointer is to a live local of the
-    // type the ioctl writes (u64 for BLKGETSIZE64, int for BLKSSZGET).
+    // type the ioctl writes (u64 for BLKGETSIZE64, int for BLKSSZGET, unsigned int
+    // for BLKPBSZGET).
     unsafe {
         ioctl::blkgetsize64(fd, &mut len_bytes).map_err(io::Error::from)?;
         ioctl::blksszget(fd, &mut logical).map_err(io::Error::from)?;
+        ioctl::blkpbszget(fd, &mut physical).map_err(io::Error::from)?;
     }
     let logical = u32::try_from(logical).map_err(|_| {
         io::Error::new(
@@ -439,7 +452,21 @@ fn block_device_geometry(file: &File) -> io::Result<(u64, u32)> {
             "negative logical block size from BLKSSZGET",
         )
     })?;
-    Ok((len_bytes, logical))
+    Ok((len_bytes, logical, physical))
+}
+
+/// The ATS sector a block device gets unless the caller asks for another: its
+/// physical block, the unit it writes atomically, where that is a power-of-two
+/// multiple of the logical block; else the logical block (a device that reports no
+/// physical size says 0). A physical block larger than the format allows is kept, so
+/// that mkfs and mount refuse the device instead of assuming an atomicity it lacks.
+fn ats_sector_for(logical: u32, physical: u32) -> u32 {
+    let whole_blocks = physical.is_power_of_two() && physical.checked_rem(logical) == Some(0);
+    if whole_blocks && physical > logical {
+        physical
+    } else {
+        logical
+    }
 }
 
 fn set_direct(file: &File) -> io::Result<()> {
@@ -866,6 +893,59 @@ mod tests {
         let mut back = vec![0u8; len - 50];
         lun.read_at(&mut back, 4096 + 25).unwrap();
         assert_eq!(back, data[25..len - 25]);
+    }
+
+    #[test]
+    fn the_ats_sector_of_a_block_device_is_its_physical_block() {
+        // 512e: the disk writes 4 KiB at a time, so a 512-byte sector is not atomic.
+        assert_eq!(ats_sector_for(512, 4096), 4096);
+        assert_eq!(ats_sector_for(512, 512), 512);
+        assert_eq!(ats_sector_for(4096, 4096), 4096);
+        // A device that reports no physical block size (0), or one that is not a
+        // power-of-two multiple of the logical block: the logical block.
+        assert_eq!(ats_sector_for(512, 0), 512);
+        assert_eq!(ats_sector_for(4096, 512), 4096);
+        assert_eq!(ats_sector_for(512, 1536), 512);
+        // Larger physical blocks are kept: the format refuses them rather than lose
+        // the atomicity it assumes.
+        assert_eq!(ats_sector_for(512, 8192), 8192);
+    }
+
+    /// The physical block size sysfs reports for a block device (or its disk, for a
+    /// partition), read apart from the code under test.
+    fn sysfs_physical_block_size(path: &str) -> u32 {
+        let real = std::fs::canonicalize(path).unwrap();
+        let name = real.file_name().unwrap().to_str().unwrap().to_string();
+        let own = format!("/sys/class/block/{name}/queue/physical_block_size");
+        let disk = format!("/sys/class/block/{name}/../queue/physical_block_size");
+        let text = std::fs::read_to_string(own)
+            .or_else(|_| std::fs::read_to_string(disk))
+            .unwrap();
+        text.trim().parse().unwrap()
+    }
+
+    /// Runs against a 512e block device (512-byte logical, 4096-byte physical blocks)
+    /// named by ATSFS_TEST_512E_DEVICE, opened read only: nothing is written. Such a
+    /// disk writes whole physical blocks, so the ATS sector must be one.
+    #[test]
+    #[ignore = "needs ATSFS_TEST_512E_DEVICE (a 512e disk; opened read only)"]
+    fn a_512e_device_gets_ats_sectors_of_its_physical_block() {
+        let Ok(path) = std::env::var("ATSFS_TEST_512E_DEVICE") else {
+            return;
+        };
+        let lun = FileLun::open(&path, OpenMode::ReadOnly).unwrap();
+        assert!(lun.is_block_device());
+        assert_eq!(
+            lun.io_align, 512,
+            "not a 512e device: logical {}",
+            lun.io_align
+        );
+        let physical = sysfs_physical_block_size(&path);
+        assert!(physical > 512, "not a 512e device: physical {physical}");
+        assert_eq!(lun.sector_size(), physical);
+        // A smaller ATS sector may still be asked for explicitly (old volumes).
+        let small = FileLun::open_with_sector(&path, OpenMode::ReadOnly, 512).unwrap();
+        assert_eq!(small.sector_size(), 512);
     }
 
     /// Runs against a real block device named by ATSFS_TEST_BLOCK_DEVICE (its contents

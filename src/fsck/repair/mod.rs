@@ -71,7 +71,8 @@ pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
     let sb = superblock::load(lun, &mut FsckReport::default())?;
     if sb.ats_sector_size != lun.sector_size() {
         bail!(
-            "the device has {}-byte sectors but the volume was made for {}-byte sectors; \
+            "the device has {}-byte ATS sectors (its physical block, at least its logical \
+             one) but the volume was made for {}-byte sectors; \
              repair it through a device with the volume's sector size",
             lun.sector_size(),
             sb.ats_sector_size
