@@ -2,7 +2,8 @@
 //! re-derived from it on mount. All offset arithmetic of the format lives here.
 
 use super::{
-    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, HOSTS_MAX, RESOURCE_BODY_SIZE,
+    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, FEATURE_RO_COMPAT_ORPHAN_TABLES,
+    HOSTS_MAX, RESOURCE_BODY_SIZE,
 };
 use thiserror::Error;
 
@@ -50,6 +51,9 @@ pub struct Geometry {
     pub hb_blocks: u64,
     pub journal_start: BlockNo,
     pub journal_blocks: u64,
+    /// First block of the orphan tables (one resource per slot, right after the
+    /// journals); 0 on volumes made without them.
+    pub orphan_start: BlockNo,
     pub ag_start: BlockNo,
     pub ag_count: u64,
 }
@@ -81,9 +85,10 @@ impl Geometry {
         let journal_start = hb_start + hb_blocks;
         // A caller's journal size can be anything: saturate rather than wrap, so an
         // absurd one is a device that is too small, not an overflow.
-        let ag_start = hosts
+        let orphan_start = hosts
             .saturating_mul(journal_blocks)
             .saturating_add(journal_start);
+        let ag_start = orphan_start.saturating_add(hosts * u64::from(resource_blocks));
         // The last block holds the backup superblock.
         let need_blocks = ag_start.saturating_add(AG_BLOCKS_MIN + 1);
         if total_blocks < need_blocks {
@@ -106,6 +111,7 @@ impl Geometry {
             hb_blocks,
             journal_start,
             journal_blocks,
+            orphan_start,
             ag_start,
             ag_count,
         })
@@ -122,6 +128,11 @@ impl Geometry {
             hb_blocks: sb.hb_blocks,
             journal_start: sb.journal_start,
             journal_blocks: sb.journal_blocks,
+            orphan_start: if sb.feature_ro_compat & FEATURE_RO_COMPAT_ORPHAN_TABLES != 0 {
+                sb.orphan_start
+            } else {
+                0
+            },
             ag_start: sb.ag_start,
             ag_count: sb.ag_count,
         }
@@ -147,7 +158,14 @@ impl Geometry {
         let journals_end = hosts
             .checked_mul(self.journal_blocks)
             .and_then(|j| j.checked_add(self.journal_start));
-        if journals_end != Some(self.ag_start) {
+        let groups_start = match self.orphan_start {
+            0 => journals_end,
+            start if Some(start) == journals_end => {
+                start.checked_add(hosts * u64::from(self.resource_blocks))
+            }
+            _ => return Err("orphan tables misplaced".into()),
+        };
+        if groups_start != Some(self.ag_start) {
             return Err("allocation groups misplaced".into());
         }
         if self.ag_count == 0 {
@@ -177,6 +195,12 @@ impl Geometry {
     /// First block of a slot's journal (its header).
     pub fn journal_of(&self, slot: u32) -> BlockNo {
         self.journal_start + u64::from(slot) * self.journal_blocks
+    }
+
+    /// The orphan table resource of `slot`, if the volume has orphan tables.
+    pub fn orphan_table(&self, slot: u32) -> Option<BlockNo> {
+        (self.orphan_start != 0)
+            .then(|| self.orphan_start + u64::from(slot) * u64::from(self.resource_blocks))
     }
 
     /// First block of allocation group `ag`.
