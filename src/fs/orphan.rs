@@ -244,3 +244,14 @@ impl Fs {
         }
     }
 }
+
+impl Fs {
+    /// For `atsfs recover`, after it recovered dead slots with no host mounted:
+    /// mounts as a short-lived host of its own (a new host id), whose mount reclaims
+    /// the orphan tables of every FREE slot, and unmounts.
+    pub fn reclaim_orphans_offline(lun: std::sync::Arc<dyn crate::lun::Lun>) -> anyhow::Result<()> {
+        let me = crate::cluster::HostUuid(*uuid::Uuid::new_v4().as_bytes());
+        let fs = Fs::mount(lun, super::MountOptions::new(me))?;
+        fs.unmount()
+    }
+}

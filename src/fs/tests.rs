@@ -1617,3 +1617,35 @@ fn an_unlinked_file_open_on_a_crashed_host_and_a_live_one_stays_for_the_live_one
     c.unmount().expect("unmount");
     assert_fsck_clean(&lun);
 }
+
+#[test]
+fn offline_recovery_reclaims_the_unlinked_open_files_of_dead_hosts() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let f = unlinked_open_file(&a, b"orphan");
+    drop(a); // crash; no host left to recover it
+    let sb = read_superblock(lun.as_ref()).expect("sb");
+    let geo = Geometry::from_superblock(&sb);
+    let clock = crate::cluster::SystemClock::default();
+    let outcomes = crate::cluster::recover_offline(
+        lun.as_ref(),
+        &geo,
+        sb.volume_uuid,
+        None,
+        Duration::from_millis(100),
+        Duration::from_millis(1000),
+        &clock,
+    )
+    .expect("recover");
+    assert!(outcomes.contains(&(0, crate::cluster::OfflineOutcome::Recovered)));
+    let dyn_lun: Arc<dyn Lun> = lun.clone();
+    Fs::reclaim_orphans_offline(dyn_lun).expect("reclaim");
+    let report = crate::fsck::check(lun.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.counts.orphans, 0, "the orphan table still lists it");
+    let c = mount(&lun, 3);
+    assert_eq!(
+        c.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+}
