@@ -506,6 +506,15 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         }
     }
     println!("{recovered} slot(s) recovered");
+    if recovered > 0 && geo.orphan_start != 0 {
+        // Files the dead hosts had unlinked while open: a short-lived mount of our
+        // own reclaims the orphan tables of every free slot.
+        println!("reclaiming files the recovered hosts had unlinked while open...");
+        let lun: std::sync::Arc<dyn atsfs::lun::Lun> = std::sync::Arc::new(lun);
+        atsfs::fs::Fs::reclaim_orphans_offline(lun)
+            .context("reclaiming orphan tables (the next mount of any host does it too)")?;
+        println!("orphan tables reclaimed");
+    }
     Ok(())
 }
 

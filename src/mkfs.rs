@@ -5,8 +5,8 @@
 //!
 //! 1. clear the old primary superblock, the old backup and the first MiB (other
 //!    filesystems' signatures), then flush;
-//! 2. heartbeat slots, journal headers (and each journal's block 1), allocation group
-//!    headers (AG 0 with a real bitmap), the root directory's inode and bucket, the
+//! 2. heartbeat slots, journal headers (and each journal's block 1), every slot's
+//!    empty orphan table, allocation group headers (AG 0 with a real bitmap), the root directory's inode and bucket, the
 //!    backup superblock; flush;
 //! 3. the primary superblock; flush.
 //!
@@ -19,9 +19,9 @@
 
 use crate::format::{
     encode_padded, put_str, AgHeader, DirBucket, FormatError, Geometry, GeometryError,
-    HeartbeatSlot, InodeBody, JournalHeader, MkfsParams, OnDisk, Superblock, AG_BLOCKS,
-    ATS_MODE_EMULATED, ATS_MODE_HARDWARE, BLOCK_SIZE, BLOCK_SIZE_U64, FORMAT_VERSION, SLOT_FREE,
-    SLOT_LIVE,
+    HeartbeatSlot, InodeBody, JournalHeader, MkfsParams, OnDisk, OrphanTable, Superblock,
+    AG_BLOCKS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE, BLOCK_SIZE, BLOCK_SIZE_U64,
+    FEATURE_RO_COMPAT_ORPHAN_TABLES, FORMAT_VERSION, SLOT_FREE, SLOT_LIVE,
 };
 use crate::lun::{Lun, LunError};
 use crate::units::format_size;
@@ -190,6 +190,7 @@ pub fn mkfs(
     lun.flush()?;
     write_heartbeat_slots(lun, &geo)?;
     write_journals(lun, &geo, primary.volume_uuid)?;
+    write_orphan_tables(lun, &geo)?;
     write_ag_headers(lun, &geo, progress)?;
     write_root_directory(lun, &geo, primary.root_ino, now)?;
 
@@ -254,6 +255,8 @@ fn build_superblock(geo: &Geometry, opts: &MkfsOptions, created_unix_s: u64) -> 
     sb.created_unix_s = created_unix_s;
     sb.self_block = 0;
     sb.dir_hash_seed = rand::random::<u64>();
+    sb.orphan_start = geo.orphan_start;
+    sb.feature_ro_compat |= FEATURE_RO_COMPAT_ORPHAN_TABLES;
     sb
 }
 
@@ -309,6 +312,24 @@ fn write_journals(lun: &dyn Lun, geo: &Geometry, volume_uuid: [u8; 16]) -> Resul
         run.resize(2 * BLOCK_SIZE, 0);
         lun.write_at(&run, start * BLOCK_SIZE_U64)?;
     }
+    Ok(())
+}
+
+/// Every slot's orphan table, empty (free lock sector), in one write of the region.
+fn write_orphan_tables(lun: &dyn Lun, geo: &Geometry) -> Result<(), MkfsError> {
+    let mut region = Vec::new();
+    for slot in 0..geo.max_hosts {
+        let Some(block) = geo.orphan_table(slot) else {
+            return Ok(());
+        };
+        let mut table: OrphanTable = bytemuck::Zeroable::zeroed();
+        table.magic = OrphanTable::MAGIC;
+        table.blockno = block;
+        table.slot = slot;
+        table.seal();
+        region.extend_from_slice(&resource_image(geo, &table));
+    }
+    lun.write_at(&region, geo.orphan_start * BLOCK_SIZE_U64)?;
     Ok(())
 }
 
@@ -712,6 +733,7 @@ mod tests {
 
         check_slots(lun, &geo);
         check_journals(lun, &geo, sb.volume_uuid);
+        check_orphan_tables(lun, &geo);
         check_groups(lun, &geo);
         check_root(lun, &geo, sb.root_ino);
         sb
@@ -733,6 +755,22 @@ mod tests {
                 .iter()
                 .all(|&b| b == 0));
         }
+    }
+
+    fn check_orphan_tables(lun: &dyn Lun, geo: &Geometry) {
+        for slot in 0..geo.max_hosts {
+            let block = geo.orphan_table(slot).expect("mkfs makes orphan tables");
+            assert!(read_sector(lun, geo.lock_offset(block))
+                .iter()
+                .all(|&b| b == 0));
+            let table = OrphanTable::decode(&read_body(lun, geo, block), block).unwrap();
+            assert_eq!((table.slot, table.count), (slot, 0));
+        }
+        assert_eq!(
+            geo.orphan_table(geo.max_hosts - 1)
+                .map(|b| b + u64::from(geo.resource_blocks)),
+            Some(geo.ag_start)
+        );
     }
 
     fn check_journals(lun: &dyn Lun, geo: &Geometry, uuid: [u8; 16]) {
@@ -1136,14 +1174,15 @@ mod tests {
         let geo = mkfs(&lun, &o, &mut |_, _| {}).unwrap();
         // 1 TiB less 2 GiB of journals, in groups of 128 MiB; the last one short.
         assert_eq!(geo.ag_count, 8176);
-        assert_eq!(geo.ag_len(8175), 32758);
+        assert_eq!(geo.ag_len(8175), 32726);
         assert_eq!(geo.journal_blocks, 16384);
         // Heads, slots, journals' first blocks, one resource per group, AG 0 bitmap,
         // root: a few MiB of the 1 TiB.
         let written = lun.written.load(Ordering::Relaxed);
         // Blocks past the first MiB: the old backup, the slots, two per journal, one per
-        // group, AG 0's bitmap, the root inode and bucket, two superblocks.
-        let blocks = 1 + geo.hb_blocks + 2 * 32 + geo.ag_count + 1 + 2 + 2;
+        // group, AG 0's bitmap, the root inode and bucket, two superblocks, one orphan
+        // table per slot.
+        let blocks = 1 + geo.hb_blocks + 2 * 32 + geo.ag_count + 1 + 2 + 2 + 32;
         assert_eq!(written, MIB + blocks * 4096);
         check_volume(&lun, &o);
     }

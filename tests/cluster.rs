@@ -408,3 +408,55 @@ fn eight_rounds_of_kill_9_among_three_hosts_lose_no_fsynced_file() {
     }
     assert_fsck_clean(&image);
 }
+
+/// Waits (bounded) until `atsfs fsck` of the mounted volume lists no file unlinked
+/// while open: the survivor recovered the killed host and reclaimed its orphans.
+fn wait_orphans_reclaimed(image: &Path, limit: Duration) {
+    let started = Instant::now();
+    loop {
+        let out = fsck(image);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.code() == Some(0) && !text.contains("unlinked while open") {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "the killed host's unlinked open file was not reclaimed within {limit:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn files_unlinked_while_open_on_a_killed_host_are_reclaimed_by_the_survivor() {
+    require_fuse!();
+    let scratch = Scratch::new("cluster-orphans");
+    let image = scratch.image_with("volume.img", IMAGE_BYTES, &recovery_opts());
+    let a = MountSpec::in_scratch(&scratch, &image, "a").mount();
+    let b = MountSpec::in_scratch(&scratch, &image, "b").mount();
+    // "only-a" is open on A alone; "both" is open on A and on B. A unlinks both.
+    for name in ["only-a", "both"] {
+        let mut f = File::create(a.join(name)).expect("create");
+        f.write_all(&vec![b'x'; 1 << 20]).expect("write");
+        f.sync_all().expect("fsync");
+    }
+    let held_a = File::open(a.join("only-a")).expect("open on A");
+    let held_both_a = File::open(a.join("both")).expect("open on A");
+    let mut held_both_b = File::open(b.join("both")).expect("open on B");
+    fs::remove_file(a.join("only-a")).expect("unlink on A");
+    fs::remove_file(a.join("both")).expect("unlink on A");
+    File::create(a.join("marker"))
+        .and_then(|f| f.sync_all())
+        .expect("fsync commits the unlinks");
+    let _a_spec = a.kill9();
+    drop(held_a);
+    drop(held_both_a);
+    // B recovers A and frees "only-a"; "both" stays while B has it open.
+    let mut data = Vec::new();
+    held_both_b.read_to_end(&mut data).expect("B still reads");
+    assert_eq!(data.len(), 1 << 20);
+    drop(held_both_b);
+    wait_orphans_reclaimed(&image, Duration::from_secs(30));
+    b.unmount();
+    assert_fsck_clean(&image);
+}

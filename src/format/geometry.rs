@@ -2,7 +2,8 @@
 //! re-derived from it on mount. All offset arithmetic of the format lives here.
 
 use super::{
-    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, HOSTS_MAX, RESOURCE_BODY_SIZE,
+    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, FEATURE_RO_COMPAT_ORPHAN_TABLES,
+    HOSTS_MAX, RESOURCE_BODY_SIZE,
 };
 use thiserror::Error;
 
@@ -50,6 +51,9 @@ pub struct Geometry {
     pub hb_blocks: u64,
     pub journal_start: BlockNo,
     pub journal_blocks: u64,
+    /// First block of the orphan tables (one resource per slot, right after the
+    /// journals); 0 on volumes made without them.
+    pub orphan_start: BlockNo,
     pub ag_start: BlockNo,
     pub ag_count: u64,
 }
@@ -81,9 +85,10 @@ impl Geometry {
         let journal_start = hb_start + hb_blocks;
         // A caller's journal size can be anything: saturate rather than wrap, so an
         // absurd one is a device that is too small, not an overflow.
-        let ag_start = hosts
+        let orphan_start = hosts
             .saturating_mul(journal_blocks)
             .saturating_add(journal_start);
+        let ag_start = orphan_start.saturating_add(hosts * u64::from(resource_blocks));
         // The last block holds the backup superblock.
         let need_blocks = ag_start.saturating_add(AG_BLOCKS_MIN + 1);
         if total_blocks < need_blocks {
@@ -106,6 +111,7 @@ impl Geometry {
             hb_blocks,
             journal_start,
             journal_blocks,
+            orphan_start,
             ag_start,
             ag_count,
         })
@@ -122,6 +128,11 @@ impl Geometry {
             hb_blocks: sb.hb_blocks,
             journal_start: sb.journal_start,
             journal_blocks: sb.journal_blocks,
+            orphan_start: if sb.feature_ro_compat & FEATURE_RO_COMPAT_ORPHAN_TABLES != 0 {
+                sb.orphan_start
+            } else {
+                0
+            },
             ag_start: sb.ag_start,
             ag_count: sb.ag_count,
         }
@@ -147,7 +158,14 @@ impl Geometry {
         let journals_end = hosts
             .checked_mul(self.journal_blocks)
             .and_then(|j| j.checked_add(self.journal_start));
-        if journals_end != Some(self.ag_start) {
+        let groups_start = match self.orphan_start {
+            0 => journals_end,
+            start if Some(start) == journals_end => {
+                start.checked_add(hosts * u64::from(self.resource_blocks))
+            }
+            _ => return Err("orphan tables misplaced".into()),
+        };
+        if groups_start != Some(self.ag_start) {
             return Err("allocation groups misplaced".into());
         }
         if self.ag_count == 0 {
@@ -177,6 +195,12 @@ impl Geometry {
     /// First block of a slot's journal (its header).
     pub fn journal_of(&self, slot: u32) -> BlockNo {
         self.journal_start + u64::from(slot) * self.journal_blocks
+    }
+
+    /// The orphan table resource of `slot`, if the volume has orphan tables.
+    pub fn orphan_table(&self, slot: u32) -> Option<BlockNo> {
+        (self.orphan_start != 0)
+            .then(|| self.orphan_start + u64::from(slot) * u64::from(self.resource_blocks))
     }
 
     /// First block of allocation group `ag`.
@@ -220,15 +244,21 @@ impl Geometry {
 
     /// Checks that a journaled home write of `len` bytes at byte `target` lies where
     /// the filesystem journals: inside the allocation groups (inodes, directory and
-    /// extent blocks, xattr blocks, group header bodies, bitmaps), and not over a
-    /// group header's lock sector (lock sectors change only by ATS). The superblock,
+    /// extent blocks, xattr blocks, group header bodies, bitmaps) or the orphan tables'
+    /// bodies, and not over a group header's or an orphan table's lock sector (lock
+    /// sectors change only by ATS). The superblock,
     /// the heartbeat region, the journals, the backup superblock and anything past
     /// the last group are never journaled. Says why not when it does not.
     pub fn check_journal_target(&self, target: u64, len: u64) -> Result<(), String> {
+        let from = if self.orphan_start != 0 {
+            self.orphan_start
+        } else {
+            self.ag_start
+        };
         let area = || {
             format!(
-                "outside the allocation groups (bytes {}..{})",
-                self.ag_start * BLOCK_SIZE_U64,
+                "outside the orphan tables and allocation groups (bytes {}..{})",
+                from * BLOCK_SIZE_U64,
                 self.ag_end(self.ag_count.saturating_sub(1)) * BLOCK_SIZE_U64
             )
         };
@@ -237,6 +267,9 @@ impl Geometry {
         };
         let first = target / BLOCK_SIZE_U64;
         let last = (end - 1) / BLOCK_SIZE_U64;
+        if self.orphan_start != 0 && first >= self.orphan_start && last < self.ag_start {
+            return self.check_orphan_target(target, end, first, last);
+        }
         let (Some(ag_first), Some(ag_last)) = (self.ag_of(first), self.ag_of(last)) else {
             return Err(area());
         };
@@ -246,6 +279,21 @@ impl Geometry {
                 return Err(format!(
                     "over the lock sector of allocation group {ag}'s header"
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The orphan-table half of `check_journal_target`: a table's body may be
+    /// journaled, its lock sector never.
+    fn check_orphan_target(&self, target: u64, end: u64, first: u64, last: u64) -> Result<(), String> {
+        let span = u64::from(self.resource_blocks);
+        for block in [first, last] {
+            let table = self.orphan_start + (block - self.orphan_start) / span * span;
+            let lock = self.lock_offset(table);
+            if target < lock + u64::from(self.ats_sector_size) && end > lock {
+                let slot = (table - self.orphan_start) / span;
+                return Err(format!("over the lock sector of slot {slot}'s orphan table"));
             }
         }
         Ok(())

@@ -18,8 +18,13 @@ pub const ATS_MODE_HARDWARE: u32 = 2;
 
 /// Incompatible features this code understands (none yet in v1).
 pub const FEATURE_INCOMPAT_SUPPORTED: u64 = 0;
-/// Read-only-compatible features this code understands (none yet in v1).
-pub const FEATURE_RO_COMPAT_SUPPORTED: u64 = 0;
+/// Read-only-compatible feature: each slot has an orphan table (`OrphanTable`) in
+/// its own region between the journals and the allocation groups, and inodes record
+/// which tables list them (`InodeBody::orphan_slots`). Code that does not know it
+/// would free orphans without taking them off their tables.
+pub const FEATURE_RO_COMPAT_ORPHAN_TABLES: u64 = 1;
+/// Read-only-compatible features this code understands.
+pub const FEATURE_RO_COMPAT_SUPPORTED: u64 = FEATURE_RO_COMPAT_ORPHAN_TABLES;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
@@ -50,7 +55,8 @@ pub struct Superblock {
     pub created_unix_s: u64,
     pub self_block: u64,
     pub dir_hash_seed: u64,
-    pub reserved: [u8; 280],
+    pub orphan_start: u64,
+    pub reserved: [u8; 272],
 }
 const _: () = assert!(size_of::<Superblock>() == 512);
 
@@ -100,6 +106,13 @@ impl OnDisk for Superblock {
             return Err(FormatError::Unsupported(format!(
                 "read-only-compatible features {unknown_ro:#x}: made by a newer atsfs"
             )));
+        }
+        let orphans = self.feature_ro_compat & FEATURE_RO_COMPAT_ORPHAN_TABLES != 0;
+        if orphans != (self.orphan_start != 0) {
+            return bad(format!(
+                "orphan tables at block {} with feature flags {:#x}",
+                self.orphan_start, self.feature_ro_compat
+            ));
         }
         Ok(())
     }
@@ -305,6 +318,52 @@ impl OnDisk for AgHeader {
 }
 
 // ---------------------------------------------------------------------------------
+// Orphan table: a locked resource per slot, listing the inodes unlinked while that
+// slot's host had them open (feature FEATURE_RO_COMPAT_ORPHAN_TABLES).
+// ---------------------------------------------------------------------------------
+
+/// Inode numbers one orphan table holds.
+pub const ORPHAN_ENTRIES_MAX: usize = 444;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct OrphanTable {
+    pub magic: u32,
+    pub crc: u32,
+    pub blockno: u64,
+    pub slot: u32,
+    pub count: u32,
+    pub reserved: [u8; 8],
+    pub entries: [u64; ORPHAN_ENTRIES_MAX],
+}
+const _: () = assert!(size_of::<OrphanTable>() == RESOURCE_BODY_SIZE);
+
+impl OnDisk for OrphanTable {
+    const MAGIC: u32 = magic(b"AORP");
+    const WHAT: &'static str = "orphan table";
+    fn self_block(&self) -> Option<BlockNo> {
+        Some(self.blockno)
+    }
+    fn validate_fields(&self, block: BlockNo) -> Result<(), FormatError> {
+        if self.count as usize > ORPHAN_ENTRIES_MAX {
+            return Err(FormatError::corrupted(
+                Self::WHAT,
+                block,
+                format!("{} entries", self.count),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl OrphanTable {
+    /// The inodes listed.
+    pub fn listed(&self) -> &[u64] {
+        &self.entries[..(self.count as usize).min(ORPHAN_ENTRIES_MAX)]
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Inode: a locked resource. Inode number = its first block number.
 // ---------------------------------------------------------------------------------
 
@@ -358,7 +417,8 @@ pub struct InodeBody {
     pub dir_table_blocks: u32,
     pub dir_entries: u64,
     pub dir_buckets: u64,
-    pub reserved: [u8; 96],
+    pub orphan_slots: u64,
+    pub reserved: [u8; 88],
     pub area: [u8; INODE_AREA_SIZE],
 }
 const _: () = assert!(size_of::<InodeBody>() == RESOURCE_BODY_SIZE);
@@ -852,6 +912,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 created_unix_s,
                 self_block,
                 dir_hash_seed,
+                orphan_start,
                 reserved
             }),
         ),
@@ -939,6 +1000,19 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
             }),
         ),
         (
+            "OrphanTable",
+            size_of::<OrphanTable>(),
+            layout!(OrphanTable {
+                magic,
+                crc,
+                blockno,
+                slot,
+                count,
+                reserved,
+                entries
+            }),
+        ),
+        (
             "InodeBody",
             size_of::<InodeBody>(),
             layout!(InodeBody {
@@ -969,6 +1043,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 dir_table_blocks,
                 dir_entries,
                 dir_buckets,
+                orphan_slots,
                 reserved,
                 area
             }),

@@ -129,7 +129,7 @@ fn the_doc_check_catches_drift() {
     let doc = format_doc();
     let cases = [
         ("| 8 | 4 | version |", "| 8 | 4 | versions |"),
-        ("| 232 | 280 | reserved |", "| 232 | 28 | reserved |"),
+        ("| 240 | 272 | reserved |", "| 240 | 27 | reserved |"),
         ("### AgHeader (128 bytes)", "### AgHeader (120 bytes)"),
         (
             "### JournalCommit (64 bytes)",
@@ -254,6 +254,17 @@ fn superblock() -> Superblock {
     sb.self_block = BLOCK;
     sb.dir_hash_seed = 0x1234_5678_9abc_def0;
     sb
+}
+
+fn orphan_table() -> OrphanTable {
+    let mut t: OrphanTable = zeroed();
+    t.magic = OrphanTable::MAGIC;
+    t.blockno = BLOCK;
+    t.slot = 2;
+    t.count = 2;
+    t.entries[0] = 5000;
+    t.entries[1] = 6000;
+    t
 }
 
 fn heartbeat_slot() -> HeartbeatSlot {
@@ -436,6 +447,7 @@ fn every_structure_round_trips_and_detects_corruption() {
     check_on_disk(heartbeat_slot(), false);
     check_on_disk(lock_record(), true);
     check_on_disk(ag_header(), true);
+    check_on_disk(orphan_table(), true);
     check_on_disk(inode(), true);
     check_on_disk(extent_leaf(), true);
     check_on_disk(dir_table_block(), true);
@@ -497,6 +509,51 @@ fn superblock_refuses_what_it_does_not_know() {
     ));
     let err = decode_changed(superblock(), |s| s.feature_incompat = 4).unwrap_err();
     assert!(err.to_string().contains("newer atsfs"), "{err}");
+    // Orphan tables: the flag and the region's block go together.
+    assert!(decode_changed(superblock(), |s| s.orphan_start = 0).is_ok());
+    let with = |s: &mut Superblock| {
+        s.feature_ro_compat = FEATURE_RO_COMPAT_ORPHAN_TABLES;
+        s.orphan_start = 8201;
+    };
+    assert!(decode_changed(superblock(), with).is_ok());
+    assert!(is_corrupted(decode_changed(superblock(), |s| s
+        .feature_ro_compat =
+        FEATURE_RO_COMPAT_ORPHAN_TABLES)));
+    assert!(is_corrupted(decode_changed(superblock(), |s| s
+        .orphan_start =
+        8201)));
+}
+
+#[test]
+fn orphan_tables_refuse_more_entries_than_they_hold() {
+    let mut t = orphan_table();
+    t.count = ORPHAN_ENTRIES_MAX as u32;
+    assert!(decode_changed(t, |_| {}).is_ok());
+    assert!(is_corrupted(decode_changed(t, |t| t.count += 1)));
+    assert_eq!(orphan_table().listed(), &[5000, 6000]);
+}
+
+#[test]
+fn a_volume_without_orphan_tables_keeps_its_layout() {
+    // Made before orphan tables: the groups follow the journals directly, and the
+    // superblock neither sets the flag nor names a region.
+    let planned = Geometry::plan(&params(512 * MIB, 512, 32)).unwrap();
+    let mut old = planned;
+    old.orphan_start = 0;
+    old.ag_start = planned.orphan_start;
+    old.ag_count = 4;
+    assert_eq!(old.check(), Ok(()));
+    assert_eq!(old.orphan_table(0), None);
+    let mut sb = superblock();
+    sb.ag_start = old.ag_start;
+    sb.feature_ro_compat = 0;
+    sb.orphan_start = 0;
+    assert_eq!(Geometry::from_superblock(&sb).orphan_start, 0);
+    sb.feature_ro_compat = FEATURE_RO_COMPAT_ORPHAN_TABLES;
+    sb.orphan_start = planned.orphan_start;
+    sb.ag_start = planned.ag_start;
+    let geo = Geometry::from_superblock(&sb);
+    assert_eq!(geo.orphan_table(3), Some(planned.orphan_start + 3));
 }
 
 #[test]
@@ -670,10 +727,12 @@ fn a_512mib_volume_with_32_hosts() {
     assert_eq!((geo.hb_start, geo.hb_blocks), (1, 8));
     assert_eq!(geo.journal_start, 9);
     assert_eq!(geo.journal_blocks, 256); // 131072 / (16 * 32)
-    assert_eq!(geo.ag_start, 9 + 32 * 256);
-    // 122870 data blocks: three full groups and a tail of 24566.
+    assert_eq!(geo.orphan_start, 9 + 32 * 256);
+    assert_eq!(geo.orphan_table(31), Some(geo.orphan_start + 31));
+    assert_eq!(geo.ag_start, 9 + 32 * 256 + 32);
+    // 122838 data blocks: three full groups and a tail of 24534.
     assert_eq!(geo.ag_count, 4);
-    assert_eq!(geo.ag_len(3), 24_566);
+    assert_eq!(geo.ag_len(3), 24_534);
     assert_eq!(geo.ag_end(3), geo.backup_superblock());
     assert_eq!(geo.data_blocks(), 131_072 - 1 - geo.ag_start);
     assert_eq!(geo.slot_offset(31), 4096 + 2 * 31 * 512);
@@ -692,9 +751,9 @@ fn a_1tib_volume() {
     let geo = Geometry::plan(&params(1 << 40, 512, 32)).unwrap();
     assert_eq!(geo.total_blocks, 1 << 28);
     assert_eq!(geo.journal_blocks, 16_384); // clamped to 64 MiB
-    assert_eq!(geo.ag_start, 9 + 32 * 16_384);
+    assert_eq!(geo.ag_start, 9 + 32 * 16_384 + 32);
     assert_eq!(geo.ag_count, 8176);
-    assert_eq!(geo.ag_len(8175), 32_758);
+    assert_eq!(geo.ag_len(8175), 32_726);
     assert_eq!(geo.check(), Ok(()));
 }
 
@@ -707,14 +766,17 @@ fn a_4096_byte_sector_takes_two_blocks_per_resource() {
     assert_eq!(geo.ag_bitmap(0), geo.ag_first(0) + 2);
     assert_eq!(geo.body_offset(100), 100 * 4096 + 4096);
     assert_eq!(geo.slot_offset(1), 3 * 4096);
+    assert_eq!(geo.orphan_table(1), Some(geo.orphan_start + 2));
+    assert_eq!(geo.ag_start, geo.orphan_start + 32 * 2);
     assert_eq!(geo.check(), Ok(()));
 }
 
 #[test]
 fn too_small_devices_say_what_they_need() {
     let err = Geometry::plan(&params(MIB, 512, 32)).unwrap_err();
-    // 1 superblock + 8 slot blocks (heartbeat + mailbox) + 32 journals of 256 + 64 + 1 backup.
-    let need = (1 + 8 + 32 * 256 + 64 + 1) * 4096;
+    // 1 superblock + 8 slot blocks (heartbeat + mailbox) + 32 journals of 256 + 32
+    // orphan tables + 64 + 1 backup.
+    let need = (1 + 8 + 32 * 256 + 32 + 64 + 1) * 4096;
     assert_eq!(err, GeometryError::TooSmall { have: MIB, need });
     assert!(Geometry::plan(&params(need, 512, 32)).is_ok());
     assert!(Geometry::plan(&params(need - 1, 512, 32)).is_err());
@@ -756,7 +818,7 @@ fn huge_journals_are_too_small_devices_not_overflows() {
 fn check_refuses_tampered_geometries() {
     let geo = Geometry::plan(&params(512 * MIB, 512, 32)).unwrap();
     type Tamper = (&'static str, fn(&mut Geometry));
-    let tampered: [Tamper; 10] = [
+    let tampered: [Tamper; 12] = [
         ("resource span", |g| g.resource_blocks += 1),
         ("heartbeat start", |g| g.hb_start = 2),
         ("heartbeat size", |g| g.hb_blocks -= 1),
@@ -764,6 +826,8 @@ fn check_refuses_tampered_geometries() {
         ("journal size", |g| g.journal_blocks = 255),
         ("journal size", |g| g.journal_blocks += 1),
         ("group start", |g| g.ag_start += 1),
+        ("orphan tables", |g| g.orphan_start += 1),
+        ("no room for orphan tables", |g| g.ag_start = g.orphan_start),
         ("no groups", |g| g.ag_count = 0),
         ("a group too many", |g| g.ag_count += 1),
         ("volume shrunk", |g| {

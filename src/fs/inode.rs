@@ -215,6 +215,9 @@ impl Core {
     /// Frees an inode and everything it owns. Its last image is a tombstone so a stale
     /// handle gets ESTALE.
     pub fn free_inode(&mut self, mut inode: InodeBody) -> FsResult<()> {
+        if inode.orphan_slots != 0 {
+            self.orphan_forget(&mut inode)?;
+        }
         if is_dir(&inode) {
             self.dir_free_all(&mut inode)?;
         } else if inode.flags & INODE_FLAG_INLINE == 0 {

@@ -336,21 +336,31 @@ impl Meta {
     /// inode first), so while this host holds it exclusive the record is the image it
     /// last wrote; otherwise it is read from the disk.
     pub fn open_elsewhere(&mut self, resource: BlockNo) -> FsResult<bool> {
+        Ok(!self.open_slots_elsewhere(resource)?.is_empty())
+    }
+
+    /// The other hosts' slots that have the file open (live, or dead but not yet
+    /// recovered), lowest first; read as `open_elsewhere` reads them.
+    pub fn open_slots_elsewhere(&mut self, resource: BlockNo) -> FsResult<Vec<u32>> {
         let state = match self.locks.held.get(&resource) {
             Some((state, LockMode::Exclusive)) => state.clone(),
             _ => read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?,
         };
         let r = &state.record;
         let me = self.node.me;
-        let writer = r.open_flags & crate::format::OPEN_WRITER != 0
+        let writer = (r.open_flags & crate::format::OPEN_WRITER != 0
             && r.open_writer_slot != me.slot
-            && !self.node.stale(r.open_writer_slot, r.open_writer_gen);
-        let reader = (0..64u32).any(|s| {
+            && !self.node.stale(r.open_writer_slot, r.open_writer_gen))
+        .then_some(r.open_writer_slot);
+        let readers = (0..64u32).filter(|&s| {
             s != me.slot
                 && r.open_readers & (1u64 << s) != 0
                 && !self.node.stale16(s, r.open_reader_gen[s as usize])
         });
-        Ok(writer || reader)
+        let mut slots: Vec<u32> = writer.into_iter().chain(readers).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        Ok(slots)
     }
 
     /// Forgets the kept locks of freed inodes in `[start, start + len)` (except

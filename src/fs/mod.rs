@@ -17,6 +17,7 @@ mod locks;
 pub mod meta;
 mod mount;
 mod namei;
+mod orphan;
 pub(crate) mod readahead;
 pub(crate) mod xattr;
 
@@ -174,6 +175,9 @@ pub struct Fs {
     root: Ino,
     lease: Arc<Lease>,
     membership: Mutex<Option<Membership>>,
+    /// Slots this host recovered while waiting for a lock, whose orphan tables the
+    /// service thread reclaims next (not inside the waiting operation).
+    orphans_pending: Mutex<Vec<u32>>,
     pub options: MountOptions,
 }
 
@@ -289,7 +293,12 @@ impl Fs {
         };
         for &(slot, _) in holders.iter().filter(|&&(slot, _)| slot != node.me.slot) {
             let outcome = match node.recover_if_dead(slot) {
-                Ok(true) => Ok(()),
+                Ok(true) => {
+                    if let Ok(mut pending) = self.orphans_pending.lock() {
+                        pending.push(slot);
+                    }
+                    Ok(())
+                }
                 Ok(false) => node.ask_release(slot, resource, code),
                 Err(e) => Err(e),
             };

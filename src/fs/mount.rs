@@ -210,6 +210,7 @@ impl Fs {
             root,
             lease,
             membership: Mutex::new(Some(membership)),
+            orphans_pending: Mutex::new(Vec::new()),
             options,
         });
         spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
@@ -217,6 +218,7 @@ impl Fs {
             let _ = fs.unmount();
             bail!("the root directory (inode {root}) is unreadable: {e}");
         }
+        fs.reclaim_orphans_at_mount();
         Ok(fs)
     }
 
@@ -268,6 +270,7 @@ fn spawn_service(fs: Weak<Fs>, commit_interval: Duration, interval: Duration) {
                 if let Err(e) = fs.serve_mailbox() {
                     tracing::warn!("serving lock requests: {e}");
                 }
+                fs.reclaim_pending_orphans();
                 if since_watch >= interval {
                     since_watch = Duration::ZERO;
                     if let Err(e) = fs.watch_cluster() {
@@ -321,7 +324,20 @@ impl Fs {
         node.refresh()?;
         for slot in node.recover_all_dead()? {
             tracing::warn!(slot, "recovered a dead host");
+            self.reclaim_orphans(slot);
         }
+        self.reclaim_pending_orphans();
         Ok(())
+    }
+
+    /// Reclaims the orphan tables of the slots recovered while waiting for a lock.
+    pub fn reclaim_pending_orphans(&self) {
+        let pending = match self.orphans_pending.lock() {
+            Ok(mut pending) => std::mem::take(&mut *pending),
+            Err(_) => return,
+        };
+        for slot in pending {
+            self.reclaim_orphans(slot);
+        }
     }
 }

@@ -258,10 +258,22 @@ impl Core {
             inode.nlink.saturating_sub(1)
         };
         touch_ctime(&mut inode);
-        let open_here = self.open_counts.get(&ino).map_or(0, |c| c.total()) > 0;
-        // A file another host has open stays until that host's last close frees it.
-        if inode.nlink == 0 && !open_here && !(is_reg(&inode) && self.meta.open_elsewhere(ino)?) {
-            return self.free_inode(inode);
+        if inode.nlink == 0 {
+            let open_here = self.open_counts.get(&ino).map_or(0, |c| c.total()) > 0;
+            let elsewhere = if is_reg(&inode) {
+                self.meta.open_slots_elsewhere(ino)?
+            } else {
+                Vec::new()
+            };
+            // A file open anywhere stays until the last close frees it; each host
+            // with it open lists it in its orphan table, so a crash does not leak it.
+            if !open_here && elsewhere.is_empty() {
+                return self.free_inode(inode);
+            }
+            let me = self.meta.node.me.slot;
+            for slot in open_here.then_some(me).into_iter().chain(elsewhere) {
+                self.orphan_add(&mut inode, slot)?;
+            }
         }
         self.put_inode(&inode)?;
         Ok(())
@@ -283,6 +295,14 @@ impl Core {
             for (kind, add) in open_transitions(before, after, multi) {
                 self.meta.set_open(ino, kind, add)?;
             }
+        }
+        let me = self.meta.node.me.slot;
+        let listed = inode.orphan_slots & (1u64 << me) != 0;
+        if inode.nlink == 0 && !listed && !is_dir(&inode) && self.meta.geo.orphan_start != 0 {
+            // Opened again after its last link went: list it for this host too.
+            let mut inode = inode;
+            self.orphan_add(&mut inode, me)?;
+            self.put_inode(&inode)?;
         }
         self.open_counts.insert(ino, after);
         Ok((attr_of(&inode), multi))
@@ -311,13 +331,27 @@ impl Core {
         }
         if after.total() == 0 {
             if let Some(inode) = inode.filter(|i| i.nlink == 0) {
-                self.free_inode(inode)?;
+                self.last_close_of_unlinked(inode)?;
             }
             self.open_counts.remove(&ino);
         } else {
             self.open_counts.insert(ino, after);
         }
         Ok(())
+    }
+
+    /// This host's last close of an unlinked inode: frees it when no other host has
+    /// it open, else only takes it off this host's orphan table.
+    fn last_close_of_unlinked(&mut self, mut inode: InodeBody) -> FsResult<()> {
+        if is_reg(&inode) && self.meta.open_elsewhere(inode.blockno)? {
+            let me = self.meta.node.me.slot;
+            if inode.orphan_slots & (1u64 << me) != 0 {
+                self.orphan_remove(&mut inode, me)?;
+                self.put_inode(&inode)?;
+            }
+            return Ok(());
+        }
+        self.free_inode(inode)
     }
 
     /// True when `ancestor` is `ino` or one of its parents.

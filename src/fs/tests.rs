@@ -1494,3 +1494,158 @@ fn a_reused_read_buffer_never_shows_the_last_reads_bytes() {
     }
     fs.unmount().expect("unmount");
 }
+
+/// Opens a new file with some data on `fs`, unlinks it while open, and commits the
+/// unlink: the file now lives only through the open handle.
+fn unlinked_open_file(fs: &Fs, name: &[u8]) -> Ino {
+    let f = fs.mknod(fs.root(), name, REG, 0, 0, 0).expect("create").ino;
+    fs.write_data(f, 0, &vec![7u8; 3 * 4096 + 100])
+        .expect("write");
+    fs.open(f, false).expect("open");
+    fs.unlink(fs.root(), name).expect("unlink");
+    fs.fsync(f, false).expect("fsync the unlink");
+    f
+}
+
+fn assert_fsck_clean(lun: &MemLun) {
+    let report = crate::fsck::check(lun).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+/// Waits (bounded) until `fs` has recovered `slot` (its watch recovers dead hosts).
+fn recover_by_watching(fs: &Fs, lun: &MemLun, slot: u32) {
+    let geo = Geometry::from_superblock(&read_superblock(lun).expect("sb"));
+    let started = std::time::Instant::now();
+    loop {
+        fs.watch_cluster().expect("watch");
+        let (_, image) = crate::cluster::read_slot(lun, &geo, slot).expect("slot");
+        if image.map(|s| s.state) == Some(crate::format::SLOT_FREE) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "slot {slot} was not recovered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_survivor_reclaims_the_unlinked_open_files_of_a_crashed_host() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let f = unlinked_open_file(&a, b"orphan");
+    unlinked_open_file(&a, b"orphan-2");
+    drop(a); // crash of host 1 with both files open
+    recover_by_watching(&b, &lun, 0);
+    assert_eq!(
+        b.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE),
+        "the orphan was freed by the recovery"
+    );
+    b.unmount().expect("unmount");
+    assert_fsck_clean(&lun);
+}
+
+#[test]
+fn a_host_reclaims_its_own_unlinked_open_files_when_it_mounts_again() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let before = a.statfs().expect("statfs").free_blocks;
+    let f = unlinked_open_file(&a, b"orphan");
+    drop(a); // crash with the file open
+    let a = mount(&lun, 1);
+    assert_eq!(
+        a.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+    assert_eq!(a.statfs().expect("statfs").free_blocks, before);
+    a.unmount().expect("unmount");
+    assert_fsck_clean(&lun);
+}
+
+#[test]
+fn an_unlinked_file_stays_until_its_last_open_on_any_host() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let c = mount(&lun, 3);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(f, 0, b"shared").expect("write");
+    b.open(f, false).expect("b reads");
+    c.open(f, false).expect("c reads");
+    a.unlink(a.root(), b"f").expect("unlink on a");
+    b.release(f, false).expect("b closes");
+    assert_eq!(c.read_data(f, 0, 100).expect("c still reads"), b"shared");
+    c.release(f, false).expect("c's close frees it");
+    assert_eq!(
+        a.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+    for fs in [a, b, c] {
+        fs.unmount().expect("unmount");
+    }
+    assert_fsck_clean(&lun);
+}
+
+#[test]
+fn an_unlinked_file_open_on_a_crashed_host_and_a_live_one_stays_for_the_live_one() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let c = mount(&lun, 3);
+    let f = c.mknod(c.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    c.write_data(f, 0, b"kept for b").expect("write");
+    c.fsync(f, false).expect("fsync");
+    a.open(f, false).expect("a reads");
+    b.open(f, false).expect("b reads");
+    c.unlink(c.root(), b"f").expect("unlink on c");
+    c.fsync(c.root(), false).expect("commit the unlink");
+    drop(a); // crash of host 1 with the file open
+    recover_by_watching(&b, &lun, 0);
+    assert_eq!(
+        b.read_data(f, 0, 100).expect("b still reads"),
+        b"kept for b"
+    );
+    drop(b); // and of host 2, the last one with it open
+    recover_by_watching(&c, &lun, 1);
+    assert_eq!(
+        c.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+    c.unmount().expect("unmount");
+    assert_fsck_clean(&lun);
+}
+
+#[test]
+fn offline_recovery_reclaims_the_unlinked_open_files_of_dead_hosts() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let f = unlinked_open_file(&a, b"orphan");
+    drop(a); // crash; no host left to recover it
+    let sb = read_superblock(lun.as_ref()).expect("sb");
+    let geo = Geometry::from_superblock(&sb);
+    let clock = crate::cluster::SystemClock::default();
+    let outcomes = crate::cluster::recover_offline(
+        lun.as_ref(),
+        &geo,
+        sb.volume_uuid,
+        None,
+        Duration::from_millis(100),
+        Duration::from_millis(1000),
+        &clock,
+    )
+    .expect("recover");
+    assert!(outcomes.contains(&(0, crate::cluster::OfflineOutcome::Recovered)));
+    let dyn_lun: Arc<dyn Lun> = lun.clone();
+    Fs::reclaim_orphans_offline(dyn_lun).expect("reclaim");
+    let report = crate::fsck::check(lun.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.counts.orphans, 0, "the orphan table still lists it");
+    let c = mount(&lun, 3);
+    assert_eq!(
+        c.getattr(f).map_err(|e| e.errno()).err(),
+        Some(libc::ESTALE)
+    );
+}

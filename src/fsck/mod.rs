@@ -17,6 +17,8 @@
 //! 4. `tree`: from the root inode, depth first: inodes, directories (table, buckets,
 //!    entries, counts, parents, link counts), files (extents, leaves), symlinks,
 //!    xattr blocks; every block reached is claimed once in a map of the volume.
+//!    Then every slot's orphan table: each inode it lists (a file unlinked while
+//!    open) is walked the same way, and listings and `orphan_slots` must agree.
 //! 5. `groups` again: every bitmap against the claimed map: blocks marked used that
 //!    nothing reachable uses are leaked; blocks in use but marked free are serious.
 //!
@@ -24,10 +26,10 @@
 //! headers and bitmaps, journals; never file data.
 //!
 //! What the check cannot tell apart:
-//! - An inode unlinked while open has no entry, so the walk cannot find it: a host
-//!   that crashed (or is still mounted) with such files leaves their blocks marked
-//!   used, reported as leaked blocks. Once every host is unmounted and every
-//!   journal replayed, such blocks belong to nothing and can be reclaimed.
+//! - An inode unlinked while open has no entry; the walk finds it through the orphan
+//!   tables (after the namespace) and counts it reachable. On a volume made without
+//!   orphan tables, or when a host's table was full, such a file's blocks are
+//!   reported as leaked blocks after its host crashed.
 //! - On a mounted volume, other hosts change metadata while fsck reads it: what it
 //!   reports may be in-flight state. Live heartbeat slots are noted for that reason.
 //! - The journals have no revoke records: the overlay applies every pending image

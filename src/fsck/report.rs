@@ -61,6 +61,10 @@ pub enum ProblemKind {
     Symlink,
     /// An xattr block does not decode, has another owner or an unknown namespace.
     Xattr,
+    /// An orphan table does not decode, or lists an inode that is not an orphan
+    /// (freed, linked, a directory, not flagged for that table), or an inode's
+    /// `orphan_slots` names a table that does not list it.
+    OrphanTable,
     /// Blocks marked used in a bitmap that nothing reachable uses.
     LeakedBlocks,
     /// Blocks in use (reachable, or group metadata) but marked free: the allocator
@@ -111,6 +115,9 @@ pub struct Counts {
     /// Committed transactions (and their images) not yet written home.
     pub pending_transactions: u64,
     pub pending_records: u64,
+    /// Inodes listed in orphan tables: files unlinked while a host had them open
+    /// (reachable through the tables, counted among `inodes` too).
+    pub orphans: u64,
     /// Lock records of reached resources that are not free.
     pub locks_held: u64,
     /// Metadata reads the check made.
@@ -280,6 +287,13 @@ impl FsckReport {
             "  {} of {} blocks used in {} allocation groups ({} reachable, {} free)\n",
             c.blocks_used, c.blocks_total, c.allocation_groups, c.blocks_reachable, c.blocks_free
         );
+        if c.orphans > 0 {
+            out += &format!(
+                "  {} files unlinked while open, listed in orphan tables (reclaimed when their hosts' slots are recovered)
+",
+                c.orphans
+            );
+        }
         for note in &self.notes {
             out += &format!("  note: {note}\n");
         }

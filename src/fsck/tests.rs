@@ -720,3 +720,88 @@ fn a_committed_write_outside_the_groups_is_reported_not_applied() {
     let render = report.render();
     assert!(render.contains("slot 3") && render.contains(&format!("byte {heartbeat}")));
 }
+
+// ----------------------------------------------------------------------------------
+// Orphan tables.
+// ----------------------------------------------------------------------------------
+
+/// A volume whose host crashed with a file (`ino`) unlinked but open: only slot 0's
+/// orphan table names it. Its journal is home (its locks were let go).
+fn crashed_with_an_orphan() -> (Vec<u8>, Ino) {
+    let lun = fresh(64 << 20);
+    let fs = mount(lun.clone());
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.write_data(f, 0, &[5; 20_000]).expect("write");
+    fs.open(f, false).expect("open");
+    fs.unlink(fs.root(), b"f").expect("unlink while open");
+    fs.fsync(f, false).expect("fsync");
+    // Everything home and the journal empty, so that a change to the image is seen.
+    fs.release_all_locks().expect("release");
+    drop(fs); // crash: the file stays open for ever
+    (lun.snapshot(), f)
+}
+
+fn orphan_table_of(image: &[u8], geo: &Geometry, slot: u32) -> crate::format::OrphanTable {
+    let block = geo.orphan_table(slot).expect("orphan tables");
+    crate::format::OrphanTable::decode(&image[body_range(geo, block)], block).expect("table")
+}
+
+fn write_orphan_table(image: &mut [u8], geo: &Geometry, mut table: crate::format::OrphanTable) {
+    table.seal();
+    let range = body_range(geo, table.blockno);
+    image[range].copy_from_slice(bytemuck::bytes_of(&table));
+}
+
+#[test]
+fn a_file_unlinked_while_open_is_reachable_through_its_orphan_table() {
+    let (image, f) = crashed_with_an_orphan();
+    let geo = geometry(&image);
+    assert_eq!(orphan_table_of(&image, &geo, 0).listed(), &[f]);
+    let report = check_image(image.clone());
+    assert_clean(&report);
+    assert_eq!(report.counts.regular_files, 1, "{}", report.render());
+
+    // A listing the inode does not agree with is a problem.
+    let mut linked = image.clone();
+    let mut table = orphan_table_of(&linked, &geo, 1);
+    table.entries[0] = f;
+    table.count = 1;
+    write_orphan_table(&mut linked, &geo, table);
+    let report = check_image(linked);
+    assert_eq!(
+        kinds(&report),
+        vec![ProblemKind::OrphanTable],
+        "{}",
+        report.render()
+    );
+
+    // So is a damaged table: its inode is then unreachable.
+    let mut damaged = image.clone();
+    let at = geo.body_offset(geo.orphan_table(0).expect("tables")) as usize;
+    damaged[at + 40] ^= 1;
+    let report = check_image(damaged);
+    assert!(report.has(ProblemKind::OrphanTable), "{}", report.render());
+    assert!(report.has(ProblemKind::LeakedBlocks), "{}", report.render());
+}
+
+#[test]
+fn repair_frees_the_files_orphan_tables_list() {
+    let (image, f) = crashed_with_an_orphan();
+    let geo = geometry(&image);
+    let lun = MemLun::from_image(image, 512);
+    let done = repair(&lun, true).expect("repair");
+    assert_eq!(
+        done.exit_code(),
+        1,
+        "{:?}\n{}",
+        done.fixed,
+        done.after.render()
+    );
+    let after = lun.snapshot();
+    assert_eq!(orphan_table_of(&after, &geo, 0).count, 0);
+    assert!(
+        !bit_is_set(&after, &geo, f),
+        "the orphan's inode was not freed"
+    );
+    assert_clean(&check_image(after));
+}

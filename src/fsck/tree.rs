@@ -13,9 +13,10 @@ use super::report::{
 };
 use super::volume::Volume;
 use crate::format::{
-    BlockNo, DirBucket, DirTableBlock, Extent, ExtentLeaf, InodeBody, OnDisk, XattrBlock,
-    BLOCK_SIZE_U64, DIR_TABLE_PTRS, EXTENT_UNWRITTEN, INODE_AREA_SIZE, INODE_DIR_PTRS_MAX,
-    INODE_FLAG_EXTENT_TREE, INODE_FLAG_INLINE, INODE_FLAG_MULTI_WRITER, RESOURCE_BODY_SIZE,
+    BlockNo, DirBucket, DirTableBlock, Extent, ExtentLeaf, InodeBody, OnDisk, OrphanTable,
+    XattrBlock, BLOCK_SIZE_U64, DIR_TABLE_PTRS, EXTENT_UNWRITTEN, INODE_AREA_SIZE,
+    INODE_DIR_PTRS_MAX, INODE_FLAG_EXTENT_TREE, INODE_FLAG_INLINE, INODE_FLAG_MULTI_WRITER,
+    RESOURCE_BODY_SIZE,
 };
 use crate::fs::dir::{index_of, name_hash, parse_entries, DIR_DEPTH_MAX};
 use crate::fs::file::{area_extents, FILE_SIZE_MAX};
@@ -49,10 +50,17 @@ struct Visit {
     bucket: BlockNo,
     index: usize,
     name: Vec<u8>,
+    /// Listed by this slot's orphan table rather than named by an entry.
+    orphan_of: Option<u32>,
 }
 
 impl Visit {
-    /// The entry this visit follows; `None` for the root.
+    /// True for the root (named by the superblock).
+    fn is_root(&self) -> bool {
+        self.kind.is_none() && self.orphan_of.is_none()
+    }
+
+    /// The entry this visit follows; `None` for the root and orphans.
     fn entry(&self) -> Option<EntryRef> {
         self.kind?;
         Some(EntryRef {
@@ -119,6 +127,8 @@ pub(crate) fn walk(
         files: HashMap::new(),
         dirs: HashMap::new(),
         stack: Vec::new(),
+        orphan_bits: HashMap::new(),
+        listed: HashMap::new(),
     };
     walk.stack.push(Visit {
         ino: root,
@@ -128,10 +138,12 @@ pub(crate) fn walk(
         bucket: 0,
         index: 0,
         name: Vec::new(),
+        orphan_of: None,
     });
     while let Some(visit) = walk.stack.pop() {
         walk.visit(visit)?;
     }
+    walk.orphan_tables()?;
     walk.check_link_counts();
     let paths: Vec<(Ino, String)> = walk
         .files
@@ -151,6 +163,10 @@ struct Walk<'w, 'a> {
     files: HashMap<Ino, FileLinks>,
     dirs: HashMap<Ino, DirLinks>,
     stack: Vec<Visit>,
+    /// Inodes reached whose `orphan_slots` is not zero: the bits, and the path.
+    orphan_bits: HashMap<Ino, (u64, String)>,
+    /// Inodes the orphan tables list: a bit per table.
+    listed: HashMap<Ino, u64>,
 }
 
 fn child_path(dir: &str, name: &[u8]) -> String {
@@ -254,7 +270,7 @@ impl Walk<'_, '_> {
                 v.ino,
                 FileLinks {
                     nlink: inode.nlink,
-                    found: 1,
+                    found: u32::from(v.orphan_of.is_none()),
                     dtype,
                     path: v.path.clone(),
                 },
@@ -269,7 +285,10 @@ impl Walk<'_, '_> {
     /// A problem with what an entry names; for the root (named by the superblock),
     /// a problem with the root inode.
     fn entry_problem(&mut self, v: &Visit, msg: String) {
-        if v.kind.is_none() {
+        if let Some(slot) = v.orphan_of {
+            let msg = format!("the orphan table of slot {slot} {msg}");
+            self.problem(ProblemKind::OrphanTable, v.ino, &v.path, msg);
+        } else if v.kind.is_none() {
             let msg = format!("the superblock's root directory {msg}; nothing is reachable");
             self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
             self.hidden(&v.path, "the root inode cannot be read");
@@ -280,6 +299,9 @@ impl Walk<'_, '_> {
     }
 
     fn check_entry_kind(&mut self, v: &Visit, dtype: u8) {
+        if v.orphan_of.is_some() {
+            return;
+        }
         match v.kind {
             Some(kind) if kind != dtype => {
                 let msg = format!(
@@ -331,7 +353,7 @@ impl Walk<'_, '_> {
             }
             Err(e) => {
                 self.problem(ProblemKind::Inode, v.ino, &v.path, e.to_string());
-                if v.kind.is_none() {
+                if v.is_root() {
                     self.hidden(&v.path, "the root inode does not decode");
                 }
                 self.drop_entry(v, DropReason::DamagedInode);
@@ -340,8 +362,12 @@ impl Walk<'_, '_> {
         };
         if inode.flags & INODE_FLAG_FREED != 0 {
             let msg = format!("names inode {}, which was freed", v.ino);
-            self.problem(ProblemKind::FreedInode, v.ino, &v.path, msg);
-            if v.kind.is_none() {
+            let kind = match v.orphan_of {
+                Some(_) => ProblemKind::OrphanTable,
+                None => ProblemKind::FreedInode,
+            };
+            self.problem(kind, v.ino, &v.path, msg);
+            if v.is_root() {
                 self.hidden(&v.path, "the root inode was freed");
             }
             self.drop_entry(v, DropReason::FreedInode);
@@ -355,6 +381,10 @@ impl Walk<'_, '_> {
         }
         if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), v.ino, self.report) {
             self.problem(ProblemKind::LockRecord, v.ino, &v.path, e);
+        }
+        if inode.orphan_slots != 0 {
+            self.orphan_bits
+                .insert(v.ino, (inode.orphan_slots, v.path.clone()));
         }
         let what = format!("inode {} (blocks {}..{})", v.ino, v.ino, v.ino + span);
         self.claim(ProblemKind::Inode, &what, v.ino, span, &v.path);
@@ -646,6 +676,7 @@ impl Walk<'_, '_> {
                 bucket: h.blockno,
                 index,
                 name: e.name.clone(),
+                orphan_of: None,
             };
             let mut bad = |message: String| {
                 problems.push(Problem {
@@ -945,6 +976,107 @@ impl Walk<'_, '_> {
             );
             self.problem(ProblemKind::BlockCount, v.ino, &v.path, msg);
             self.report.inode_fix(v.ino, &v.path).blocks = Some(expected);
+        }
+    }
+
+    // ------------------------------------------------------------------------------
+    // Orphan tables.
+    // ------------------------------------------------------------------------------
+
+    /// Walks every slot's orphan table: each inode listed is reachable (an unlinked
+    /// file some host had open), and must be an orphan whose `orphan_slots` names
+    /// exactly the tables that list it.
+    fn orphan_tables(&mut self) -> Result<()> {
+        for slot in 0..self.vol.geo.max_hosts {
+            let Some(block) = self.vol.geo.orphan_table(slot) else {
+                return Ok(());
+            };
+            for ino in self.orphan_table(slot, block)? {
+                *self.listed.entry(ino).or_default() |= 1u64 << slot;
+                if self.files.contains_key(&ino) || self.dirs.contains_key(&ino) {
+                    continue;
+                }
+                self.visit(Visit {
+                    ino,
+                    parent: 0,
+                    path: format!("(orphan {ino} of slot {slot})"),
+                    kind: None,
+                    bucket: 0,
+                    index: 0,
+                    name: Vec::new(),
+                    orphan_of: Some(slot),
+                })?;
+                while let Some(visit) = self.stack.pop() {
+                    self.visit(visit)?;
+                }
+            }
+        }
+        self.check_orphan_listings();
+        Ok(())
+    }
+
+    /// Reads one orphan table; the inodes it lists (each once).
+    fn orphan_table(&mut self, slot: u32, block: BlockNo) -> Result<Vec<Ino>> {
+        let geo = self.vol.geo;
+        let raw = self.vol.blocks(block, u64::from(geo.resource_blocks))?;
+        let sector = geo.ats_sector_size as usize;
+        let path = format!("(orphan table of slot {slot})");
+        if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), block, self.report) {
+            self.problem(ProblemKind::LockRecord, block, &path, e);
+        }
+        let body = raw.get(sector..sector + RESOURCE_BODY_SIZE).unwrap_or(&[]);
+        let table = match OrphanTable::decode(body, block) {
+            Ok(table) if table.slot == slot => table,
+            Ok(table) => {
+                let msg = format!("names slot {}", table.slot);
+                self.problem(ProblemKind::OrphanTable, block, &path, msg);
+                return Ok(Vec::new());
+            }
+            Err(e) => {
+                self.problem(ProblemKind::OrphanTable, block, &path, e.to_string());
+                return Ok(Vec::new());
+            }
+        };
+        let mut seen = HashSet::new();
+        let listed = table
+            .listed()
+            .iter()
+            .copied()
+            .filter(|&ino| seen.insert(ino));
+        let listed: Vec<Ino> = listed.collect();
+        if listed.len() != table.listed().len() {
+            let msg = "lists an inode twice";
+            self.problem(ProblemKind::OrphanTable, block, &path, msg);
+        }
+        self.report.counts.orphans += listed.len() as u64;
+        Ok(listed)
+    }
+
+    /// Each listed inode is an orphan of a kind that can be one, and its
+    /// `orphan_slots` names exactly the tables that list it.
+    fn check_orphan_listings(&mut self) {
+        let mut inos: Vec<Ino> = self.listed.keys().copied().collect();
+        inos.extend(self.orphan_bits.keys().copied());
+        inos.sort_unstable();
+        inos.dedup();
+        for ino in inos {
+            let listed = self.listed.get(&ino).copied().unwrap_or(0);
+            let (bits, path) = match self.orphan_bits.get(&ino) {
+                Some((bits, path)) => (*bits, path.clone()),
+                None => (0, format!("(orphan {ino})")),
+            };
+            let linked = self.files.get(&ino).is_some_and(|f| f.found > 0);
+            let dir = self.dirs.contains_key(&ino);
+            let msg = if listed != 0 && (linked || dir) {
+                format!("inode {ino} is listed as an orphan but is linked")
+            } else if bits != listed && (listed != 0 || self.files.contains_key(&ino)) {
+                format!(
+                    "inode {ino} says orphan tables {bits:#x} list it, but tables {listed:#x} do"
+                )
+            } else {
+                continue;
+            };
+            self.problem(ProblemKind::OrphanTable, ino, &path, msg);
         }
     }
 

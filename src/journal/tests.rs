@@ -476,6 +476,10 @@ fn forbidden_targets(geo: &Geometry) -> Vec<(&'static str, u64)> {
         ("own journal", (geo.journal_of(0) + 200) * b),
         ("another journal", geo.journal_of(1) * b),
         ("group header lock sector", geo.ag_header(last) * b),
+        (
+            "orphan table lock sector",
+            geo.orphan_table(1).expect("orphan tables") * b,
+        ),
         ("backup superblock", geo.backup_superblock() * b),
         ("past the end", geo.total_blocks * b),
         ("far past the end", u64::MAX - 4095),
@@ -539,8 +543,9 @@ fn the_writer_refuses_a_target_outside_the_groups() {
         }];
         assert!(journal.commit(&lun, &tx, 0).is_err(), "{what}");
     }
-    // Every structure the filesystem journals lies in a group: an inode body, a
-    // group header body and bitmap, whole blocks up to the last one.
+    // Every structure the filesystem journals lies in a group (an inode body, a
+    // group header body and bitmap, whole blocks up to the last one) or is an orphan
+    // table's body.
     let last = geo.ag_count - 1;
     let sector = u64::from(geo.ats_sector_size);
     let ok = [
@@ -549,6 +554,10 @@ fn the_writer_refuses_a_target_outside_the_groups() {
         (geo.body_offset(geo.ag_first(0) + 40), geo.body_len()),
         ((geo.ag_end(last) - 1) * BLOCK_SIZE_U64, BLOCK_SIZE),
         (geo.ag_header(last) * BLOCK_SIZE_U64 + sector, 512),
+        (
+            geo.body_offset(geo.orphan_table(1).expect("orphan tables")),
+            geo.body_len(),
+        ),
     ];
     for (at, len) in ok {
         let tx = [Record {

@@ -6,7 +6,9 @@
 //!    slots, recover dead hosts (replay their journals, free their slots). From then
 //!    on the device is exactly what the check sees: no journal holds anything.
 //! 2. The superblock copies: a damaged primary from the backup, a damaged (or
-//!    different) backup from the primary.
+//!    different) backup from the primary. Then the orphan tables are emptied: with
+//!    no host live no file is open, so the files they listed (unlinked while open)
+//!    become unreachable and the passes free them.
 //! 3. Passes of check-then-fix (`write`), at most `PASSES_MAX`: directory entries
 //!    removed or retyped (bucket rewrites), inode fields, lock records, and last the
 //!    bitmaps and group headers, which follow from reachability. None of a pass's
@@ -81,6 +83,9 @@ pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
     let geo = Geometry::from_superblock(&sb);
     hosts::settle(lun, &sb, &geo, force, &mut tally, &mut notes)?;
     fix_superblocks(lun, &mut tally)?;
+    if write::empty_orphan_tables(lun, &geo, &mut tally)? {
+        lun.flush()?;
+    }
     let mut report = check(lun)?;
     for _ in 0..PASSES_MAX {
         if !write::fix_pass(lun, &geo, &report, &mut tally, &mut notes)? {

@@ -9,8 +9,8 @@
 use super::Tally;
 use crate::format::{
     encode_padded, AgHeader, BlockNo, DirBucket, Geometry, InodeBody, LockRecord, OnDisk,
-    Superblock, AG_BLOCKS, AG_FLAG_BITMAP_UNINIT, BLOCK_SIZE, BLOCK_SIZE_U64, DIR_BUCKET_AREA,
-    DIR_ENTRY_FIXED, LOCK_FREE,
+    OrphanTable, Superblock, AG_BLOCKS, AG_FLAG_BITMAP_UNINIT, BLOCK_SIZE, BLOCK_SIZE_U64,
+    DIR_BUCKET_AREA, DIR_ENTRY_FIXED, LOCK_FREE,
 };
 use crate::fs::dir::{parse_entries, Entry};
 use crate::fsck::report::{DropReason, EntryFix, EntryRef, Fixes, FsckReport, InodeFix};
@@ -42,6 +42,49 @@ pub(super) fn superblock(lun: &dyn Lun, mut sb: Superblock, block: BlockNo) -> R
     lun.write_at(&encode_padded(&sb, BLOCK_SIZE), block * BLOCK_SIZE_U64)?;
     lun.flush()?;
     Ok(())
+}
+
+/// Empties every orphan table that lists anything or is damaged, and frees its lock
+/// sector: no host is live, so no file is open, and the inodes the tables listed
+/// become unreachable, for the passes that follow to free. Returns true when it wrote.
+pub(super) fn empty_orphan_tables(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    tally: &mut Tally,
+) -> Result<bool> {
+    let sector = geo.ats_sector_size as usize;
+    let mut wrote = false;
+    for slot in 0..geo.max_hosts {
+        let Some(block) = geo.orphan_table(slot) else {
+            return Ok(false);
+        };
+        let mut raw = vec![0u8; geo.resource_blocks as usize * BLOCK_SIZE];
+        lun.read_at(&mut raw, block * BLOCK_SIZE_U64)?;
+        let body = raw.get(sector..).unwrap_or(&[]);
+        let (kind, item) = match OrphanTable::decode(body, block) {
+            Ok(t) if t.slot == slot && t.count == 0 => continue,
+            Ok(t) if t.slot == slot => (
+                "orphan tables emptied (the files they listed, unlinked while open, are freed)",
+                format!("slot {slot}: {} files", t.count),
+            ),
+            _ => (
+                "damaged orphan tables rewritten empty",
+                format!("slot {slot}"),
+            ),
+        };
+        let mut table: OrphanTable = bytemuck::Zeroable::zeroed();
+        table.magic = OrphanTable::MAGIC;
+        table.blockno = block;
+        table.slot = slot;
+        table.seal();
+        let mut image = vec![0u8; raw.len()];
+        let bytes = bytemuck::bytes_of(&table);
+        image[sector..sector + bytes.len()].copy_from_slice(bytes);
+        lun.write_at(&image, block * BLOCK_SIZE_U64)?;
+        tally.add(kind, item);
+        wrote = true;
+    }
+    Ok(wrote)
 }
 
 // ----------------------------------------------------------------------------------
