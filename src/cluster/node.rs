@@ -111,15 +111,19 @@ impl Node {
         Ok(true)
     }
 
-    /// Recovers every slot that is dead now.
-    pub fn recover_all_dead(&self) -> Result<Vec<u32>> {
+    /// Recovers every slot that is dead now. A slot that cannot be recovered now (its
+    /// sector stays locked by a host stopped inside a test-and-set, an I/O error) is
+    /// left for the next watch and does not hold up the others.
+    pub fn recover_all_dead(&self) -> Vec<u32> {
         let mut recovered = Vec::new();
         for slot in 0..self.geo.max_hosts {
-            if self.recover_if_dead(slot)? {
-                recovered.push(slot);
+            match self.recover_if_dead(slot) {
+                Ok(true) => recovered.push(slot),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(slot, "recovering a dead host, will try again: {e:#}"),
             }
         }
-        Ok(recovered)
+        recovered
     }
 
     pub fn host_uuid(&self) -> HostUuid {

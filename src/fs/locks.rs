@@ -97,7 +97,7 @@ impl Meta {
                 mode,
                 &stale,
             )
-            .map_err(lock_error)?;
+            .map_err(|e| wait_or_fail(e, &state, mode))?;
             match outcome {
                 Ok(Acquire::Got(now)) => {
                     // Trust the cache only if nobody held the lock since we let it go.
@@ -302,6 +302,7 @@ impl Meta {
         let node = self.node.clone();
         let stale = |slot: u32, generation: u32| node.stale(slot, generation);
         let stale16 = |slot: u32, generation: u16| node.stale16(slot, generation);
+        let held_mode = self.locks.held_mode(resource).unwrap_or(LockMode::Shared);
         for _ in 0..ATTEMPTS_MAX {
             match try_open(
                 self.lun.as_ref(),
@@ -313,7 +314,7 @@ impl Meta {
                 &stale,
                 &stale16,
             )
-            .map_err(lock_error)?
+            .map_err(|e| wait_or_fail(e, &state, held_mode))?
             {
                 Ok(Some(now)) => {
                     match self.locks.held.get_mut(&resource) {
@@ -405,6 +406,23 @@ fn decode_known(raw: &[u8], resource: BlockNo) -> LockState {
     LockState {
         raw: raw.to_vec(),
         record,
+    }
+}
+
+/// A lock record whose sector stayed locked past the bound (a host stopped inside a
+/// test-and-set) is treated as a lock its holders keep: the operation is rolled back
+/// and retried outside the core lock (`Fs::run`), up to its 60 s bound. Never a
+/// success, never a conflict.
+fn wait_or_fail(e: crate::cluster::lock::LockError, state: &LockState, mode: LockMode) -> FsError {
+    match e {
+        crate::cluster::lock::LockError::Lun(crate::lun::LunError::AtsTimeout { .. }) => {
+            FsError::NeedLock {
+                resource: state.record.resource,
+                mode,
+                holders: state.holders(),
+            }
+        }
+        e => lock_error(e),
     }
 }
 

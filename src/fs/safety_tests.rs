@@ -1,0 +1,140 @@
+//! Hosts stopped at awkward points, lock handover between busy hosts, and open
+//! records judged from an old view: liveness and safety across hosts.
+
+use super::*;
+use crate::cluster::HostUuid;
+use crate::format::{Geometry, SLOT_FREE, SLOT_LIVE};
+use crate::lun::{FileLun, Lun, OpenMode};
+use crate::mkfs::{mkfs, MkfsOptions};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const REG: u32 = libc::S_IFREG | 0o644;
+
+/// An image file with a fresh volume: 4 slots, heartbeat 100 ms, lease 1 s.
+fn image_volume() -> tempfile::NamedTempFile {
+    let img = tempfile::NamedTempFile::new().expect("temp file");
+    img.as_file().set_len(64 << 20).expect("size");
+    let lun = FileLun::open(img.path(), OpenMode::ReadWrite).expect("open");
+    let opts = MkfsOptions {
+        max_hosts: 4,
+        heartbeat_interval: Duration::from_millis(100),
+        lease: Duration::from_millis(1000),
+        ..MkfsOptions::default()
+    };
+    mkfs(&lun, &opts, &mut |_, _| {}).expect("mkfs");
+    img
+}
+
+/// Mounts host `host` over its own open of the image (its own OFD locks, as a
+/// separate daemon would have).
+fn mount_file(path: &Path, host: u8) -> (Arc<FileLun>, Arc<Fs>) {
+    let lun = Arc::new(FileLun::open(path, OpenMode::ReadWrite).expect("open"));
+    let shared: Arc<dyn Lun> = lun.clone();
+    let fs = Fs::mount(shared, MountOptions::new(HostUuid([host; 16]))).expect("mount");
+    (lun, fs)
+}
+
+fn wait_until(what: &str, bound: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < bound, "not within {bound:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn slot_state(lun: &dyn Lun, slot: u32) -> Option<u32> {
+    let geo = Geometry::from_superblock(&read_superblock(lun).expect("superblock"));
+    let (_, image) = crate::cluster::read_slot(lun, &geo, slot).expect("read slot");
+    image.map(|i| i.state)
+}
+
+/// Stops the next compare-and-write of `lun` at `offset` inside the emulated
+/// test-and-set (its sector locked), as SIGSTOP would, until dropped.
+struct StoppedInsideCaw {
+    lun: Arc<FileLun>,
+    open: Arc<AtomicBool>,
+}
+
+impl StoppedInsideCaw {
+    fn arm(lun: &Arc<FileLun>, offset: u64) -> (StoppedInsideCaw, Arc<AtomicBool>) {
+        let open = Arc::new(AtomicBool::new(false));
+        let inside = Arc::new(AtomicBool::new(false));
+        let (gate, entered) = (open.clone(), inside.clone());
+        lun.set_caw_hook(Some(Arc::new(move |at| {
+            if at != offset || gate.load(Ordering::SeqCst) {
+                return;
+            }
+            entered.store(true, Ordering::SeqCst);
+            while !gate.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })));
+        let stopped = StoppedInsideCaw {
+            lun: lun.clone(),
+            open,
+        };
+        (stopped, inside)
+    }
+}
+
+impl Drop for StoppedInsideCaw {
+    fn drop(&mut self) {
+        self.open.store(true, Ordering::SeqCst);
+        self.lun.set_caw_hook(None);
+    }
+}
+
+#[test]
+fn a_host_stopped_inside_a_test_and_set_holds_up_nothing_else() {
+    let img = image_volume();
+    let (a_lun, a) = mount_file(img.path(), 1);
+    let (b_lun, b) = mount_file(img.path(), 2);
+    let (_, c) = mount_file(img.path(), 3);
+    let geo = Geometry::from_superblock(&read_superblock(a_lun.as_ref()).expect("sb"));
+    let (b_slot, c_slot) = (b.slot().expect("b").0, c.slot().expect("c").0);
+    // C works in a directory of its own (and crashes below); A in another.
+    let dc = c.mkdir(c.root(), b"c", 0o755, 0, 0).expect("mkdir c").ino;
+    let f = c.mknod(dc, b"f", REG, 0, 0, 0).expect("create").ino;
+    c.fsync(f, false).expect("fsync");
+    let da = a.mkdir(a.root(), b"a", 0o755, 0, 0).expect("mkdir a").ino;
+    a.mknod(da, b"f0", REG, 0, 0, 0).expect("create");
+    b.release_all_locks().expect("b lets go of everything");
+    // B's next heartbeat stops inside its test-and-set, with B's slot sector locked.
+    let (stopped, inside) = StoppedInsideCaw::arm(&b_lun, geo.slot_offset(b_slot));
+    wait_until(
+        "B stops inside its heartbeat",
+        Duration::from_secs(10),
+        || inside.load(Ordering::SeqCst),
+    );
+    drop(c); // crash
+             // A recovers C although B's slot, dead as well, cannot be claimed.
+    wait_until("A recovers crashed host C", Duration::from_secs(20), || {
+        slot_state(a_lun.as_ref(), c_slot) == Some(SLOT_FREE)
+    });
+    // A serves its mailbox: D mounts (reading the root A holds) and creates in A's
+    // directory.
+    let (_, d) = mount_file(img.path(), 4);
+    d.mknod(da, b"from-d", REG, 0, 0, 0)
+        .expect("D creates in A's directory");
+    // A keeps its lease and commits in the background.
+    let commits = a.stats().expect("stats").commits;
+    a.mknod(da, b"f1", REG, 0, 0, 0).expect("A creates");
+    wait_until(
+        "A commits in the background",
+        Duration::from_secs(20),
+        || a.stats().expect("stats").commits > commits,
+    );
+    assert!(!a.lease().is_fenced());
+    // Nobody can claim B's slot while B is stopped holding it.
+    assert_eq!(slot_state(a_lun.as_ref(), b_slot), Some(SLOT_LIVE));
+    drop(stopped);
+    // Once B goes on, it finds its lease gone; A recovers it.
+    wait_until(
+        "A recovers B once it went on",
+        Duration::from_secs(20),
+        || slot_state(a_lun.as_ref(), b_slot) == Some(SLOT_FREE),
+    );
+    assert!(b.lease().check().is_err(), "B outlived its lease");
+}
