@@ -29,8 +29,10 @@ use std::collections::HashMap;
 /// ATS attempts on one record within one `need` (each retry follows a concurrent
 /// change of the record by another host).
 const ATTEMPTS_MAX: u32 = 8;
-/// How long a host leaves a lock alone after giving it up to another host.
-const YIELD_GRACE_MS: u64 = 50;
+/// How long a host leaves a lock alone after giving it up to another host, unless the
+/// asker took it sooner: longer than an asker's longest backoff between two tries
+/// (150 ms, `Fs::wait_for_lock`), so an asker that keeps trying gets its turn.
+const YIELD_GRACE_MS: u64 = 200;
 
 #[derive(Default)]
 pub struct Locks {
@@ -38,7 +40,8 @@ pub struct Locks {
     /// The image we left on disk when we last released a lock.
     released: HashMap<BlockNo, Vec<u8>>,
     /// When we last gave a lock up because another host asked for it: we do not take
-    /// it back for `YIELD_GRACE_MS`, so the asker gets its turn.
+    /// it back for `YIELD_GRACE_MS` or until the asker took it, so the asker gets its
+    /// turn (`Meta::in_yield_grace`).
     yielded: HashMap<BlockNo, u64>,
     /// Locks of resources created by the operation in progress: if it fails, the
     /// allocation is undone and so must the lock be.
@@ -72,6 +75,14 @@ impl Meta {
             .is_some_and(|held| satisfies(held, mode))
         {
             return Ok(());
+        }
+        if self.in_yield_grace(resource)? {
+            // Nobody to ask: the operation backs off and tries again.
+            return Err(FsError::NeedLock {
+                resource,
+                mode,
+                holders: Vec::new(),
+            });
         }
         let upgrade = self
             .locks
@@ -127,6 +138,23 @@ impl Meta {
             mode,
             holders: state.holders(),
         })
+    }
+
+    /// True while `resource` was given up on request less than `YIELD_GRACE_MS` ago
+    /// and the asker has not taken it yet (its record is still the image we left).
+    fn in_yield_grace(&mut self, resource: BlockNo) -> FsResult<bool> {
+        let Some(&yielded_ms) = self.locks.yielded.get(&resource) else {
+            return Ok(false);
+        };
+        let now_ms = self.node.clock.now_ms();
+        if now_ms.saturating_sub(yielded_ms) < YIELD_GRACE_MS {
+            let state = read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?;
+            if self.locks.released.get(&resource) == Some(&state.raw) {
+                return Ok(true);
+            }
+        }
+        self.locks.yielded.remove(&resource);
+        Ok(false)
     }
 
     /// Like `need`, but false instead of an error when another host holds the lock.
