@@ -65,10 +65,7 @@ impl Node {
         if slot == self.me.slot {
             return generation != self.me.generation as u16;
         }
-        match self.view.slot(slot).and_then(|v| v.image) {
-            Some(image) => image.generation as u16 != generation || image.state == SLOT_FREE,
-            None => false,
-        }
+        self.view.stale16(slot, generation)
     }
 
     /// Asks the host in `slot` to release `resource`.

@@ -201,6 +201,53 @@ fn the_lease_expires_by_the_hosts_own_clock() {
     assert!(lease.check().is_err());
 }
 
+#[test]
+fn a_file_opener_is_judged_stale_only_from_what_the_view_proves() {
+    use crate::format::{encode_padded, HeartbeatSlot, SLOT_LIVE};
+    let (lun, geo) = volume();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::default());
+    let me = lock::Holder {
+        uuid: HostUuid([1; 16]),
+        slot: 0,
+        generation: 1,
+    };
+    let node = Node::new(lun.clone(), geo, [0; 16], me, clock, INTERVAL, LEASE);
+    let write = |state: u32, generation: u32| {
+        let mut slot: HeartbeatSlot = bytemuck::Zeroable::zeroed();
+        slot.magic = HeartbeatSlot::MAGIC;
+        slot.slot = 2;
+        slot.state = state;
+        slot.host_uuid = [3; 16];
+        slot.generation = generation;
+        slot.seal();
+        lun.write_at(&encode_padded(&slot, 512), geo.slot_offset(2))
+            .expect("write slot");
+    };
+    // The view saw slot 2 freed at generation 5; its host has mounted again since
+    // (generation 6) and opened a file, which the view does not know yet.
+    write(SLOT_FREE, 5);
+    node.refresh().expect("refresh");
+    write(SLOT_LIVE, 6);
+    assert!(
+        !node.stale16(2, 6),
+        "an opener newer than a free slot in the view"
+    );
+    assert!(node.stale16(2, 5), "an opener of the freed generation");
+    assert!(node.stale16(2, 4));
+    node.refresh().expect("refresh");
+    assert!(!node.stale16(2, 6));
+    assert!(!node.stale16(2, 7), "an opener newer than the view");
+    assert!(node.stale16(2, 5), "an opener older than the view");
+    // Only 16 bits are kept: generation 0x10000 follows 0xffff.
+    write(SLOT_LIVE, 0xffff);
+    node.refresh().expect("refresh");
+    assert!(
+        !node.stale16(2, 0),
+        "generation 0x10000 is newer than 0xffff"
+    );
+    assert!(node.stale16(2, 0xfffe));
+}
+
 mod locks {
     use super::super::lock::*;
     use super::*;

@@ -185,3 +185,41 @@ fn a_busy_host_lets_an_asking_host_have_its_turn() {
     println!("A created {created} meanwhile; B's slowest create took {slowest:?}");
     assert!(created > 0);
 }
+
+#[test]
+fn a_reader_that_mounted_again_since_the_view_still_excludes_writers() {
+    // Heartbeats every 30 s: A's view of the other slots moves only when the test
+    // says so (`watch_cluster`), or when A waits for a lock (none here).
+    let lun = Arc::new(crate::lun::MemLun::new(64 << 20, 512));
+    let opts = MkfsOptions {
+        max_hosts: 4,
+        heartbeat_interval: Duration::from_secs(30),
+        lease: Duration::from_secs(70),
+        ..MkfsOptions::default()
+    };
+    mkfs(lun.as_ref(), &opts, &mut |_, _| {}).expect("mkfs");
+    let a = super::tests::mount(&lun, 1);
+    let c = super::tests::mount(&lun, 3);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(f, 0, b"read by C").expect("write");
+    c.unmount().expect("unmount C");
+    drop(c);
+    a.watch_cluster().expect("A sees C's slot free");
+    // C mounts again (a newer generation than A's view shows) and opens F to read.
+    let c = super::tests::mount(&lun, 3);
+    c.open(f, false).expect("C opens F read-only");
+    c.release_all_locks()
+        .expect("C lets go of F's lock (its open stays recorded)");
+    assert_eq!(
+        a.open(f, true).map_err(|e| e.errno()).err(),
+        Some(libc::EBUSY),
+        "A opened F for writing while C has it open"
+    );
+    // Nor may an unlink on A free the file under C.
+    a.unlink(a.root(), b"f").expect("unlink");
+    assert_eq!(
+        c.read_data(f, 0, 64).expect("C still reads F"),
+        b"read by C"
+    );
+    c.release(f, false).expect("C's last close frees F");
+}
