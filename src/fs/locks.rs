@@ -244,29 +244,62 @@ impl Meta {
                 .collect();
             targets.extend(extra);
         }
-        for r in &targets {
-            self.locks.freed_held.remove(r);
-        }
+        let kept: std::collections::HashSet<BlockNo> = targets
+            .iter()
+            .copied()
+            .filter(|r| self.locks.freed_held.remove(r))
+            .collect();
         for &resource in &targets {
-            let Some((mut state, _)) = self.locks.held.remove(&resource) else {
+            let Some((state, _)) = self.locks.held.remove(&resource) else {
                 continue;
             };
-            for _ in 0..ATTEMPTS_MAX {
-                match try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me)
-                    .map_err(lock_error)?
-                {
-                    Ok(now) => {
-                        self.stats.lock_releases += 1;
-                        self.locks.released.insert(resource, now.raw);
-                        break;
-                    }
-                    // Another holder joined or left a shared lock: release from the new image.
-                    Err(now) if now.held_by(&self.node.me) => state = now,
-                    Err(_) => break,
+            self.release_one(state, kept.contains(&resource))?;
+        }
+        Ok(targets)
+    }
+
+    /// Frees one record this host holds (`state`: the image it last wrote or read).
+    /// A record that no longer names this host means another host took the lock,
+    /// believing this one dead: the host fences itself. Except for a freed inode's
+    /// lock kept with its group (`kept`), whose record this host's own first write to
+    /// the reused block may have overwritten: that is simply forgotten.
+    fn release_one(&mut self, mut state: LockState, kept: bool) -> FsResult<()> {
+        let resource = state.record.resource;
+        for _ in 0..ATTEMPTS_MAX {
+            let outcome = match try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
+                Ok(outcome) => outcome,
+                Err(crate::cluster::lock::LockError::Corrupted { .. }) if kept => return Ok(()),
+                Err(crate::cluster::lock::LockError::Corrupted { reason, .. }) => {
+                    return Err(self.lost_lock(resource, format!("is no lock record ({reason})")))
+                }
+                Err(e) => return Err(lock_error(e)),
+            };
+            match outcome {
+                Ok(now) => {
+                    self.stats.lock_releases += 1;
+                    self.locks.released.insert(resource, now.raw);
+                    return Ok(());
+                }
+                // Another holder joined or left a shared lock: release from the new image.
+                Err(now) if now.held_by(&self.node.me) => state = now,
+                Err(_) if kept => return Ok(()),
+                Err(now) => {
+                    let names = format!("names {:?}", now.holders());
+                    return Err(self.lost_lock(resource, names));
                 }
             }
         }
-        Ok(targets)
+        Ok(())
+    }
+
+    /// Fences this host: the lock record of `resource` it held now `found`.
+    fn lost_lock(&mut self, resource: BlockNo, found: String) -> FsError {
+        let reason = format!(
+            "the lock record of resource {resource}, held by this host, now {found}: \
+             another host took the lock, believing this one dead"
+        );
+        self.fail_for(reason.clone());
+        FsError::Failed(reason)
     }
 
     /// Records the lock of a resource this host just created (a new inode on a block

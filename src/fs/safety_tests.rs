@@ -223,3 +223,52 @@ fn a_reader_that_mounted_again_since_the_view_still_excludes_writers() {
     );
     c.release(f, false).expect("C's last close frees F");
 }
+
+/// Writes `sector` over `resource`'s lock record, as another host (or this host's
+/// own data write) would.
+fn overwrite_lock_sector(lun: &dyn Lun, resource: u64, sector: &[u8]) {
+    let geo = Geometry::from_superblock(&read_superblock(lun).expect("superblock"));
+    lun.write_at(sector, geo.lock_offset(resource))
+        .expect("write lock sector");
+}
+
+#[test]
+fn releasing_a_lock_another_host_took_fences_the_host() {
+    use crate::format::{encode_padded, OnDisk, LOCK_EXCLUSIVE};
+    let lun = super::tests::fresh_volume(64 << 20);
+    let a = super::tests::mount(&lun, 1);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    // Another host, believing A dead, took f's lock.
+    let geo = Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb"));
+    let mut taken = crate::cluster::lock::read_lock(lun.as_ref(), &geo, f)
+        .expect("read lock")
+        .record;
+    taken.mode = LOCK_EXCLUSIVE;
+    taken.owner_slot = 3;
+    taken.owner_gen = 1;
+    taken.owner_uuid = [9; 16];
+    taken.change_seq += 1;
+    taken.seal();
+    overwrite_lock_sector(lun.as_ref(), f, &encode_padded(&taken, 512));
+    assert!(a.release_all_locks().is_err(), "the release went through");
+    assert!(a.lease().is_fenced(), "A goes on after losing a lock");
+    assert_eq!(
+        a.getattr(a.root()).map_err(|e| e.errno()).err(),
+        Some(libc::EIO)
+    );
+}
+
+#[test]
+fn a_freed_inodes_kept_lock_overwritten_by_this_hosts_own_write_is_forgotten() {
+    // A keeps a freed inode's lock with its group's; a data write of its own to the
+    // reused block overwrites the record. Letting the locks go must not fence A.
+    let lun = super::tests::fresh_volume(64 << 20);
+    let a = super::tests::mount(&lun, 1);
+    let g = a.mknod(a.root(), b"g", REG, 0, 0, 0).expect("create").ino;
+    a.unlink(a.root(), b"g").expect("unlink");
+    a.fsync(a.root(), false).expect("fsync");
+    overwrite_lock_sector(lun.as_ref(), g, &[0xab; 512]);
+    a.release_all_locks().expect("release");
+    assert!(!a.lease().is_fenced());
+    a.mknod(a.root(), b"h", REG, 0, 0, 0).expect("A goes on");
+}
