@@ -398,6 +398,13 @@ impl Meta {
     /// inode first), so while this host holds it exclusive the record is the image it
     /// last wrote; otherwise it is read from the disk.
     pub fn open_elsewhere(&mut self, resource: BlockNo) -> FsResult<bool> {
+        let (writer, readers) = self.opens_elsewhere(resource)?;
+        Ok(writer || readers)
+    }
+
+    /// Whether another live host has the file open for writing, and whether another
+    /// live host has it open read-only (or multi-writer); see `open_elsewhere`.
+    pub fn opens_elsewhere(&mut self, resource: BlockNo) -> FsResult<(bool, bool)> {
         let state = match self.locks.held.get(&resource) {
             Some((state, LockMode::Exclusive)) => state.clone(),
             _ => read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?,
@@ -412,7 +419,7 @@ impl Meta {
                 && r.open_readers & (1u64 << s) != 0
                 && !self.node.stale16(s, r.open_reader_gen[s as usize])
         });
-        Ok(writer || reader)
+        Ok((writer, reader))
     }
 
     /// Forgets the kept locks of freed inodes in `[start, start + len)` (except

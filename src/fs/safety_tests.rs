@@ -272,3 +272,33 @@ fn a_freed_inodes_kept_lock_overwritten_by_this_hosts_own_write_is_forgotten() {
     assert!(!a.lease().is_fenced());
     a.mknod(a.root(), b"h", REG, 0, 0, 0).expect("A goes on");
 }
+
+#[test]
+fn a_truncate_is_refused_while_another_host_has_the_file_open() {
+    let lun = super::tests::fresh_volume(64 << 20);
+    let a = super::tests::mount(&lun, 1);
+    let b = super::tests::mount(&lun, 2);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(f, 0, b"written by A").expect("write");
+    let truncate = |fs: &Fs| {
+        let set = SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        };
+        fs.setattr(f, &set).map(|_| ()).map_err(|e| e.errno())
+    };
+    a.open(f, true).expect("A opens for writing");
+    assert_eq!(truncate(&b), Err(libc::EBUSY), "truncated under A's writer");
+    let chmod = SetAttr {
+        mode: Some(0o600),
+        ..SetAttr::default()
+    };
+    b.setattr(f, &chmod).expect("other attributes may change");
+    a.release(f, true).expect("close");
+    a.open(f, false).expect("A opens to read");
+    assert_eq!(truncate(&b), Err(libc::EBUSY), "truncated under A's reader");
+    assert_eq!(a.read_data(f, 0, 64).expect("read"), b"written by A");
+    a.release(f, false).expect("close");
+    truncate(&b).expect("nobody else has it open");
+    assert_eq!(a.getattr(f).expect("attr").size, 0);
+}
