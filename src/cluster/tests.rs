@@ -106,6 +106,108 @@ fn a_live_host_uuid_cannot_mount_twice() {
 }
 
 #[test]
+fn a_live_twin_in_another_pid_namespace_is_not_taken_for_dead() {
+    let (lun, geo) = volume();
+    let clock = SystemClock::default();
+    let a = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &clock,
+    )
+    .expect("a");
+    // The twin runs on this kernel, in a PID namespace of its own: its pid names no
+    // process here, yet it is alive and heartbeating.
+    let (mut raw, slot) = read_slot(lun.as_ref(), &geo, 0).expect("read");
+    let mut slot = slot.expect("slot");
+    slot.owner_pid = 0x7fff_fff0;
+    slot.owner_pid_ns = 1;
+    slot.seal();
+    raw[..512].copy_from_slice(bytemuck::bytes_of(&slot));
+    lun.write_at(&raw, geo.slot_offset(0)).expect("write");
+    let claim = SlotClaim { image: raw, ..a };
+    let lease = Arc::new(Lease::new(
+        Arc::new(SystemClock::default()),
+        LEASE,
+        INTERVAL,
+    ));
+    let _member = Membership::start(lun.clone(), &geo, claim, lease.clone(), INTERVAL);
+    let err = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &clock,
+    )
+    .expect_err("the same host id mounted twice");
+    assert!(err.to_string().contains("already mounted"), "{err}");
+}
+
+#[test]
+fn an_unreadable_or_zero_boot_id_is_an_error_not_zeros() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("boot_id");
+    assert!(read_boot_id(&path).is_err(), "missing file");
+    std::fs::write(&path, "not a uuid\n").expect("write");
+    assert!(read_boot_id(&path).is_err(), "garbage");
+    std::fs::write(&path, "00000000-0000-0000-0000-000000000000\n").expect("write");
+    assert!(read_boot_id(&path).is_err(), "nil");
+    std::fs::write(&path, "4f6a3a8e-3c1b-4b9e-9d8e-0a1b2c3d4e5f\n").expect("write");
+    assert_eq!(
+        read_boot_id(&path).expect("valid"),
+        *uuid::Uuid::parse_str("4f6a3a8e-3c1b-4b9e-9d8e-0a1b2c3d4e5f")
+            .expect("uuid")
+            .as_bytes()
+    );
+    assert!(boot_id().is_ok(), "this kernel's boot id");
+}
+
+/// A clock that must not be slept on: a claim that takes it never watches a slot.
+struct NoWatching;
+
+impl Clock for NoWatching {
+    fn now_ms(&self) -> u64 {
+        0
+    }
+    fn sleep(&self, _: Duration) {
+        panic!("the claim watched the slot");
+    }
+}
+
+#[test]
+fn a_crashed_daemon_of_this_pid_namespace_is_taken_back_at_once() {
+    let (lun, geo) = volume();
+    let a = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &NoWatching,
+    )
+    .expect("a");
+    let (mut raw, slot) = read_slot(lun.as_ref(), &geo, 0).expect("read");
+    let mut slot = slot.expect("slot");
+    slot.owner_pid = 0x7fff_fff0; // gone
+    slot.seal();
+    raw[..512].copy_from_slice(bytemuck::bytes_of(&slot));
+    lun.write_at(&raw, geo.slot_offset(0)).expect("write");
+    let again = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &NoWatching,
+    )
+    .expect("taken back");
+    assert_eq!((again.slot, again.after_crash), (a.slot, true));
+}
+
+#[test]
 fn a_crashed_hosts_slot_is_taken_back_after_the_lease() {
     let (lun, geo) = volume();
     let clock = SystemClock::default();
