@@ -64,8 +64,24 @@ fn wall_clock_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// True when a running (not zombie) process with this pid exists on this kernel.
-fn process_exists(pid: u32) -> bool {
+/// This process's PID namespace: the inode number of /proc/self/ns/pid, 0 when
+/// it cannot be read.
+fn pid_namespace() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .ok()
+        .and_then(|m| u32::try_from(m.ino()).ok())
+        .unwrap_or(0)
+}
+
+/// False only when no running (not zombie) process with this pid exists on this
+/// kernel. A pid is a number in its own PID namespace (a daemon in a container): in
+/// another namespace, or an unknown one (0), it says nothing, and the owner may be
+/// alive.
+fn process_exists(pid: u32, pid_ns: u32) -> bool {
+    if pid_ns == 0 || pid_ns != pid_namespace() {
+        return true;
+    }
     if pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
         return false;
     }
@@ -108,7 +124,7 @@ pub fn claim_slot(
     lease: Duration,
     clock: &dyn Clock,
 ) -> Result<SlotClaim> {
-    let my_boot = boot_id();
+    let my_boot = boot_id().context("cannot tell this kernel from others; not mounting")?;
     let mut waits = 0u32;
     for _ in 0..CLAIM_ATTEMPTS_MAX + RECOVERY_WAITS_MAX {
         let mut mine = None;
@@ -142,7 +158,8 @@ pub fn claim_slot(
                     continue;
                 }
                 if old.state != SLOT_FREE {
-                    let same_kernel_dead = old.boot_id == my_boot && !process_exists(old.owner_pid);
+                    let same_kernel_dead =
+                        old.boot_id == my_boot && !process_exists(old.owner_pid, old.owner_pid_ns);
                     if !same_kernel_dead {
                         tracing::info!(slot, "our slot is marked live: watching it for the lease before taking it back");
                         let window = lease + interval;
@@ -183,6 +200,7 @@ pub fn claim_slot(
         next.counter = old.counter.wrapping_add(1);
         next.boot_id = my_boot;
         next.owner_pid = std::process::id();
+        next.owner_pid_ns = pid_namespace();
         next.wall_clock_ms = wall_clock_ms();
         if !after_crash {
             next.recoverer_uuid = [0; 16];

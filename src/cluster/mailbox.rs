@@ -68,6 +68,9 @@ fn update(
         match lun.compare_and_write(geo.mailbox_offset(slot), &state.raw, &image) {
             Ok(Caw::Written) => return Ok(true),
             Ok(Caw::Miscompare(actual)) if actual == image => return Ok(true),
+            // A sector locked by a host stopped inside a test-and-set: try later, not
+            // once per attempt.
+            Err(e @ LunError::AtsTimeout { .. }) => return Err(e),
             Ok(Caw::Miscompare(_)) | Err(_) => state = read_mailbox(lun, geo, slot)?,
         }
     }

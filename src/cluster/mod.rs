@@ -226,13 +226,23 @@ impl Lun for GuardedLun {
     }
 }
 
-/// This kernel's boot id: emulated ATS is atomic only between processes of one kernel.
-pub fn boot_id() -> [u8; 16] {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .and_then(|text| uuid::Uuid::parse_str(text.trim()).ok())
-        .map(|u| *u.as_bytes())
-        .unwrap_or([0; 16])
+/// This kernel's boot id: emulated ATS is atomic only between processes of one kernel,
+/// and the slots' boot ids are how hosts tell kernels apart. An unreadable one is an
+/// error, never zeros: every host with zeros would look like one of this kernel.
+pub fn boot_id() -> anyhow::Result<[u8; 16]> {
+    read_boot_id(std::path::Path::new("/proc/sys/kernel/random/boot_id"))
+}
+
+fn read_boot_id(path: &std::path::Path) -> anyhow::Result<[u8; 16]> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading this kernel's boot id from {}", path.display()))?;
+    let id = uuid::Uuid::parse_str(text.trim())
+        .with_context(|| format!("the boot id in {} is not a UUID", path.display()))?;
+    if id.is_nil() {
+        anyhow::bail!("the boot id in {} is all zeros", path.display());
+    }
+    Ok(*id.as_bytes())
 }
 
 /// This machine's host name, for `atsfs status`.

@@ -65,10 +65,7 @@ impl Node {
         if slot == self.me.slot {
             return generation != self.me.generation as u16;
         }
-        match self.view.slot(slot).and_then(|v| v.image) {
-            Some(image) => image.generation as u16 != generation || image.state == SLOT_FREE,
-            None => false,
-        }
+        self.view.stale16(slot, generation)
     }
 
     /// Asks the host in `slot` to release `resource`.
@@ -111,15 +108,19 @@ impl Node {
         Ok(true)
     }
 
-    /// Recovers every slot that is dead now.
-    pub fn recover_all_dead(&self) -> Result<Vec<u32>> {
+    /// Recovers every slot that is dead now. A slot that cannot be recovered now (its
+    /// sector stays locked by a host stopped inside a test-and-set, an I/O error) is
+    /// left for the next watch and does not hold up the others.
+    pub fn recover_all_dead(&self) -> Vec<u32> {
         let mut recovered = Vec::new();
         for slot in 0..self.geo.max_hosts {
-            if self.recover_if_dead(slot)? {
-                recovered.push(slot);
+            match self.recover_if_dead(slot) {
+                Ok(true) => recovered.push(slot),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(slot, "recovering a dead host, will try again: {e:#}"),
             }
         }
-        Ok(recovered)
+        recovered
     }
 
     pub fn host_uuid(&self) -> HostUuid {

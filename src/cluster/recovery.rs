@@ -34,9 +34,9 @@ pub fn settle_foreign_slots(
     clock: &dyn Clock,
 ) -> Result<()> {
     let mut held = Vec::new();
+    let my_boot = super::boot_id()?;
     for slot in (0..geo.max_hosts).filter(|&s| s != my_slot) {
         let (raw, image) = read_slot(lun, geo, slot)?;
-        let my_boot = super::boot_id();
         if let Some(image) = image.filter(|i| i.state != SLOT_FREE && i.boot_id != my_boot) {
             held.push(Held { slot, raw, image });
         }

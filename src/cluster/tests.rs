@@ -106,6 +106,108 @@ fn a_live_host_uuid_cannot_mount_twice() {
 }
 
 #[test]
+fn a_live_twin_in_another_pid_namespace_is_not_taken_for_dead() {
+    let (lun, geo) = volume();
+    let clock = SystemClock::default();
+    let a = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &clock,
+    )
+    .expect("a");
+    // The twin runs on this kernel, in a PID namespace of its own: its pid names no
+    // process here, yet it is alive and heartbeating.
+    let (mut raw, slot) = read_slot(lun.as_ref(), &geo, 0).expect("read");
+    let mut slot = slot.expect("slot");
+    slot.owner_pid = 0x7fff_fff0;
+    slot.owner_pid_ns = 1;
+    slot.seal();
+    raw[..512].copy_from_slice(bytemuck::bytes_of(&slot));
+    lun.write_at(&raw, geo.slot_offset(0)).expect("write");
+    let claim = SlotClaim { image: raw, ..a };
+    let lease = Arc::new(Lease::new(
+        Arc::new(SystemClock::default()),
+        LEASE,
+        INTERVAL,
+    ));
+    let _member = Membership::start(lun.clone(), &geo, claim, lease.clone(), INTERVAL);
+    let err = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &clock,
+    )
+    .expect_err("the same host id mounted twice");
+    assert!(err.to_string().contains("already mounted"), "{err}");
+}
+
+#[test]
+fn an_unreadable_or_zero_boot_id_is_an_error_not_zeros() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("boot_id");
+    assert!(read_boot_id(&path).is_err(), "missing file");
+    std::fs::write(&path, "not a uuid\n").expect("write");
+    assert!(read_boot_id(&path).is_err(), "garbage");
+    std::fs::write(&path, "00000000-0000-0000-0000-000000000000\n").expect("write");
+    assert!(read_boot_id(&path).is_err(), "nil");
+    std::fs::write(&path, "4f6a3a8e-3c1b-4b9e-9d8e-0a1b2c3d4e5f\n").expect("write");
+    assert_eq!(
+        read_boot_id(&path).expect("valid"),
+        *uuid::Uuid::parse_str("4f6a3a8e-3c1b-4b9e-9d8e-0a1b2c3d4e5f")
+            .expect("uuid")
+            .as_bytes()
+    );
+    assert!(boot_id().is_ok(), "this kernel's boot id");
+}
+
+/// A clock that must not be slept on: a claim that takes it never watches a slot.
+struct NoWatching;
+
+impl Clock for NoWatching {
+    fn now_ms(&self) -> u64 {
+        0
+    }
+    fn sleep(&self, _: Duration) {
+        panic!("the claim watched the slot");
+    }
+}
+
+#[test]
+fn a_crashed_daemon_of_this_pid_namespace_is_taken_back_at_once() {
+    let (lun, geo) = volume();
+    let a = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &NoWatching,
+    )
+    .expect("a");
+    let (mut raw, slot) = read_slot(lun.as_ref(), &geo, 0).expect("read");
+    let mut slot = slot.expect("slot");
+    slot.owner_pid = 0x7fff_fff0; // gone
+    slot.seal();
+    raw[..512].copy_from_slice(bytemuck::bytes_of(&slot));
+    lun.write_at(&raw, geo.slot_offset(0)).expect("write");
+    let again = claim_slot(
+        lun.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        &NoWatching,
+    )
+    .expect("taken back");
+    assert_eq!((again.slot, again.after_crash), (a.slot, true));
+}
+
+#[test]
 fn a_crashed_hosts_slot_is_taken_back_after_the_lease() {
     let (lun, geo) = volume();
     let clock = SystemClock::default();
@@ -199,6 +301,53 @@ fn the_lease_expires_by_the_hosts_own_clock() {
     // Fenced for good: a later renewal does not bring the lease back.
     lease.renewed(clock.now_ms());
     assert!(lease.check().is_err());
+}
+
+#[test]
+fn a_file_opener_is_judged_stale_only_from_what_the_view_proves() {
+    use crate::format::{encode_padded, HeartbeatSlot, SLOT_LIVE};
+    let (lun, geo) = volume();
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::default());
+    let me = lock::Holder {
+        uuid: HostUuid([1; 16]),
+        slot: 0,
+        generation: 1,
+    };
+    let node = Node::new(lun.clone(), geo, [0; 16], me, clock, INTERVAL, LEASE);
+    let write = |state: u32, generation: u32| {
+        let mut slot: HeartbeatSlot = bytemuck::Zeroable::zeroed();
+        slot.magic = HeartbeatSlot::MAGIC;
+        slot.slot = 2;
+        slot.state = state;
+        slot.host_uuid = [3; 16];
+        slot.generation = generation;
+        slot.seal();
+        lun.write_at(&encode_padded(&slot, 512), geo.slot_offset(2))
+            .expect("write slot");
+    };
+    // The view saw slot 2 freed at generation 5; its host has mounted again since
+    // (generation 6) and opened a file, which the view does not know yet.
+    write(SLOT_FREE, 5);
+    node.refresh().expect("refresh");
+    write(SLOT_LIVE, 6);
+    assert!(
+        !node.stale16(2, 6),
+        "an opener newer than a free slot in the view"
+    );
+    assert!(node.stale16(2, 5), "an opener of the freed generation");
+    assert!(node.stale16(2, 4));
+    node.refresh().expect("refresh");
+    assert!(!node.stale16(2, 6));
+    assert!(!node.stale16(2, 7), "an opener newer than the view");
+    assert!(node.stale16(2, 5), "an opener older than the view");
+    // Only 16 bits are kept: generation 0x10000 follows 0xffff.
+    write(SLOT_LIVE, 0xffff);
+    node.refresh().expect("refresh");
+    assert!(
+        !node.stale16(2, 0),
+        "generation 0x10000 is newer than 0xffff"
+    );
+    assert!(node.stale16(2, 0xfffe));
 }
 
 mod locks {

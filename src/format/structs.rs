@@ -142,7 +142,10 @@ pub struct HeartbeatSlot {
     pub wall_clock_ms: u64,
     pub hostname: [u8; 64],
     pub owner_pid: u32,
-    pub reserved: [u8; 356],
+    /// The owner's PID namespace (inode number of its /proc/self/ns/pid), which
+    /// `owner_pid` belongs to; 0 when unknown (or written by an older atsfs).
+    pub owner_pid_ns: u32,
+    pub reserved: [u8; 352],
 }
 const _: () = assert!(size_of::<HeartbeatSlot>() == 512);
 
@@ -933,6 +936,7 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 wall_clock_ms,
                 hostname,
                 owner_pid,
+                owner_pid_ns,
                 reserved
             }),
         ),

@@ -29,8 +29,10 @@ use std::collections::HashMap;
 /// ATS attempts on one record within one `need` (each retry follows a concurrent
 /// change of the record by another host).
 const ATTEMPTS_MAX: u32 = 8;
-/// How long a host leaves a lock alone after giving it up to another host.
-const YIELD_GRACE_MS: u64 = 50;
+/// How long a host leaves a lock alone after giving it up to another host, unless the
+/// asker took it sooner: longer than an asker's longest backoff between two tries
+/// (150 ms, `Fs::wait_for_lock`), so an asker that keeps trying gets its turn.
+const YIELD_GRACE_MS: u64 = 200;
 
 #[derive(Default)]
 pub struct Locks {
@@ -38,7 +40,8 @@ pub struct Locks {
     /// The image we left on disk when we last released a lock.
     released: HashMap<BlockNo, Vec<u8>>,
     /// When we last gave a lock up because another host asked for it: we do not take
-    /// it back for `YIELD_GRACE_MS`, so the asker gets its turn.
+    /// it back for `YIELD_GRACE_MS` or until the asker took it, so the asker gets its
+    /// turn (`Meta::in_yield_grace`).
     yielded: HashMap<BlockNo, u64>,
     /// Locks of resources created by the operation in progress: if it fails, the
     /// allocation is undone and so must the lock be.
@@ -73,6 +76,14 @@ impl Meta {
         {
             return Ok(());
         }
+        if self.in_yield_grace(resource)? {
+            // Nobody to ask: the operation backs off and tries again.
+            return Err(FsError::NeedLock {
+                resource,
+                mode,
+                holders: Vec::new(),
+            });
+        }
         let upgrade = self
             .locks
             .held
@@ -97,7 +108,7 @@ impl Meta {
                 mode,
                 &stale,
             )
-            .map_err(lock_error)?;
+            .map_err(|e| wait_or_fail(e, &state, mode))?;
             match outcome {
                 Ok(Acquire::Got(now)) => {
                     // Trust the cache only if nobody held the lock since we let it go.
@@ -127,6 +138,23 @@ impl Meta {
             mode,
             holders: state.holders(),
         })
+    }
+
+    /// True while `resource` was given up on request less than `YIELD_GRACE_MS` ago
+    /// and the asker has not taken it yet (its record is still the image we left).
+    fn in_yield_grace(&mut self, resource: BlockNo) -> FsResult<bool> {
+        let Some(&yielded_ms) = self.locks.yielded.get(&resource) else {
+            return Ok(false);
+        };
+        let now_ms = self.node.clock.now_ms();
+        if now_ms.saturating_sub(yielded_ms) < YIELD_GRACE_MS {
+            let state = read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?;
+            if self.locks.released.get(&resource) == Some(&state.raw) {
+                return Ok(true);
+            }
+        }
+        self.locks.yielded.remove(&resource);
+        Ok(false)
     }
 
     /// Like `need`, but false instead of an error when another host holds the lock.
@@ -216,29 +244,62 @@ impl Meta {
                 .collect();
             targets.extend(extra);
         }
-        for r in &targets {
-            self.locks.freed_held.remove(r);
-        }
+        let kept: std::collections::HashSet<BlockNo> = targets
+            .iter()
+            .copied()
+            .filter(|r| self.locks.freed_held.remove(r))
+            .collect();
         for &resource in &targets {
-            let Some((mut state, _)) = self.locks.held.remove(&resource) else {
+            let Some((state, _)) = self.locks.held.remove(&resource) else {
                 continue;
             };
-            for _ in 0..ATTEMPTS_MAX {
-                match try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me)
-                    .map_err(lock_error)?
-                {
-                    Ok(now) => {
-                        self.stats.lock_releases += 1;
-                        self.locks.released.insert(resource, now.raw);
-                        break;
-                    }
-                    // Another holder joined or left a shared lock: release from the new image.
-                    Err(now) if now.held_by(&self.node.me) => state = now,
-                    Err(_) => break,
+            self.release_one(state, kept.contains(&resource))?;
+        }
+        Ok(targets)
+    }
+
+    /// Frees one record this host holds (`state`: the image it last wrote or read).
+    /// A record that no longer names this host means another host took the lock,
+    /// believing this one dead: the host fences itself. Except for a freed inode's
+    /// lock kept with its group (`kept`), whose record this host's own first write to
+    /// the reused block may have overwritten: that is simply forgotten.
+    fn release_one(&mut self, mut state: LockState, kept: bool) -> FsResult<()> {
+        let resource = state.record.resource;
+        for _ in 0..ATTEMPTS_MAX {
+            let outcome = match try_release(self.lun.as_ref(), &self.geo, &state, &self.node.me) {
+                Ok(outcome) => outcome,
+                Err(crate::cluster::lock::LockError::Corrupted { .. }) if kept => return Ok(()),
+                Err(crate::cluster::lock::LockError::Corrupted { reason, .. }) => {
+                    return Err(self.lost_lock(resource, format!("is no lock record ({reason})")))
+                }
+                Err(e) => return Err(lock_error(e)),
+            };
+            match outcome {
+                Ok(now) => {
+                    self.stats.lock_releases += 1;
+                    self.locks.released.insert(resource, now.raw);
+                    return Ok(());
+                }
+                // Another holder joined or left a shared lock: release from the new image.
+                Err(now) if now.held_by(&self.node.me) => state = now,
+                Err(_) if kept => return Ok(()),
+                Err(now) => {
+                    let names = format!("names {:?}", now.holders());
+                    return Err(self.lost_lock(resource, names));
                 }
             }
         }
-        Ok(targets)
+        Ok(())
+    }
+
+    /// Fences this host: the lock record of `resource` it held now `found`.
+    fn lost_lock(&mut self, resource: BlockNo, found: String) -> FsError {
+        let reason = format!(
+            "the lock record of resource {resource}, held by this host, now {found}: \
+             another host took the lock, believing this one dead"
+        );
+        self.fail_for(reason.clone());
+        FsError::Failed(reason)
     }
 
     /// Records the lock of a resource this host just created (a new inode on a block
@@ -302,6 +363,7 @@ impl Meta {
         let node = self.node.clone();
         let stale = |slot: u32, generation: u32| node.stale(slot, generation);
         let stale16 = |slot: u32, generation: u16| node.stale16(slot, generation);
+        let held_mode = self.locks.held_mode(resource).unwrap_or(LockMode::Shared);
         for _ in 0..ATTEMPTS_MAX {
             match try_open(
                 self.lun.as_ref(),
@@ -313,7 +375,7 @@ impl Meta {
                 &stale,
                 &stale16,
             )
-            .map_err(lock_error)?
+            .map_err(|e| wait_or_fail(e, &state, held_mode))?
             {
                 Ok(Some(now)) => {
                     match self.locks.held.get_mut(&resource) {
@@ -339,9 +401,27 @@ impl Meta {
         Ok(!self.open_slots_elsewhere(resource)?.is_empty())
     }
 
+    /// Whether another live host has the file open for writing, and whether another
+    /// live host has it open read-only (or multi-writer); see `open_elsewhere`.
+    pub fn opens_elsewhere(&mut self, resource: BlockNo) -> FsResult<(bool, bool)> {
+        let (writer, readers) = self.openers_elsewhere(resource)?;
+        Ok((writer.is_some(), !readers.is_empty()))
+    }
+
     /// The other hosts' slots that have the file open (live, or dead but not yet
     /// recovered), lowest first; read as `open_elsewhere` reads them.
     pub fn open_slots_elsewhere(&mut self, resource: BlockNo) -> FsResult<Vec<u32>> {
+        let (writer, readers) = self.openers_elsewhere(resource)?;
+        let mut slots: Vec<u32> = writer.into_iter().chain(readers).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        Ok(slots)
+    }
+
+    /// The other host that has the file open for writing, if any, and the other
+    /// hosts that have it open read-only (or multi-writer), as the record says and
+    /// the view does not prove stale.
+    fn openers_elsewhere(&mut self, resource: BlockNo) -> FsResult<(Option<u32>, Vec<u32>)> {
         let state = match self.locks.held.get(&resource) {
             Some((state, LockMode::Exclusive)) => state.clone(),
             _ => read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?,
@@ -357,10 +437,8 @@ impl Meta {
                 && r.open_readers & (1u64 << s) != 0
                 && !self.node.stale16(s, r.open_reader_gen[s as usize])
         });
-        let mut slots: Vec<u32> = writer.into_iter().chain(readers).collect();
-        slots.sort_unstable();
-        slots.dedup();
-        Ok(slots)
+        let readers = readers.collect();
+        Ok((writer, readers))
     }
 
     /// Forgets the kept locks of freed inodes in `[start, start + len)` (except
@@ -415,6 +493,23 @@ fn decode_known(raw: &[u8], resource: BlockNo) -> LockState {
     LockState {
         raw: raw.to_vec(),
         record,
+    }
+}
+
+/// A lock record whose sector stayed locked past the bound (a host stopped inside a
+/// test-and-set) is treated as a lock its holders keep: the operation is rolled back
+/// and retried outside the core lock (`Fs::run`), up to its 60 s bound. Never a
+/// success, never a conflict.
+fn wait_or_fail(e: crate::cluster::lock::LockError, state: &LockState, mode: LockMode) -> FsError {
+    match e {
+        crate::cluster::lock::LockError::Lun(crate::lun::LunError::AtsTimeout { .. }) => {
+            FsError::NeedLock {
+                resource: state.record.resource,
+                mode,
+                holders: state.holders(),
+            }
+        }
+        e => lock_error(e),
     }
 }
 

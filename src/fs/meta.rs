@@ -333,7 +333,11 @@ impl Meta {
     /// other hosts recover this host's journal and break its locks after one lease
     /// (a failed host that kept heartbeating would hold its locks for ever).
     fn fail(&mut self, e: &FsError) {
-        let reason = format!("commit failed: {e}");
+        self.fail_for(format!("commit failed: {e}"));
+    }
+
+    /// Marks the host failed and fences its lease, as `fail` does, for `reason`.
+    pub(super) fn fail_for(&mut self, reason: String) {
         tracing::error!("{reason}; no further writes from this host");
         if let Some(lease) = &self.lease {
             lease.fence(&reason);

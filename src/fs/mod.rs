@@ -652,4 +652,6 @@ impl Fs {
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
+mod safety_tests;
+#[cfg(test)]
 mod tests;

@@ -248,47 +248,66 @@ impl Fs {
     }
 }
 
-/// The host's background work: honour lock release requests from other hosts
-/// (every few tens of milliseconds), watch the other slots and recover dead ones
-/// (every heartbeat interval), and commit the running transaction (every
-/// `commit_interval`).
+/// The host's background work, in two threads so that a recovery that waits (a dead
+/// host's slot locked by a host stopped inside a test-and-set) never holds up the
+/// rest: "cluster" honours lock release requests from other hosts (every few tens of
+/// milliseconds) and commits the running transaction (every `commit_interval`);
+/// "watch" re-reads the other slots and recovers dead ones (every heartbeat
+/// interval). The heartbeat has a thread of its own (`Membership`).
 fn spawn_service(fs: Weak<Fs>, commit_interval: Duration, interval: Duration) {
+    let watched = fs.clone();
     let spawned = std::thread::Builder::new()
         .name("cluster".into())
-        .spawn(move || {
-            let tick = Duration::from_millis(20);
-            let mut since_commit = Duration::ZERO;
-            let mut since_watch = Duration::ZERO;
-            loop {
-                std::thread::sleep(tick);
-                since_commit += tick;
-                since_watch += tick;
-                let Some(fs) = fs.upgrade() else { return };
-                if fs.lease.is_fenced() {
-                    return;
-                }
-                if let Err(e) = fs.serve_mailbox() {
-                    tracing::warn!("serving lock requests: {e}");
-                }
-                fs.reclaim_pending_orphans();
-                if since_watch >= interval {
-                    since_watch = Duration::ZERO;
-                    if let Err(e) = fs.watch_cluster() {
-                        tracing::warn!("watching the other hosts: {e:#}");
-                    }
-                }
-                if since_commit >= commit_interval {
-                    since_commit = Duration::ZERO;
-                    if let Err(e) = fs.background_sync() {
-                        tracing::warn!("background commit failed: {e}");
-                    }
-                }
-            }
-        });
+        .spawn(move || serve(fs, commit_interval));
     if let Err(e) = spawned {
         tracing::warn!(
             "no background service thread ({e}): other hosts cannot get locks from this one"
         );
+    }
+    let spawned = std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || watch(watched, interval));
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "no watch thread ({e}): dead hosts are recovered only when their locks are needed"
+        );
+    }
+}
+
+/// The "cluster" thread: the mailbox and the periodic commit.
+fn serve(fs: Weak<Fs>, commit_interval: Duration) {
+    let tick = Duration::from_millis(20);
+    let mut since_commit = Duration::ZERO;
+    loop {
+        std::thread::sleep(tick);
+        since_commit += tick;
+        let Some(fs) = fs.upgrade() else { return };
+        if fs.lease.is_fenced() {
+            return;
+        }
+        if let Err(e) = fs.serve_mailbox() {
+            tracing::warn!("serving lock requests: {e}");
+        }
+        if since_commit >= commit_interval {
+            since_commit = Duration::ZERO;
+            if let Err(e) = fs.background_sync() {
+                tracing::warn!("background commit failed: {e}");
+            }
+        }
+    }
+}
+
+/// The "watch" thread: recovers dead hosts.
+fn watch(fs: Weak<Fs>, interval: Duration) {
+    loop {
+        std::thread::sleep(interval);
+        let Some(fs) = fs.upgrade() else { return };
+        if fs.lease.is_fenced() {
+            return;
+        }
+        if let Err(e) = fs.watch_cluster() {
+            tracing::warn!("watching the other hosts: {e:#}");
+        }
     }
 }
 
@@ -322,7 +341,7 @@ impl Fs {
             .node
             .clone();
         node.refresh()?;
-        for slot in node.recover_all_dead()? {
+        for slot in node.recover_all_dead() {
             tracing::warn!(slot, "recovered a dead host");
             self.reclaim_orphans(slot);
         }

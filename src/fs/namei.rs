@@ -8,7 +8,7 @@ use super::inode::{
     attr_of, dtype_of, from_system_time, is_dir, now, touch_ctime, touch_mtime_ctime, Attr,
 };
 use super::{Core, FsError, FsResult, Ino, OpenCount};
-use crate::cluster::lock::OpenKind;
+use crate::cluster::lock::{LockMode, OpenKind};
 use crate::format::{InodeBody, NAME_MAX};
 use std::time::SystemTime;
 
@@ -525,6 +525,20 @@ impl Core {
         })
     }
 
+    /// A truncate writes the file: like an open for writing, it fails with EBUSY while
+    /// another host has the file open (for a multi-writer file, only while another
+    /// host has it open exclusively for writing). Checked under the inode's exclusive
+    /// lock, so no other host can record an open meanwhile.
+    fn check_may_truncate(&mut self, inode: &InodeBody) -> FsResult<()> {
+        self.meta.need(inode.blockno, LockMode::Exclusive)?;
+        let multi = inode.flags & crate::format::INODE_FLAG_MULTI_WRITER != 0;
+        let (writer, readers) = self.meta.opens_elsewhere(inode.blockno)?;
+        if writer || (readers && !multi) {
+            return Err(FsError::Errno(libc::EBUSY));
+        }
+        Ok(())
+    }
+
     pub fn setattr(&mut self, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
         self.update(ino, |core, inode| {
             if let Some(size) = set.size {
@@ -534,6 +548,7 @@ impl Core {
                 if inode.mode & libc::S_IFMT != libc::S_IFREG {
                     return Err(FsError::Errno(libc::EINVAL));
                 }
+                core.check_may_truncate(inode)?;
                 core.truncate(inode, size)?;
             }
             if let Some(mode) = set.mode {

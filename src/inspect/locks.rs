@@ -331,6 +331,16 @@ fn fill(row: &mut LockRow, state: &LockState, slots: &[SlotRow]) {
         .collect();
 }
 
+/// True when `generation` (only its low 16 bits when `low16`, read as the one
+/// nearest the slot's) is older than the slot's.
+fn older(slot_generation: u32, generation: u32, low16: bool) -> bool {
+    if low16 {
+        ((generation as u16).wrapping_sub(slot_generation as u16) as i16) < 0
+    } else {
+        slot_generation > generation
+    }
+}
+
 /// A holder `(slot, generation)` judged against the watched slots (`low16`: only the
 /// generation's low 16 bits are recorded). Same rule as `cluster::view`: a holder
 /// is stale once its slot moved past its generation or was freed at it.
@@ -360,7 +370,7 @@ fn owner(
             SlotState::Damaged => HolderState::Unknown,
         },
         (Some(r), None)
-            if r.state != SlotState::Damaged && (low16 || r.generation > generation) =>
+            if r.state != SlotState::Damaged && older(r.generation, generation, low16) =>
         {
             HolderState::Stale
         }

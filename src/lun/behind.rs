@@ -301,6 +301,15 @@ fn duplicate(e: &LunError) -> LunError {
             size: *size,
         },
         LunError::Fenced(why) => LunError::Fenced(why.clone()),
+        LunError::AtsTimeout {
+            device,
+            offset,
+            waited_ms,
+        } => LunError::AtsTimeout {
+            device: device.clone(),
+            offset: *offset,
+            waited_ms: *waited_ms,
+        },
     }
 }
 

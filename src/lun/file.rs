@@ -18,7 +18,16 @@
 //! Compare-and-write is emulated: take an OFD write lock on exactly the sector's byte
 //! range, read, compare, write if equal, unlock. OFD locks exclude other open file
 //! descriptions (other opens in this process and other processes), but not threads
-//! that share one `FileLun`, so an in-process mutex (striped by sector) is taken first.
+//! that share one `FileLun`, so the sector is first marked busy in an in-process set.
+//!
+//! **The wait for a sector is bounded.** A process stopped (SIGSTOP, a frozen cgroup)
+//! inside a compare-and-write keeps the sector locked for as long as it is stopped.
+//! Both locks are only ever *tried*, with backoff, for at most `ATS_WAIT_MAX` (then
+//! `ATS_WAIT_SUSPECT` for a sector whose last wait timed out, until one succeeds);
+//! past that the call fails with `LunError::AtsTimeout`, which is neither a success
+//! nor a miscompare: nothing was written and the caller tries again later. Nothing
+//! is held while waiting, so a stuck sector never holds up a compare-and-write of
+//! another sector.
 //!
 //! **Emulated ATS is atomic only within one kernel.** Hosts that share a LUN over
 //! iSCSI/FC or a shared virtual disk need real COMPARE AND WRITE (or Disk Paxos). Also,
@@ -34,6 +43,7 @@
 
 use super::{check_caw, check_range, Caw, Lun, LunError, LunResult};
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -41,6 +51,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// The ATS sector of an image file unless the caller asks for another.
 const SECTOR_DEFAULT_BYTES: u32 = 512;
@@ -51,11 +62,21 @@ const SECTOR_MAX_BYTES: u32 = 64 * 1024;
 const BOUNCE_ALIGN_BYTES: usize = 4096;
 /// Large unaligned transfers are bounced in chunks of this size to bound memory.
 const BOUNCE_CHUNK_BYTES: usize = 1024 * 1024;
-/// Stripes of the in-process CAW mutex; CAWs on sectors in different stripes run in
-/// parallel.
-const CAW_STRIPES: usize = 64;
-/// Bound on retries of a lock wait interrupted by a signal.
-const LOCK_RETRIES_MAX: u32 = 1000;
+/// How long a compare-and-write waits for its sector's locks before it fails with
+/// `LunError::AtsTimeout`. A healthy holder keeps a sector for one read and one
+/// write of it.
+const ATS_WAIT_MAX: Duration = Duration::from_secs(1);
+/// The wait on a sector whose last wait timed out, until a wait on it succeeds: a
+/// stopped host holds it for as long as it is stopped, and every caller that tries
+/// again meanwhile learns that quickly.
+const ATS_WAIT_SUSPECT: Duration = Duration::from_millis(20);
+/// Backoff between attempts to lock a sector: doubling from the first to the last.
+const ATS_BACKOFF_FIRST: Duration = Duration::from_micros(50);
+const ATS_BACKOFF_MAX: Duration = Duration::from_millis(5);
+/// Sectors remembered as suspect; past that the memory is cleared (only costs waits).
+const SUSPECT_SECTORS_MAX: usize = 4096;
+/// Bound on retries of an unlock interrupted by a signal.
+const UNLOCK_RETRIES_MAX: u32 = 1000;
 
 mod ioctl {
     // BLKGETSIZE64 = _IOR(0x12, 114, size_t): the device size in bytes.
@@ -87,12 +108,28 @@ pub struct FileLun {
     /// page cache is used.
     io_align: u32,
     len_bytes: u64,
-    caw_stripes: Box<[Mutex<()>]>,
+    /// Sectors (by offset) a compare-and-write of this open is in, and the ones
+    /// whose last wait timed out.
+    sectors: Mutex<SectorSets>,
     /// An image file opened again with O_DIRECT, for `read_uncached` and
     /// `write_uncached` (None where the file is direct already, or its filesystem
     /// refuses O_DIRECT, as tmpfs does).
     uncached: Option<File>,
+    /// Test fault hook: runs inside every compare-and-write while the sector is
+    /// locked, with the sector's offset (a test stops a host there).
+    #[cfg(test)]
+    caw_hook: Mutex<Option<CawHook>>,
 }
+
+#[derive(Default)]
+struct SectorSets {
+    busy: HashSet<u64>,
+    suspect: HashSet<u64>,
+}
+
+/// A function run inside a compare-and-write (`FileLun::set_caw_hook`).
+#[cfg(test)]
+pub(crate) type CawHook = std::sync::Arc<dyn Fn(u64) + Send + Sync>;
 
 /// Alignment of `read_uncached` on an image file: a block, which covers the logical
 /// block size of any device an image file may sit on.
@@ -200,8 +237,28 @@ impl FileLun {
             sector,
             io_align,
             len_bytes,
-            caw_stripes: (0..CAW_STRIPES).map(|_| Mutex::new(())).collect(),
+            sectors: Mutex::new(SectorSets::default()),
+            #[cfg(test)]
+            caw_hook: Mutex::new(None),
         })
+    }
+
+    /// Sets (or clears) the test fault hook run inside every compare-and-write.
+    #[cfg(test)]
+    pub(crate) fn set_caw_hook(&self, hook: Option<CawHook>) {
+        *self.caw_hook.lock().unwrap_or_else(|e| e.into_inner()) = hook;
+    }
+
+    #[cfg(test)]
+    fn run_caw_hook(&self, offset: u64) {
+        let hook = self
+            .caw_hook
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(offset);
+        }
     }
 
     fn io_error(&self, op: &'static str, offset: u64, source: io::Error) -> LunError {
@@ -228,6 +285,59 @@ impl FileLun {
     /// Writes `buf`; the offset and length are already aligned to `io_align`.
     fn write_raw(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         write_aligned(&self.file, self.io_align, buf, offset)
+    }
+
+    fn sectors(&self) -> std::sync::MutexGuard<'_, SectorSets> {
+        self.sectors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Locks the sector at `offset` for a compare-and-write: in this process and by
+    /// an OFD lock. Tries with backoff and never waits holding anything; gives up with
+    /// `AtsTimeout` after `ATS_WAIT_MAX` (`ATS_WAIT_SUSPECT` on a suspect sector).
+    fn lock_sector(&self, offset: u64) -> LunResult<SectorLock<'_>> {
+        let wait = if self.sectors().suspect.contains(&offset) {
+            ATS_WAIT_SUSPECT
+        } else {
+            ATS_WAIT_MAX
+        };
+        let started = Instant::now();
+        let mut backoff = ATS_BACKOFF_FIRST;
+        loop {
+            if let Some(locked) = self.try_lock_sector(offset)? {
+                self.sectors().suspect.remove(&offset);
+                return Ok(locked);
+            }
+            let waited = started.elapsed();
+            if waited >= wait {
+                let mut sectors = self.sectors();
+                if sectors.suspect.len() >= SUSPECT_SECTORS_MAX {
+                    sectors.suspect.clear();
+                }
+                sectors.suspect.insert(offset);
+                tracing::warn!(offset, waited_ms = waited.as_millis() as u64, device = %self.describe(), "compare-and-write gave up waiting for its sector");
+                return Err(LunError::AtsTimeout {
+                    device: self.describe(),
+                    offset,
+                    waited_ms: waited.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(backoff.min(wait - waited));
+            backoff = (backoff * 2).min(ATS_BACKOFF_MAX);
+        }
+    }
+
+    /// One attempt at both locks of a sector; `None` when either is held.
+    fn try_lock_sector(&self, offset: u64) -> LunResult<Option<SectorLock<'_>>> {
+        if !self.sectors().busy.insert(offset) {
+            return Ok(None);
+        }
+        let busy = BusySector { lun: self, offset };
+        let range = OfdLock::try_acquire(&self.file, offset, u64::from(self.sector))
+            .map_err(|e| self.io_error("compare-and-write lock", offset, e))?;
+        Ok(range.map(|range| SectorLock {
+            _range: range,
+            _busy: busy,
+        }))
     }
 
     /// Read, compare and write one sector; the caller holds both CAW locks.
@@ -302,13 +412,9 @@ impl Lun for FileLun {
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
         check_caw(offset, expected, new, self.sector, self.len_bytes)?;
         self.check_writable("compare-and-write", offset)?;
-        // Lock order: the in-process stripe, then the OFD lock.
-        let stripe = ((offset / u64::from(self.sector)) % CAW_STRIPES as u64) as usize;
-        let _stripe = self.caw_stripes[stripe]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let _range = OfdLock::acquire(&self.file, offset, u64::from(self.sector))
-            .map_err(|e| self.io_error("compare-and-write lock", offset, e))?;
+        let _locked = self.lock_sector(offset)?;
+        #[cfg(test)]
+        self.run_caw_hook(offset);
         self.caw_locked(offset, expected, new)
     }
 
@@ -538,6 +644,24 @@ impl AlignedBuf {
     }
 }
 
+/// Both locks of a sector in a compare-and-write; the OFD lock goes first on drop.
+struct SectorLock<'a> {
+    _range: OfdLock<'a>,
+    _busy: BusySector<'a>,
+}
+
+/// A sector marked busy in this process, unmarked on drop.
+struct BusySector<'a> {
+    lun: &'a FileLun,
+    offset: u64,
+}
+
+impl Drop for BusySector<'_> {
+    fn drop(&mut self) {
+        self.lun.sectors().busy.remove(&self.offset);
+    }
+}
+
 /// An OFD write lock on a byte range, released on drop (and by the kernel when the
 /// file is closed, should the unlock ever fail).
 struct OfdLock<'a> {
@@ -547,9 +671,10 @@ struct OfdLock<'a> {
 }
 
 impl<'a> OfdLock<'a> {
-    fn acquire(file: &'a File, start: u64, len: u64) -> io::Result<OfdLock<'a>> {
-        set_ofd_lock(file, libc::F_WRLCK, start, len)?;
-        Ok(OfdLock { file, start, len })
+    /// Takes the lock if no other open file description holds the range.
+    fn try_acquire(file: &'a File, start: u64, len: u64) -> io::Result<Option<OfdLock<'a>>> {
+        let got = set_ofd_lock(file, libc::F_WRLCK, start, len)?;
+        Ok(got.then_some(OfdLock { file, start, len }))
     }
 }
 
@@ -561,8 +686,9 @@ impl Drop for OfdLock<'_> {
     }
 }
 
-/// Sets (waiting) or clears an OFD lock on `[start, start + len)`.
-fn set_ofd_lock(file: &File, kind: libc::c_int, start: u64, len: u64) -> io::Result<()> {
+/// Sets or clears an OFD lock on `[start, start + len)` without waiting: false when
+/// another open file description holds a conflicting lock.
+fn set_ofd_lock(file: &File, kind: libc::c_int, start: u64, len: u64) -> io::Result<bool> {
     let to_off = |v: u64| {
         libc::off_t::try_from(v)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "lock range too large"))
@@ -574,16 +700,17 @@ fn set_ofd_lock(file: &File, kind: libc::c_int, start: u64, len: u64) -> io::Res
     fl.l_start = to_off(start)?;
     fl.l_len = to_off(len)?;
     // OFD locks require l_pid == 0 (zeroed above).
-    for _ in 0..LOCK_RETRIES_MAX {
-        match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLKW(&fl)) {
-            Ok(_) => return Ok(()),
+    for _ in 0..UNLOCK_RETRIES_MAX {
+        match fcntl(file.as_raw_fd(), FcntlArg::F_OFD_SETLK(&fl)) {
+            Ok(_) => return Ok(true),
             Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES) => return Ok(false),
             Err(e) => return Err(io::Error::from(e)),
         }
     }
     Err(io::Error::new(
         io::ErrorKind::Interrupted,
-        "OFD lock wait interrupted too often",
+        "OFD lock call interrupted too often",
     ))
 }
 
@@ -841,6 +968,102 @@ mod tests {
     #[test]
     fn caw_is_atomic_under_mixed_contention() {
         contend(2);
+    }
+
+    /// A compare-and-write on `lun` at `offset` stopped inside (holding the sector, as
+    /// a host stopped by SIGSTOP would) until the gate is opened or dropped.
+    struct StoppedCaw {
+        open: Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<thread::JoinHandle<()>>,
+    }
+
+    impl StoppedCaw {
+        fn start(lun: Arc<FileLun>, offset: u64) -> StoppedCaw {
+            use std::sync::atomic::{AtomicBool, Ordering};
+            let open = Arc::new(AtomicBool::new(false));
+            let inside = Arc::new(AtomicBool::new(false));
+            let (gate, entered) = (open.clone(), inside.clone());
+            lun.set_caw_hook(Some(Arc::new(move |at| {
+                if at != offset || gate.load(Ordering::SeqCst) {
+                    return;
+                }
+                entered.store(true, Ordering::SeqCst);
+                while !gate.load(Ordering::SeqCst) {
+                    thread::sleep(std::time::Duration::from_millis(5));
+                }
+            })));
+            let thread = thread::spawn(move || {
+                let sector = lun.sector_size() as usize;
+                let _ = lun.compare_and_write(offset, &vec![0; sector], &vec![7; sector]);
+            });
+            for _ in 0..2000 {
+                if inside.load(Ordering::SeqCst) {
+                    break;
+                }
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+            assert!(
+                inside.load(Ordering::SeqCst),
+                "the CAW never reached the hook"
+            );
+            StoppedCaw {
+                open,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for StoppedCaw {
+        fn drop(&mut self) {
+            self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    #[test]
+    fn a_caw_on_a_sector_held_by_a_stopped_host_times_out() {
+        let img = image(LEN_BYTES);
+        let stopped_host = Arc::new(FileLun::open(img.path(), OpenMode::ReadWrite).unwrap());
+        let other_host = FileLun::open(img.path(), OpenMode::ReadWrite).unwrap();
+        let gate = StoppedCaw::start(stopped_host, 1024);
+        let (zeros, ones) = (vec![0u8; 512], vec![1u8; 512]);
+        for _ in 0..3 {
+            match other_host.compare_and_write(1024, &zeros, &ones) {
+                Err(LunError::AtsTimeout { offset: 1024, .. }) => {}
+                other => panic!("expected a timeout, got {other:?}"),
+            }
+        }
+        // Other sectors are not held up.
+        assert_eq!(
+            other_host.compare_and_write(2048, &zeros, &ones).unwrap(),
+            Caw::Written
+        );
+        drop(gate);
+        // Once the stopped host goes on, its CAW lands and the sector works again.
+        assert_eq!(
+            other_host
+                .compare_and_write(1024, &vec![7u8; 512], &ones)
+                .unwrap(),
+            Caw::Written
+        );
+    }
+
+    #[test]
+    fn a_caw_never_waits_for_a_caw_of_another_sector() {
+        // Sectors 2 and 66 of one open (once in one stripe of a striped mutex): a thread stopped inside the
+        // first must not hold up the second (a heartbeat behind a stuck lock record).
+        let img = image(LEN_BYTES);
+        let lun = Arc::new(FileLun::open(img.path(), OpenMode::ReadWrite).unwrap());
+        let gate = StoppedCaw::start(lun.clone(), 1024);
+        let other = 1024 + 512 * 64;
+        let (zeros, ones) = (vec![0u8; 512], vec![1u8; 512]);
+        assert_eq!(
+            lun.compare_and_write(other, &zeros, &ones).unwrap(),
+            Caw::Written
+        );
+        drop(gate);
     }
 
     #[test]

@@ -114,6 +114,18 @@ pub enum LunError {
     },
     #[error("the device is fenced: {0}")]
     Fenced(String),
+    /// An emulated compare-and-write found its sector locked by another process for
+    /// longer than it waits (a host stopped inside its own test-and-set). Nothing was
+    /// written: not a miscompare, not a success. Try again later.
+    #[error(
+        "compare-and-write at byte {offset} of {device}: the sector stayed locked by another \
+         process for {waited_ms} ms (a host stopped inside a test-and-set?); try again later"
+    )]
+    AtsTimeout {
+        device: String,
+        offset: u64,
+        waited_ms: u64,
+    },
 }
 
 impl LunError {
@@ -123,6 +135,7 @@ impl LunError {
             LunError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             LunError::Misaligned { .. } | LunError::OutOfRange { .. } => libc::EINVAL,
             LunError::Fenced(_) => libc::EIO,
+            LunError::AtsTimeout { .. } => libc::EAGAIN,
         }
     }
 }
