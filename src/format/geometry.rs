@@ -286,14 +286,22 @@ impl Geometry {
 
     /// The orphan-table half of `check_journal_target`: a table's body may be
     /// journaled, its lock sector never.
-    fn check_orphan_target(&self, target: u64, end: u64, first: u64, last: u64) -> Result<(), String> {
+    fn check_orphan_target(
+        &self,
+        target: u64,
+        end: u64,
+        first: u64,
+        last: u64,
+    ) -> Result<(), String> {
         let span = u64::from(self.resource_blocks);
         for block in [first, last] {
             let table = self.orphan_start + (block - self.orphan_start) / span * span;
             let lock = self.lock_offset(table);
             if target < lock + u64::from(self.ats_sector_size) && end > lock {
                 let slot = (table - self.orphan_start) / span;
-                return Err(format!("over the lock sector of slot {slot}'s orphan table"));
+                return Err(format!(
+                    "over the lock sector of slot {slot}'s orphan table"
+                ));
             }
         }
         Ok(())
