@@ -169,7 +169,12 @@ impl AtsFuse {
         }
     }
 
+    /// Replies with a node; the core learns that the kernel holds it (`forget`
+    /// lets go).
     fn entry(&self, reply: ReplyEntry, result: Result<Attr, FsError>) {
+        if let Ok(a) = &result {
+            self.fs.remember(a);
+        }
         match result {
             Ok(a) => reply.entry_with_ttls(
                 &self.opts.attr_ttl,
@@ -222,6 +227,10 @@ impl Filesystem for AtsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(reply, self.fs.lookup(self.ino_in(parent), name.as_bytes()));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(self.ino_in(ino), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -470,11 +479,21 @@ impl Filesystem for AtsFuse {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(self.ino_in(ino)) {
-            Ok(a) if a.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+        match self.fs.opendir(self.ino_in(ino)) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.release(self.ino_in(ino), false));
     }
 
     fn readdir(
@@ -593,6 +612,9 @@ impl Filesystem for AtsFuse {
                 req.gid(),
             )
             .and_then(|a| self.fs.open(a.ino, write).map(|(_, multi)| (a, multi)));
+        if let Ok((a, _)) = &result {
+            self.fs.remember(a);
+        }
         match result {
             Ok((a, multi)) => reply.created(
                 &self.opts.entry_ttl,

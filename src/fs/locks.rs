@@ -14,6 +14,10 @@
 //! - The metadata cache is trusted after re-acquiring a lock only if the record is
 //!   exactly the image we left when we released it: nobody held it in between.
 //!   Otherwise the whole cache is dropped (simple, and rare when hosts work apart).
+//! - A lock is taken by ATS only from a valid lock record of the resource, or from
+//!   an all-zero sector where mkfs left it so (`Meta::zero_is_free`): never from a
+//!   sector of a block that is no longer an inode (a stale inode number), where the
+//!   write would land in file data.
 //! - `need` never waits: when another live host holds the lock it fails with
 //!   `FsError::NeedLock`; the operation is rolled back and retried by `Fs` after
 //!   asking the holder, outside the core lock.
@@ -47,6 +51,9 @@ pub struct Locks {
     /// their allocation group (nobody else can allocate the block meanwhile), so that
     /// reusing the block for a new inode costs no I/O. Released with the group's lock.
     freed_held: std::collections::HashSet<BlockNo>,
+    /// The root directory's inode: with the group headers, the only resources whose
+    /// lock sector mkfs leaves all zeros (`Meta::zero_is_free`).
+    pub(super) root: BlockNo,
 }
 
 impl Locks {
@@ -81,14 +88,22 @@ impl Meta {
         let mut state = match (&upgrade, self.locks.released.get(&resource)) {
             (Some(state), _) => state.clone(),
             (None, Some(raw)) => decode_known(raw, resource),
-            // Never seen: guess an untouched (all-zero) record; a miscompare tells us
-            // the truth without a separate read.
-            (None, None) => decode_known(&vec![0u8; self.geo.ats_sector_size as usize], resource),
+            // Never seen, and mkfs left it all zeros: guess it untouched; a
+            // miscompare tells us the truth without a separate read.
+            (None, None) if self.zero_is_free(resource) => {
+                decode_known(&vec![0u8; self.geo.ats_sector_size as usize], resource)
+            }
+            // Never seen otherwise: the sector may not even be a lock record any more
+            // (a stale inode number), so look before the ATS.
+            (None, None) => {
+                read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?
+            }
         };
         let expected_first = state.raw.clone();
         let node = self.node.clone();
         let stale = |slot: u32, generation: u32| node.stale(slot, generation);
         for _ in 0..ATTEMPTS_MAX {
+            self.check_lock_sector(resource, &state)?;
             let outcome = try_acquire(
                 self.lun.as_ref(),
                 &self.geo,
@@ -127,6 +142,34 @@ impl Meta {
             mode,
             holders: state.holders(),
         })
+    }
+
+    /// True for the resources whose lock sector mkfs leaves all zeros (group headers
+    /// and the root directory): only there is an all-zero sector a free lock. Every
+    /// other inode's sector holds a lock record from the moment the inode is created
+    /// (`take_new`), so all zeros there means the block is no longer an inode.
+    pub fn zero_is_free(&self, resource: BlockNo) -> bool {
+        resource == self.locks.root
+            || self
+                .geo
+                .ag_of(resource)
+                .is_some_and(|ag| self.geo.ag_header(ag) == resource)
+    }
+
+    /// Refuses to take a lock by ATS from an image that is not a lock record of the
+    /// resource: an all-zero sector of a block that mkfs did not leave so is file data
+    /// (or a never-used block) where a stale inode number points; an ATS from that
+    /// image would write a lock record into someone's data. `Core::inode` turns the
+    /// error into ESTALE, like a sector that fails to decode as a lock record.
+    fn check_lock_sector(&self, resource: BlockNo, state: &LockState) -> FsResult<()> {
+        if self.zero_is_free(resource) || state.raw.iter().any(|&b| b != 0) {
+            return Ok(());
+        }
+        Err(FsError::corrupted(
+            "lock record",
+            resource,
+            "all zeros: the block is not an inode (any more)",
+        ))
     }
 
     /// Like `need`, but false instead of an error when another host holds the lock.
@@ -303,6 +346,7 @@ impl Meta {
         let stale = |slot: u32, generation: u32| node.stale(slot, generation);
         let stale16 = |slot: u32, generation: u16| node.stale16(slot, generation);
         for _ in 0..ATTEMPTS_MAX {
+            self.check_lock_sector(resource, &state)?;
             match try_open(
                 self.lun.as_ref(),
                 &self.geo,

@@ -17,6 +17,7 @@ mod locks;
 pub mod meta;
 mod mount;
 mod namei;
+pub mod nodes;
 pub(crate) mod readahead;
 pub(crate) mod xattr;
 
@@ -172,6 +173,8 @@ pub struct Fs {
     lease: Arc<Lease>,
     membership: Mutex<Option<Membership>>,
     pub options: MountOptions,
+    /// The inodes the kernel holds through this host's mount, with their generations.
+    nodes: nodes::KernelNodes,
 }
 
 impl Fs {
@@ -210,6 +213,47 @@ impl Fs {
     /// first: a fenced host changes nothing, not even in memory.
     fn write<T>(&self, op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
         self.run(true, op)
+    }
+
+    /// Runs a read-only operation on inodes the kernel named (`inos`): each must
+    /// still be the inode the kernel looked up (`nodes`), else ESTALE.
+    fn read_on<T>(&self, inos: &[Ino], op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.run(false, self.checked(inos, op))
+    }
+
+    /// Runs a mutating operation on inodes the kernel named, checked as `read_on`.
+    fn write_on<T>(&self, inos: &[Ino], op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.run(true, self.checked(inos, op))
+    }
+
+    /// `op`, after checking that each of `inos` the kernel holds still has the
+    /// generation the kernel knows it by. Checked under the core lock, in the same
+    /// attempt as the operation, so no other host can free the inode in between.
+    fn checked<T>(
+        &self,
+        inos: &[Ino],
+        mut op: impl FnMut(&mut Core) -> FsResult<T>,
+    ) -> impl FnMut(&mut Core) -> FsResult<T> {
+        let expected: Vec<(Ino, u64)> = inos
+            .iter()
+            .filter_map(|&ino| Some((ino, self.nodes.generation(ino)?)))
+            .collect();
+        move |c: &mut Core| {
+            for &(ino, generation) in &expected {
+                c.check_generation(ino, generation)?;
+            }
+            op(c)
+        }
+    }
+
+    /// The kernel got `attr`'s inode in a reply (one more lookup to forget).
+    pub fn remember(&self, attr: &Attr) {
+        self.nodes.remember(attr.ino, attr.generation);
+    }
+
+    /// The kernel forgot `lookups` of its lookups of `ino`.
+    pub fn forget(&self, ino: Ino, lookups: u64) {
+        self.nodes.forget(ino, lookups);
     }
 
     /// Runs an operation; when it needs a lock another host holds, rolls it back,
@@ -301,15 +345,15 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        self.read(|c| c.inode(ino).map(|i| inode::attr_of(&i)))
+        self.read_on(&[ino], |c| c.inode(ino).map(|i| inode::attr_of(&i)))
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        self.read(|c| c.lookup(parent, name))
+        self.read_on(&[parent], |c| c.lookup(parent, name))
     }
 
     pub fn setattr(&self, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
-        self.write(|c| c.setattr(ino, set))
+        self.write_on(&[ino], |c| c.setattr(ino, set))
     }
 
     /// Creates a regular file, fifo, socket or device node.
@@ -322,12 +366,16 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.write(|c| c.create_node(parent, name, mode, rdev, uid, gid, None))
+        self.write_on(&[parent], |c| {
+            c.create_node(parent, name, mode, rdev, uid, gid, None)
+        })
     }
 
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
         let mode = (mode & 0o7777) | libc::S_IFDIR;
-        self.write(|c| c.create_node(parent, name, mode, 0, uid, gid, None))
+        self.write_on(&[parent], |c| {
+            c.create_node(parent, name, mode, 0, uid, gid, None)
+        })
     }
 
     pub fn symlink(
@@ -338,7 +386,7 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.write(|c| {
+        self.write_on(&[parent], |c| {
             c.create_node(
                 parent,
                 name,
@@ -352,19 +400,19 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        self.read(|c| c.readlink(ino))
+        self.read_on(&[ino], |c| c.readlink(ino))
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        self.write(|c| c.link(ino, parent, name))
+        self.write_on(&[ino, parent], |c| c.link(ino, parent, name))
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write(|c| c.unlink(parent, name, false))
+        self.write_on(&[parent], |c| c.unlink(parent, name, false))
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write(|c| c.unlink(parent, name, true))
+        self.write_on(&[parent], |c| c.unlink(parent, name, true))
     }
 
     /// Renames; `flags` takes RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -376,7 +424,9 @@ impl Fs {
         new_name: &[u8],
         flags: u32,
     ) -> FsResult<()> {
-        self.write(|c| c.rename(parent, name, new_parent, new_name, flags))
+        self.write_on(&[parent, new_parent], |c| {
+            c.rename(parent, name, new_parent, new_name, flags)
+        })
     }
 
     /// Opens a file: records this host's open in the file's lock record (VMFS
@@ -384,7 +434,13 @@ impl Fs {
     /// file open, a read-only open while another host has it open for writing).
     /// Returns the attributes and whether the file is multi-writer (direct I/O).
     pub fn open(&self, ino: Ino, write: bool) -> FsResult<(Attr, bool)> {
-        self.write(|c| c.open(ino, write))
+        self.write_on(&[ino], |c| c.open(ino, write))
+    }
+
+    /// Opens a directory: like `open` for reading (the directory outlives its
+    /// removal until the handle is released with `release`).
+    pub fn opendir(&self, ino: Ino) -> FsResult<Attr> {
+        self.write_on(&[ino], |c| c.open_dir(ino))
     }
 
     /// Drops an open handle; frees the inode if it was unlinked meanwhile.
@@ -426,7 +482,7 @@ impl Fs {
         } else {
             (None, Vec::new())
         };
-        let (plan, epoch, lun, token, next) = self.read(|c| {
+        let (plan, epoch, lun, token, next) = self.read_on(&[ino], |c| {
             let plan = c.plan_read(ino, offset, size as usize)?;
             let epoch = c.meta.epoch;
             let lun = c.meta.lun.clone();
@@ -474,7 +530,7 @@ impl Fs {
     }
 
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
-        self.write(|c| c.write_file(ino, offset, data))
+        self.write_on(&[ino], |c| c.write_file(ino, offset, data))
     }
 
     /// Makes the file's data and all metadata committed so far durable.
@@ -510,14 +566,14 @@ impl Fs {
     }
 
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> FsResult<()> {
-        self.write(|c| c.fallocate(ino, offset, len, mode))
+        self.write_on(&[ino], |c| c.fallocate(ino, offset, len, mode))
     }
 
     /// Lists a directory after `offset` (0 = from the start, including "." and "..").
     /// `emit(ino, next_offset, dtype, name)` returns true when the caller's buffer is
     /// full.
     pub fn readdir(&self, ino: Ino, offset: u64, emit: &mut DirSink<'_>) -> FsResult<()> {
-        self.read(|c| c.readdir(ino, offset, emit))
+        self.read_on(&[ino], |c| c.readdir(ino, offset, emit))
     }
 
     pub fn statfs(&self) -> FsResult<StatFs> {
@@ -542,11 +598,11 @@ impl Fs {
             return serde_json::to_vec(&stats)
                 .map_err(|e| FsError::Failed(format!("encoding the stats: {e}")));
         }
-        self.read(|c| c.getxattr(ino, name))
+        self.read_on(&[ino], |c| c.getxattr(ino, name))
     }
 
     pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        self.read(|c| c.listxattr(ino))
+        self.read_on(&[ino], |c| c.listxattr(ino))
     }
 
     /// Sets an xattr; `flags` takes XATTR_CREATE and XATTR_REPLACE.
@@ -554,14 +610,14 @@ impl Fs {
         if name == xattr::STATS_XATTR {
             return Err(FsError::Errno(libc::EPERM));
         }
-        self.write(|c| c.setxattr(ino, name, value, flags))
+        self.write_on(&[ino], |c| c.setxattr(ino, name, value, flags))
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         if name == xattr::STATS_XATTR {
             return Err(FsError::Errno(libc::EPERM));
         }
-        self.write(|c| c.removexattr(ino, name))
+        self.write_on(&[ino], |c| c.removexattr(ino, name))
     }
 
     /// Checks this host's beliefs against the disk: every lock it thinks it holds is
@@ -639,5 +695,7 @@ impl Fs {
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod node_tests;
 #[cfg(test)]
 mod tests;

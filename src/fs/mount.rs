@@ -192,6 +192,7 @@ impl Fs {
         let mut meta = Meta::new(behind, geo, sb.volume_uuid, journal, node.clone());
         meta.set_lease(lease.clone());
         let root = sb.root_ino;
+        meta.locks.root = root;
         let core = Core {
             meta,
             sb,
@@ -208,6 +209,7 @@ impl Fs {
             lease,
             membership: Mutex::new(Some(membership)),
             options,
+            nodes: Default::default(),
         });
         spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
         if let Err(e) = fs.getattr(root) {

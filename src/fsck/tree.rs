@@ -353,7 +353,12 @@ impl Walk<'_, '_> {
             self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
             self.report.inode_fix(v.ino, &v.path).flags = Some(inode.flags & INODE_FLAGS_KNOWN);
         }
-        if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), v.ino, self.report) {
+        if let Err(e) = check_lock(
+            raw.get(..sector).unwrap_or(&[]),
+            v.ino,
+            v.kind.is_none(),
+            self.report,
+        ) {
             self.problem(ProblemKind::LockRecord, v.ino, &v.path, e);
         }
         let what = format!("inode {} (blocks {}..{})", v.ino, v.ino, v.ino + span);
