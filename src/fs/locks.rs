@@ -13,7 +13,9 @@
 //!   writes.
 //! - The metadata cache is trusted after re-acquiring a lock only if the record is
 //!   exactly the image we left when we released it: nobody held it in between.
-//!   Otherwise the whole cache is dropped (simple, and rare when hosts work apart).
+//!   Otherwise the whole cache is dropped (simple, and rare when hosts work apart),
+//!   and the inode is noted for the kernel (`note_kernel_stale`), as is every lock
+//!   let go to another host.
 //! - A lock is taken by ATS only from a valid lock record of the resource, or from
 //!   an all-zero sector where mkfs left it so (`Meta::zero_is_free`): never from a
 //!   sector of a block that is no longer an inode (a stale inode number), where the
@@ -54,6 +56,11 @@ pub struct Locks {
     /// The root directory's inode: with the group headers, the only resources whose
     /// lock sector mkfs leaves all zeros (`Meta::zero_is_free`).
     pub(super) root: BlockNo,
+    /// Inodes whose copies in the kernel's caches may go stale: their locks were let
+    /// go to another host, or taken back after another host held them. Drained after
+    /// every operation and every mailbox pass (`take_kernel_stale`), so it holds at
+    /// most the locks of one operation or one release.
+    kernel_stale: std::collections::HashSet<BlockNo>,
 }
 
 impl Locks {
@@ -122,6 +129,7 @@ impl Meta {
                     if !untouched {
                         tracing::debug!(resource, "lock taken after another holder: cache dropped");
                         self.drop_cache();
+                        self.note_kernel_stale(resource);
                     }
                     self.stats.lock_acquires += 1;
                     self.locks.held.insert(resource, (now, mode));
@@ -170,6 +178,23 @@ impl Meta {
             resource,
             "all zeros: the block is not an inode (any more)",
         ))
+    }
+
+    /// Notes an inode whose kernel-cached attributes and names may be stale (group
+    /// headers are not in the kernel's caches).
+    fn note_kernel_stale(&mut self, resource: BlockNo) {
+        let header = self
+            .geo
+            .ag_of(resource)
+            .is_some_and(|ag| self.geo.ag_header(ag) == resource);
+        if !header {
+            self.locks.kernel_stale.insert(resource);
+        }
+    }
+
+    /// The inodes noted by `note_kernel_stale` since the last call.
+    pub fn take_kernel_stale(&mut self) -> Vec<BlockNo> {
+        self.locks.kernel_stale.drain().collect()
     }
 
     /// Like `need`, but false instead of an error when another host holds the lock.
@@ -273,6 +298,7 @@ impl Meta {
                     Ok(now) => {
                         self.stats.lock_releases += 1;
                         self.locks.released.insert(resource, now.raw);
+                        self.note_kernel_stale(resource);
                         break;
                     }
                     // Another holder joined or left a shared lock: release from the new image.

@@ -175,6 +175,22 @@ pub struct Fs {
     pub options: MountOptions,
     /// The inodes the kernel holds through this host's mount, with their generations.
     nodes: nodes::KernelNodes,
+    /// The kernel's caches, when a FUSE adapter connected them.
+    kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
+}
+
+/// Most names invalidated in one directory at a time; the kernel's other dentries
+/// there expire with the entry TTL.
+const ENTRY_INVALS_MAX: usize = 1024;
+
+/// The kernel's caches of a mount, as the FUSE adapter invalidates them.
+pub trait KernelCache: Send + Sync {
+    /// Drops the kernel's cached attributes of `ino` (not its pages: the kernel drops
+    /// a file's pages at every open, and another host cannot write a file while this
+    /// one has it open). Must not block on a request of this mount.
+    fn inval_attrs(&self, ino: Ino);
+    /// Drops the kernel's dentry `name` in directory `parent` (may be sent later).
+    fn inval_entry(&self, parent: Ino, name: &[u8]);
 }
 
 impl Fs {
@@ -246,9 +262,38 @@ impl Fs {
         }
     }
 
-    /// The kernel got `attr`'s inode in a reply (one more lookup to forget).
-    pub fn remember(&self, attr: &Attr) {
-        self.nodes.remember(attr.ino, attr.generation);
+    /// The kernel got `attr`'s inode in a reply, as `name` in `parent` (one more
+    /// lookup to forget).
+    pub fn remember(&self, parent: Ino, name: &[u8], attr: &Attr) {
+        self.nodes.remember(parent, name, attr.ino, attr.generation);
+    }
+
+    /// Connects the kernel's caches (the FUSE adapter's notifier): from now on they
+    /// are invalidated when another host may change what they hold.
+    pub fn set_kernel_cache(&self, cache: Box<dyn KernelCache>) {
+        if self.kernel_cache.set(cache).is_err() {
+            tracing::warn!("a kernel cache was connected twice; the second is ignored");
+        }
+    }
+
+    /// Invalidates what the kernel caches of `stale` inodes (locks this host let go
+    /// to another host, or took back changed): the attributes of each node the
+    /// kernel holds, and the names it holds in each such directory. Called without
+    /// the core lock (a notification may wait for kernel locks that a request waiting
+    /// for the core lock holds).
+    fn invalidate_kernel(&self, stale: Vec<Ino>) {
+        let Some(cache) = self.kernel_cache.get() else {
+            return;
+        };
+        for ino in stale {
+            if self.nodes.generation(ino).is_none() {
+                continue;
+            }
+            cache.inval_attrs(ino);
+            for name in self.nodes.names_in(ino, ENTRY_INVALS_MAX) {
+                cache.inval_entry(ino, &name);
+            }
+        }
     }
 
     /// The kernel forgot `lookups` of its lookups of `ino`.
@@ -265,7 +310,7 @@ impl Fs {
             if mutating {
                 self.lease.check()?;
             }
-            let result = {
+            let (result, stale) = {
                 let mut core = self.core()?;
                 core.meta.settle_if_done()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
@@ -277,8 +322,11 @@ impl Fs {
                 core.meta.begin_op();
                 let result = op(&mut core);
                 core.meta.end_op(result.is_ok());
-                result
+                (result, core.meta.take_kernel_stale())
             };
+            // Before the caller replies: the kernel must not serve the old attributes
+            // to the request that follows this one (see `invalidate_kernel`).
+            self.invalidate_kernel(stale);
             let Err(FsError::NeedLock {
                 resource,
                 mode,
@@ -408,11 +456,15 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write_on(&[parent], |c| c.unlink(parent, name, false))
+        self.write_on(&[parent], |c| c.unlink(parent, name, false))?;
+        self.nodes.unlinked(parent, name);
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write_on(&[parent], |c| c.unlink(parent, name, true))
+        self.write_on(&[parent], |c| c.unlink(parent, name, true))?;
+        self.nodes.unlinked(parent, name);
+        Ok(())
     }
 
     /// Renames; `flags` takes RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -426,7 +478,11 @@ impl Fs {
     ) -> FsResult<()> {
         self.write_on(&[parent, new_parent], |c| {
             c.rename(parent, name, new_parent, new_name, flags)
-        })
+        })?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        self.nodes
+            .renamed(parent, name, new_parent, new_name, exchange);
+        Ok(())
     }
 
     /// Opens a file: records this host's open in the file's lock record (VMFS
@@ -657,8 +713,13 @@ impl Fs {
     /// Commits and releases every lock this host holds (as if other hosts had asked
     /// for all of them). For benchmarks and tests.
     pub fn release_all_locks(&self) -> FsResult<usize> {
-        let mut core = self.core()?;
-        Ok(core.meta.release_locks(None)?.len())
+        let (released, stale) = {
+            let mut core = self.core()?;
+            let released = core.meta.release_locks(None)?.len();
+            (released, core.meta.take_kernel_stale())
+        };
+        self.invalidate_kernel(stale);
+        Ok(released)
     }
 
     /// Device I/O counters since mount.

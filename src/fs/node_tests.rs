@@ -3,6 +3,7 @@
 
 use super::namei::SetAttr;
 use super::tests::{fresh_volume, mount};
+use super::{Ino, KernelCache};
 
 use crate::format::{BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::lun::Lun;
@@ -110,7 +111,7 @@ fn a_node_the_kernel_holds_is_stale_once_its_block_holds_another_inode() {
     let a = mount(&lun, 1);
     let root = a.root();
     let d = a.mkdir(root, b"d", 0o755, 0, 0).expect("mkdir");
-    a.remember(&d); // the kernel looked it up: a shell's cwd
+    a.remember(root, b"d", &d); // the kernel looked it up: a shell's cwd
     a.rmdir(root, b"d").expect("rmdir");
     a.sync().expect("sync");
     let f = a.mknod(root, b"f", REG, 0, 0, 0).expect("create");
@@ -146,9 +147,95 @@ fn a_node_the_kernel_holds_is_stale_once_its_block_holds_another_inode() {
         Some(libc::ESTALE)
     );
     // Once the kernel looks the new file up, it knows the node by its generation.
-    a.remember(&a.lookup(root, b"f").expect("lookup of the new file"));
+    a.remember(
+        root,
+        b"f",
+        &a.lookup(root, b"f").expect("lookup of the new file"),
+    );
     let seen = a.getattr(f.ino).expect("stat of the new file");
     assert_eq!((seen.mode, seen.generation), (REG, f.generation));
     a.forget(f.ino, 2);
     a.unmount().expect("unmount");
+}
+
+/// A kernel cache that records what it was told to drop.
+#[derive(Default)]
+struct Recorded(std::sync::Mutex<Vec<(Ino, Option<Vec<u8>>)>>);
+
+impl KernelCache for std::sync::Arc<Recorded> {
+    fn inval_attrs(&self, ino: Ino) {
+        self.0.lock().expect("lock").push((ino, None));
+    }
+    fn inval_entry(&self, parent: Ino, name: &[u8]) {
+        self.0
+            .lock()
+            .expect("lock")
+            .push((parent, Some(name.to_vec())));
+    }
+}
+
+impl Recorded {
+    /// Waits (bounded) until `want` was recorded: the holder's service thread sends
+    /// it right after letting the lock go, which the other host sees first.
+    fn wait_for(&self, want: &(Ino, Option<Vec<u8>>)) -> bool {
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(20) {
+            if self.0.lock().expect("lock").contains(want) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        false
+    }
+}
+
+#[test]
+fn the_kernel_caches_of_what_another_host_takes_over_are_invalidated() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let kernel = std::sync::Arc::new(Recorded::default());
+    b.set_kernel_cache(Box::new(kernel.clone()));
+    let root = a.root();
+    let d = a.mkdir(root, b"d", 0o755, 0, 0).expect("mkdir").ino;
+    let f = a.mknod(d, b"f", REG, 0, 0, 0).expect("create").ino;
+    let hidden = a.mknod(d, b"unknown", REG, 0, 0, 0).expect("create").ino;
+    // b's kernel looks up d and d/f (not d/unknown).
+    b.remember(root, b"d", &b.lookup(root, b"d").expect("lookup d"));
+    b.remember(d, b"f", &b.lookup(d, b"f").expect("lookup f"));
+    b.getattr(hidden)
+        .expect("b stats the file its kernel does not hold");
+    kernel.0.lock().expect("lock").clear();
+    a.write_data(f, 0, b"appended on a").expect("write on a");
+    assert!(
+        kernel.wait_for(&(f, None)),
+        "f's attributes: {:?}",
+        kernel.0.lock()
+    );
+    a.mknod(d, b"new", REG, 0, 0, 0).expect("create on a");
+    assert!(
+        kernel.wait_for(&(d, None)),
+        "d's attributes: {:?}",
+        kernel.0.lock()
+    );
+    assert!(
+        kernel.wait_for(&(d, Some(b"f".to_vec()))),
+        "the name d/f: {:?}",
+        kernel.0.lock()
+    );
+    // Taken back changed: invalidated before b answers (its kernel holds f).
+    kernel.0.lock().expect("lock").clear();
+    assert_eq!(b.getattr(f).expect("stat on b").size, 13);
+    assert!(kernel.0.lock().expect("lock").contains(&(f, None)));
+    assert!(
+        !kernel
+            .0
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|(ino, _)| *ino == hidden),
+        "only nodes the kernel holds are invalidated"
+    );
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
 }
