@@ -142,11 +142,7 @@ impl AtsFuse {
     }
 
     fn ino_out(&self, ino: Ino) -> INodeNo {
-        if ino == self.fs.root() {
-            INodeNo(1)
-        } else {
-            INodeNo(ino)
-        }
+        node_id(self.fs.root(), ino)
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -169,7 +165,12 @@ impl AtsFuse {
         }
     }
 
-    fn entry(&self, reply: ReplyEntry, result: Result<Attr, FsError>) {
+    /// Replies with a node named `name` in `parent`; the core learns that the
+    /// kernel holds it (`forget` lets go).
+    fn entry(&self, reply: ReplyEntry, parent: Ino, name: &OsStr, result: Result<Attr, FsError>) {
+        if let Ok(a) = &result {
+            self.fs.remember(parent, name.as_bytes(), a);
+        }
         match result {
             Ok(a) => reply.entry_with_ttls(
                 &self.opts.attr_ttl,
@@ -221,7 +222,12 @@ impl Filesystem for AtsFuse {
     fn destroy(&mut self) {}
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.lookup(self.ino_in(parent), name.as_bytes()));
+        let parent = self.ino_in(parent);
+        self.entry(reply, parent, name, self.fs.lookup(parent, name.as_bytes()));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(self.ino_in(ino), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -290,7 +296,7 @@ impl Filesystem for AtsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, result);
+        self.entry(reply, self.ino_in(parent), name, result);
     }
 
     fn mkdir(
@@ -309,7 +315,7 @@ impl Filesystem for AtsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, result);
+        self.entry(reply, self.ino_in(parent), name, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -335,7 +341,7 @@ impl Filesystem for AtsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, result);
+        self.entry(reply, self.ino_in(parent), link_name, result);
     }
 
     fn rename(
@@ -366,11 +372,11 @@ impl Filesystem for AtsFuse {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(
-            reply,
-            self.fs
-                .link(self.ino_in(ino), self.ino_in(newparent), newname.as_bytes()),
-        );
+        let newparent = self.ino_in(newparent);
+        let result = self
+            .fs
+            .link(self.ino_in(ino), newparent, newname.as_bytes());
+        self.entry(reply, newparent, newname, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -470,11 +476,21 @@ impl Filesystem for AtsFuse {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.getattr(self.ino_in(ino)) {
-            Ok(a) if a.is_dir() => reply.opened(FileHandle(0), FopenFlags::empty()),
-            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+        match self.fs.opendir(self.ino_in(ino)) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.release(self.ino_in(ino), false));
     }
 
     fn readdir(
@@ -593,6 +609,9 @@ impl Filesystem for AtsFuse {
                 req.gid(),
             )
             .and_then(|a| self.fs.open(a.ino, write).map(|(_, multi)| (a, multi)));
+        if let Ok((a, _)) = &result {
+            self.fs.remember(self.ino_in(parent), name.as_bytes(), a);
+        }
         match result {
             Ok((a, multi)) => reply.created(
                 &self.opts.entry_ttl,
@@ -734,6 +753,68 @@ fn set_readahead(mountpoint: &Path, kb: u32) -> Result<()> {
     Ok(())
 }
 
+/// Names queued for invalidation at most; more are dropped (they expire with the
+/// entry TTL).
+const ENTRY_QUEUE_MAX: usize = 4096;
+
+/// The kernel's caches of this mount, invalidated through the session's notifier
+/// when the core says another host may change what they hold.
+struct FuseCache {
+    notifier: fuser::Notifier,
+    root: Ino,
+    entries: std::sync::mpsc::SyncSender<(Ino, Vec<u8>)>,
+}
+
+fn node_id(root: Ino, ino: Ino) -> INodeNo {
+    INodeNo(if ino == root { 1 } else { ino })
+}
+
+impl FuseCache {
+    /// Starts the thread that sends entry invalidations.
+    fn start(notifier: fuser::Notifier, root: Ino) -> Result<FuseCache> {
+        let (entries, queue) = std::sync::mpsc::sync_channel::<(Ino, Vec<u8>)>(ENTRY_QUEUE_MAX);
+        let sender = notifier.clone();
+        std::thread::Builder::new()
+            .name("inval-entry".into())
+            .spawn(move || {
+                for (parent, name) in queue {
+                    let name = OsStr::from_bytes(&name);
+                    if let Err(e) = sender.inval_entry(node_id(root, parent), name) {
+                        tracing::trace!(parent, ?name, "entry invalidation: {e}");
+                    }
+                }
+            })
+            .context("starting the entry invalidation thread")?;
+        Ok(FuseCache {
+            notifier,
+            root,
+            entries,
+        })
+    }
+}
+
+impl crate::fs::KernelCache for FuseCache {
+    /// Attributes only (offset -1): the kernel then takes no page or inode lock, so
+    /// this is safe from any thread that does not hold the core lock, also while
+    /// serving a request for the same inode; it is sent before that request's reply.
+    fn inval_attrs(&self, ino: Ino) {
+        if let Err(e) = self.notifier.inval_inode(node_id(self.root, ino), -1, 0) {
+            tracing::trace!(ino, "attribute invalidation: {e}");
+        }
+    }
+
+    /// Queued for a thread of its own: the kernel takes the directory's inode lock,
+    /// which a request in that directory holds while it waits for us.
+    fn inval_entry(&self, parent: Ino, name: &[u8]) {
+        if self.entries.try_send((parent, name.to_vec())).is_err() {
+            tracing::debug!(
+                parent,
+                "entry invalidation queue full: the entry expires with its TTL"
+            );
+        }
+    }
+}
+
 /// A mounted FUSE session, ready to serve.
 pub struct Mounted {
     session: fuser::Session<AtsFuse>,
@@ -763,8 +844,10 @@ impl Mounted {
         config.clone_fd = true;
         let threads = opts.threads;
         let readahead_kb = opts.readahead_kb;
-        let session = fuser::Session::new(AtsFuse::new(fs, opts), mountpoint, &config)
+        let root = fs.root();
+        let session = fuser::Session::new(AtsFuse::new(fs.clone(), opts), mountpoint, &config)
             .with_context(|| format!("mounting on {}", mountpoint.display()))?;
+        fs.set_kernel_cache(Box::new(FuseCache::start(session.notifier(), root)?));
         tracing::info!(threads, "mounted on {}", mountpoint.display());
         if readahead_kb > 0 {
             if let Err(e) = set_readahead(mountpoint, readahead_kb) {

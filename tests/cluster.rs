@@ -460,3 +460,61 @@ fn files_unlinked_while_open_on_a_killed_host_are_reclaimed_by_the_survivor() {
     b.unmount();
     assert_fsck_clean(&image);
 }
+
+#[test]
+fn a_host_reads_all_of_another_hosts_append_within_its_attribute_ttl() {
+    require_fuse!();
+    let scratch = Scratch::new("append-after-stat");
+    let image = scratch.image_with("volume.img", IMAGE_BYTES, &short_lease_opts());
+    // Long TTLs: without invalidation, B's kernel would still trust the old size.
+    let ttls = "attr_timeout=60,entry_timeout=60";
+    let a = MountSpec::in_scratch(&scratch, &image, "a").mount_with_options(ttls);
+    let b = MountSpec::in_scratch(&scratch, &image, "b").mount_with_options(ttls);
+    let (on_a, on_b) = (a.join("f"), b.join("f"));
+    let first = vec![b'1'; 3000];
+    fs::write(&on_a, &first).expect("write on a");
+    let wait = Duration::from_secs(30);
+    assert_eq!(read_within(&on_b, wait), first, "b reads a's file");
+    assert_eq!(fs::metadata(&on_b).expect("stat on b").len(), 3000);
+    let appended = vec![b'2'; 5000];
+    let mut file = open_for_writing_within(&on_a, wait).0;
+    std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).expect("seek to the end");
+    file.write_all(&appended).expect("append on a");
+    drop(file);
+    let mut expected = first.clone();
+    expected.extend_from_slice(&appended);
+    let seen = read_within(&on_b, wait);
+    assert_eq!(
+        (seen.len(), seen == expected),
+        (expected.len(), true),
+        "b read {} bytes of a's {}",
+        seen.len(),
+        expected.len()
+    );
+    assert_eq!(fs::metadata(&on_b).expect("stat on b").len(), 8000);
+    b.unmount();
+    a.unmount();
+}
+
+#[test]
+fn a_name_another_host_moved_away_and_reused_is_looked_up_again_within_the_entry_ttl() {
+    require_fuse!();
+    let scratch = Scratch::new("replaced-name");
+    let image = scratch.image_with("volume.img", IMAGE_BYTES, &short_lease_opts());
+    // Long TTLs: without invalidation, B's kernel would still map the name to the
+    // inode that moved away (still alive under its new name, so not even ESTALE,
+    // after which the kernel would look the name up again).
+    let ttls = "attr_timeout=60,entry_timeout=60";
+    let a = MountSpec::in_scratch(&scratch, &image, "a").mount_with_options(ttls);
+    let b = MountSpec::in_scratch(&scratch, &image, "b").mount_with_options(ttls);
+    fs::create_dir(a.join("d")).expect("mkdir on a");
+    fs::write(a.join("d/n"), b"old").expect("write on a");
+    let wait = Duration::from_secs(30);
+    assert_eq!(read_within(&b.join("d/n"), wait), b"old");
+    fs::rename(a.join("d/n"), a.join("d/m")).expect("rename n to m on a");
+    fs::write(a.join("d/n"), b"new").expect("write a new n on a");
+    assert_eq!(read_within(&b.join("d/n"), wait), b"new");
+    assert_eq!(read_within(&b.join("d/m"), wait), b"old");
+    b.unmount();
+    a.unmount();
+}

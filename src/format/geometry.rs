@@ -203,6 +203,15 @@ impl Geometry {
             .then(|| self.orphan_start + u64::from(slot) * u64::from(self.resource_blocks))
     }
 
+    /// True when `block` is one of the orphan tables.
+    pub fn is_orphan_table(&self, block: BlockNo) -> bool {
+        let span = u64::from(self.resource_blocks);
+        self.orphan_start != 0
+            && block >= self.orphan_start
+            && block < self.ag_start
+            && (block - self.orphan_start) % span == 0
+    }
+
     /// First block of allocation group `ag`.
     pub fn ag_first(&self, ag: u64) -> BlockNo {
         self.ag_start + ag * AG_BLOCKS

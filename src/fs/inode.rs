@@ -154,6 +154,16 @@ impl Core {
         Ok(inode)
     }
 
+    /// ESTALE unless `ino` is still the inode of `generation` (the one the kernel
+    /// looked up: the block may since hold another inode).
+    pub fn check_generation(&mut self, ino: Ino, generation: u64) -> FsResult<()> {
+        if self.inode(ino)?.generation != generation {
+            tracing::debug!(ino, generation, "the kernel's node is an older inode");
+            return Err(FsError::Errno(libc::ESTALE));
+        }
+        Ok(())
+    }
+
     /// Puts a changed inode into the running transaction; takes its lock exclusive
     /// first (a no-op when held so already).
     pub fn put_inode(&mut self, inode: &InodeBody) -> FsResult<()> {

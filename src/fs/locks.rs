@@ -13,7 +13,13 @@
 //!   writes.
 //! - The metadata cache is trusted after re-acquiring a lock only if the record is
 //!   exactly the image we left when we released it: nobody held it in between.
-//!   Otherwise the whole cache is dropped (simple, and rare when hosts work apart).
+//!   Otherwise the whole cache is dropped (simple, and rare when hosts work apart),
+//!   and the inode is noted for the kernel (`note_kernel_stale`), as is every lock
+//!   let go to another host.
+//! - A lock is taken by ATS only from a valid lock record of the resource, or from
+//!   an all-zero sector where mkfs left it so (`Meta::zero_is_free`): never from a
+//!   sector of a block that is no longer an inode (a stale inode number), where the
+//!   write would land in file data.
 //! - `need` never waits: when another live host holds the lock it fails with
 //!   `FsError::NeedLock`; the operation is rolled back and retried by `Fs` after
 //!   asking the holder, outside the core lock.
@@ -50,6 +56,14 @@ pub struct Locks {
     /// their allocation group (nobody else can allocate the block meanwhile), so that
     /// reusing the block for a new inode costs no I/O. Released with the group's lock.
     freed_held: std::collections::HashSet<BlockNo>,
+    /// The root directory's inode: with the group headers, the only resources whose
+    /// lock sector mkfs leaves all zeros (`Meta::zero_is_free`).
+    pub(super) root: BlockNo,
+    /// Inodes whose copies in the kernel's caches may go stale: their locks were let
+    /// go to another host, or taken back after another host held them. Drained after
+    /// every operation and every mailbox pass (`take_kernel_stale`), so it holds at
+    /// most the locks of one operation or one release.
+    kernel_stale: std::collections::HashSet<BlockNo>,
 }
 
 impl Locks {
@@ -92,14 +106,22 @@ impl Meta {
         let mut state = match (&upgrade, self.locks.released.get(&resource)) {
             (Some(state), _) => state.clone(),
             (None, Some(raw)) => decode_known(raw, resource),
-            // Never seen: guess an untouched (all-zero) record; a miscompare tells us
-            // the truth without a separate read.
-            (None, None) => decode_known(&vec![0u8; self.geo.ats_sector_size as usize], resource),
+            // Never seen, and mkfs left it all zeros: guess it untouched; a
+            // miscompare tells us the truth without a separate read.
+            (None, None) if self.zero_is_free(resource) => {
+                decode_known(&vec![0u8; self.geo.ats_sector_size as usize], resource)
+            }
+            // Never seen otherwise: the sector may not even be a lock record any more
+            // (a stale inode number), so look before the ATS.
+            (None, None) => {
+                read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?
+            }
         };
         let expected_first = state.raw.clone();
         let node = self.node.clone();
         let stale = |slot: u32, generation: u32| node.stale(slot, generation);
         for _ in 0..ATTEMPTS_MAX {
+            self.check_lock_sector(resource, &state)?;
             let outcome = try_acquire(
                 self.lun.as_ref(),
                 &self.geo,
@@ -118,6 +140,7 @@ impl Meta {
                     if !untouched {
                         tracing::debug!(resource, "lock taken after another holder: cache dropped");
                         self.drop_cache();
+                        self.note_kernel_stale(resource);
                     }
                     self.stats.lock_acquires += 1;
                     self.locks.held.insert(resource, (now, mode));
@@ -155,6 +178,53 @@ impl Meta {
         }
         self.locks.yielded.remove(&resource);
         Ok(false)
+    }
+
+    /// True for the resources whose lock sector mkfs leaves all zeros (group headers,
+    /// orphan tables and the root directory): only there is an all-zero sector a free
+    /// lock. Every other inode's sector holds a lock record from the moment the inode
+    /// is created (`take_new`), so all zeros there means the block is no longer an
+    /// inode.
+    pub fn zero_is_free(&self, resource: BlockNo) -> bool {
+        resource == self.locks.root
+            || self.geo.is_orphan_table(resource)
+            || self
+                .geo
+                .ag_of(resource)
+                .is_some_and(|ag| self.geo.ag_header(ag) == resource)
+    }
+
+    /// Refuses to take a lock by ATS from an image that is not a lock record of the
+    /// resource: an all-zero sector of a block that mkfs did not leave so is file data
+    /// (or a never-used block) where a stale inode number points; an ATS from that
+    /// image would write a lock record into someone's data. `Core::inode` turns the
+    /// error into ESTALE, like a sector that fails to decode as a lock record.
+    fn check_lock_sector(&self, resource: BlockNo, state: &LockState) -> FsResult<()> {
+        if self.zero_is_free(resource) || state.raw.iter().any(|&b| b != 0) {
+            return Ok(());
+        }
+        Err(FsError::corrupted(
+            "lock record",
+            resource,
+            "all zeros: the block is not an inode (any more)",
+        ))
+    }
+
+    /// Notes an inode whose kernel-cached attributes and names may be stale (group
+    /// headers are not in the kernel's caches).
+    fn note_kernel_stale(&mut self, resource: BlockNo) {
+        let header = self
+            .geo
+            .ag_of(resource)
+            .is_some_and(|ag| self.geo.ag_header(ag) == resource);
+        if !header {
+            self.locks.kernel_stale.insert(resource);
+        }
+    }
+
+    /// The inodes noted by `note_kernel_stale` since the last call.
+    pub fn take_kernel_stale(&mut self) -> Vec<BlockNo> {
+        self.locks.kernel_stale.drain().collect()
     }
 
     /// Like `need`, but false instead of an error when another host holds the lock.
@@ -278,6 +348,7 @@ impl Meta {
                 Ok(now) => {
                     self.stats.lock_releases += 1;
                     self.locks.released.insert(resource, now.raw);
+                    self.note_kernel_stale(resource);
                     return Ok(());
                 }
                 // Another holder joined or left a shared lock: release from the new image.
@@ -365,6 +436,7 @@ impl Meta {
         let stale16 = |slot: u32, generation: u16| node.stale16(slot, generation);
         let held_mode = self.locks.held_mode(resource).unwrap_or(LockMode::Shared);
         for _ in 0..ATTEMPTS_MAX {
+            self.check_lock_sector(resource, &state)?;
             match try_open(
                 self.lun.as_ref(),
                 &self.geo,

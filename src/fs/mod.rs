@@ -17,6 +17,7 @@ mod locks;
 pub mod meta;
 mod mount;
 mod namei;
+pub mod nodes;
 mod orphan;
 pub(crate) mod readahead;
 pub(crate) mod xattr;
@@ -179,6 +180,24 @@ pub struct Fs {
     /// service thread reclaims next (not inside the waiting operation).
     orphans_pending: Mutex<Vec<u32>>,
     pub options: MountOptions,
+    /// The inodes the kernel holds through this host's mount, with their generations.
+    nodes: nodes::KernelNodes,
+    /// The kernel's caches, when a FUSE adapter connected them.
+    kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
+}
+
+/// Most names invalidated in one directory at a time; the kernel's other dentries
+/// there expire with the entry TTL.
+const ENTRY_INVALS_MAX: usize = 1024;
+
+/// The kernel's caches of a mount, as the FUSE adapter invalidates them.
+pub trait KernelCache: Send + Sync {
+    /// Drops the kernel's cached attributes of `ino` (not its pages: the kernel drops
+    /// a file's pages at every open, and another host cannot write a file while this
+    /// one has it open). Must not block on a request of this mount.
+    fn inval_attrs(&self, ino: Ino);
+    /// Drops the kernel's dentry `name` in directory `parent` (may be sent later).
+    fn inval_entry(&self, parent: Ino, name: &[u8]);
 }
 
 impl Fs {
@@ -219,6 +238,76 @@ impl Fs {
         self.run(true, op)
     }
 
+    /// Runs a read-only operation on inodes the kernel named (`inos`): each must
+    /// still be the inode the kernel looked up (`nodes`), else ESTALE.
+    fn read_on<T>(&self, inos: &[Ino], op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.run(false, self.checked(inos, op))
+    }
+
+    /// Runs a mutating operation on inodes the kernel named, checked as `read_on`.
+    fn write_on<T>(&self, inos: &[Ino], op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        self.run(true, self.checked(inos, op))
+    }
+
+    /// `op`, after checking that each of `inos` the kernel holds still has the
+    /// generation the kernel knows it by. Checked under the core lock, in the same
+    /// attempt as the operation, so no other host can free the inode in between.
+    fn checked<T>(
+        &self,
+        inos: &[Ino],
+        mut op: impl FnMut(&mut Core) -> FsResult<T>,
+    ) -> impl FnMut(&mut Core) -> FsResult<T> {
+        let expected: Vec<(Ino, u64)> = inos
+            .iter()
+            .filter_map(|&ino| Some((ino, self.nodes.generation(ino)?)))
+            .collect();
+        move |c: &mut Core| {
+            for &(ino, generation) in &expected {
+                c.check_generation(ino, generation)?;
+            }
+            op(c)
+        }
+    }
+
+    /// The kernel got `attr`'s inode in a reply, as `name` in `parent` (one more
+    /// lookup to forget).
+    pub fn remember(&self, parent: Ino, name: &[u8], attr: &Attr) {
+        self.nodes.remember(parent, name, attr.ino, attr.generation);
+    }
+
+    /// Connects the kernel's caches (the FUSE adapter's notifier): from now on they
+    /// are invalidated when another host may change what they hold.
+    pub fn set_kernel_cache(&self, cache: Box<dyn KernelCache>) {
+        if self.kernel_cache.set(cache).is_err() {
+            tracing::warn!("a kernel cache was connected twice; the second is ignored");
+        }
+    }
+
+    /// Invalidates what the kernel caches of `stale` inodes (locks this host let go
+    /// to another host, or took back changed): the attributes of each node the
+    /// kernel holds, and the names it holds in each such directory. Called without
+    /// the core lock (a notification may wait for kernel locks that a request waiting
+    /// for the core lock holds).
+    fn invalidate_kernel(&self, stale: Vec<Ino>) {
+        let Some(cache) = self.kernel_cache.get() else {
+            return;
+        };
+        for ino in stale {
+            if self.nodes.generation(ino).is_none() {
+                continue;
+            }
+            cache.inval_attrs(ino);
+            for name in self.nodes.names_in(ino, ENTRY_INVALS_MAX) {
+                cache.inval_entry(ino, &name);
+            }
+        }
+    }
+
+    /// The kernel forgot `lookups` of its lookups of `ino`.
+    pub fn forget(&self, ino: Ino, lookups: u64) {
+        self.nodes.forget(ino, lookups);
+    }
+
     /// Runs an operation; when it needs a lock another host holds, rolls it back,
     /// asks the holder (or recovers it, if dead) outside the core lock, and retries.
     fn run<T>(&self, mutating: bool, mut op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
@@ -228,7 +317,7 @@ impl Fs {
             if mutating {
                 self.lease.check()?;
             }
-            let result = {
+            let (result, stale) = {
                 let mut core = self.core()?;
                 core.meta.settle_if_done()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
@@ -240,8 +329,11 @@ impl Fs {
                 core.meta.begin_op();
                 let result = op(&mut core);
                 core.meta.end_op(result.is_ok());
-                result
+                (result, core.meta.take_kernel_stale())
             };
+            // Before the caller replies: the kernel must not serve the old attributes
+            // to the request that follows this one (see `invalidate_kernel`).
+            self.invalidate_kernel(stale);
             let Err(FsError::NeedLock {
                 resource,
                 mode,
@@ -313,15 +405,15 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
-        self.read(|c| c.inode(ino).map(|i| inode::attr_of(&i)))
+        self.read_on(&[ino], |c| c.inode(ino).map(|i| inode::attr_of(&i)))
     }
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        self.read(|c| c.lookup(parent, name))
+        self.read_on(&[parent], |c| c.lookup(parent, name))
     }
 
     pub fn setattr(&self, ino: Ino, set: &SetAttr) -> FsResult<Attr> {
-        self.write(|c| c.setattr(ino, set))
+        self.write_on(&[ino], |c| c.setattr(ino, set))
     }
 
     /// Creates a regular file, fifo, socket or device node.
@@ -334,12 +426,16 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.write(|c| c.create_node(parent, name, mode, rdev, uid, gid, None))
+        self.write_on(&[parent], |c| {
+            c.create_node(parent, name, mode, rdev, uid, gid, None)
+        })
     }
 
     pub fn mkdir(&self, parent: Ino, name: &[u8], mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
         let mode = (mode & 0o7777) | libc::S_IFDIR;
-        self.write(|c| c.create_node(parent, name, mode, 0, uid, gid, None))
+        self.write_on(&[parent], |c| {
+            c.create_node(parent, name, mode, 0, uid, gid, None)
+        })
     }
 
     pub fn symlink(
@@ -350,7 +446,7 @@ impl Fs {
         uid: u32,
         gid: u32,
     ) -> FsResult<Attr> {
-        self.write(|c| {
+        self.write_on(&[parent], |c| {
             c.create_node(
                 parent,
                 name,
@@ -364,19 +460,23 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        self.read(|c| c.readlink(ino))
+        self.read_on(&[ino], |c| c.readlink(ino))
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
-        self.write(|c| c.link(ino, parent, name))
+        self.write_on(&[ino, parent], |c| c.link(ino, parent, name))
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write(|c| c.unlink(parent, name, false))
+        self.write_on(&[parent], |c| c.unlink(parent, name, false))?;
+        self.nodes.unlinked(parent, name);
+        Ok(())
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write(|c| c.unlink(parent, name, true))
+        self.write_on(&[parent], |c| c.unlink(parent, name, true))?;
+        self.nodes.unlinked(parent, name);
+        Ok(())
     }
 
     /// Renames; `flags` takes RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -388,7 +488,13 @@ impl Fs {
         new_name: &[u8],
         flags: u32,
     ) -> FsResult<()> {
-        self.write(|c| c.rename(parent, name, new_parent, new_name, flags))
+        self.write_on(&[parent, new_parent], |c| {
+            c.rename(parent, name, new_parent, new_name, flags)
+        })?;
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        self.nodes
+            .renamed(parent, name, new_parent, new_name, exchange);
+        Ok(())
     }
 
     /// Opens a file: records this host's open in the file's lock record (VMFS
@@ -396,7 +502,13 @@ impl Fs {
     /// file open, a read-only open while another host has it open for writing).
     /// Returns the attributes and whether the file is multi-writer (direct I/O).
     pub fn open(&self, ino: Ino, write: bool) -> FsResult<(Attr, bool)> {
-        self.write(|c| c.open(ino, write))
+        self.write_on(&[ino], |c| c.open(ino, write))
+    }
+
+    /// Opens a directory: like `open` for reading (the directory outlives its
+    /// removal until the handle is released with `release`).
+    pub fn opendir(&self, ino: Ino) -> FsResult<Attr> {
+        self.write_on(&[ino], |c| c.open_dir(ino))
     }
 
     /// Drops an open handle; frees the inode if it was unlinked meanwhile.
@@ -438,7 +550,7 @@ impl Fs {
         } else {
             (None, Vec::new())
         };
-        let (plan, epoch, lun, token, next) = self.read(|c| {
+        let (plan, epoch, lun, token, next) = self.read_on(&[ino], |c| {
             let plan = c.plan_read(ino, offset, size as usize)?;
             let epoch = c.meta.epoch;
             let lun = c.meta.lun.clone();
@@ -486,7 +598,7 @@ impl Fs {
     }
 
     pub fn write_data(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<usize> {
-        self.write(|c| c.write_file(ino, offset, data))
+        self.write_on(&[ino], |c| c.write_file(ino, offset, data))
     }
 
     /// Makes the file's data and all metadata committed so far durable.
@@ -522,14 +634,14 @@ impl Fs {
     }
 
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> FsResult<()> {
-        self.write(|c| c.fallocate(ino, offset, len, mode))
+        self.write_on(&[ino], |c| c.fallocate(ino, offset, len, mode))
     }
 
     /// Lists a directory after `offset` (0 = from the start, including "." and "..").
     /// `emit(ino, next_offset, dtype, name)` returns true when the caller's buffer is
     /// full.
     pub fn readdir(&self, ino: Ino, offset: u64, emit: &mut DirSink<'_>) -> FsResult<()> {
-        self.read(|c| c.readdir(ino, offset, emit))
+        self.read_on(&[ino], |c| c.readdir(ino, offset, emit))
     }
 
     pub fn statfs(&self) -> FsResult<StatFs> {
@@ -554,11 +666,11 @@ impl Fs {
             return serde_json::to_vec(&stats)
                 .map_err(|e| FsError::Failed(format!("encoding the stats: {e}")));
         }
-        self.read(|c| c.getxattr(ino, name))
+        self.read_on(&[ino], |c| c.getxattr(ino, name))
     }
 
     pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<u8>> {
-        self.read(|c| c.listxattr(ino))
+        self.read_on(&[ino], |c| c.listxattr(ino))
     }
 
     /// Sets an xattr; `flags` takes XATTR_CREATE and XATTR_REPLACE.
@@ -566,14 +678,14 @@ impl Fs {
         if name == xattr::STATS_XATTR {
             return Err(FsError::Errno(libc::EPERM));
         }
-        self.write(|c| c.setxattr(ino, name, value, flags))
+        self.write_on(&[ino], |c| c.setxattr(ino, name, value, flags))
     }
 
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         if name == xattr::STATS_XATTR {
             return Err(FsError::Errno(libc::EPERM));
         }
-        self.write(|c| c.removexattr(ino, name))
+        self.write_on(&[ino], |c| c.removexattr(ino, name))
     }
 
     /// Checks this host's beliefs against the disk: every lock it thinks it holds is
@@ -613,8 +725,13 @@ impl Fs {
     /// Commits and releases every lock this host holds (as if other hosts had asked
     /// for all of them). For benchmarks and tests.
     pub fn release_all_locks(&self) -> FsResult<usize> {
-        let mut core = self.core()?;
-        Ok(core.meta.release_locks(None)?.len())
+        let (released, stale) = {
+            let mut core = self.core()?;
+            let released = core.meta.release_locks(None)?.len();
+            (released, core.meta.take_kernel_stale())
+        };
+        self.invalidate_kernel(stale);
+        Ok(released)
     }
 
     /// Device I/O counters since mount.
@@ -651,6 +768,8 @@ impl Fs {
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod node_tests;
 #[cfg(test)]
 mod safety_tests;
 #[cfg(test)]

@@ -195,6 +195,7 @@ impl Fs {
         let mut meta = Meta::new(behind, geo, sb.volume_uuid, journal, node.clone());
         meta.set_lease(lease.clone());
         let root = sb.root_ino;
+        meta.locks.root = root;
         let core = Core {
             meta,
             sb,
@@ -212,6 +213,8 @@ impl Fs {
             membership: Mutex::new(Some(membership)),
             orphans_pending: Mutex::new(Vec::new()),
             options,
+            nodes: Default::default(),
+            kernel_cache: Default::default(),
         });
         spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
         if let Err(e) = fs.getattr(root) {
@@ -323,10 +326,13 @@ impl Fs {
             return Ok(());
         }
         let wanted: Vec<u64> = mailbox.requests().iter().map(|r| r.resource).collect();
-        let released = {
+        let (released, stale) = {
             let mut core = self.core()?;
-            core.meta.yield_locks(&wanted)?
+            let released = core.meta.yield_locks(&wanted)?;
+            (released, core.meta.take_kernel_stale())
         };
+        // Another host is about to change what these locks cover.
+        self.invalidate_kernel(stale);
         tracing::debug!(slot, ?wanted, ?released, "served the mailbox");
         crate::cluster::mailbox::remove_requests(lun.as_ref(), &geo, slot, &wanted)?;
         Ok(())

@@ -60,6 +60,13 @@ fn open_transitions(before: OpenCount, after: OpenCount, multi: bool) -> Vec<(Op
     out
 }
 
+/// Whether this host's opens of an inode are recorded in its lock record (files and
+/// directories: the nodes the kernel opens), so that no host frees the inode while
+/// another still has it open.
+pub(super) fn records_opens(inode: &InodeBody) -> bool {
+    is_reg(inode) || is_dir(inode)
+}
+
 fn check_name(name: &[u8]) -> FsResult<()> {
     if name.len() > NAME_MAX {
         return Err(FsError::Errno(libc::ENAMETOOLONG));
@@ -260,7 +267,7 @@ impl Core {
         touch_ctime(&mut inode);
         if inode.nlink == 0 {
             let open_here = self.open_counts.get(&ino).map_or(0, |c| c.total()) > 0;
-            let elsewhere = if is_reg(&inode) {
+            let elsewhere = if records_opens(&inode) {
                 self.meta.open_slots_elsewhere(ino)?
             } else {
                 Vec::new()
@@ -279,10 +286,15 @@ impl Core {
         Ok(())
     }
 
-    /// Opens a node for this host. For regular files the lock record notes the
-    /// open: a host's first handle of a kind adds its entry, its last removes it.
+    /// Opens a node for this host. For files and directories the lock record notes
+    /// the open: a host's first handle of a kind adds its entry, its last removes it.
+    /// Until the last handle is released the inode stays, whatever happens to its
+    /// names (`drop_link`).
     pub fn open(&mut self, ino: Ino, write: bool) -> FsResult<(Attr, bool)> {
         let inode = self.inode(ino)?;
+        if write && is_dir(&inode) {
+            return Err(FsError::Errno(libc::EISDIR));
+        }
         let before = self.open_counts.get(&ino).copied().unwrap_or_default();
         let mut after = before;
         if write {
@@ -291,7 +303,7 @@ impl Core {
             after.read += 1;
         }
         let multi = inode.flags & crate::format::INODE_FLAG_MULTI_WRITER != 0;
-        if is_reg(&inode) {
+        if records_opens(&inode) {
             for (kind, add) in open_transitions(before, after, multi) {
                 self.meta.set_open(ino, kind, add)?;
             }
@@ -323,7 +335,7 @@ impl Core {
             Err(FsError::Errno(libc::ESTALE)) => None,
             Err(e) => return Err(e),
         };
-        if let Some(inode) = inode.as_ref().filter(|i| is_reg(i)) {
+        if let Some(inode) = inode.as_ref().filter(|i| records_opens(i)) {
             let multi = inode.flags & crate::format::INODE_FLAG_MULTI_WRITER != 0;
             for (kind, add) in open_transitions(before, after, multi) {
                 self.meta.set_open(ino, kind, add)?;
@@ -343,7 +355,7 @@ impl Core {
     /// This host's last close of an unlinked inode: frees it when no other host has
     /// it open, else only takes it off this host's orphan table.
     fn last_close_of_unlinked(&mut self, mut inode: InodeBody) -> FsResult<()> {
-        if is_reg(&inode) && self.meta.open_elsewhere(inode.blockno)? {
+        if records_opens(&inode) && self.meta.open_elsewhere(inode.blockno)? {
             let me = self.meta.node.me.slot;
             if inode.orphan_slots & (1u64 << me) != 0 {
                 self.orphan_remove(&mut inode, me)?;
@@ -352,6 +364,15 @@ impl Core {
             return Ok(());
         }
         self.free_inode(inode)
+    }
+
+    /// Opens a directory (FUSE opendir): like `open` for reading, so the directory
+    /// stays until its last handle is released (`release`), even if it is removed.
+    pub fn open_dir(&mut self, ino: Ino) -> FsResult<Attr> {
+        if !is_dir(&self.inode(ino)?) {
+            return Err(FsError::Errno(libc::ENOTDIR));
+        }
+        Ok(self.open(ino, false)?.0)
     }
 
     /// True when `ancestor` is `ino` or one of its parents.

@@ -122,7 +122,7 @@ impl Core {
         if self.open_counts.get(&ino).map_or(0, |c| c.total()) > 0 {
             return Ok(true);
         }
-        Ok(super::inode::is_reg(inode) && self.meta.open_elsewhere(ino)?)
+        Ok(super::namei::records_opens(inode) && self.meta.open_elsewhere(ino)?)
     }
 
     /// Reclaims one inode of `slot`'s table, whose host is gone (its slot is FREE, or

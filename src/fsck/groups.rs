@@ -169,7 +169,7 @@ fn check_group(vol: &mut Volume, report: &mut FsckReport, ag: u64) -> Result<Opt
     let raw = vol.blocks(first, meta)?;
     let sector = geo.ats_sector_size as usize;
     let (lock, body) = raw.split_at(sector.min(raw.len()));
-    if let Err(e) = check_lock(lock, first, report) {
+    if let Err(e) = check_lock(lock, first, true, report) {
         let msg = format!("allocation group {ag}: {e}");
         report.problem(ProblemKind::LockRecord, Some(first), None, msg);
     }

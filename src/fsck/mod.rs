@@ -142,16 +142,24 @@ fn progress(show: bool, len: Option<u64>, what: &str) -> ProgressBar {
     bar
 }
 
-/// Checks a resource's lock sector: all zeros (never locked) or a valid lock record
-/// naming the resource. Counts it when held, and notes it for repair when it is
-/// damaged or names a host (as holder or opener). Err(why) when it is damaged.
+/// Checks a resource's lock sector: a valid lock record naming the resource, or all
+/// zeros (never locked) where `zero_is_free` (group headers and the root, which mkfs
+/// leaves so; every other inode gets a record when it is created, and atsfs takes an
+/// all-zero sector there for a stale inode number). Counts it when held, and notes it
+/// for repair when it is damaged or names a host (as holder or opener). Err(why)
+/// when it is damaged.
 pub(crate) fn check_lock(
     raw: &[u8],
     resource: BlockNo,
+    zero_is_free: bool,
     report: &mut FsckReport,
 ) -> std::result::Result<(), String> {
     if raw.iter().all(|&b| b == 0) {
-        return Ok(());
+        if zero_is_free {
+            return Ok(());
+        }
+        report.fixes.locks.push(resource);
+        return Err("lock sector is all zeros: not a lock record".into());
     }
     match LockRecord::decode(raw, resource) {
         Ok(lock) => {

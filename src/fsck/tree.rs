@@ -379,7 +379,12 @@ impl Walk<'_, '_> {
             self.problem(ProblemKind::Inode, v.ino, &v.path, msg);
             self.report.inode_fix(v.ino, &v.path).flags = Some(inode.flags & INODE_FLAGS_KNOWN);
         }
-        if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), v.ino, self.report) {
+        if let Err(e) = check_lock(
+            raw.get(..sector).unwrap_or(&[]),
+            v.ino,
+            v.kind.is_none(),
+            self.report,
+        ) {
             self.problem(ProblemKind::LockRecord, v.ino, &v.path, e);
         }
         if inode.orphan_slots != 0 {
@@ -1021,7 +1026,7 @@ impl Walk<'_, '_> {
         let raw = self.vol.blocks(block, u64::from(geo.resource_blocks))?;
         let sector = geo.ats_sector_size as usize;
         let path = format!("(orphan table of slot {slot})");
-        if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), block, self.report) {
+        if let Err(e) = check_lock(raw.get(..sector).unwrap_or(&[]), block, true, self.report) {
             self.problem(ProblemKind::LockRecord, block, &path, e);
         }
         let body = raw.get(sector..sector + RESOURCE_BODY_SIZE).unwrap_or(&[]);

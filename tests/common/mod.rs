@@ -180,7 +180,18 @@ impl MountSpec {
 
     /// Mounts. Panics with the daemon's log when the mount fails.
     pub fn mount(&self) -> Mount {
-        let out = self.command().output().expect("running atsfs mount");
+        self.mount_command(self.command())
+    }
+
+    /// Mounts with `-o OPTIONS` (e.g. "attr_timeout=0,entry_timeout=0").
+    pub fn mount_with_options(&self, options: &str) -> Mount {
+        let mut command = self.command();
+        command.arg("-o").arg(options);
+        self.mount_command(command)
+    }
+
+    fn mount_command(&self, mut command: Command) -> Mount {
+        let out = command.output().expect("running atsfs mount");
         assert!(
             out.status.success(),
             "atsfs mount {} {} failed ({})\nstderr:\n{}\nlog:\n{}",

@@ -439,6 +439,29 @@ fn damaged_and_stale_lock_records_are_reset() {
 }
 
 #[test]
+fn inode_lock_sectors_damaged_or_zeroed_get_a_free_record_and_the_files_stay_usable() {
+    // atsfs takes an all-zero lock sector for a free lock only on group headers and
+    // the root: elsewhere it means "not an inode any more" (a stale inode number).
+    let (a, b) = (built().inos["/docs/a"], built().inos["/docs/b"]);
+    let (done, _, image) = repaired(
+        |image, _, inos| {
+            let at = (inos["/docs/a"] * BLOCK_SIZE_U64) as usize;
+            image[at..at + 512].fill(0);
+            let at = (inos["/docs/b"] * BLOCK_SIZE_U64) as usize;
+            image[at..at + 512].fill(0x5a);
+        },
+        &[],
+    );
+    line(&done, "lock sectors of all zeros");
+    line(&done, "damaged lock records");
+    for ino in [a, b] {
+        let at = (ino * BLOCK_SIZE_U64) as usize;
+        let lock = LockRecord::decode(&image[at..at + 512], ino).expect("a free lock record");
+        assert_eq!(lock.mode, LOCK_FREE);
+    }
+}
+
+#[test]
 fn a_stale_lock_alone_is_reset_and_counts_as_a_correction() {
     let b = built();
     let mut image = b.image.clone();

@@ -298,9 +298,10 @@ impl Setter<'_> {
 // Lock records.
 // ----------------------------------------------------------------------------------
 
-/// Resets every lock record the check noted to free: damaged ones to zeros, ones
-/// naming a holder or an open file to a free record with the next `change_seq`. No
-/// host is live, so every holder is stale (its journal is replayed).
+/// Resets every lock record the check noted to free: damaged ones (and inodes'
+/// all-zero sectors) to a free record, ones naming a holder or an open file to a free
+/// record with the next `change_seq`. No host is live, so every holder is stale (its
+/// journal is replayed).
 fn reset_locks(
     lun: &dyn Lun,
     geo: &Geometry,
@@ -337,30 +338,39 @@ fn reset_locks(
     Ok(wrote)
 }
 
-/// The free image that replaces a lock sector, and the repair's name; None when the
-/// sector is already idle.
+/// The free image that replaces a lock sector the check noted, and the repair's
+/// name; None when the sector is already idle. A free record, never zeros: atsfs
+/// takes an all-zero sector for a free lock only on group headers and the root.
 fn free_lock_image(
     raw: &[u8],
     resource: BlockNo,
     sector: usize,
 ) -> Option<(&'static str, Vec<u8>)> {
     if raw.iter().all(|&b| b == 0) {
-        return None;
+        let kind = "inode lock sectors of all zeros given a free record";
+        return Some((kind, free_record(resource, 1, sector)));
     }
     let Ok(old) = LockRecord::decode(raw, resource) else {
-        return Some(("damaged lock records reset to free", vec![0u8; sector]));
+        let kind = "damaged lock records reset to free";
+        return Some((kind, free_record(resource, 1, sector)));
     };
     if old.mode == LOCK_FREE && old.open_flags == 0 && old.open_readers == 0 {
         return None;
     }
+    let kind = "stale lock records and open-file entries reset to free (no host is live)";
+    let next_seq = old.change_seq.wrapping_add(1);
+    Some((kind, free_record(resource, next_seq, sector)))
+}
+
+/// A free lock record of `resource`, padded to the sector.
+fn free_record(resource: BlockNo, change_seq: u64, sector: usize) -> Vec<u8> {
     let mut free: LockRecord = bytemuck::Zeroable::zeroed();
     free.magic = LockRecord::MAGIC;
     free.resource = resource;
     free.mode = LOCK_FREE;
-    free.change_seq = old.change_seq.wrapping_add(1);
+    free.change_seq = change_seq;
     free.seal();
-    let kind = "stale lock records and open-file entries reset to free (no host is live)";
-    Some((kind, encode_padded(&free, sector)))
+    encode_padded(&free, sector)
 }
 
 // ----------------------------------------------------------------------------------
