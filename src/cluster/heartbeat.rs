@@ -30,6 +30,9 @@ pub struct SlotClaim {
     pub after_crash: bool,
     /// The sector image now on disk.
     pub image: Vec<u8>,
+    /// Our clock when the claim's compare-and-write was issued: the lease runs from
+    /// there.
+    pub issued_ms: u64,
 }
 
 /// Reads one slot's sector. `Ok(None)` for a slot that was never used (all zeros).
@@ -190,6 +193,7 @@ pub fn claim_slot(
         }
         put_str(&mut next.hostname, &hostname());
         let image = encode_slot(&next, geo.ats_sector_size);
+        let issued_ms = clock.now_ms();
         match lun.compare_and_write(geo.slot_offset(slot), &raw, &image)? {
             Caw::Written => {
                 return Ok(SlotClaim {
@@ -197,6 +201,7 @@ pub fn claim_slot(
                     generation: next.generation,
                     after_crash,
                     image,
+                    issued_ms,
                 })
             }
             Caw::Miscompare(actual) if actual == image => {
@@ -205,6 +210,7 @@ pub fn claim_slot(
                     generation: next.generation,
                     after_crash,
                     image,
+                    issued_ms,
                 })
             }
             Caw::Miscompare(_) => {
@@ -270,6 +276,12 @@ impl Membership {
         let offset = geo.slot_offset(claim.slot);
         let current = Arc::new(Mutex::new(claim.image));
         let stop = Arc::new(AtomicBool::new(false));
+        lease.watch_slot(SlotWatch {
+            lun: lun.clone(),
+            offset,
+            sector: geo.ats_sector_size,
+            current: current.clone(),
+        });
         let renewer = Renewer {
             lun: lun.clone(),
             offset,
@@ -308,7 +320,7 @@ impl Membership {
     pub fn release(mut self) -> Result<()> {
         self.stop_thread();
         self.lease
-            .check()
+            .confirm()
             .map_err(|e| anyhow!("not releasing the heartbeat slot: {e}"))?;
         let current = self
             .current
@@ -343,6 +355,51 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.stop_thread();
+    }
+}
+
+/// Our heartbeat slot as the lease re-reads it when a renewal is late: the image
+/// the renewer last wrote, and where it is.
+pub(crate) struct SlotWatch {
+    lun: Arc<dyn Lun>,
+    offset: u64,
+    sector: u32,
+    current: Arc<Mutex<Vec<u8>>>,
+}
+
+impl SlotWatch {
+    /// Re-reads the slot; `Some(reason)` when another host changed who holds it (its
+    /// owner, generation, state or recoverer). A counter ahead of ours is our own
+    /// renewal whose reply was lost, not a takeover.
+    pub(crate) fn taken(&self) -> Result<Option<String>, LunError> {
+        // Holding `current` waits for a renewal in flight, so the image is settled.
+        let Ok(current) = self.current.lock() else {
+            return Ok(Some("heartbeat state poisoned".into()));
+        };
+        let mut actual = vec![0u8; self.sector as usize];
+        self.lun.read_at(&mut actual, self.offset)?;
+        if actual == *current {
+            return Ok(None);
+        }
+        let holder = |raw: &[u8]| {
+            HeartbeatSlot::decode(raw, 0).ok().map(|s| {
+                (
+                    s.host_uuid,
+                    s.generation,
+                    s.state,
+                    s.recoverer_uuid,
+                    s.recoverer_slot,
+                )
+            })
+        };
+        match (holder(&current), holder(&actual)) {
+            (Some(mine), Some(now)) if mine == now => Ok(None),
+            _ => Ok(Some(
+                "another host changed our heartbeat slot while our renewal was late: \
+                 we were declared dead"
+                    .into(),
+            )),
+        }
     }
 }
 

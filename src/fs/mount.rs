@@ -125,7 +125,12 @@ impl Fs {
             options.clock.as_ref(),
         )?;
         let slot = claim.slot;
-        let lease = Arc::new(Lease::new(options.clock.clone(), lease_time, interval));
+        let lease = Arc::new(Lease::for_claim(
+            options.clock.clone(),
+            &claim,
+            lease_time,
+            interval,
+        ));
         let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
         let io_counters = guarded_lun.counters().clone();
         let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
