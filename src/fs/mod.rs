@@ -206,10 +206,20 @@ impl Fs {
         self.run(false, op)
     }
 
-    /// Runs a mutating operation inside the running transaction. The lease is checked
-    /// first: a fenced host changes nothing, not even in memory.
+    /// Runs a mutating operation inside the running transaction.
     fn write<T>(&self, op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
         self.run(true, op)
+    }
+
+    /// Fails with EIO once the lease has run out (`Lease::confirm`). Every operation
+    /// checks it when it starts (a fenced host changes nothing, not even in memory,
+    /// and answers nothing from its caches) and again just before it answers: what it
+    /// read is only known to be current while this host still holds its locks, and
+    /// after the lease ran out another host may have recovered it, broken its locks
+    /// and changed what it read (or reused the blocks of an extent map it followed).
+    fn leased<T>(&self, result: FsResult<T>) -> FsResult<T> {
+        self.lease.confirm()?;
+        result
     }
 
     /// Runs an operation; when it needs a lock another host holds, rolls it back,
@@ -218,9 +228,7 @@ impl Fs {
         let clock = self.lease.clock().clone();
         let started = clock.now_ms();
         for attempt in 0u32.. {
-            if mutating {
-                self.lease.check()?;
-            }
+            self.lease.confirm()?;
             let result = {
                 let mut core = self.core()?;
                 core.meta.settle_if_done()?;
@@ -241,7 +249,7 @@ impl Fs {
                 holders,
             }) = result
             else {
-                return result;
+                return self.leased(result);
             };
             if clock.now_ms().saturating_sub(started) > LOCK_WAIT_MAX_MS {
                 tracing::warn!(resource, ?holders, "gave up waiting for a lock");
@@ -461,11 +469,13 @@ impl Fs {
         // taken over the file's lock from one that is not).
         let candidate = candidate.filter(|_| self.lease.check().is_ok());
         if let Some(range) = self.readahead.settle(candidate, epoch, &plan, buf) {
-            return Ok(range);
+            return self.leased(Ok(range));
         }
         let result = plan.execute_into(lun.as_ref(), buf, uncached);
         drop(token);
-        result
+        // The blocks were mapped under the lease; they are still this file's only if
+        // the lease still runs now that they have been read.
+        self.leased(result)
     }
 
     /// Read-ahead counters: ranges read ahead, and reads they served.
@@ -639,5 +649,7 @@ impl Fs {
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod fence_tests;
 #[cfg(test)]
 mod tests;
