@@ -224,9 +224,29 @@ pub fn claim_slot(
 /// Turns a slot claimed for our own crash recovery (RECOVERING, old generation) into
 /// a live one with a new generation, once our journal is replayed.
 pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotClaim> {
-    let old = HeartbeatSlot::decode(&claim.image, geo.hb_start).context("our own slot image")?;
-    if old.state == SLOT_LIVE {
+    let Some((generation, image)) =
+        go_live_from(lun, geo.slot_offset(claim.slot), claim.slot, &claim.image)?
+    else {
         return Ok(claim);
+    };
+    Ok(SlotClaim {
+        generation,
+        image,
+        ..claim
+    })
+}
+
+/// CAW(`current` -> LIVE with a new generation); `None` when already live. Returns the
+/// new generation and image.
+fn go_live_from(
+    lun: &dyn Lun,
+    offset: u64,
+    slot: u32,
+    current: &[u8],
+) -> Result<Option<(u32, Vec<u8>)>> {
+    let old = HeartbeatSlot::decode(current, 0).context("our own slot image")?;
+    if old.state == SLOT_LIVE {
+        return Ok(None);
     }
     let mut next = old;
     next.state = SLOT_LIVE;
@@ -235,20 +255,15 @@ pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotCl
     next.recoverer_uuid = [0; 16];
     next.recoverer_slot = 0;
     next.wall_clock_ms = wall_clock_ms();
-    let image = encode_slot(&next, geo.ats_sector_size);
-    match lun.compare_and_write(geo.slot_offset(claim.slot), &claim.image, &image)? {
+    let image = encode_slot(&next, current.len() as u32);
+    match lun.compare_and_write(offset, current, &image)? {
         Caw::Written => {}
         Caw::Miscompare(actual) if actual == image => {}
         Caw::Miscompare(_) => bail!(
-            "another host took over slot {} while this host was replaying its own journal; mount again",
-            claim.slot
+            "another host took over slot {slot} while this host was replaying its own journal; mount again"
         ),
     }
-    Ok(SlotClaim {
-        generation: next.generation,
-        image,
-        ..claim
-    })
+    Ok(Some((next.generation, image)))
 }
 
 /// This host's membership: the claimed slot and the thread that renews it.
@@ -313,6 +328,30 @@ impl Membership {
 
     pub fn lease(&self) -> &Arc<Lease> {
         &self.lease
+    }
+
+    /// Takes a slot claimed for our own crash recovery (renewed meanwhile, so nobody
+    /// recovers it under us) live with a new generation, once our journal is
+    /// replayed. Counts as a renewal.
+    pub fn go_live(&mut self) -> Result<u32> {
+        self.lease
+            .confirm()
+            .map_err(|e| anyhow!("not going live: {e}"))?;
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| anyhow!("heartbeat state poisoned"))?;
+        let issued = self.lease.clock().now_ms();
+        let went = go_live_from(self.lun.as_ref(), self.offset, self.slot, &current);
+        let Some((generation, image)) =
+            went.inspect_err(|e| self.lease.fence(&format!("{e:#}")))?
+        else {
+            return Ok(self.generation);
+        };
+        *current = image;
+        self.lease.renewed(issued);
+        self.generation = generation;
+        Ok(generation)
     }
 
     /// Stops renewing and frees the slot (keeping our UUID in it, so this host gets
@@ -441,41 +480,61 @@ impl Renewer {
             self.lease.fence("heartbeat state poisoned");
             return Ok(());
         };
-        let Ok(mut slot) = HeartbeatSlot::decode(&current, 0) else {
-            self.lease.fence("our heartbeat image does not decode");
-            return Ok(());
-        };
-        slot.counter = slot.counter.wrapping_add(1);
-        slot.wall_clock_ms = wall_clock_ms();
-        let next = encode_slot(&slot, self.sector);
         let issued = clock.now_ms();
         // The heartbeat itself bypasses the lease guard: renewing is how the lease is kept.
-        let outcome = self.lun.compare_and_write(self.offset, &current, &next);
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                // The write may have landed with its reply lost: look.
-                let mut actual = vec![0u8; self.sector as usize];
-                self.lun.read_at(&mut actual, self.offset)?;
-                if actual == *current {
-                    return Err(e);
-                }
-                Caw::Miscompare(actual)
+        match renew_image(self.lun.as_ref(), self.offset, self.sector, &current)? {
+            Renewal::Renewed(next) => {
+                *current = next;
+                self.lease.renewed(issued);
             }
-        };
-        match outcome {
-            Caw::Written => {}
-            // A false miscompare: our new image is there, only the reply was lost.
-            Caw::Miscompare(actual) if actual == next => {}
-            Caw::Miscompare(_) => {
-                self.lease
-                    .fence("another host changed our heartbeat slot: we were declared dead");
-                return Ok(());
-            }
+            Renewal::Lost(reason) => self.lease.fence(&reason),
         }
-        *current = next;
-        self.lease.renewed(issued);
         Ok(())
+    }
+}
+
+/// What one renewal of a slot found.
+pub(crate) enum Renewal {
+    /// The slot holds the renewed image now.
+    Renewed(Vec<u8>),
+    /// Another host changed the slot (we were declared dead), or our image is broken.
+    Lost(String),
+}
+
+/// Renews a slot we hold: CAW(`current` -> counter + 1). A failed call whose write
+/// landed (reply lost) and a miscompare that shows our own new image both count as
+/// renewed; an error with the slot unchanged is returned for a retry.
+pub(crate) fn renew_image(
+    lun: &dyn Lun,
+    offset: u64,
+    sector: u32,
+    current: &[u8],
+) -> Result<Renewal, LunError> {
+    let Ok(mut slot) = HeartbeatSlot::decode(current, 0) else {
+        return Ok(Renewal::Lost("our heartbeat image does not decode".into()));
+    };
+    slot.counter = slot.counter.wrapping_add(1);
+    slot.wall_clock_ms = wall_clock_ms();
+    let next = encode_slot(&slot, sector);
+    let outcome = match lun.compare_and_write(offset, current, &next) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // The write may have landed with its reply lost: look.
+            let mut actual = vec![0u8; sector as usize];
+            lun.read_at(&mut actual, offset)?;
+            if actual == current {
+                return Err(e);
+            }
+            Caw::Miscompare(actual)
+        }
+    };
+    match outcome {
+        Caw::Written => Ok(Renewal::Renewed(next)),
+        // A false miscompare: our new image is there, only the reply was lost.
+        Caw::Miscompare(actual) if actual == next => Ok(Renewal::Renewed(next)),
+        Caw::Miscompare(_) => Ok(Renewal::Lost(
+            "another host changed our heartbeat slot: we were declared dead".into(),
+        )),
     }
 }
 

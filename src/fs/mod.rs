@@ -652,4 +652,6 @@ mod crash_tests;
 #[cfg(test)]
 mod fence_tests;
 #[cfg(test)]
+mod recovery_tests;
+#[cfg(test)]
 mod tests;

@@ -4,8 +4,8 @@ use super::meta::Meta;
 use super::{Core, Fs, FsError};
 use crate::cluster::lock::Holder;
 use crate::cluster::{
-    claim_slot, go_live, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease, Membership,
-    Node, SystemClock,
+    claim_slot, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease, Membership, Node,
+    SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
@@ -134,7 +134,11 @@ impl Fs {
         let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
         let io_counters = guarded_lun.counters().clone();
         let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
-        let claim = if claim.after_crash {
+        let after_crash = claim.after_crash;
+        // The slot is renewed from now on, also while we replay our own journal after a
+        // crash: a replay longer than the lease must not look like a dead host.
+        let mut membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
+        if after_crash {
             // Our slot is RECOVERING with the old generation: replay our journal, and
             // only then take a new generation (which makes our old locks stale).
             tracing::info!(
@@ -143,16 +147,13 @@ impl Fs {
             );
             Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
                 .with_context(|| format!("replaying the journal of slot {slot}"))?;
-            go_live(guarded.as_ref(), &geo, claim)?
-        } else {
-            claim
-        };
+            membership.go_live()?;
+        }
         let me = Holder {
             uuid: options.host_uuid,
             slot,
-            generation: claim.generation,
+            generation: membership.generation,
         };
-        let membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
         let node = Arc::new(Node::new(
             guarded.clone(),
             geo,
