@@ -194,7 +194,7 @@ pub fn claim_slot(
         put_str(&mut next.hostname, &hostname());
         let image = encode_slot(&next, geo.ats_sector_size);
         let issued_ms = clock.now_ms();
-        match lun.compare_and_write(geo.slot_offset(slot), &raw, &image)? {
+        match caw_looked(lun, geo.slot_offset(slot), &raw, &image)? {
             Caw::Written => {
                 return Ok(SlotClaim {
                     slot,
@@ -256,7 +256,7 @@ fn go_live_from(
     next.recoverer_slot = 0;
     next.wall_clock_ms = wall_clock_ms();
     let image = encode_slot(&next, current.len() as u32);
-    match lun.compare_and_write(offset, current, &image)? {
+    match caw_looked(lun, offset, current, &image)? {
         Caw::Written => {}
         Caw::Miscompare(actual) if actual == image => {}
         Caw::Miscompare(_) => bail!(
@@ -372,7 +372,7 @@ impl Membership {
         slot.owner_pid = 0;
         slot.wall_clock_ms = wall_clock_ms();
         let image = encode_slot(&slot, self.sector);
-        match self.lun.compare_and_write(self.offset, &current, &image)? {
+        match caw_looked(self.lun.as_ref(), self.offset, &current, &image)? {
             Caw::Written => {}
             Caw::Miscompare(actual) if actual == image => {}
             Caw::Miscompare(_) => {
@@ -493,6 +493,29 @@ impl Renewer {
     }
 }
 
+/// Compare-and-write of a slot that looks when the call fails: the write may have
+/// landed with its reply lost. Then the sector no longer holds `expected`, and what it
+/// holds comes back as a miscompare (our own `new` image if the write landed, which
+/// callers count as written). A failure with the sector unchanged is returned.
+pub(crate) fn caw_looked(
+    lun: &dyn Lun,
+    offset: u64,
+    expected: &[u8],
+    new: &[u8],
+) -> Result<Caw, LunError> {
+    match lun.compare_and_write(offset, expected, new) {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            let mut actual = vec![0u8; expected.len()];
+            lun.read_at(&mut actual, offset)?;
+            if actual == expected {
+                return Err(e);
+            }
+            Ok(Caw::Miscompare(actual))
+        }
+    }
+}
+
 /// What one renewal of a slot found.
 pub(crate) enum Renewal {
     /// The slot holds the renewed image now.
@@ -516,19 +539,7 @@ pub(crate) fn renew_image(
     slot.counter = slot.counter.wrapping_add(1);
     slot.wall_clock_ms = wall_clock_ms();
     let next = encode_slot(&slot, sector);
-    let outcome = match lun.compare_and_write(offset, current, &next) {
-        Ok(outcome) => outcome,
-        Err(e) => {
-            // The write may have landed with its reply lost: look.
-            let mut actual = vec![0u8; sector as usize];
-            lun.read_at(&mut actual, offset)?;
-            if actual == current {
-                return Err(e);
-            }
-            Caw::Miscompare(actual)
-        }
-    };
-    match outcome {
+    match caw_looked(lun, offset, current, &next)? {
         Caw::Written => Ok(Renewal::Renewed(next)),
         // A false miscompare: our new image is there, only the reply was lost.
         Caw::Miscompare(actual) if actual == next => Ok(Renewal::Renewed(next)),

@@ -12,7 +12,7 @@
 //! - A host recovers other slots through its own lease-guarded LUN, so its recovery
 //!   stops with its own lease too.
 
-use super::heartbeat::{read_slot, renew_image, Renewal};
+use super::heartbeat::{caw_looked, read_slot, renew_image, Renewal};
 use super::{Clock, HostUuid};
 use crate::format::{
     encode_padded, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
@@ -123,7 +123,7 @@ pub(crate) fn recover_slot(
     claimed.seal();
     let claimed_raw = encode_padded(&claimed, sector);
     let issued_ms = timing.clock.now_ms();
-    match lun.compare_and_write(geo.slot_offset(h.slot), &h.raw, &claimed_raw)? {
+    match caw_looked(lun, geo.slot_offset(h.slot), &h.raw, &claimed_raw)? {
         Caw::Written => {}
         Caw::Miscompare(actual) if actual == claimed_raw => {}
         Caw::Miscompare(_) => bail!(
@@ -295,7 +295,7 @@ impl<'a> RecoveryHold<'a> {
         freed.seal();
         let freed_raw = encode_padded(&freed, current.len());
         let offset = self.geo.slot_offset(self.slot);
-        match self.lun.compare_and_write(offset, &current, &freed_raw)? {
+        match caw_looked(self.lun, offset, &current, &freed_raw)? {
             Caw::Written => {}
             Caw::Miscompare(actual) if actual == freed_raw => {}
             Caw::Miscompare(_) => bail!("slot {} changed during its recovery", self.slot),

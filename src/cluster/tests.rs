@@ -477,3 +477,32 @@ fn a_late_renewal_makes_the_host_reread_its_slot_before_writing() {
     ));
     assert!(matches!(guarded.flush(), Err(LunError::Fenced(_))));
 }
+
+#[test]
+fn a_slot_release_whose_reply_is_lost_still_frees_the_slot() {
+    use crate::lun::{FaultConfig, FaultLun};
+    let (mem, geo) = volume();
+    let lossy: Arc<dyn Lun> = Arc::new(FaultLun::new(
+        mem.clone(),
+        FaultConfig {
+            seed: 3,
+            lost_reply_prob: 1.0,
+            ..FaultConfig::default()
+        },
+    ));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    let claim = claim_slot(
+        lossy.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        clock.as_ref(),
+    )
+    .expect("a claim whose reply is lost");
+    let lease = Arc::new(Lease::for_claim(clock, &claim, LEASE, INTERVAL));
+    let member = Membership::start(lossy, &geo, claim, lease, INTERVAL);
+    member.release().expect("a release whose reply is lost");
+    let (_, slot) = read_slot(mem.as_ref(), &geo, 0).expect("read");
+    assert_eq!(slot.map(|s| s.state), Some(SLOT_FREE));
+}
