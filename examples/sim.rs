@@ -40,6 +40,8 @@ fn main() -> ExitCode {
                 total.crashes += s.crashes;
                 total.restarts += s.restarts;
                 total.locks_checked += s.locks_checked;
+                total.pauses += s.pauses;
+                total.fenced_checked += s.fenced_checked;
             }
             Err(e) => {
                 println!("sim: FAILED {e}");
@@ -49,13 +51,15 @@ fn main() -> ExitCode {
     }
     println!(
         "sim: {seeds} seeds x {hosts} hosts x {steps} steps: ok (ops {}, succeeded {}, clean errors {}, crashes {}, \
-         restarts {}, lock beliefs checked {}) in {:.1} s",
+         restarts {}, lock beliefs checked {}, pauses {}, fenced answers checked {}) in {:.1} s",
         total.ops,
         total.ok,
         total.clean_errors,
         total.crashes,
         total.restarts,
         total.locks_checked,
+        total.pauses,
+        total.fenced_checked,
         started.elapsed().as_secs_f64()
     );
     ExitCode::SUCCESS

@@ -204,6 +204,16 @@ impl Filesystem for AtsFuse {
         if let Err(nearest) = config.set_max_write(MAX_WRITE_BYTES) {
             let _ = config.set_max_write(nearest);
         }
+        // A cached read whose attributes are older than the attribute TTL asks the
+        // daemon for them first (and drops the pages if the file changed): so the
+        // kernel's page cache answers for at most one TTL beyond the daemon, and a
+        // host that lost its lease fails such a read with EIO (docs/locking.md).
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_AUTO_INVAL_DATA) {
+            tracing::warn!(
+                ?missing,
+                "the kernel cannot check cached file data against the attributes"
+            );
+        }
         // Direct I/O submitted asynchronously (io_submit, io_uring: QEMU with
         // cache=none) reaches the daemon as concurrent requests instead of one at a
         // time, as libfuse has it by default (see docs/perf.md for the cost to

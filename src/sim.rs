@@ -9,20 +9,28 @@
 //! - The RNG decides everything the simulator does (which host, which operation,
 //!   which name, crashes and restarts); thread timing inside the hosts still varies
 //!   from run to run, so a failing seed usually, not always, fails again.
+//! - Pauses: a host's I/O is held up past its lease (`PausableLun`, as a SIGSTOP or a
+//!   lost path would), with a read in flight; another host recovers it and writes
+//!   the file it was reading; the paused host is asked again while paused and after.
 //! - Checkers after every step: (1) lock safety: every lock a live host believes it
 //!   holds is recorded on disk with that host as holder (exclusive: alone), so two
 //!   hosts never both own one; (2) every operation completes or fails with a clean
-//!   errno (EIO only from an injected fault); (3) coherence: data a host wrote is
-//!   read back by another host at once, and two hosts list a directory alike;
-//!   (4) at the end, after unmounting, fsck finds no problem.
+//!   errno (EIO only from an injected fault or a fence); (3) coherence: data a host
+//!   wrote is read back by another host at once, and two hosts list a directory
+//!   alike; fenced hosts are asked too; (4) fencing: an operation that starts after
+//!   its host's lease ran out fails with EIO, and no operation on any host returns
+//!   data that a later-fenced host could not have seen before its lease ran out
+//!   (written by another host only after that); (5) at the end, after unmounting,
+//!   fsck finds no problem.
 
-use crate::cluster::HostUuid;
+use crate::cluster::{Clock, HostUuid, SystemClock};
 use crate::fs::{Fs, FsError, MountOptions};
-use crate::lun::{FaultConfig, FaultLun, Lun, MemLun};
+use crate::lun::{Caw, FaultConfig, FaultLun, Lun, LunError, LunResult, MemLun};
 use crate::mkfs::{mkfs, MkfsOptions};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 const REG: u32 = libc::S_IFREG | 0o644;
@@ -49,11 +57,19 @@ pub struct SimSummary {
     pub crashes: u64,
     pub restarts: u64,
     pub locks_checked: u64,
+    /// Hosts paused past their lease, and the answers of fenced hosts checked.
+    pub pauses: u64,
+    pub fenced_checked: u64,
 }
 
 struct Host {
     uuid: HostUuid,
     fs: Option<Arc<Fs>>,
+    /// Holds this host's I/O up, for pauses.
+    lun: Option<Arc<PausableLun>>,
+    /// File contents this mount's reads returned, with what read them: checked
+    /// against its lease once it is fenced.
+    seen: Vec<(Vec<u8>, String)>,
 }
 
 struct Sim {
@@ -63,6 +79,10 @@ struct Sim {
     hosts: Vec<Host>,
     summary: SimSummary,
     step: usize,
+    /// The clock every host measures its lease on, so that times compare.
+    clock: Arc<dyn Clock>,
+    /// Every content written, by whom and when the write started.
+    written: HashMap<Vec<u8>, (usize, u64)>,
 }
 
 /// Runs one seed. `Err` names the seed, the step and what went wrong.
@@ -92,10 +112,14 @@ impl Sim {
                 .map(|i| Host {
                     uuid: HostUuid([i as u8 + 1; 16]),
                     fs: None,
+                    lun: None,
+                    seen: Vec::new(),
                 })
                 .collect(),
             summary: SimSummary::default(),
             step: 0,
+            clock: Arc::new(SystemClock::default()),
+            written: HashMap::new(),
             cfg,
         };
         for i in 0..hosts {
@@ -124,12 +148,61 @@ impl Sim {
             lost_reply_prob: if self.cfg.faults { 0.0005 } else { 0.0 },
             ..FaultConfig::default()
         };
-        let lun: Arc<dyn Lun> = Arc::new(FaultLun::new(self.mem.clone(), config));
+        let faulty: Arc<dyn Lun> = Arc::new(FaultLun::new(self.mem.clone(), config));
+        let pausable = Arc::new(PausableLun::new(faulty));
+        let lun: Arc<dyn Lun> = pausable.clone();
         let mut options = MountOptions::new(self.hosts[i].uuid);
         options.commit_interval = Duration::from_millis(200);
+        options.clock = self.clock.clone();
         let fs =
             Fs::mount(lun, options).map_err(|e| self.fail(&format!("mount of host {i}: {e:#}")))?;
         self.hosts[i].fs = Some(fs);
+        self.hosts[i].lun = Some(pausable);
+        self.hosts[i].seen.clear();
+        Ok(())
+    }
+
+    /// True when the host may no longer answer anything: fenced, or its lease ran
+    /// out by its clock (it fences itself at its next operation).
+    fn lease_gone(&self, fs: &Fs) -> bool {
+        fs.lease().is_fenced() || self.clock.now_ms() >= fs.lease().expires_at_ms()
+    }
+
+    /// Drops a host that was fenced (it is restarted later with a new generation),
+    /// after checking what its reads returned against its lease.
+    fn drop_fenced(&mut self, host: usize) -> Result<(), String> {
+        self.check_seen(host)?;
+        if self.hosts[host].fs.take().is_some() {
+            self.summary.crashes += 1;
+        }
+        Ok(())
+    }
+
+    /// No read of a fenced host returned data another host wrote only after the
+    /// fenced host's lease had run out: data it could not have seen while its lease
+    /// ran (another host writes a file this one had locked only after recovering it,
+    /// one lease after its last renewal).
+    fn check_seen(&mut self, host: usize) -> Result<(), String> {
+        let Some(fs) = self.hosts[host].fs.clone() else {
+            return Ok(());
+        };
+        if !self.lease_gone(&fs) {
+            return Ok(());
+        }
+        let expired_ms = fs.lease().expires_at_ms();
+        for (content, what) in std::mem::take(&mut self.hosts[host].seen) {
+            self.summary.fenced_checked += 1;
+            if let Some(&(writer, started_ms)) = self.written.get(&content) {
+                if writer != host && started_ms >= expired_ms {
+                    return Err(self.fail(&format!(
+                        "host {host} ({what}) returned {:?}, which host {writer} began to write \
+                         {} ms after host {host}'s lease ran out",
+                        String::from_utf8_lossy(&content),
+                        started_ms - expired_ms
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -154,6 +227,8 @@ impl Sim {
             let roll = self.rng.gen_range(0..100);
             if roll < 2 && self.hosts.len() > 1 {
                 self.crash_one();
+            } else if roll < 4 && self.hosts.len() > 1 {
+                self.pause_one()?;
             } else if roll < 6 {
                 self.restart_one()?;
             } else if roll < 20 && self.hosts.len() > 1 {
@@ -204,14 +279,20 @@ impl Sim {
             return Ok(());
         };
         let op = self.pick();
+        let gone = self.lease_gone(&fs);
+        let started_ms = self.clock.now_ms();
         let outcome = op.apply(&fs);
         let succeeded = outcome.is_ok();
-        self.account(i, &op, outcome)?;
-        // Coherence: what a host wrote, another host reads at once.
+        self.account(i, &op, gone, outcome)?;
         let written = if succeeded { op.written() } else { None };
+        if let Some(content) = &written {
+            self.written.insert(content.clone(), (i, started_ms));
+        }
+        // Coherence: what a host wrote, another host reads at once (a fenced one must
+        // refuse).
         if let (Some(expected), Some((j, other))) = (written, self.random_live()) {
-            if j != i && other.lease().check().is_ok() {
-                self.check_read(&other, &op, &expected)?;
+            if j != i {
+                self.check_read(j, &other, &op, &expected)?;
             }
         }
         Ok(())
@@ -224,6 +305,8 @@ impl Sim {
         };
         let (op_a, mut op_b) = (self.pick(), self.pick());
         op_b.dir = op_a.dir;
+        let (gone_a, gone_b) = (self.lease_gone(&a), self.lease_gone(&b));
+        let started_ms = self.clock.now_ms();
         let ta = {
             let (a, op) = (a.clone(), op_a.clone());
             std::thread::spawn(move || op.apply(&a))
@@ -232,19 +315,135 @@ impl Sim {
         let ra = ta
             .join()
             .map_err(|_| self.fail("a host operation panicked"))?;
-        self.account(i, &op_a, ra)?;
-        self.account(j, &op_b, rb)?;
+        for (host, op, outcome) in [(i, &op_a, &ra), (j, &op_b, &rb)] {
+            if let (Ok(()), Some(content)) = (outcome, op.written()) {
+                self.written.insert(content, (host, started_ms));
+            }
+        }
+        self.account(i, &op_a, gone_a, ra)?;
+        self.account(j, &op_b, gone_b, rb)?;
         self.check_listing(&a, &b, op_a.dir)
+    }
+
+    /// Counts an operation's outcome and checks it; `gone`: the host's lease had run
+    /// out before the operation started.
+    /// Holds one host's I/O up past its lease with a read of a file in flight; another
+    /// host recovers it and writes that file; the paused host must then refuse
+    /// everything (while still paused, from its caches, and after), and the read in
+    /// flight must not return what the other host wrote.
+    fn pause_one(&mut self) -> Result<(), String> {
+        let (Some((h, fs)), Some((j, other))) = (self.random_live(), self.random_live()) else {
+            return Ok(());
+        };
+        let Some(lun) = self.hosts[h].lun.clone() else {
+            return Ok(());
+        };
+        if h == j {
+            return self.one_op();
+        }
+        self.summary.pauses += 1;
+        let mut op = self.pick();
+        op.kind = 30; // a write of its own content, below
+                      // Warm the paused host's caches with the file, and hold its lock.
+        let _ = read_file(&fs, op.dir, &op.name);
+        lun.pause();
+        let in_flight = {
+            let (fs, dir, name) = (fs.clone(), op.dir, op.name.clone());
+            std::thread::spawn(move || read_file(&fs, dir, &name))
+        };
+        self.wait_past_lease(&fs);
+        // The other host overwrites the file in place (recovering the paused host when
+        // it needs one of its locks), all of it after the paused host's lease ran out.
+        let started_ms = self.clock.now_ms();
+        let outcome = op.overwrite(&other);
+        if let (Ok(()), Some(content)) = (&outcome, op.written()) {
+            self.written.insert(content, (j, started_ms));
+        }
+        let other_gone = self.lease_gone(&other);
+        self.account(j, &op, other_gone, outcome)?;
+        self.wait_past_lease(&fs);
+        let probes = self.probe_paused(h, &fs, &op);
+        lun.resume();
+        probes?;
+        let read = in_flight
+            .join()
+            .map_err(|_| self.fail("a read on the paused host panicked"))?;
+        match read {
+            Ok(data) => self.hosts[h]
+                .seen
+                .push((data, "a read in flight while paused".into())),
+            Err(e) if e.errno() == libc::EIO => {}
+            Err(e) if [libc::ENOENT, libc::EISDIR, libc::EAGAIN].contains(&e.errno()) => {}
+            Err(e) => {
+                return Err(self.fail(&format!(
+                    "host {h}: a read in flight while paused failed with {e}"
+                )))
+            }
+        }
+        self.drop_fenced(h)
+    }
+
+    /// Waits until the host's lease has run out by its clock (a renewal issued just
+    /// before a pause may still be recorded after it: the expiry is read again).
+    fn wait_past_lease(&self, fs: &Fs) {
+        let deadline_ms = self.clock.now_ms() + 10_000;
+        while !self.lease_gone(fs) && self.clock.now_ms() < deadline_ms {
+            self.clock.sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks a host paused past its lease for a file's attributes, its directory and
+    /// its data: each must fail with EIO at once, from whatever it has cached.
+    fn probe_paused(&mut self, h: usize, fs: &Arc<Fs>, op: &Op) -> Result<(), String> {
+        let probes: [(&str, Probe); 3] = [
+            ("stat", |fs, dir, name| {
+                let d = fs.lookup(fs.root(), DIRS[dir])?.ino;
+                fs.lookup(d, name).map(|_| ())
+            }),
+            ("readdir", |fs, dir, _| listing(fs, dir).map(|_| ())),
+            ("read", |fs, dir, name| read_file(fs, dir, name).map(|_| ())),
+        ];
+        for (what, probe) in probes {
+            self.summary.fenced_checked += 1;
+            let (fs, dir, name) = (fs.clone(), op.dir, op.name.clone());
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(probe(&fs, dir, &name));
+            });
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(Err(e)) if e.errno() == libc::EIO => {}
+                Ok(outcome) => {
+                    return Err(self.fail(&format!(
+                        "host {h}, paused past its lease, answered a {what} with {outcome:?}"
+                    )))
+                }
+                Err(_) => {
+                    return Err(self.fail(&format!(
+                        "host {h}, paused past its lease, did not answer a {what}"
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     fn account(
         &mut self,
         host: usize,
         op: &Op,
+        gone: bool,
         outcome: Result<(), FsError>,
     ) -> Result<(), String> {
         self.summary.ops += 1;
+        if gone {
+            self.summary.fenced_checked += 1;
+        }
         match outcome {
+            Ok(()) if gone => {
+                return Err(self.fail(&format!(
+                    "host {host}: {op:?} succeeded after the host's lease ran out"
+                )))
+            }
             Ok(()) => self.summary.ok += 1,
             Err(e) => {
                 let errno = e.errno();
@@ -265,14 +464,17 @@ impl Sim {
                     .fs
                     .as_ref()
                     .is_some_and(|fs| fs.lease().is_fenced());
-                if clean.contains(&errno) {
+                if gone && errno != libc::EIO {
+                    return Err(self.fail(&format!(
+                        "host {host}: {op:?} failed with {e}, not EIO, after the host's lease ran out"
+                    )));
+                } else if clean.contains(&errno) {
                     self.summary.clean_errors += 1;
                 } else if errno == libc::EIO && (self.cfg.faults || fenced) {
                     // An injected fault (or a fence after one): the host stops; a
                     // restart gives it a new generation.
                     self.summary.clean_errors += 1;
-                    self.hosts[host].fs = None;
-                    self.summary.crashes += 1;
+                    self.drop_fenced(host)?;
                 } else {
                     return Err(self.fail(&format!("host {host}: {op:?} failed with {e}")));
                 }
@@ -293,8 +495,25 @@ impl Sim {
         Ok(())
     }
 
-    fn check_read(&self, fs: &Fs, op: &Op, expected: &[u8]) -> Result<(), String> {
+    fn check_read(&mut self, host: usize, fs: &Fs, op: &Op, expected: &[u8]) -> Result<(), String> {
+        let gone = self.lease_gone(fs);
         let found = lookup(fs, op.dir, &op.name).and_then(|ino| fs.read_data(ino, 0, 64));
+        if gone {
+            // A fenced host refuses: it may not say what it had cached.
+            self.summary.fenced_checked += 1;
+            return match found {
+                Err(e) if e.errno() == libc::EIO => Ok(()),
+                other => Err(self.fail(&format!(
+                    "host {host}, past its lease, answered a read with {:?}",
+                    other.map(|d| String::from_utf8_lossy(&d).into_owned())
+                ))),
+            };
+        }
+        if let Ok(data) = &found {
+            self.hosts[host]
+                .seen
+                .push((data.clone(), "a coherence read".into()));
+        }
         match found {
             Ok(data) if data == expected => Ok(()),
             Ok(data) => Err(self.fail(&format!(
@@ -330,6 +549,9 @@ impl Sim {
 
     /// Unmounts every host and checks the volume.
     fn finish(&mut self) -> Result<(), String> {
+        for i in 0..self.hosts.len() {
+            self.check_seen(i)?;
+        }
         // Restart the hosts that are down so every journal is replayed by its owner
         // or recovered, then unmount all.
         for i in 0..self.hosts.len() {
@@ -354,6 +576,124 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// How long paused I/O waits for `resume` at most (a bound on every wait).
+const PAUSE_MAX: Duration = Duration::from_secs(60);
+
+/// A LUN whose I/O can be held up, as a host's is while the host is stopped
+/// (SIGSTOP, a paused VM) or its path to the storage is down. I/O issued while paused
+/// waits for `resume`; then reads go on (and see whatever the other hosts wrote
+/// meanwhile), and writes, compare-and-writes and flushes fail, as storage-side
+/// fencing refuses the late writes of a host that was recovered meanwhile (without
+/// it, they would land: the window `docs/locking.md` states). Pause only past the
+/// lease, so that the host is always recovered.
+pub struct PausableLun {
+    inner: Arc<dyn Lun>,
+    paused: Mutex<bool>,
+    resumed: Condvar,
+}
+
+impl PausableLun {
+    pub fn new(inner: Arc<dyn Lun>) -> PausableLun {
+        PausableLun {
+            inner,
+            paused: Mutex::new(false),
+            resumed: Condvar::new(),
+        }
+    }
+
+    pub fn pause(&self) {
+        if let Ok(mut paused) = self.paused.lock() {
+            *paused = true;
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Ok(mut paused) = self.paused.lock() {
+            *paused = false;
+        }
+        self.resumed.notify_all();
+    }
+
+    /// Waits while paused; true when the I/O had to wait.
+    fn hold(&self) -> bool {
+        let Ok(mut paused) = self.paused.lock() else {
+            return false;
+        };
+        let held = *paused;
+        let deadline = std::time::Instant::now() + PAUSE_MAX;
+        while *paused && std::time::Instant::now() < deadline {
+            match self
+                .resumed
+                .wait_timeout(paused, Duration::from_millis(100))
+            {
+                Ok((guard, _)) => paused = guard,
+                Err(_) => return held,
+            }
+        }
+        held
+    }
+
+    /// Holds a write while paused; fails it if it had to wait.
+    fn hold_write(&self, op: &'static str, offset: u64) -> LunResult<()> {
+        if self.hold() {
+            return Err(LunError::Io {
+                device: self.inner.describe(),
+                op,
+                offset,
+                source: std::io::Error::other("refused: issued while the host was paused"),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Lun for PausableLun {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.hold();
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.hold_write("write", offset)?;
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.hold_write("compare-and-write", offset)?;
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.hold_write("flush", 0)?;
+        self.inner.flush()
+    }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.hold();
+        self.inner.read_uncached(buf, offset)
+    }
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.hold_write("write", offset)?;
+        self.inner.write_uncached(buf, offset)
+    }
+    fn may_write(&self) -> LunResult<()> {
+        self.inner.may_write()
+    }
+    fn describe(&self) -> String {
+        format!("pausable {}", self.inner.describe())
+    }
+}
+
+/// An operation on a paused host: (fs, directory index, name).
+type Probe = fn(&Fs, usize, &[u8]) -> Result<(), FsError>;
+
+fn read_file(fs: &Fs, dir: usize, name: &[u8]) -> Result<Vec<u8>, FsError> {
+    let ino = lookup(fs, dir, name)?;
+    fs.read_data(ino, 0, 64)
 }
 
 fn lookup(fs: &Fs, dir: usize, name: &[u8]) -> Result<u64, FsError> {
@@ -381,8 +721,24 @@ struct Op {
 }
 
 impl Op {
+    /// What a write puts in the file: of one length for every write of a name, so
+    /// that an overwrite in place replaces it whole.
     fn content(&self) -> Vec<u8> {
-        format!("{}:{}", String::from_utf8_lossy(&self.name), self.value).into_bytes()
+        format!("{}:{:010}", String::from_utf8_lossy(&self.name), self.value).into_bytes()
+    }
+
+    /// Writes the content over the start of the file, without truncating it first
+    /// (creates it if needed), and makes it durable.
+    fn overwrite(&self, fs: &Fs) -> Result<(), FsError> {
+        let d = fs.lookup(fs.root(), DIRS[self.dir])?.ino;
+        let ino = match fs.lookup(d, &self.name) {
+            Ok(a) if a.is_dir() => return Err(FsError::Errno(libc::EISDIR)),
+            Ok(a) => a.ino,
+            Err(e) if e.errno() == libc::ENOENT => fs.mknod(d, &self.name, REG, 0, 0, 0)?.ino,
+            Err(e) => return Err(e),
+        };
+        fs.write_data(ino, 0, &self.content())?;
+        fs.fsync(ino, false)
     }
 
     /// The bytes this operation writes at offset 0, if it writes.

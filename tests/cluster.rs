@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -337,6 +337,16 @@ fn a_host_stopped_past_its_lease_never_writes_again() {
         })
     };
     std::thread::sleep(Duration::from_millis(500));
+    // Readers on A whose pages sit in A's kernel page cache: of the file A writes,
+    // and of one it only reads.
+    let reader = File::open(&target).expect("open for reading on A");
+    let mut first = [0u8; 16];
+    reader.read_exact_at(&mut first, 0).expect("read on A");
+    assert_eq!(&first, b"A writes a line\n");
+    fs::write(b.join("still"), b"old bytes, read on A").expect("write on B");
+    let still = File::open(a.join("still")).expect("open for reading on A");
+    still.read_exact_at(&mut first, 0).expect("read on A");
+    assert_eq!(&first, b"old bytes, read ");
     let pid = a.daemon_pid().expect("A's daemon");
     // SAFETY: signals to our own daemon.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
@@ -346,12 +356,50 @@ fn a_host_stopped_past_its_lease_never_writes_again() {
     on_b.write_all(b"MARKER FROM B\n").expect("marker");
     on_b.sync_all().expect("fsync marker");
     drop(on_b);
+    let (mut on_b, _) = open_for_writing_within(&b.join("still"), Duration::from_secs(10));
+    on_b.write_all(b"NEW BYTES FROM B").expect("overwrite on B");
+    on_b.sync_all().expect("fsync on B");
+    drop(on_b);
     let remaining = Duration::from_secs(6).saturating_sub(stopped.elapsed());
     std::thread::sleep(remaining);
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     let (written, err) = writer.join().expect("writer thread");
     eprintln!("A's writer wrote {written} lines, then: {err}");
+    // A lost its lease: it answers EIO, not what it had cached (old bytes, an old size,
+    // an old listing), through its own caches and through the kernel's.
+    let mut again = [0u8; 16];
+    let read = reader.read_exact_at(&mut again, 0);
+    assert_eq!(
+        read.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "a read on A after its lease ran out: {:?}",
+        String::from_utf8_lossy(&again)
+    );
+    let read = still.read_exact_at(&mut again, 0);
+    assert_eq!(
+        read.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "a read of cached pages on A after its lease ran out: {:?}",
+        String::from_utf8_lossy(&again)
+    );
+    drop(still);
+    let stat = fs::metadata(&target);
+    assert_eq!(
+        stat.as_ref().map(|m| m.len()).map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "stat on A after its lease ran out"
+    );
+    let listing = fs::read_dir(a.path()).and_then(|d| d.collect::<Result<Vec<_>, _>>());
+    assert_eq!(
+        listing
+            .as_ref()
+            .map(|l| l.len())
+            .map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "readdir on A after its lease ran out"
+    );
+    drop(reader);
     // B's marker stays: A wrote nothing after it was fenced.
     let data = read_all(&b.join("log")).expect("read on B");
     assert!(

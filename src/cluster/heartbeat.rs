@@ -30,6 +30,9 @@ pub struct SlotClaim {
     pub after_crash: bool,
     /// The sector image now on disk.
     pub image: Vec<u8>,
+    /// Our clock when the claim's compare-and-write was issued: the lease runs from
+    /// there.
+    pub issued_ms: u64,
 }
 
 /// Reads one slot's sector. `Ok(None)` for a slot that was never used (all zeros).
@@ -208,13 +211,15 @@ pub fn claim_slot(
         }
         put_str(&mut next.hostname, &hostname());
         let image = encode_slot(&next, geo.ats_sector_size);
-        match lun.compare_and_write(geo.slot_offset(slot), &raw, &image)? {
+        let issued_ms = clock.now_ms();
+        match caw_looked(lun, geo.slot_offset(slot), &raw, &image)? {
             Caw::Written => {
                 return Ok(SlotClaim {
                     slot,
                     generation: next.generation,
                     after_crash,
                     image,
+                    issued_ms,
                 })
             }
             Caw::Miscompare(actual) if actual == image => {
@@ -223,6 +228,7 @@ pub fn claim_slot(
                     generation: next.generation,
                     after_crash,
                     image,
+                    issued_ms,
                 })
             }
             Caw::Miscompare(_) => {
@@ -236,9 +242,29 @@ pub fn claim_slot(
 /// Turns a slot claimed for our own crash recovery (RECOVERING, old generation) into
 /// a live one with a new generation, once our journal is replayed.
 pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotClaim> {
-    let old = HeartbeatSlot::decode(&claim.image, geo.hb_start).context("our own slot image")?;
-    if old.state == SLOT_LIVE {
+    let Some((generation, image)) =
+        go_live_from(lun, geo.slot_offset(claim.slot), claim.slot, &claim.image)?
+    else {
         return Ok(claim);
+    };
+    Ok(SlotClaim {
+        generation,
+        image,
+        ..claim
+    })
+}
+
+/// CAW(`current` -> LIVE with a new generation); `None` when already live. Returns the
+/// new generation and image.
+fn go_live_from(
+    lun: &dyn Lun,
+    offset: u64,
+    slot: u32,
+    current: &[u8],
+) -> Result<Option<(u32, Vec<u8>)>> {
+    let old = HeartbeatSlot::decode(current, 0).context("our own slot image")?;
+    if old.state == SLOT_LIVE {
+        return Ok(None);
     }
     let mut next = old;
     next.state = SLOT_LIVE;
@@ -247,20 +273,15 @@ pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotCl
     next.recoverer_uuid = [0; 16];
     next.recoverer_slot = 0;
     next.wall_clock_ms = wall_clock_ms();
-    let image = encode_slot(&next, geo.ats_sector_size);
-    match lun.compare_and_write(geo.slot_offset(claim.slot), &claim.image, &image)? {
+    let image = encode_slot(&next, current.len() as u32);
+    match caw_looked(lun, offset, current, &image)? {
         Caw::Written => {}
         Caw::Miscompare(actual) if actual == image => {}
         Caw::Miscompare(_) => bail!(
-            "another host took over slot {} while this host was replaying its own journal; mount again",
-            claim.slot
+            "another host took over slot {slot} while this host was replaying its own journal; mount again"
         ),
     }
-    Ok(SlotClaim {
-        generation: next.generation,
-        image,
-        ..claim
-    })
+    Ok(Some((next.generation, image)))
 }
 
 /// This host's membership: the claimed slot and the thread that renews it.
@@ -288,6 +309,12 @@ impl Membership {
         let offset = geo.slot_offset(claim.slot);
         let current = Arc::new(Mutex::new(claim.image));
         let stop = Arc::new(AtomicBool::new(false));
+        lease.watch_slot(SlotWatch {
+            lun: lun.clone(),
+            offset,
+            sector: geo.ats_sector_size,
+            current: current.clone(),
+        });
         let renewer = Renewer {
             lun: lun.clone(),
             offset,
@@ -321,12 +348,36 @@ impl Membership {
         &self.lease
     }
 
+    /// Takes a slot claimed for our own crash recovery (renewed meanwhile, so nobody
+    /// recovers it under us) live with a new generation, once our journal is
+    /// replayed. Counts as a renewal.
+    pub fn go_live(&mut self) -> Result<u32> {
+        self.lease
+            .confirm()
+            .map_err(|e| anyhow!("not going live: {e}"))?;
+        let mut current = self
+            .current
+            .lock()
+            .map_err(|_| anyhow!("heartbeat state poisoned"))?;
+        let issued = self.lease.clock().now_ms();
+        let went = go_live_from(self.lun.as_ref(), self.offset, self.slot, &current);
+        let Some((generation, image)) =
+            went.inspect_err(|e| self.lease.fence(&format!("{e:#}")))?
+        else {
+            return Ok(self.generation);
+        };
+        *current = image;
+        self.lease.renewed(issued);
+        self.generation = generation;
+        Ok(generation)
+    }
+
     /// Stops renewing and frees the slot (keeping our UUID in it, so this host gets
     /// the same slot back next time). Not done when fenced: the slot is no longer ours.
     pub fn release(mut self) -> Result<()> {
         self.stop_thread();
         self.lease
-            .check()
+            .confirm()
             .map_err(|e| anyhow!("not releasing the heartbeat slot: {e}"))?;
         let current = self
             .current
@@ -339,7 +390,7 @@ impl Membership {
         slot.owner_pid = 0;
         slot.wall_clock_ms = wall_clock_ms();
         let image = encode_slot(&slot, self.sector);
-        match self.lun.compare_and_write(self.offset, &current, &image)? {
+        match caw_looked(self.lun.as_ref(), self.offset, &current, &image)? {
             Caw::Written => {}
             Caw::Miscompare(actual) if actual == image => {}
             Caw::Miscompare(_) => {
@@ -361,6 +412,51 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.stop_thread();
+    }
+}
+
+/// Our heartbeat slot as the lease re-reads it when a renewal is late: the image
+/// the renewer last wrote, and where it is.
+pub(crate) struct SlotWatch {
+    lun: Arc<dyn Lun>,
+    offset: u64,
+    sector: u32,
+    current: Arc<Mutex<Vec<u8>>>,
+}
+
+impl SlotWatch {
+    /// Re-reads the slot; `Some(reason)` when another host changed who holds it (its
+    /// owner, generation, state or recoverer). A counter ahead of ours is our own
+    /// renewal whose reply was lost, not a takeover.
+    pub(crate) fn taken(&self) -> Result<Option<String>, LunError> {
+        // Holding `current` waits for a renewal in flight, so the image is settled.
+        let Ok(current) = self.current.lock() else {
+            return Ok(Some("heartbeat state poisoned".into()));
+        };
+        let mut actual = vec![0u8; self.sector as usize];
+        self.lun.read_at(&mut actual, self.offset)?;
+        if actual == *current {
+            return Ok(None);
+        }
+        let holder = |raw: &[u8]| {
+            HeartbeatSlot::decode(raw, 0).ok().map(|s| {
+                (
+                    s.host_uuid,
+                    s.generation,
+                    s.state,
+                    s.recoverer_uuid,
+                    s.recoverer_slot,
+                )
+            })
+        };
+        match (holder(&current), holder(&actual)) {
+            (Some(mine), Some(now)) if mine == now => Ok(None),
+            _ => Ok(Some(
+                "another host changed our heartbeat slot while our renewal was late: \
+                 we were declared dead"
+                    .into(),
+            )),
+        }
     }
 }
 
@@ -402,41 +498,72 @@ impl Renewer {
             self.lease.fence("heartbeat state poisoned");
             return Ok(());
         };
-        let Ok(mut slot) = HeartbeatSlot::decode(&current, 0) else {
-            self.lease.fence("our heartbeat image does not decode");
-            return Ok(());
-        };
-        slot.counter = slot.counter.wrapping_add(1);
-        slot.wall_clock_ms = wall_clock_ms();
-        let next = encode_slot(&slot, self.sector);
         let issued = clock.now_ms();
         // The heartbeat itself bypasses the lease guard: renewing is how the lease is kept.
-        let outcome = self.lun.compare_and_write(self.offset, &current, &next);
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(e) => {
-                // The write may have landed with its reply lost: look.
-                let mut actual = vec![0u8; self.sector as usize];
-                self.lun.read_at(&mut actual, self.offset)?;
-                if actual == *current {
-                    return Err(e);
-                }
-                Caw::Miscompare(actual)
+        match renew_image(self.lun.as_ref(), self.offset, self.sector, &current)? {
+            Renewal::Renewed(next) => {
+                *current = next;
+                self.lease.renewed(issued);
             }
-        };
-        match outcome {
-            Caw::Written => {}
-            // A false miscompare: our new image is there, only the reply was lost.
-            Caw::Miscompare(actual) if actual == next => {}
-            Caw::Miscompare(_) => {
-                self.lease
-                    .fence("another host changed our heartbeat slot: we were declared dead");
-                return Ok(());
-            }
+            Renewal::Lost(reason) => self.lease.fence(&reason),
         }
-        *current = next;
-        self.lease.renewed(issued);
         Ok(())
+    }
+}
+
+/// Compare-and-write of a slot that looks when the call fails: the write may have
+/// landed with its reply lost. Then the sector no longer holds `expected`, and what it
+/// holds comes back as a miscompare (our own `new` image if the write landed, which
+/// callers count as written). A failure with the sector unchanged is returned.
+pub(crate) fn caw_looked(
+    lun: &dyn Lun,
+    offset: u64,
+    expected: &[u8],
+    new: &[u8],
+) -> Result<Caw, LunError> {
+    match lun.compare_and_write(offset, expected, new) {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            let mut actual = vec![0u8; expected.len()];
+            lun.read_at(&mut actual, offset)?;
+            if actual == expected {
+                return Err(e);
+            }
+            Ok(Caw::Miscompare(actual))
+        }
+    }
+}
+
+/// What one renewal of a slot found.
+pub(crate) enum Renewal {
+    /// The slot holds the renewed image now.
+    Renewed(Vec<u8>),
+    /// Another host changed the slot (we were declared dead), or our image is broken.
+    Lost(String),
+}
+
+/// Renews a slot we hold: CAW(`current` -> counter + 1). A failed call whose write
+/// landed (reply lost) and a miscompare that shows our own new image both count as
+/// renewed; an error with the slot unchanged is returned for a retry.
+pub(crate) fn renew_image(
+    lun: &dyn Lun,
+    offset: u64,
+    sector: u32,
+    current: &[u8],
+) -> Result<Renewal, LunError> {
+    let Ok(mut slot) = HeartbeatSlot::decode(current, 0) else {
+        return Ok(Renewal::Lost("our heartbeat image does not decode".into()));
+    };
+    slot.counter = slot.counter.wrapping_add(1);
+    slot.wall_clock_ms = wall_clock_ms();
+    let next = encode_slot(&slot, sector);
+    match caw_looked(lun, offset, current, &next)? {
+        Caw::Written => Ok(Renewal::Renewed(next)),
+        // A false miscompare: our new image is there, only the reply was lost.
+        Caw::Miscompare(actual) if actual == next => Ok(Renewal::Renewed(next)),
+        Caw::Miscompare(_) => Ok(Renewal::Lost(
+            "another host changed our heartbeat slot: we were declared dead".into(),
+        )),
     }
 }
 

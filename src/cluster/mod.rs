@@ -4,10 +4,12 @@
 //! renewed every heartbeat interval by ATS (previous image -> counter + 1).
 //!
 //! Invariants:
-//! - A host writes to the LUN only while its lease is valid by its own monotonic
-//!   clock: `now < start of last successful renewal + lease - interval`. Every write
-//!   of the fs goes through `GuardedLun`, which checks that before each write, so no
-//!   path can write without a valid lease.
+//! - A host writes to the LUN only while its lease is valid by its own clock
+//!   (CLOCK_BOOTTIME): `now < issue of last successful renewal + lease - interval`.
+//!   Every write of the fs goes through `GuardedLun`, which checks that before each
+//!   write, so no path can write without a valid lease. When the last renewal is
+//!   older than one interval, it also re-reads our slot first (`Lease::confirm`).
+//! - Liveness of the other slots is judged on the same clock (`view`).
 //! - A renewal that finds our slot changed by someone else (not a false miscompare,
 //!   where our own new image is already there) means we were declared dead: the host
 //!   fences itself at once and never writes again under this generation.
@@ -19,14 +21,15 @@ mod node;
 mod recovery;
 pub mod view;
 
+use heartbeat::SlotWatch;
 pub use heartbeat::{claim_slot, go_live, read_slot, Membership, SlotClaim};
 pub use node::Node;
 pub use recovery::{recover_offline, settle_foreign_slots, OfflineOutcome};
 
 use crate::lun::{Caw, IoCounters, Lun, LunError, LunResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 /// A host's identity, kept in `/var/lib/atsfs/host-id` by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,22 +48,39 @@ pub trait Clock: Send + Sync {
     fn sleep(&self, duration: Duration);
 }
 
-/// The real monotonic clock.
+/// The real clock: CLOCK_BOOTTIME, which keeps counting while the machine is
+/// suspended. (CLOCK_MONOTONIC, behind `Instant`, stops during a suspend: a host that
+/// wakes up would believe its lease still ran.)
 pub struct SystemClock {
-    origin: Instant,
+    origin_ms: u64,
+}
+
+impl SystemClock {
+    pub const CLOCK_ID: libc::clockid_t = libc::CLOCK_BOOTTIME;
+
+    fn read_ms() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec for the call to fill; CLOCK_BOOTTIME exists
+        // on every Linux since 2.6.39, so the call cannot fail.
+        unsafe { libc::clock_gettime(Self::CLOCK_ID, &mut ts) };
+        (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+    }
 }
 
 impl Default for SystemClock {
     fn default() -> Self {
         SystemClock {
-            origin: Instant::now(),
+            origin_ms: Self::read_ms(),
         }
     }
 }
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        Self::read_ms().saturating_sub(self.origin_ms)
     }
     fn sleep(&self, duration: Duration) {
         std::thread::sleep(duration);
@@ -98,6 +118,10 @@ pub struct Lease {
     renewed_at_ms: AtomicU64,
     /// How long after a renewal the host may still write.
     valid_ms: u64,
+    /// The heartbeat interval: a renewal older than this is late.
+    interval_ms: u64,
+    /// Our heartbeat slot, re-read before a write when the renewal is late.
+    watch: OnceLock<SlotWatch>,
     fenced: AtomicBool,
     reason: std::sync::Mutex<String>,
 }
@@ -106,10 +130,32 @@ impl Lease {
     /// A lease renewed now, valid for `lease - interval` after each renewal.
     pub fn new(clock: Arc<dyn Clock>, lease: Duration, interval: Duration) -> Lease {
         let now = clock.now_ms();
+        Lease::issued_at(clock, now, lease, interval)
+    }
+
+    /// The lease a claimed slot gives: it runs from when the claim was *issued*, not
+    /// from when its reply came back.
+    pub fn for_claim(
+        clock: Arc<dyn Clock>,
+        claim: &SlotClaim,
+        lease: Duration,
+        interval: Duration,
+    ) -> Lease {
+        Lease::issued_at(clock, claim.issued_ms, lease, interval)
+    }
+
+    fn issued_at(
+        clock: Arc<dyn Clock>,
+        issued_ms: u64,
+        lease: Duration,
+        interval: Duration,
+    ) -> Lease {
         Lease {
             clock,
-            renewed_at_ms: AtomicU64::new(now),
+            renewed_at_ms: AtomicU64::new(issued_ms),
             valid_ms: (lease.saturating_sub(interval)).as_millis() as u64,
+            interval_ms: interval.as_millis() as u64,
+            watch: OnceLock::new(),
             fenced: AtomicBool::new(false),
             reason: std::sync::Mutex::new(String::new()),
         }
@@ -118,6 +164,12 @@ impl Lease {
     /// Records a renewal that was issued at `issued_ms`.
     pub fn renewed(&self, issued_ms: u64) {
         self.renewed_at_ms.fetch_max(issued_ms, Ordering::SeqCst);
+    }
+
+    /// Gives the lease our heartbeat slot to re-read when a renewal is late (the
+    /// membership does, once).
+    pub(crate) fn watch_slot(&self, watch: SlotWatch) {
+        let _ = self.watch.set(watch);
     }
 
     /// Fences the host for good (this generation).
@@ -134,21 +186,49 @@ impl Lease {
         self.fenced.load(Ordering::SeqCst)
     }
 
-    /// Ok while this host may write.
+    /// Clock time until which this host may write (and answer from its caches), by
+    /// its own clock: the last renewal's issue time plus `lease - interval`.
+    pub fn expires_at_ms(&self) -> u64 {
+        self.renewed_at_ms.load(Ordering::SeqCst) + self.valid_ms
+    }
+
+    /// Ok while this host may write, by its own clock.
     pub fn check(&self) -> LunResult<()> {
         if self.is_fenced() {
             let reason = self.reason.lock().map(|r| r.clone()).unwrap_or_default();
             return Err(LunError::Fenced(reason));
         }
-        let age = self
-            .clock
-            .now_ms()
-            .saturating_sub(self.renewed_at_ms.load(Ordering::SeqCst));
+        let age = self.age_ms();
         if age >= self.valid_ms {
             self.fence(&format!("lease not renewed for {age} ms"));
             return Err(LunError::Fenced(format!("lease not renewed for {age} ms")));
         }
         Ok(())
+    }
+
+    /// `check`, and when the last renewal is older than one interval, re-reads our
+    /// heartbeat slot: if another host changed it (it declared us dead, on a clock
+    /// that did not stand still as ours may have, in a paused VM), the host fences
+    /// itself. Every write, commit and lock release goes through this.
+    pub fn confirm(&self) -> LunResult<()> {
+        self.check()?;
+        if self.age_ms() <= self.interval_ms {
+            return Ok(());
+        }
+        let Some(watch) = self.watch.get() else {
+            return Ok(());
+        };
+        if let Some(reason) = watch.taken()? {
+            self.fence(&reason);
+            return Err(LunError::Fenced(reason));
+        }
+        Ok(())
+    }
+
+    fn age_ms(&self) -> u64 {
+        self.clock
+            .now_ms()
+            .saturating_sub(self.renewed_at_ms.load(Ordering::SeqCst))
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
@@ -194,17 +274,17 @@ impl Lun for GuardedLun {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
-        self.lease.check()?;
+        self.lease.confirm()?;
         self.counters.write(buf.len());
         self.inner.write_at(buf, offset)
     }
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
-        self.lease.check()?;
+        self.lease.confirm()?;
         self.counters.caw();
         self.inner.compare_and_write(offset, expected, new)
     }
     fn flush(&self) -> LunResult<()> {
-        self.lease.check()?;
+        self.lease.confirm()?;
         self.counters.flush();
         self.inner.flush()
     }
@@ -213,12 +293,12 @@ impl Lun for GuardedLun {
         self.inner.read_uncached(buf, offset)
     }
     fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
-        self.lease.check()?;
+        self.lease.confirm()?;
         self.counters.write(buf.len());
         self.inner.write_uncached(buf, offset)
     }
     fn may_write(&self) -> LunResult<()> {
-        self.lease.check()?;
+        self.lease.confirm()?;
         self.inner.may_write()
     }
     fn describe(&self) -> String {

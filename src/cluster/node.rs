@@ -3,7 +3,7 @@
 
 use super::lock::Holder;
 use super::mailbox::post_request;
-use super::recovery::{recover_slot, Held};
+use super::recovery::{recover_slot, Held, Timing};
 use super::view::ClusterView;
 use super::{Clock, HostUuid};
 use crate::format::{BlockNo, Geometry, MailRequest, SLOT_FREE};
@@ -96,13 +96,19 @@ impl Node {
             raw: view.raw,
             image,
         };
+        let timing = Timing {
+            interval: self.interval,
+            lease: self.lease,
+            clock: self.clock.as_ref(),
+        };
+        // Through our own guarded LUN: the recovery stops with our own lease too.
         recover_slot(
             self.lun.as_ref(),
             &self.geo,
             self.volume_uuid,
             held,
-            self.me.slot,
-            self.me.uuid,
+            (self.me.slot, self.me.uuid),
+            timing,
         )?;
         self.refresh()?;
         Ok(true)

@@ -1,15 +1,27 @@
 //! Recovering other hosts' slots: their journal is replayed and their slot freed, so
 //! nothing they committed is lost. At mount on a volume with emulated ATS, hosts of
 //! another kernel are refused (their test-and-set would not be atomic with ours).
+//!
+//! Invariants:
+//! - The recoverer renews the RECOVERING slot every interval while it replays, as a
+//!   heartbeat, so a replay longer than the lease never looks like a dead recoverer
+//!   (`RecoveryHold`). Its replay writes only while that hold is valid by its own
+//!   clock (`now < last renewal issued + lease - interval`), like a host's lease: when
+//!   a renewal finds the slot changed, or fails for that long, the replay stops and
+//!   the slot is not freed. Another host recovers the silent slot again.
+//! - A host recovers other slots through its own lease-guarded LUN, so its recovery
+//!   stops with its own lease too.
 
-use super::heartbeat::read_slot;
+use super::heartbeat::{caw_looked, read_slot, renew_image, Renewal};
 use super::{Clock, HostUuid};
 use crate::format::{
     encode_padded, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
 };
 use crate::journal::Journal;
-use crate::lun::{Caw, Lun};
-use anyhow::{bail, Context, Result};
+use crate::lun::{Caw, Lun, LunError, LunResult};
+use anyhow::{anyhow, bail, Context, Result};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// A slot another host holds, as first seen.
@@ -72,22 +84,36 @@ pub fn settle_foreign_slots(
             }
         }
     }
+    let timing = Timing {
+        interval,
+        lease,
+        clock,
+    };
     for h in held {
-        recover_slot(lun, geo, volume_uuid, h, my_slot, me)?;
+        recover_slot(lun, geo, volume_uuid, h, (my_slot, me), timing)?;
     }
     Ok(())
 }
 
+/// How a recovery is timed: the volume's heartbeat interval and lease, on a clock.
+#[derive(Clone, Copy)]
+pub(crate) struct Timing<'a> {
+    pub interval: Duration,
+    pub lease: Duration,
+    pub clock: &'a dyn Clock,
+}
+
 /// Claims a dead host's slot for recovery (by ATS, so only one host recovers it),
-/// replays its journal, then frees the slot.
+/// replays its journal while renewing the claim, then frees the slot.
 pub(crate) fn recover_slot(
     lun: &dyn Lun,
     geo: &Geometry,
     volume_uuid: [u8; 16],
     h: Held,
-    my_slot: u32,
-    me: HostUuid,
+    recoverer: (u32, HostUuid),
+    timing: Timing<'_>,
 ) -> Result<()> {
+    let (my_slot, me) = recoverer;
     let sector = geo.ats_sector_size as usize;
     let mut claimed = h.image;
     claimed.state = SLOT_RECOVERING;
@@ -96,7 +122,8 @@ pub(crate) fn recover_slot(
     claimed.counter = claimed.counter.wrapping_add(1);
     claimed.seal();
     let claimed_raw = encode_padded(&claimed, sector);
-    match lun.compare_and_write(geo.slot_offset(h.slot), &h.raw, &claimed_raw)? {
+    let issued_ms = timing.clock.now_ms();
+    match caw_looked(lun, geo.slot_offset(h.slot), &h.raw, &claimed_raw)? {
         Caw::Written => {}
         Caw::Miscompare(actual) if actual == claimed_raw => {}
         Caw::Miscompare(_) => bail!(
@@ -111,26 +138,215 @@ pub(crate) fn recover_slot(
         "interrupted recovery of host"
     };
     tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
-    let (_, report) = Journal::open_and_replay(lun, geo, h.slot, volume_uuid)
-        .with_context(|| format!("replaying the journal of slot {}", h.slot))?;
+    let hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
+    let report = hold.replay(volume_uuid)?;
     tracing::info!(
         slot = h.slot,
         transactions = report.transactions,
         "journal replayed"
     );
-    let mut freed = claimed;
-    freed.state = SLOT_FREE;
-    freed.owner_pid = 0;
-    freed.counter = freed.counter.wrapping_add(1);
-    freed.seal();
-    let freed_raw = encode_padded(&freed, sector);
-    match lun.compare_and_write(geo.slot_offset(h.slot), &claimed_raw, &freed_raw)? {
-        Caw::Written => {}
-        Caw::Miscompare(actual) if actual == freed_raw => {}
-        Caw::Miscompare(_) => bail!("slot {} changed during its recovery", h.slot),
+    hold.free()
+}
+
+/// A recoverer's hold on a RECOVERING slot: renewed every interval while the
+/// journal is replayed (see the module invariants).
+struct RecoveryHold<'a> {
+    lun: &'a dyn Lun,
+    geo: &'a Geometry,
+    slot: u32,
+    timing: Timing<'a>,
+    /// The slot's image as we last wrote it.
+    current: Mutex<Vec<u8>>,
+    /// Clock time at which the last successful renewal (or the claim) was issued.
+    renewed_at_ms: AtomicU64,
+    /// Why the hold was lost, once it is.
+    lost: Mutex<Option<String>>,
+    done: AtomicBool,
+}
+
+impl<'a> RecoveryHold<'a> {
+    fn new(
+        lun: &'a dyn Lun,
+        geo: &'a Geometry,
+        slot: u32,
+        claimed: Vec<u8>,
+        issued_ms: u64,
+        timing: Timing<'a>,
+    ) -> RecoveryHold<'a> {
+        RecoveryHold {
+            lun,
+            geo,
+            slot,
+            timing,
+            current: Mutex::new(claimed),
+            renewed_at_ms: AtomicU64::new(issued_ms),
+            lost: Mutex::new(None),
+            done: AtomicBool::new(false),
+        }
     }
-    lun.flush()?;
-    Ok(())
+
+    /// Replays the slot's journal through `HeldLun` while a thread renews the hold.
+    fn replay(&self, volume_uuid: [u8; 16]) -> Result<crate::journal::ReplayReport> {
+        let slot = self.slot;
+        std::thread::scope(|scope| {
+            let renewer = std::thread::Builder::new()
+                .name(format!("recovering-{slot}"))
+                .spawn_scoped(scope, || self.renew_until_done())
+                .map_err(|e| anyhow!("starting the renewal of slot {slot}: {e}"))?;
+            let held = HeldLun { hold: self };
+            let replayed = Journal::open_and_replay(&held, self.geo, slot, volume_uuid);
+            self.done.store(true, Ordering::SeqCst);
+            let _ = renewer.join();
+            let (_, report) =
+                replayed.with_context(|| format!("replaying the journal of slot {slot}"))?;
+            Ok(report)
+        })
+    }
+
+    fn renew_until_done(&self) {
+        let clock = self.timing.clock;
+        while !self.done.load(Ordering::SeqCst) && self.check().is_ok() {
+            let delay = match self.renew_once() {
+                Ok(()) => self.timing.interval,
+                Err(e) => {
+                    tracing::warn!(
+                        slot = self.slot,
+                        "renewing a recovery failed, retrying: {e}"
+                    );
+                    Duration::from_millis(100).min(self.timing.interval)
+                }
+            };
+            let mut left = delay;
+            while !left.is_zero() && !self.done.load(Ordering::SeqCst) {
+                let step = left.min(Duration::from_millis(10));
+                clock.sleep(step);
+                left -= step;
+            }
+        }
+    }
+
+    fn renew_once(&self) -> Result<(), LunError> {
+        let Ok(mut current) = self.current.lock() else {
+            self.lose("recovery state poisoned");
+            return Ok(());
+        };
+        let issued_ms = self.timing.clock.now_ms();
+        let offset = self.geo.slot_offset(self.slot);
+        match renew_image(self.lun, offset, self.geo.ats_sector_size, &current)? {
+            Renewal::Renewed(next) => {
+                *current = next;
+                self.renewed_at_ms.fetch_max(issued_ms, Ordering::SeqCst);
+            }
+            Renewal::Lost(_) => {
+                self.lose("another host changed the slot we were recovering");
+            }
+        }
+        Ok(())
+    }
+
+    fn lose(&self, reason: &str) {
+        if let Ok(mut lost) = self.lost.lock() {
+            if lost.is_none() {
+                tracing::error!(slot = self.slot, "recovery stopped: {reason}");
+                *lost = Some(reason.to_string());
+            }
+        }
+    }
+
+    /// Ok while the recoverer may write: the hold is not lost and its last renewal
+    /// was issued less than `lease - interval` ago.
+    fn check(&self) -> LunResult<()> {
+        let lost = self.lost.lock().map(|l| l.clone()).unwrap_or(None);
+        if let Some(reason) = lost {
+            return Err(LunError::Fenced(format!(
+                "recovery of slot {}: {reason}",
+                self.slot
+            )));
+        }
+        let valid_ms = self
+            .timing
+            .lease
+            .saturating_sub(self.timing.interval)
+            .as_millis() as u64;
+        let age_ms = self
+            .timing
+            .clock
+            .now_ms()
+            .saturating_sub(self.renewed_at_ms.load(Ordering::SeqCst));
+        if age_ms >= valid_ms {
+            self.lose(&format!("the recovery was not renewed for {age_ms} ms"));
+            return self.check();
+        }
+        Ok(())
+    }
+
+    /// Frees the slot: CAW from the image we last renewed, while the hold is valid.
+    fn free(&self) -> Result<()> {
+        self.check()
+            .map_err(|e| anyhow!("not freeing slot {}: {e}", self.slot))?;
+        let current = self
+            .current
+            .lock()
+            .map_err(|_| anyhow!("recovery state poisoned"))?;
+        let mut freed = HeartbeatSlot::decode(&current, 0).context("our recovery image")?;
+        freed.state = SLOT_FREE;
+        freed.owner_pid = 0;
+        freed.counter = freed.counter.wrapping_add(1);
+        freed.seal();
+        let freed_raw = encode_padded(&freed, current.len());
+        let offset = self.geo.slot_offset(self.slot);
+        match caw_looked(self.lun, offset, &current, &freed_raw)? {
+            Caw::Written => {}
+            Caw::Miscompare(actual) if actual == freed_raw => {}
+            Caw::Miscompare(_) => bail!("slot {} changed during its recovery", self.slot),
+        }
+        self.lun.flush()?;
+        Ok(())
+    }
+}
+
+/// The LUN as a replay sees it: every write, compare-and-write and flush first checks
+/// the recovery's hold, as `GuardedLun` checks a host's lease.
+struct HeldLun<'a, 'b> {
+    hold: &'b RecoveryHold<'a>,
+}
+
+impl Lun for HeldLun<'_, '_> {
+    fn sector_size(&self) -> u32 {
+        self.hold.lun.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.hold.lun.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.hold.lun.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.hold.check()?;
+        self.hold.lun.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.hold.check()?;
+        self.hold.lun.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.hold.check()?;
+        self.hold.lun.flush()
+    }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.hold.lun.read_uncached(buf, offset)
+    }
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.hold.check()?;
+        self.hold.lun.write_uncached(buf, offset)
+    }
+    fn may_write(&self) -> LunResult<()> {
+        self.hold.check()?;
+        self.hold.lun.may_write()
+    }
+    fn describe(&self) -> String {
+        self.hold.lun.describe()
+    }
 }
 
 /// What `recover_offline` did with one slot.
@@ -189,9 +405,14 @@ pub fn recover_offline(
         held = still;
     }
     let tool = HostUuid(*uuid::Uuid::new_v4().as_bytes());
+    let timing = Timing {
+        interval,
+        lease,
+        clock,
+    };
     for h in held {
         let slot = h.slot;
-        recover_slot(lun, geo, volume_uuid, h, slot, tool)?;
+        recover_slot(lun, geo, volume_uuid, h, (slot, tool), timing)?;
         outcomes.push((slot, OfflineOutcome::Recovered));
     }
     outcomes.sort_by_key(|o| o.0);

@@ -485,3 +485,173 @@ mod locks {
         assert!(now.held_by(&a));
     }
 }
+
+/// The lease is measured on CLOCK_BOOTTIME, which keeps counting while the machine is
+/// suspended (CLOCK_MONOTONIC stops, so a host waking up would believe its lease still
+/// ran). A suspend cannot be staged in a test; this pins the choice.
+#[test]
+fn the_system_clock_counts_time_spent_suspended() {
+    assert_eq!(SystemClock::CLOCK_ID, libc::CLOCK_BOOTTIME);
+    let clock = SystemClock::default();
+    let before = clock.now_ms();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(clock.now_ms() >= before + 30);
+}
+
+/// A LUN whose compare-and-write takes `delay` on a manual clock: a slow claim.
+struct SlowCaw {
+    inner: Arc<MemLun>,
+    clock: Arc<ManualClock>,
+    delay: Duration,
+}
+
+impl Lun for SlowCaw {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        // The write lands at once; only its reply is slow.
+        let outcome = self.inner.compare_and_write(offset, expected, new);
+        self.clock.advance(self.delay);
+        outcome
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        "slow compare-and-write".into()
+    }
+}
+
+#[test]
+fn a_lease_runs_from_when_its_claim_was_issued() {
+    let (mem, geo) = volume();
+    let clock = Arc::new(ManualClock::default());
+    let lun = SlowCaw {
+        inner: mem,
+        clock: clock.clone(),
+        delay: Duration::from_millis(150),
+    };
+    let claim = claim_slot(
+        &lun,
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        clock.as_ref(),
+    )
+    .expect("claim");
+    let lease = Lease::for_claim(clock.clone(), &claim, LEASE, INTERVAL);
+    // The claim was issued 150 ms ago; the lease (200 - 20 ms) has 30 ms left.
+    assert!(lease.check().is_ok());
+    clock.advance(Duration::from_millis(30));
+    assert!(
+        lease.check().is_err(),
+        "the lease ran from the claim's reply, not from its issue"
+    );
+}
+
+/// A clock that stands still unless told (a paused VM's clock can resume as if no
+/// time had passed) but whose sleeps take real time, so a heartbeat thread runs.
+#[derive(Default)]
+struct FrozenClock {
+    now_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Clock for FrozenClock {
+    fn now_ms(&self) -> u64 {
+        self.now_ms.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+#[test]
+fn a_late_renewal_makes_the_host_reread_its_slot_before_writing() {
+    use crate::lun::{FaultConfig, FaultLun};
+    let (mem, geo) = volume();
+    let clock = Arc::new(FrozenClock::default());
+    let claim = claim_slot(
+        mem.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        clock.as_ref(),
+    )
+    .expect("claim");
+    let lease = Arc::new(Lease::for_claim(clock.clone(), &claim, LEASE, INTERVAL));
+    // The heartbeat's path to the LUN is down: no renewal lands.
+    let dead_path: Arc<dyn Lun> = Arc::new(FaultLun::new(
+        mem.clone(),
+        FaultConfig {
+            eio_write_prob: 1.0,
+            ..FaultConfig::default()
+        },
+    ));
+    let _member = Membership::start(dead_path, &geo, claim, lease.clone(), INTERVAL);
+    let guarded = GuardedLun::new(mem.clone(), lease.clone());
+    guarded
+        .write_at(&[0u8; 512], 0)
+        .expect("a fresh lease writes");
+    // One interval without a renewal: the lease still runs by our clock, but another
+    // host (whose clock did not stand still) declared us dead and took the slot.
+    clock.now_ms.store(
+        INTERVAL.as_millis() as u64 + 1,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    let (raw, slot) = read_slot(mem.as_ref(), &geo, 0).expect("read");
+    let mut slot = slot.expect("slot");
+    slot.state = crate::format::SLOT_RECOVERING;
+    slot.recoverer_uuid = [2; 16];
+    slot.recoverer_slot = 1;
+    slot.seal();
+    let mut image = raw.clone();
+    image[..512].copy_from_slice(bytemuck::bytes_of(&slot));
+    mem.write_at(&image, geo.slot_offset(0)).expect("takeover");
+    assert!(lease.check().is_ok(), "by its clock the lease still runs");
+    assert!(matches!(
+        guarded.write_at(&[0u8; 512], 0),
+        Err(LunError::Fenced(_))
+    ));
+    assert!(matches!(guarded.flush(), Err(LunError::Fenced(_))));
+}
+
+#[test]
+fn a_slot_release_whose_reply_is_lost_still_frees_the_slot() {
+    use crate::lun::{FaultConfig, FaultLun};
+    let (mem, geo) = volume();
+    let lossy: Arc<dyn Lun> = Arc::new(FaultLun::new(
+        mem.clone(),
+        FaultConfig {
+            seed: 3,
+            lost_reply_prob: 1.0,
+            ..FaultConfig::default()
+        },
+    ));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    let claim = claim_slot(
+        lossy.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        clock.as_ref(),
+    )
+    .expect("a claim whose reply is lost");
+    let lease = Arc::new(Lease::for_claim(clock, &claim, LEASE, INTERVAL));
+    let member = Membership::start(lossy, &geo, claim, lease, INTERVAL);
+    member.release().expect("a release whose reply is lost");
+    let (_, slot) = read_slot(mem.as_ref(), &geo, 0).expect("read");
+    assert_eq!(slot.map(|s| s.state), Some(SLOT_FREE));
+}

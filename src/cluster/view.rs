@@ -1,5 +1,6 @@
 //! What this host knows of the other slots: their last image and when it last changed
-//! on our own monotonic clock. No synchronised clocks are needed.
+//! on our own clock (the lease's clock, CLOCK_BOOTTIME for real hosts). No
+//! synchronised clocks are needed.
 //!
 //! - A LIVE (or RECOVERING) slot is dead when its sector has not changed for `lease`
 //!   on our clock: the host itself stopped writing an interval before that (it writes

@@ -179,11 +179,22 @@ pub struct Fs {
     /// Slots this host recovered while waiting for a lock, whose orphan tables the
     /// service thread reclaims next (not inside the waiting operation).
     orphans_pending: Mutex<Vec<u32>>,
+    /// Where this host's mailbox is (read without the core lock).
+    mailbox: MailboxRef,
+    /// Lock requests read from the mailbox and not yet yielded (`yield_requested`).
+    yield_wanted: Mutex<Vec<crate::format::BlockNo>>,
     pub options: MountOptions,
     /// The inodes the kernel holds through this host's mount, with their generations.
     nodes: nodes::KernelNodes,
     /// The kernel's caches, when a FUSE adapter connected them.
     kernel_cache: std::sync::OnceLock<Box<dyn KernelCache>>,
+}
+
+/// This host's mailbox sector: the LUN, the geometry and the slot.
+pub(super) struct MailboxRef {
+    lun: Arc<dyn crate::lun::Lun>,
+    geo: crate::format::Geometry,
+    slot: u32,
 }
 
 /// Most names invalidated in one directory at a time; the kernel's other dentries
@@ -232,8 +243,7 @@ impl Fs {
         self.run(false, op)
     }
 
-    /// Runs a mutating operation inside the running transaction. The lease is checked
-    /// first: a fenced host changes nothing, not even in memory.
+    /// Runs a mutating operation inside the running transaction.
     fn write<T>(&self, op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
         self.run(true, op)
     }
@@ -308,17 +318,27 @@ impl Fs {
         self.nodes.forget(ino, lookups);
     }
 
+    /// Fails with EIO once the lease has run out (`Lease::confirm`). Every operation
+    /// checks it when it starts (a fenced host changes nothing, not even in memory,
+    /// and answers nothing from its caches) and again just before it answers: what it
+    /// read is only known to be current while this host still holds its locks, and
+    /// after the lease ran out another host may have recovered it, broken its locks
+    /// and changed what it read (or reused the blocks of an extent map it followed).
+    fn leased<T>(&self, result: FsResult<T>) -> FsResult<T> {
+        self.lease.confirm()?;
+        result
+    }
+
     /// Runs an operation; when it needs a lock another host holds, rolls it back,
     /// asks the holder (or recovers it, if dead) outside the core lock, and retries.
     fn run<T>(&self, mutating: bool, mut op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
         let clock = self.lease.clock().clone();
         let started = clock.now_ms();
         for attempt in 0u32.. {
-            if mutating {
-                self.lease.check()?;
-            }
+            self.lease.confirm()?;
             let (result, stale) = {
                 let mut core = self.core()?;
+                self.yield_requested(&mut core)?;
                 core.meta.settle_if_done()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
                     core.meta.seal()?;
@@ -340,7 +360,7 @@ impl Fs {
                 holders,
             }) = result
             else {
-                return result;
+                return self.leased(result);
             };
             if clock.now_ms().saturating_sub(started) > LOCK_WAIT_MAX_MS {
                 tracing::warn!(resource, ?holders, "gave up waiting for a lock");
@@ -585,11 +605,13 @@ impl Fs {
         // taken over the file's lock from one that is not).
         let candidate = candidate.filter(|_| self.lease.check().is_ok());
         if let Some(range) = self.readahead.settle(candidate, epoch, &plan, buf) {
-            return Ok(range);
+            return self.leased(Ok(range));
         }
         let result = plan.execute_into(lun.as_ref(), buf, uncached);
         drop(token);
-        result
+        // The blocks were mapped under the lease; they are still this file's only if
+        // the lease still runs now that they have been read.
+        self.leased(result)
     }
 
     /// Read-ahead counters: ranges read ahead, and reads they served.
@@ -769,7 +791,11 @@ impl Fs {
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
+mod fence_tests;
+#[cfg(test)]
 mod node_tests;
+#[cfg(test)]
+mod recovery_tests;
 #[cfg(test)]
 mod safety_tests;
 #[cfg(test)]

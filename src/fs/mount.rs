@@ -4,8 +4,8 @@ use super::meta::Meta;
 use super::{Core, Fs, FsError};
 use crate::cluster::lock::Holder;
 use crate::cluster::{
-    claim_slot, go_live, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease, Membership,
-    Node, SystemClock,
+    claim_slot, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease, Membership, Node,
+    SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
@@ -128,11 +128,20 @@ impl Fs {
             options.clock.as_ref(),
         )?;
         let slot = claim.slot;
-        let lease = Arc::new(Lease::new(options.clock.clone(), lease_time, interval));
+        let lease = Arc::new(Lease::for_claim(
+            options.clock.clone(),
+            &claim,
+            lease_time,
+            interval,
+        ));
         let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
         let io_counters = guarded_lun.counters().clone();
         let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
-        let claim = if claim.after_crash {
+        let after_crash = claim.after_crash;
+        // The slot is renewed from now on, also while we replay our own journal after a
+        // crash: a replay longer than the lease must not look like a dead host.
+        let mut membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
+        if after_crash {
             // Our slot is RECOVERING with the old generation: replay our journal, and
             // only then take a new generation (which makes our old locks stale).
             tracing::info!(
@@ -141,16 +150,13 @@ impl Fs {
             );
             Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
                 .with_context(|| format!("replaying the journal of slot {slot}"))?;
-            go_live(guarded.as_ref(), &geo, claim)?
-        } else {
-            claim
-        };
+            membership.go_live()?;
+        }
         let me = Holder {
             uuid: options.host_uuid,
             slot,
-            generation: claim.generation,
+            generation: membership.generation,
         };
-        let membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
         let node = Arc::new(Node::new(
             guarded.clone(),
             geo,
@@ -203,6 +209,11 @@ impl Fs {
             last_generation: 0,
         };
         let data_io = core.meta.data_io.clone();
+        let mailbox = super::MailboxRef {
+            lun: core.meta.lun.clone(),
+            geo: core.meta.geo,
+            slot: core.meta.node.me.slot,
+        };
         let fs = Arc::new(Fs {
             core: Mutex::new(core),
             data_io,
@@ -212,6 +223,8 @@ impl Fs {
             lease,
             membership: Mutex::new(Some(membership)),
             orphans_pending: Mutex::new(Vec::new()),
+            mailbox,
+            yield_wanted: Mutex::new(Vec::new()),
             options,
             nodes: Default::default(),
             kernel_cache: Default::default(),
@@ -317,24 +330,40 @@ fn watch(fs: Weak<Fs>, interval: Duration) {
 impl Fs {
     /// Releases the locks other hosts asked for in our mailbox.
     pub fn serve_mailbox(&self) -> Result<(), FsError> {
-        let (lun, geo, slot) = {
-            let core = self.core()?;
-            (core.meta.lun.clone(), core.meta.geo, core.meta.node.me.slot)
-        };
-        let mailbox = crate::cluster::mailbox::read_mailbox(lun.as_ref(), &geo, slot)?;
+        let super::MailboxRef { lun, geo, slot } = &self.mailbox;
+        let mailbox = crate::cluster::mailbox::read_mailbox(lun.as_ref(), geo, *slot)?;
         if mailbox.requests().is_empty() {
             return Ok(());
         }
         let wanted: Vec<u64> = mailbox.requests().iter().map(|r| r.resource).collect();
-        let (released, stale) = {
+        // Handed to whichever thread takes the core lock next: a host busy with
+        // operations yields at the start of its next one, so the requests need not
+        // wait for this thread to win the core lock against a tight loop of them.
+        self.yield_wanted
+            .lock()
+            .map_err(|_| FsError::Failed("an earlier operation panicked".into()))?
+            .extend(&wanted);
+        let stale = {
             let mut core = self.core()?;
-            let released = core.meta.yield_locks(&wanted)?;
-            (released, core.meta.take_kernel_stale())
+            self.yield_requested(&mut core)?;
+            core.meta.take_kernel_stale()
         };
         // Another host is about to change what these locks cover.
         self.invalidate_kernel(stale);
-        tracing::debug!(slot, ?wanted, ?released, "served the mailbox");
-        crate::cluster::mailbox::remove_requests(lun.as_ref(), &geo, slot, &wanted)?;
+        crate::cluster::mailbox::remove_requests(lun.as_ref(), geo, *slot, &wanted)?;
+        Ok(())
+    }
+
+    /// Yields the locks other hosts asked for since the last call (`serve_mailbox`).
+    /// Called with the core lock held, by the mailbox thread and at the start of
+    /// every operation.
+    pub(super) fn yield_requested(&self, core: &mut Core) -> super::FsResult<()> {
+        let wanted = match self.yield_wanted.lock() {
+            Ok(mut wanted) if !wanted.is_empty() => std::mem::take(&mut *wanted),
+            _ => return Ok(()),
+        };
+        let released = core.meta.yield_locks(&wanted)?;
+        tracing::debug!(?wanted, ?released, "yielded locks on request");
         Ok(())
     }
 
