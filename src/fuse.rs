@@ -813,6 +813,13 @@ impl crate::fs::KernelCache for FuseCache {
         }
     }
 
+    /// Attributes and every cached page (offset 0, length 0: to the end).
+    fn inval_data(&self, ino: Ino) {
+        if let Err(e) = self.notifier.inval_inode(node_id(self.root, ino), 0, 0) {
+            tracing::trace!(ino, "data invalidation: {e}");
+        }
+    }
+
     /// Queued for a thread of its own: the kernel takes the directory's inode lock,
     /// which a request in that directory holds while it waits for us.
     fn inval_entry(&self, parent: Ino, name: &[u8]) {

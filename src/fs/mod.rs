@@ -209,7 +209,14 @@ pub trait KernelCache: Send + Sync {
     fn inval_attrs(&self, ino: Ino);
     /// Drops the kernel's dentry `name` in directory `parent` (may be sent later).
     fn inval_entry(&self, parent: Ino, name: &[u8]);
+    /// Drops the kernel's cached attributes *and pages* of `ino`: only from a thread
+    /// that no request waits for (the kernel takes the inode's page locks).
+    fn inval_data(&self, ino: Ino);
 }
+
+/// Most nodes whose kernel caches a fenced host drops (`drop_kernel_caches`); the
+/// rest expire with their TTLs.
+const FENCED_INVALS_MAX: usize = 1 << 16;
 
 impl Fs {
     /// The root directory's inode number.
@@ -307,6 +314,24 @@ impl Fs {
                 continue;
             }
             cache.inval_attrs(ino);
+            for name in self.nodes.names_in(ino, ENTRY_INVALS_MAX) {
+                cache.inval_entry(ino, &name);
+            }
+        }
+    }
+
+    /// Drops everything the kernel caches of this mount's nodes (attributes, pages,
+    /// names), once the host is fenced: it must not answer from caches that other
+    /// hosts may have made stale since its lease ran out. Called by the service
+    /// thread, which no request waits for.
+    pub(super) fn drop_kernel_caches(&self) {
+        let Some(cache) = self.kernel_cache.get() else {
+            return;
+        };
+        // The root is the one node the kernel holds without a lookup.
+        let known = self.nodes.all(FENCED_INVALS_MAX);
+        for ino in std::iter::once(self.root).chain(known) {
+            cache.inval_data(ino);
             for name in self.nodes.names_in(ino, ENTRY_INVALS_MAX) {
                 cache.inval_entry(ino, &name);
             }

@@ -298,7 +298,11 @@ fn serve(fs: Weak<Fs>, commit_interval: Duration) {
         std::thread::sleep(tick);
         since_commit += tick;
         let Some(fs) = fs.upgrade() else { return };
-        if fs.lease.is_fenced() {
+        // Past the lease (known to the heartbeat, or by the clock alone): the
+        // kernel's caches go too, then the service stops.
+        if fs.lease.check().is_err() {
+            tracing::warn!("fenced: dropping the kernel's caches of this mount");
+            fs.drop_kernel_caches();
             return;
         }
         if let Err(e) = fs.serve_mailbox() {

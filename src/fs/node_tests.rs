@@ -160,7 +160,11 @@ fn a_node_the_kernel_holds_is_stale_once_its_block_holds_another_inode() {
 
 /// A kernel cache that records what it was told to drop.
 #[derive(Default)]
-struct Recorded(std::sync::Mutex<Vec<(Ino, Option<Vec<u8>>)>>);
+struct Recorded(
+    std::sync::Mutex<Vec<(Ino, Option<Vec<u8>>)>>,
+    /// Nodes whose pages (and attributes) were dropped.
+    std::sync::Mutex<Vec<Ino>>,
+);
 
 impl KernelCache for std::sync::Arc<Recorded> {
     fn inval_attrs(&self, ino: Ino) {
@@ -171,6 +175,9 @@ impl KernelCache for std::sync::Arc<Recorded> {
             .lock()
             .expect("lock")
             .push((parent, Some(name.to_vec())));
+    }
+    fn inval_data(&self, ino: Ino) {
+        self.1.lock().expect("lock").push(ino);
     }
 }
 
@@ -238,4 +245,41 @@ fn the_kernel_caches_of_what_another_host_takes_over_are_invalidated() {
     );
     a.unmount().expect("unmount a");
     b.unmount().expect("unmount b");
+}
+
+#[test]
+fn a_fenced_host_drops_every_kernel_cache_of_its_mount() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let kernel = std::sync::Arc::new(Recorded::default());
+    a.set_kernel_cache(Box::new(kernel.clone()));
+    let root = a.root();
+    let f = a.mknod(root, b"f", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(f, 0, b"cached by the kernel").expect("write");
+    a.remember(root, b"f", &a.lookup(root, b"f").expect("lookup f"));
+    a.getattr(root).expect("stat");
+    assert!(
+        kernel.1.lock().expect("lock").is_empty(),
+        "nothing dropped yet"
+    );
+    // The lease runs out (as after a pause past it).
+    a.lease().fence("test: lease lost");
+    let started = std::time::Instant::now();
+    while !kernel.1.lock().expect("lock").contains(&f) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "the fenced host kept its kernel's pages of f"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        kernel
+            .0
+            .lock()
+            .expect("lock")
+            .contains(&(root, Some(b"f".to_vec()))),
+        "the name f stays cached: {:?}",
+        kernel.0.lock()
+    );
+    assert!(a.getattr(f).is_err(), "a fenced host answers nothing");
 }

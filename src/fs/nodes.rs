@@ -107,6 +107,14 @@ impl KernelNodes {
         table.link_name(parent, name, ino);
     }
 
+    /// Up to `max` of the node ids the kernel holds.
+    pub fn all(&self, max: usize) -> Vec<Ino> {
+        let Ok(table) = self.table.lock() else {
+            return Vec::new();
+        };
+        table.known.keys().copied().take(max).collect()
+    }
+
     /// The kernel forgot `lookups` of its lookups of `ino`.
     pub fn forget(&self, ino: Ino, lookups: u64) {
         let Ok(mut table) = self.table.lock() else {
