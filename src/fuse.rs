@@ -763,44 +763,22 @@ fn set_readahead(mountpoint: &Path, kb: u32) -> Result<()> {
     Ok(())
 }
 
-/// Names queued for invalidation at most; more are dropped (they expire with the
-/// entry TTL).
-const ENTRY_QUEUE_MAX: usize = 4096;
-
 /// The kernel's caches of this mount, invalidated through the session's notifier
 /// when the core says another host may change what they hold.
+///
+/// Attributes only: no name (dentry) or page invalidation. Those make the kernel
+/// wait for the directory's inode lock or a page lock, which a request waiting for
+/// this daemon may hold; if the daemon is killed (kill -9, the OOM killer) while a
+/// notification waits there, that thread cannot die, the FUSE device stays open,
+/// the request is never aborted, and the mount hangs for good (seen in
+/// tests/stress.rs). Names expire with the entry TTL instead (docs/locking.md).
 struct FuseCache {
     notifier: fuser::Notifier,
     root: Ino,
-    entries: std::sync::mpsc::SyncSender<(Ino, Vec<u8>)>,
 }
 
 fn node_id(root: Ino, ino: Ino) -> INodeNo {
     INodeNo(if ino == root { 1 } else { ino })
-}
-
-impl FuseCache {
-    /// Starts the thread that sends entry invalidations.
-    fn start(notifier: fuser::Notifier, root: Ino) -> Result<FuseCache> {
-        let (entries, queue) = std::sync::mpsc::sync_channel::<(Ino, Vec<u8>)>(ENTRY_QUEUE_MAX);
-        let sender = notifier.clone();
-        std::thread::Builder::new()
-            .name("inval-entry".into())
-            .spawn(move || {
-                for (parent, name) in queue {
-                    let name = OsStr::from_bytes(&name);
-                    if let Err(e) = sender.inval_entry(node_id(root, parent), name) {
-                        tracing::trace!(parent, ?name, "entry invalidation: {e}");
-                    }
-                }
-            })
-            .context("starting the entry invalidation thread")?;
-        Ok(FuseCache {
-            notifier,
-            root,
-            entries,
-        })
-    }
 }
 
 impl crate::fs::KernelCache for FuseCache {
@@ -810,24 +788,6 @@ impl crate::fs::KernelCache for FuseCache {
     fn inval_attrs(&self, ino: Ino) {
         if let Err(e) = self.notifier.inval_inode(node_id(self.root, ino), -1, 0) {
             tracing::trace!(ino, "attribute invalidation: {e}");
-        }
-    }
-
-    /// Attributes and every cached page (offset 0, length 0: to the end).
-    fn inval_data(&self, ino: Ino) {
-        if let Err(e) = self.notifier.inval_inode(node_id(self.root, ino), 0, 0) {
-            tracing::trace!(ino, "data invalidation: {e}");
-        }
-    }
-
-    /// Queued for a thread of its own: the kernel takes the directory's inode lock,
-    /// which a request in that directory holds while it waits for us.
-    fn inval_entry(&self, parent: Ino, name: &[u8]) {
-        if self.entries.try_send((parent, name.to_vec())).is_err() {
-            tracing::debug!(
-                parent,
-                "entry invalidation queue full: the entry expires with its TTL"
-            );
         }
     }
 }
@@ -864,7 +824,10 @@ impl Mounted {
         let root = fs.root();
         let session = fuser::Session::new(AtsFuse::new(fs.clone(), opts), mountpoint, &config)
             .with_context(|| format!("mounting on {}", mountpoint.display()))?;
-        fs.set_kernel_cache(Box::new(FuseCache::start(session.notifier(), root)?));
+        fs.set_kernel_cache(Box::new(FuseCache {
+            notifier: session.notifier(),
+            root,
+        }));
         tracing::info!(threads, "mounted on {}", mountpoint.display());
         if readahead_kb > 0 {
             if let Err(e) = set_readahead(mountpoint, readahead_kb) {

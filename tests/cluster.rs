@@ -549,10 +549,12 @@ fn a_name_another_host_moved_away_and_reused_is_looked_up_again_within_the_entry
     require_fuse!();
     let scratch = Scratch::new("replaced-name");
     let image = scratch.image_with("volume.img", IMAGE_BYTES, &short_lease_opts());
-    // Long TTLs: without invalidation, B's kernel would still map the name to the
-    // inode that moved away (still alive under its new name, so not even ESTALE,
-    // after which the kernel would look the name up again).
-    let ttls = "attr_timeout=60,entry_timeout=60";
+    // Names are not invalidated (a notification that waits for a directory's lock
+    // could hang a killed daemon's mount for good): B's kernel maps "n" to the inode
+    // that moved away (still alive as "m") until the entry TTL (1 s) runs out, then
+    // looks the name up again. Attributes are cached for long to show they do not
+    // keep the old name alive.
+    let ttls = "attr_timeout=60,entry_timeout=1";
     let a = MountSpec::in_scratch(&scratch, &image, "a").mount_with_options(ttls);
     let b = MountSpec::in_scratch(&scratch, &image, "b").mount_with_options(ttls);
     fs::create_dir(a.join("d")).expect("mkdir on a");
@@ -561,7 +563,20 @@ fn a_name_another_host_moved_away_and_reused_is_looked_up_again_within_the_entry
     assert_eq!(read_within(&b.join("d/n"), wait), b"old");
     fs::rename(a.join("d/n"), a.join("d/m")).expect("rename n to m on a");
     fs::write(a.join("d/n"), b"new").expect("write a new n on a");
-    assert_eq!(read_within(&b.join("d/n"), wait), b"new");
+    let started = Instant::now();
+    loop {
+        let seen = read_within(&b.join("d/n"), wait);
+        if seen == b"new" {
+            break;
+        }
+        assert_eq!(seen, b"old", "b read neither version of d/n");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "b still maps d/n to the moved inode after 10 s (entry TTL 1 s)"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("b saw the new d/n after {:?}", started.elapsed());
     assert_eq!(read_within(&b.join("d/m"), wait), b"old");
     b.unmount();
     a.unmount();

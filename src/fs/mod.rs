@@ -197,21 +197,14 @@ pub(super) struct MailboxRef {
     slot: u32,
 }
 
-/// Most names invalidated in one directory at a time; the kernel's other dentries
-/// there expire with the entry TTL.
-const ENTRY_INVALS_MAX: usize = 1024;
-
 /// The kernel's caches of a mount, as the FUSE adapter invalidates them.
 pub trait KernelCache: Send + Sync {
     /// Drops the kernel's cached attributes of `ino` (not its pages: the kernel drops
     /// a file's pages at every open, and another host cannot write a file while this
-    /// one has it open). Must not block on a request of this mount.
+    /// one has it open; with FUSE_AUTO_INVAL_DATA a read of cached pages whose
+    /// attributes are stale asks the daemon first). Must not block on a request of
+    /// this mount. No names: see the adapter's `FuseCache` for why.
     fn inval_attrs(&self, ino: Ino);
-    /// Drops the kernel's dentry `name` in directory `parent` (may be sent later).
-    fn inval_entry(&self, parent: Ino, name: &[u8]);
-    /// Drops the kernel's cached attributes *and pages* of `ino`: only from a thread
-    /// that no request waits for (the kernel takes the inode's page locks).
-    fn inval_data(&self, ino: Ino);
 }
 
 /// Most nodes whose kernel caches a fenced host drops (`drop_kernel_caches`); the
@@ -302,28 +295,22 @@ impl Fs {
 
     /// Invalidates what the kernel caches of `stale` inodes (locks this host let go
     /// to another host, or took back changed): the attributes of each node the
-    /// kernel holds, and the names it holds in each such directory. Called without
-    /// the core lock (a notification may wait for kernel locks that a request waiting
-    /// for the core lock holds).
+    /// kernel holds. Called without the core lock, before the reply.
     fn invalidate_kernel(&self, stale: Vec<Ino>) {
         let Some(cache) = self.kernel_cache.get() else {
             return;
         };
         for ino in stale {
-            if self.nodes.generation(ino).is_none() {
-                continue;
-            }
-            cache.inval_attrs(ino);
-            for name in self.nodes.names_in(ino, ENTRY_INVALS_MAX) {
-                cache.inval_entry(ino, &name);
+            if self.nodes.generation(ino).is_some() {
+                cache.inval_attrs(ino);
             }
         }
     }
 
-    /// Drops everything the kernel caches of this mount's nodes (attributes, pages,
-    /// names), once the host is fenced: it must not answer from caches that other
-    /// hosts may have made stale since its lease ran out. Called by the service
-    /// thread, which no request waits for.
+    /// Drops the kernel's cached attributes of every node of this mount once the host
+    /// is fenced: it must not answer from caches that other hosts may have made stale
+    /// since its lease ran out. The next stat, and (FUSE_AUTO_INVAL_DATA) the next
+    /// read of cached pages, then asks the daemon, which answers EIO.
     pub(super) fn drop_kernel_caches(&self) {
         let Some(cache) = self.kernel_cache.get() else {
             return;
@@ -331,10 +318,7 @@ impl Fs {
         // The root is the one node the kernel holds without a lookup.
         let known = self.nodes.all(FENCED_INVALS_MAX);
         for ino in std::iter::once(self.root).chain(known) {
-            cache.inval_data(ino);
-            for name in self.nodes.names_in(ino, ENTRY_INVALS_MAX) {
-                cache.inval_entry(ino, &name);
-            }
+            cache.inval_attrs(ino);
         }
     }
 
