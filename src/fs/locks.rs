@@ -47,6 +47,10 @@ const YIELD_GRACE_MS: u64 = 200;
 /// Bounded, so two hosts that each keep one lock the other wants still cannot wait
 /// on each other for longer than this.
 const TENURE_MIN_MS: u64 = 250;
+/// How long a host takes a lock exclusive where its operations asked for it
+/// shared, after an operation of its own could not get it exclusive
+/// (`Locks::want_exclusive`).
+const WANT_EXCLUSIVE_MS: u64 = 1000;
 
 #[derive(Default)]
 pub struct Locks {
@@ -60,6 +64,13 @@ pub struct Locks {
     /// When we took a lock that another host had held since we last did: requests for
     /// it wait `TENURE_MIN_MS` from then (`Meta::yield_locks`).
     taken_over: HashMap<BlockNo, u64>,
+    /// When an operation of this host last failed to take a lock exclusive. For
+    /// `WANT_EXCLUSIVE_MS` after, the lock is taken exclusive even where shared is
+    /// asked for: an operation reads a directory (shared) before it changes it
+    /// (exclusive), and two hosts that both hold it shared and both want it
+    /// exclusive would each keep theirs (seen: a create waiting 4 s behind a host
+    /// creating in the same directory).
+    want_exclusive: HashMap<BlockNo, u64>,
     /// Locks of resources created by the operation in progress: if it fails, the
     /// allocation is undone and so must the lock be.
     pub(super) created_in_op: Vec<BlockNo>,
@@ -94,6 +105,32 @@ fn satisfies(held: LockMode, want: LockMode) -> bool {
 impl Meta {
     /// Takes `resource`'s lock in `mode` if this host does not hold it so already.
     pub fn need(&mut self, resource: BlockNo, mode: LockMode) -> FsResult<()> {
+        let mode = self.mode_to_take(resource, mode);
+        let result = self.need_as(resource, mode);
+        if mode == LockMode::Exclusive && matches!(result, Err(FsError::NeedLock { .. })) {
+            let now_ms = self.node.clock.now_ms();
+            if self.locks.want_exclusive.len() > 4096 {
+                self.locks
+                    .want_exclusive
+                    .retain(|_, at| now_ms.saturating_sub(*at) < WANT_EXCLUSIVE_MS);
+            }
+            self.locks.want_exclusive.insert(resource, now_ms);
+        }
+        result
+    }
+
+    /// `mode`, or exclusive for a shared request while `want_exclusive` says so.
+    fn mode_to_take(&self, resource: BlockNo, mode: LockMode) -> LockMode {
+        let recent = |at: &u64| self.node.clock.now_ms().saturating_sub(*at) < WANT_EXCLUSIVE_MS;
+        if mode == LockMode::Shared && self.locks.want_exclusive.get(&resource).is_some_and(recent)
+        {
+            LockMode::Exclusive
+        } else {
+            mode
+        }
+    }
+
+    fn need_as(&mut self, resource: BlockNo, mode: LockMode) -> FsResult<()> {
         if self
             .locks
             .held_mode(resource)
