@@ -145,8 +145,12 @@ impl Core {
         )?;
         if inode.flags & INODE_FLAG_FREED != 0 {
             // Another host freed it: do not keep a lock on a block that may be reused.
-            // (An exclusive lock is ours, freeing it now; it goes with the commit.)
-            if self.meta.locks.held_mode(ino) != Some(LockMode::Exclusive) {
+            // (This host's own free keeps its lock until the commit: `freed_by_me`.)
+            // An exclusive lock may be another host's freed inode too: a host takes a
+            // lock exclusive where it asked for shared after failing to get it
+            // exclusive (`Locks::want_exclusive`); kept, it was left believing it held
+            // a lock in what became another host's inode or file data.
+            if !self.meta.freed_by_me(ino) {
                 self.meta.drop_freed(ino)?;
             }
             return Err(FsError::Errno(libc::ESTALE));

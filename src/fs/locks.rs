@@ -447,9 +447,32 @@ impl Meta {
         self.locks.held.remove(&resource);
         let mut raw = vec![0u8; self.geo.ats_sector_size as usize];
         self.lun.read_at(&mut raw, self.geo.lock_offset(resource))?;
-        // Whatever a free block's sector held (old data, a dead record) is not a lock.
+        // Whatever a free block's sector held (old data, a dead record) is not a lock,
+        // except a live host's hold: a host may take the lock of a freed inode through
+        // a stale inode number (to find out that it is stale) and keep it cached.
+        // Overwriting that would leave it believing it holds the new inode's lock, so
+        // it is asked to let go like any holder (the allocation is rolled back and
+        // retried).
         let mut state = match LockRecord::decode(&raw, resource) {
-            Ok(record) => LockState { raw, record },
+            Ok(record) => {
+                let state = LockState { raw, record };
+                let me = (self.node.me.slot, self.node.me.generation);
+                let live: Vec<(u32, u32)> = state
+                    .holders()
+                    .into_iter()
+                    .filter(|&(slot, generation)| {
+                        (slot, generation) != me && !self.node.stale(slot, generation)
+                    })
+                    .collect();
+                if !live.is_empty() {
+                    return Err(FsError::NeedLock {
+                        resource,
+                        mode: LockMode::Exclusive,
+                        holders: live,
+                    });
+                }
+                state
+            }
             Err(_) => {
                 let mut record: LockRecord = bytemuck::Zeroable::zeroed();
                 record.resource = resource;
@@ -592,6 +615,14 @@ impl Meta {
             self.locks.held.remove(&r);
             self.locks.released.remove(&r);
         }
+    }
+
+    /// True when this host freed inode `resource` itself and keeps its lock for it:
+    /// noted by the running or a committed transaction (`freed_lock`), or kept with
+    /// its group (`Locks::freed_held`).
+    pub fn freed_by_me(&self, resource: BlockNo) -> bool {
+        self.locks.freed_held.contains(&resource)
+            || self.freed_locks.iter().any(|&(r, _)| r == resource)
     }
 
     /// Lets go of the lock of a freed inode: kept (see `Locks::freed_held`) when it is

@@ -271,7 +271,7 @@ pub struct Meta {
     pub locks: Locks,
     /// Inodes freed by committed transactions whose locks are released once the
     /// journal tail has passed them.
-    freed_locks: Vec<(BlockNo, Option<u64>)>,
+    pub(super) freed_locks: Vec<(BlockNo, Option<u64>)>,
     /// (clock ms, free blocks) of the last statfs.
     pub statfs_cache: Option<(u64, u64)>,
     /// Data reads carried out without the core lock are inside this (see

@@ -253,3 +253,40 @@ fn a_fenced_host_drops_the_kernel_attributes_of_its_mount() {
     );
     assert!(a.getattr(f).is_err(), "a fenced host answers nothing");
 }
+
+#[test]
+fn a_host_holding_a_freed_inodes_lock_is_asked_before_the_block_is_reused() {
+    let lun = fresh_volume(64 << 20);
+    let a = mount(&lun, 1);
+    let b = mount(&lun, 2);
+    let root = a.root();
+    let old = a.mknod(root, b"old", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(old, 0, b"a holds it").expect("write");
+    // B changes it while A holds it: B's first try fails to get it exclusive, so for
+    // a while B takes that lock exclusive wherever it would take it shared.
+    let chmod = super::namei::SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    b.getattr(old).expect("stat on b"); // B takes it shared (A lets it go)
+    a.getattr(old).expect("stat on a"); // both hold it shared
+    b.setattr(old, &chmod).expect("chmod on b"); // B's exclusive try fails first
+    a.unlink(root, b"old").expect("unlink on a");
+    // Everything home, the freed inode's lock and its group's let go.
+    a.release_all_locks().expect("release");
+    // B comes by the old number and takes its lock (exclusive) to find it freed.
+    let answer = b.getattr(old);
+    assert!(answer.is_err(), "the freed inode is gone: {answer:?}");
+    b.verify_locks().expect("B's beliefs before the reuse");
+    // A allocates the same block for a new inode: it must ask B, not overwrite.
+    let new = a
+        .mknod(root, b"new", REG, 0, 0, 0)
+        .expect("create again")
+        .ino;
+    assert_eq!(new, old, "the test needs the block reused");
+    b.verify_locks()
+        .expect("B believes it holds a lock whose record another host overwrote");
+    a.verify_locks().expect("A's beliefs");
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
+}
