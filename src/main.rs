@@ -4,7 +4,7 @@ use anyhow::{bail, Context, Result};
 use atsfs::cluster::HostUuid;
 use atsfs::fs::{Fs, MountOptions};
 use atsfs::fuse::{parse_options, FuseOptions, Mounted};
-use atsfs::lun::{FileLun, Lun, OpenMode};
+use atsfs::lun::{open_device, Lun, OpenMode};
 use clap::{Parser, Subcommand};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
@@ -409,10 +409,8 @@ fn mount_and_serve(
         signals.add(s);
     }
     signals.thread_block().context("blocking signals")?;
-    let lun: Arc<dyn Lun> = Arc::new(
-        FileLun::open(device, OpenMode::ReadWrite)
-            .with_context(|| format!("opening {}", device.display()))?,
-    );
+    let lun: Arc<dyn Lun> = open_device(device, OpenMode::ReadWrite)
+        .with_context(|| format!("opening {}", device.display()))?;
     let fs =
         Fs::mount(lun, mount_opts).with_context(|| format!("mounting {}", device.display()))?;
     let (slot, generation) = fs.slot().unwrap_or((0, 0));
@@ -444,7 +442,7 @@ fn mount_and_serve(
 }
 
 fn fsck(device: &Path, json: bool) -> ExitCode {
-    let lun = match FileLun::open(device, OpenMode::ReadOnly) {
+    let lun = match open_device(device, OpenMode::ReadOnly) {
         Ok(lun) => lun,
         Err(e) => {
             eprintln!("atsfs fsck: cannot open {}: {e}", device.display());
@@ -472,7 +470,7 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
 
 fn recover(device: &Path, only: Option<u32>) -> Result<()> {
     use atsfs::cluster::{recover_offline, OfflineOutcome, SystemClock};
-    let lun = FileLun::open(device, OpenMode::ReadWrite)
+    let lun = open_device(device, OpenMode::ReadWrite)
         .with_context(|| format!("opening {}", device.display()))?;
     let sb = atsfs::fs::read_superblock(&lun)?;
     let geo = atsfs::format::Geometry::from_superblock(&sb);
@@ -510,7 +508,6 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         // Files the dead hosts had unlinked while open: a short-lived mount of our
         // own reclaims the orphan tables of every free slot.
         println!("reclaiming files the recovered hosts had unlinked while open...");
-        let lun: std::sync::Arc<dyn atsfs::lun::Lun> = std::sync::Arc::new(lun);
         atsfs::fs::Fs::reclaim_orphans_offline(lun)
             .context("reclaiming orphan tables (the next mount of any host does it too)")?;
         println!("orphan tables reclaimed");
@@ -518,9 +515,8 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
     Ok(())
 }
 
-fn open_read_only(device: &Path) -> Result<FileLun> {
-    FileLun::open(device, OpenMode::ReadOnly)
-        .with_context(|| format!("opening {}", device.display()))
+fn open_read_only(device: &Path) -> Result<Arc<dyn Lun>> {
+    open_device(device, OpenMode::ReadOnly).with_context(|| format!("opening {}", device.display()))
 }
 
 fn show_status(device: &Path, json: bool, watch_ms: Option<u64>) -> Result<()> {
@@ -547,7 +543,7 @@ fn show_locks(device: &Path, json: bool, query: &atsfs::inspect::LockQuery) -> R
 }
 
 fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
-    let lun = match FileLun::open(device, OpenMode::ReadWrite) {
+    let lun = match open_device(device, OpenMode::ReadWrite) {
         Ok(lun) => lun,
         Err(e) => {
             eprintln!("atsfs fsck: cannot open {}: {e}", device.display());

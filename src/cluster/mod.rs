@@ -304,6 +304,9 @@ impl Lun for GuardedLun {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn ats_kind(&self) -> crate::lun::AtsKind {
+        self.inner.ats_kind()
+    }
 }
 
 /// This kernel's boot id: emulated ATS is atomic only between processes of one kernel,

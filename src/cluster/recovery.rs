@@ -347,6 +347,9 @@ impl Lun for HeldLun<'_, '_> {
     fn describe(&self) -> String {
         self.hold.lun.describe()
     }
+    fn ats_kind(&self) -> crate::lun::AtsKind {
+        self.hold.lun.ats_kind()
+    }
 }
 
 /// What `recover_offline` did with one slot.

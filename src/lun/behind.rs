@@ -364,6 +364,9 @@ impl Lun for WriteBehind {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn ats_kind(&self) -> super::AtsKind {
+        self.inner.ats_kind()
+    }
 }
 
 impl Drop for WriteBehind {

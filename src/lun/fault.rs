@@ -405,6 +405,10 @@ impl<L: Lun> Lun for FaultLun<L> {
     fn describe(&self) -> String {
         format!("fault-injecting {}", self.inner.describe())
     }
+
+    fn ats_kind(&self) -> super::AtsKind {
+        self.inner.ats_kind()
+    }
 }
 
 /// The device after a crash right after `records[..cut]` landed, with every landed

@@ -15,6 +15,7 @@ mod behind;
 mod fault;
 mod file;
 mod mem;
+mod open;
 
 pub use behind::WriteBehind;
 pub use fault::{
@@ -22,6 +23,7 @@ pub use fault::{
 };
 pub use file::{FileLun, OpenMode};
 pub use mem::MemLun;
+pub use open::{device_kind, open_device, DeviceKind};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -77,6 +79,16 @@ impl IoCounters {
             counter.store(0, Ordering::Relaxed);
         }
     }
+}
+
+/// How a LUN does its test-and-set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtsKind {
+    /// Read-compare-write under a lock of this kernel (OFD locks on an image file or
+    /// block device; a mutex in memory): atomic only among processes of one kernel.
+    Emulated,
+    /// The storage's own SCSI COMPARE AND WRITE: atomic among all initiators.
+    Hardware,
 }
 
 /// The result of an atomic compare-and-write of one sector.
@@ -175,6 +187,10 @@ pub trait Lun: Send + Sync {
     }
     /// A short description for messages ("image file /tmp/a.img").
     fn describe(&self) -> String;
+    /// How `compare_and_write` is made atomic.
+    fn ats_kind(&self) -> AtsKind {
+        AtsKind::Emulated
+    }
 }
 
 impl<T: Lun + ?Sized> Lun for Arc<T> {
@@ -207,6 +223,9 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn ats_kind(&self) -> AtsKind {
+        (**self).ats_kind()
     }
 }
 
