@@ -4,6 +4,8 @@
 //! - `install`: build release binaries and install them into PREFIX/sbin.
 //! - `pjdfstest`: run the POSIX suite on a fresh mount, against the exclusion list.
 //! - `test`: everything CI runs: build, unit and integration tests, pjdfstest.
+//! - `tgt`: the real-iSCSI test bed (a tgtd with COMPARE AND WRITE, hosts in network
+//!   namespaces).
 //!
 //! Modules: `sh` runs and prints commands, `mount` holds hosts and their mounts
 //! (a guard that always unmounts), one module per task.
@@ -15,6 +17,8 @@ mod mount;
 mod pjdfstest;
 mod sh;
 mod suite;
+mod testbed;
+mod tgt;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -56,6 +60,10 @@ enum Task {
         #[arg(long)]
         fuse: bool,
     },
+    /// The real-iSCSI test bed: tgtd (built from Debian's source with COMPARE AND
+    /// WRITE enabled) serving an image as LUN 1, and hosts in network namespaces.
+    #[command(subcommand)]
+    Tgt(tgt::TgtTask),
     /// The cluster simulator: N in-process hosts over one simulated LUN, random
     /// operations from K seeds, checkers after every step (release build).
     Sim {
@@ -80,6 +88,7 @@ fn main() -> ExitCode {
         Task::Install { prefix } => install::run(&prefix),
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
+        Task::Tgt(task) => tgt::run(&task),
         Task::Bench { quick, fuse } => bench(quick, fuse),
         Task::Sim {
             hosts,
