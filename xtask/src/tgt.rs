@@ -166,12 +166,8 @@ pub fn build(force: bool) -> Result<TgtBinaries> {
         std::fs::copy(tree.join("usr").join(program), &to)
             .with_context(|| format!("copying {program} to {}", to.display()))?;
     }
-    let version = tree.file_name().map(|n| n.to_string_lossy().into_owned());
-    std::fs::write(
-        &stamp,
-        format!("{RECIPE}\n{}\n", version.unwrap_or_default()),
-    )
-    .with_context(|| format!("writing {}", stamp.display()))?;
+    std::fs::write(&stamp, format!("{RECIPE}\n{}\n", source_version(&src)))
+        .with_context(|| format!("writing {}", stamp.display()))?;
     println!(
         "tgt: built {} and {}",
         bins.tgtd.display(),
