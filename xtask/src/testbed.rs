@@ -10,7 +10,7 @@
 //! - `Target::start`: runs tgtd in the foreground as our child (its own process group,
 //!   logging to RUN_DIR/tgtd.log), then creates target `IQN`, LUN 1 (backing store the
 //!   image, `--bstype rdwr`) and binds it to every initiator (`-I ALL`).
-//!   `Target::stop` (or `stop_recorded` from another process) ends it.
+//!   `Target::stop` (or `stop_recorded` from another process) kills it.
 //! - `netns_up(n)`: bridge `BRIDGE` (`BRIDGE_ADDR`/24) in the root namespace and, for
 //!   host k in 1..=n, namespace `atsfs-hk` whose `eth0` (10.213.0.(10+k)/24) is a veth
 //!   into the bridge. `host_command(k, program)` runs a program there with only the
@@ -36,7 +36,7 @@ pub const BRIDGE_ADDR: Ipv4Addr = Ipv4Addr::new(10, 213, 0, 1);
 /// Host k has address 10.213.0.(HOST_ADDR_BASE + k).
 const HOST_ADDR_BASE: u32 = 10;
 pub const HOSTS_MAX: u32 = 200;
-/// How long tgtd may take to come up, and to go away after SIGTERM.
+/// How long tgtd may take to come up, and to go away after SIGKILL.
 const START_WAIT: Duration = Duration::from_secs(10);
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
@@ -202,27 +202,16 @@ impl Target {
         url(BRIDGE_ADDR, self.spec.portal.port())
     }
 
-    /// Stops tgtd (SIGTERM, then SIGKILL) and removes its run directory.
+    /// Stops tgtd and removes its run directory.
     pub fn stop(&mut self, show: bool) -> Result<(), String> {
-        let pid = self.pid;
         let run_dir = self.spec.run_dir.clone();
-        if let Some(mut child) = self.child.take() {
-            signal(pid, "TERM", show);
-            let deadline = Instant::now() + STOP_WAIT;
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        signal(pid, "KILL", show);
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                }
+        match self.child.take() {
+            Some(mut child) => {
+                kill(self.pid, show);
+                let _ = child.wait();
+                remove_run_dir(&run_dir)
             }
-            remove_run_dir(&run_dir)
-        } else {
-            stop_recorded(&run_dir, show).map(|_| ())
+            None => stop_recorded(&run_dir, show).map(|_| ()),
         }
     }
 }
@@ -252,18 +241,13 @@ pub fn detach(mut target: Target) -> Result<u32, String> {
 pub fn stop_recorded(run_dir: &Path, show: bool) -> Result<bool, String> {
     let running = recorded_pid(run_dir);
     if let Some(pid) = running {
-        signal(pid, "TERM", show);
+        kill(pid, show);
         let deadline = Instant::now() + STOP_WAIT;
         while is_tgtd(pid) {
             if Instant::now() > deadline {
-                signal(pid, "KILL", show);
-                std::thread::sleep(Duration::from_millis(100));
-                break;
+                return Err(format!("tgtd (pid {pid}) did not exit after SIGKILL"));
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
-        if is_tgtd(pid) {
-            return Err(format!("tgtd (pid {pid}) did not exit after SIGKILL"));
         }
     }
     remove_run_dir(run_dir)?;
@@ -381,9 +365,13 @@ pub fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-fn signal(pid: u32, name: &str, show: bool) {
+/// SIGKILLs tgtd. tgtd ignores SIGTERM (its handler is empty), and `tgtadm --mode
+/// system --op delete` only works once every target is gone. Killing loses nothing:
+/// the rdwr backend has pwrite()n a command's data before it answers, so what was
+/// acknowledged is in the kernel's page cache; connections see a reset.
+fn kill(pid: u32, show: bool) {
     let mut cmd = Command::new("kill");
-    cmd.arg(format!("-{name}")).arg(pid.to_string());
+    cmd.args(["-KILL", &pid.to_string()]);
     let _ = run_captured(cmd, show);
 }
 
