@@ -6,7 +6,8 @@
 //!   /run/atsfs-tgt/PORT (pid, management socket, log).
 //! - `netns-up`/`netns-down`: hosts as network namespaces on a bridge.
 //! - `check`: libiscsi's conformance tests (iscsi-test-cu) against a throwaway
-//!   target: COMPARE AND WRITE and the persistent reservations.
+//!   target (COMPARE AND WRITE, persistent reservations), then initiators in host
+//!   namespaces racing CAW increments of one counter (xtask/tgt/caw_race.c).
 //!
 //! Running tgtd and the namespaces is `testbed.rs`, which the tests share.
 
@@ -60,9 +61,15 @@ pub enum TgtTask {
     /// Run libiscsi's iscsi-test-cu (CompareAndWrite, persistent reservations) against
     /// a throwaway target on a scratch image.
     Check {
-        /// tgtd I/O threads per LUN.
+        /// tgtd I/O threads per LUN (with more than 1 the CAW race loses updates).
         #[arg(long, default_value_t = 1)]
         threads: u32,
+        /// Racing initiators, each in its own host namespace.
+        #[arg(long, default_value_t = 2)]
+        hosts: u32,
+        /// Increments each racing initiator makes.
+        #[arg(long, default_value_t = 1000)]
+        increments: u32,
     },
 }
 
@@ -101,7 +108,11 @@ pub fn run(task: &TgtTask) -> Result<bool> {
             testbed::netns_down(true).map_err(anyhow::Error::msg)?;
             Ok(true)
         }
-        TgtTask::Check { threads } => check(*threads),
+        TgtTask::Check {
+            threads,
+            hosts,
+            increments,
+        } => check(*threads, *hosts, *increments),
     }
 }
 
@@ -445,9 +456,10 @@ const CHECK_SUITES: [(&str, bool); 7] = [
     ("ALL.ProutReserve", false),
 ];
 
-fn check(threads: u32) -> Result<bool> {
+fn check(threads: u32, hosts: u32, increments: u32) -> Result<bool> {
     require_root("check")?;
     let bins = build(false)?;
+    let race = build_caw_race()?;
     if sh::which("iscsi-test-cu").is_none() {
         apt_install(&["libiscsi-bin"])?;
     }
@@ -462,33 +474,132 @@ fn check(threads: u32) -> Result<bool> {
     let port = testbed::free_port().map_err(anyhow::Error::msg)?;
     let spec = TargetSpec {
         image,
-        portal: SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
+        portal: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
         threads,
         run_dir: scratch.path().join("run"),
     };
     sh::heading(&format!("A throwaway target ({threads} I/O thread(s))"));
     let mut target = testbed::Target::start(&bins, &spec, true).map_err(anyhow::Error::msg)?;
-    let url = target.url();
     let mut ok = true;
     for (suite, required) in CHECK_SUITES {
-        sh::heading(&format!("iscsi-test-cu {suite}"));
-        // Two URLs: the PR suites need a second initiator (a second session).
-        let out = Cmd::new("iscsi-test-cu")
-            .args(["-V", "--dataloss", "--test", suite, &url, &url])
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let verdict = judge(&text);
-        println!("{suite}: {}", verdict.line());
-        for failure in &verdict.unexpected {
-            println!("  FAILED: {failure}");
-        }
+        let verdict = conformance(suite, &target.url())?;
         if required && !verdict.unexpected.is_empty() {
             ok = false;
         }
     }
+    sh::heading(&format!(
+        "{hosts} initiators in host namespaces race {increments} CAW increments each"
+    ));
+    testbed::netns_up(hosts, true).map_err(anyhow::Error::msg)?;
+    let raced = caw_race(&race, &target, hosts, increments)?;
+    ok &= raced;
     target.stop(true).map_err(anyhow::Error::msg)?;
     println!("\ntgt check: {}", if ok { "PASSED" } else { "FAILED" });
     Ok(ok)
+}
+
+/// Runs one iscsi-test-cu suite and prints what it found.
+fn conformance(suite: &str, url: &str) -> Result<Verdict> {
+    sh::heading(&format!("iscsi-test-cu {suite}"));
+    // Two URLs: the PR suites need a second initiator (a second session).
+    let out = Cmd::new("iscsi-test-cu")
+        .args(["-V", "--dataloss", "--test", suite, url, url])
+        .output()?;
+    let verdict = judge(&String::from_utf8_lossy(&out.stdout));
+    println!("{suite}: {}", verdict.line());
+    for failure in &verdict.unexpected {
+        println!("  FAILED: {failure}");
+    }
+    Ok(verdict)
+}
+
+/// Compiles xtask/tgt/caw_race.c into TARGET/tgt/bin/caw-race (libiscsi-dev
+/// installed when its header is missing), unless it is newer than its source.
+fn build_caw_race() -> Result<PathBuf> {
+    let source = sh::workspace_root()?.join("xtask/tgt/caw_race.c");
+    let program = cache_dir()?.join("bin/caw-race");
+    let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+    if program.exists() && modified(&program) >= modified(&source) {
+        return Ok(program);
+    }
+    ensure_build_tools()?;
+    if !Path::new("/usr/include/iscsi/iscsi.h").exists() {
+        apt_install(&["libiscsi-dev"])?;
+    }
+    if let Some(dir) = program.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Cmd::new("cc")
+        .args(["-O2", "-Wall", "-Werror", "-o"])
+        .arg(&program)
+        .arg(&source)
+        .arg("-liscsi")
+        .run()
+        .context("building caw-race")?;
+    Ok(program)
+}
+
+/// Starts one caw-race per host namespace at once, then compares the counter with
+/// the sum of their successes: fewer means lost updates (CAW not atomic).
+fn caw_race(race: &Path, target: &testbed::Target, hosts: u32, increments: u32) -> Result<bool> {
+    let url = target.url_for_hosts();
+    let read_counter = || -> Result<u64> {
+        let text = Cmd::new(race)
+            .args([
+                target.url().as_str(),
+                "iqn.2026-12.org.atsfs:check-reader",
+                "0",
+            ])
+            .read()?;
+        number_after(&text, "counter")
+    };
+    // The conformance suites left their patterns in LBA 0: count from there.
+    let start = read_counter()?;
+    let mut children = Vec::new();
+    for host in 1..=hosts {
+        let initiator = format!("iqn.2026-12.org.atsfs:check-host{host}");
+        let mut cmd = testbed::host_command(host, race);
+        cmd.args([url.as_str(), &initiator, &increments.to_string()])
+            .stdout(std::process::Stdio::piped());
+        println!(
+            "$ nsenter --net=/run/netns/{} {} {url} {initiator} {increments} &",
+            testbed::ns_name(host),
+            race.display()
+        );
+        children.push(cmd.spawn().context("starting caw-race")?);
+    }
+    let mut successes = 0u64;
+    for (host, child) in (1..).zip(children) {
+        let out = child.wait_with_output().context("waiting for caw-race")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!("host {host}: {}", text.trim());
+        if !out.status.success() {
+            bail!("caw-race on host {host} failed ({})", out.status);
+        }
+        successes += number_after(&text, "successes")?;
+    }
+    let counted = read_counter()?.wrapping_sub(start);
+    let expected = u64::from(hosts) * u64::from(increments);
+    let atomic = counted == successes && successes == expected;
+    println!(
+        "CAW race: the counter went up by {counted}; {successes} CAWs succeeded, {expected} expected: {}",
+        if atomic {
+            "atomic"
+        } else {
+            "LOST UPDATES (COMPARE AND WRITE is not atomic)"
+        }
+    );
+    Ok(atomic)
+}
+
+/// The number after `word` in `text` ("successes 1000 ...").
+fn number_after(text: &str, word: &str) -> Result<u64> {
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == word);
+    words
+        .next()
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no number after {word:?} in {text:?}"))
 }
 
 /// What one iscsi-test-cu run said.
@@ -561,6 +672,14 @@ mod tests {
     #[test]
     fn the_patch_refuses_a_changed_source() {
         assert!(patch_caw("\t\t{spc_illegal_op,},\n").is_err());
+    }
+
+    #[test]
+    fn numbers_are_read_after_their_word() {
+        let line = "successes 1000 miscompares 905\n";
+        assert_eq!(number_after(line, "successes").unwrap(), 1000);
+        assert_eq!(number_after(line, "miscompares").unwrap(), 905);
+        assert!(number_after(line, "counter").is_err());
     }
 
     #[test]
