@@ -13,6 +13,11 @@
 
 #![allow(dead_code)] // Each test file uses a different part of this module.
 
+// The real-iSCSI test bed: `testbed` is the very code of `cargo xtask tgt`.
+#[path = "../../xtask/src/testbed.rs"]
+pub mod testbed;
+pub mod tgt;
+
 use atsfs::lun::{FileLun, OpenMode};
 use atsfs::mkfs::MkfsOptions;
 use std::path::{Path, PathBuf};

@@ -547,24 +547,3 @@ fn shown(cmd: &Command) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn url_names_target_and_lun() {
-        assert_eq!(
-            url(Ipv4Addr::LOCALHOST, 3260),
-            "iscsi://127.0.0.1:3260/iqn.2026-12.org.atsfs:testbed/1"
-        );
-    }
-
-    #[test]
-    fn hosts_have_distinct_addresses_off_the_bridge() {
-        let addrs: std::collections::HashSet<_> = (1..=HOSTS_MAX).map(host_addr).collect();
-        assert_eq!(addrs.len(), HOSTS_MAX as usize);
-        assert!(!addrs.contains(&BRIDGE_ADDR));
-        assert_eq!(ns_name(3), "atsfs-h3");
-    }
-}

@@ -675,6 +675,23 @@ mod tests {
     }
 
     #[test]
+    fn url_names_target_and_lun() {
+        assert_eq!(
+            testbed::url(Ipv4Addr::LOCALHOST, 3260),
+            "iscsi://127.0.0.1:3260/iqn.2026-12.org.atsfs:testbed/1"
+        );
+    }
+
+    #[test]
+    fn hosts_have_distinct_addresses_off_the_bridge() {
+        let addrs: std::collections::HashSet<_> =
+            (1..=testbed::HOSTS_MAX).map(testbed::host_addr).collect();
+        assert_eq!(addrs.len(), testbed::HOSTS_MAX as usize);
+        assert!(!addrs.contains(&testbed::BRIDGE_ADDR));
+        assert_eq!(testbed::ns_name(3), "atsfs-h3");
+    }
+
+    #[test]
     fn numbers_are_read_after_their_word() {
         let line = "successes 1000 miscompares 905\n";
         assert_eq!(number_after(line, "successes").unwrap(), 1000);
