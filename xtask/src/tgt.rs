@@ -62,7 +62,7 @@ pub enum TgtTask {
     /// a throwaway target on a scratch image.
     Check {
         /// tgtd I/O threads per LUN (with more than 1 the CAW race loses updates).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         threads: u32,
         /// Racing initiators, each in its own host namespace.
         #[arg(long, default_value_t = 2)]
@@ -80,7 +80,7 @@ pub struct StartArgs {
     image: PathBuf,
     /// tgtd I/O threads per LUN. Keep 1: with more, tgt's COMPARE AND WRITE is not
     /// atomic (compare and write are separate, unlocked pread/pwrite).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     threads: u32,
     /// Where tgtd listens. 0.0.0.0 serves the root namespace (as 127.0.0.1) and the
     /// host namespaces (as 10.213.0.1).
@@ -344,11 +344,14 @@ fn start(args: &StartArgs) -> Result<()> {
     let pid = testbed::detach(target).map_err(anyhow::Error::msg)?;
     if let Some(hosts) = args.hosts {
         sh::heading("Host namespaces");
-        testbed::netns_up(hosts, true).map_err(anyhow::Error::msg)?;
+        testbed::netns_up(hosts, true)
+            .map_err(|e| anyhow::anyhow!("{e}\n(tgtd runs; `cargo xtask tgt stop` stops it)"))?;
         if args.portal.ip().is_unspecified() || *args.portal.ip() == testbed::BRIDGE_ADDR {
             for host in 1..=hosts {
                 testbed::host_reaches(host, testbed::BRIDGE_ADDR, args.portal.port(), true)
-                    .map_err(anyhow::Error::msg)?;
+                    .map_err(|e| {
+                        anyhow::anyhow!("{e}\n(tgtd runs; `cargo xtask tgt stop` stops it)")
+                    })?;
             }
             print_hosts(hosts, Some(&hosts_url));
         } else {
