@@ -36,17 +36,11 @@ use std::collections::HashMap;
 /// change of the record by another host).
 const ATTEMPTS_MAX: u32 = 8;
 /// How long a host leaves a lock alone after giving it up to another host, unless the
-/// asker took it sooner: longer than an asker's longest backoff between two tries
-/// (150 ms, `Fs::wait_for_lock`), so an asker that keeps trying gets its turn.
-const YIELD_GRACE_MS: u64 = 200;
-/// How long a host keeps a lock it took over from another host before it gives it
-/// up on request: an operation that needs several contended locks (a directory and
-/// an allocation group) gets the next one while it keeps the first, instead of
-/// handing the first straight back to the host it took it from, which can then take
-/// the second again (seen: a create waiting 40 s behind a host creating in a loop).
-/// Bounded, so two hosts that each keep one lock the other wants still cannot wait
-/// on each other for longer than this.
-const TENURE_MIN_MS: u64 = 250;
+/// asker took it sooner: several times an asker's longest backoff between two tries
+/// (12 ms, `Fs::wait_for_lock`), so an asker that keeps trying gets its turn even on
+/// a loaded machine; short, because a host whose asker went away (crashed, or its
+/// operation failed) waits it out idle.
+const YIELD_GRACE_MS: u64 = 100;
 /// How long a host takes a lock exclusive where its operations asked for it
 /// shared, after an operation of its own could not get it exclusive
 /// (`Locks::want_exclusive`).
@@ -61,9 +55,6 @@ pub struct Locks {
     /// it back for `YIELD_GRACE_MS` or until the asker took it, so the asker gets its
     /// turn (`Meta::in_yield_grace`).
     yielded: HashMap<BlockNo, u64>,
-    /// When we took a lock that another host had held since we last did: requests for
-    /// it wait `TENURE_MIN_MS` from then (`Meta::yield_locks`).
-    taken_over: HashMap<BlockNo, u64>,
     /// When an operation of this host last failed to take a lock exclusive. For
     /// `WANT_EXCLUSIVE_MS` after, the lock is taken exclusive even where shared is
     /// asked for: an operation reads a directory (shared) before it changes it
@@ -189,8 +180,6 @@ impl Meta {
                         tracing::debug!(resource, "lock taken after another holder: cache dropped");
                         self.drop_cache();
                         self.note_kernel_stale(resource);
-                        let now_ms = self.node.clock.now_ms();
-                        self.locks.taken_over.insert(resource, now_ms);
                     }
                     self.stats.lock_acquires += 1;
                     self.locks.held.insert(resource, (now, mode));
@@ -287,19 +276,9 @@ impl Meta {
     }
 
     /// Releases locks other hosts asked for, and remembers not to take them back at
-    /// once; except a lock taken over from another host less than `TENURE_MIN_MS`
-    /// ago, which stays (the asker asks again on its next try).
+    /// once (`in_yield_grace`).
     pub fn yield_locks(&mut self, wanted: &[BlockNo]) -> FsResult<Vec<BlockNo>> {
         let now_ms = self.node.clock.now_ms();
-        self.locks
-            .taken_over
-            .retain(|_, at| now_ms.saturating_sub(*at) < TENURE_MIN_MS);
-        let wanted: Vec<BlockNo> = wanted
-            .iter()
-            .copied()
-            .filter(|r| !self.locks.taken_over.contains_key(r))
-            .collect();
-        let wanted = wanted.as_slice();
         let mut released = self.release_locks(Some(wanted))?;
         // A record may name this host although it does not hold the lock: a freed
         // inode's kept lock forgotten when its block was allocated for something

@@ -108,6 +108,14 @@ pub type FsResult<T> = Result<T, FsError>;
 /// How long an operation waits for another host's lock before failing with EAGAIN.
 /// A dead holder is recovered well within it (lease + interval).
 const LOCK_WAIT_MAX_MS: u64 = 60_000;
+/// The longest middle of the backoff between two tries at a lock another host
+/// holds (each sleep is half of it plus up to all of it at random). Short, because
+/// the wait is usually for a handover already asked for: the holder gives the lock
+/// up within one mailbox tick (20 ms), and then waits for this asker to take it
+/// (`YIELD_GRACE_MS`), idle, so every millisecond the asker sleeps past the release
+/// is lost by both hosts. Measured: a cap of 100 ms gave two hosts creating in one
+/// directory 0.08x one host's rate, 8 ms gave 0.68x (`cargo xtask bench`).
+const BACKOFF_CAP_MS: u64 = 8;
 
 /// Everything a host's operations share, behind one lock.
 pub struct Core {
@@ -427,7 +435,7 @@ impl Fs {
                 tracing::warn!(slot, resource, "asking for a lock: {e:#}");
             }
         }
-        let base_ms = (2u64 << attempt.min(6)).min(100);
+        let base_ms = (2u64 << attempt.min(6)).min(BACKOFF_CAP_MS);
         let jitter = rand::random::<u64>() % (base_ms + 1);
         node.clock
             .sleep(std::time::Duration::from_millis(base_ms / 2 + jitter));
