@@ -6,8 +6,9 @@
 //!   /run/atsfs-tgt/PORT (pid, management socket, log).
 //! - `netns-up`/`netns-down`: hosts as network namespaces on a bridge.
 //! - `check`: libiscsi's conformance tests (iscsi-test-cu) against a throwaway
-//!   target (COMPARE AND WRITE, persistent reservations), then initiators in host
-//!   namespaces racing CAW increments of one counter (xtask/tgt/caw_race.c).
+//!   target (COMPARE AND WRITE, persistent reservations), fencing by PREEMPT
+//!   (xtask/tgt/pr_fence.c), then initiators in host namespaces racing CAW
+//!   increments of one counter (xtask/tgt/caw_race.c).
 //!
 //! Running tgtd and the namespaces is `testbed.rs`, which the tests share.
 
@@ -58,8 +59,9 @@ pub enum TgtTask {
     NetnsUp { hosts: u32 },
     /// Remove the host namespaces and the bridge. Idempotent.
     NetnsDown,
-    /// Run libiscsi's iscsi-test-cu (CompareAndWrite, persistent reservations) against
-    /// a throwaway target on a scratch image.
+    /// Check a throwaway target on a scratch image: libiscsi's iscsi-test-cu
+    /// (CompareAndWrite, persistent reservations), fencing by PREEMPT, and a race of
+    /// CAW increments from initiators in host namespaces.
     Check {
         /// tgtd I/O threads per LUN (with more than 1 the CAW race loses updates).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -462,7 +464,8 @@ const CHECK_SUITES: [(&str, bool); 7] = [
 fn check(threads: u32, hosts: u32, increments: u32) -> Result<bool> {
     require_root("check")?;
     let bins = build(false)?;
-    let race = build_caw_race()?;
+    let race = build_helper("caw_race")?;
+    let fence = build_helper("pr_fence")?;
     if sh::which("iscsi-test-cu").is_none() {
         apt_install(&["libiscsi-bin"])?;
     }
@@ -490,6 +493,13 @@ fn check(threads: u32, hosts: u32, increments: u32) -> Result<bool> {
             ok = false;
         }
     }
+    sh::heading("Fencing with persistent reservations: xtask/tgt/pr_fence.c");
+    let fenced = Cmd::new(&fence).arg(target.url()).status()?;
+    println!(
+        "pr-fence: {}",
+        if fenced.success() { "PASSED" } else { "FAILED" }
+    );
+    ok &= fenced.success();
     sh::heading(&format!(
         "{hosts} initiators in host namespaces race {increments} CAW increments each"
     ));
@@ -516,11 +526,11 @@ fn conformance(suite: &str, url: &str) -> Result<Verdict> {
     Ok(verdict)
 }
 
-/// Compiles xtask/tgt/caw_race.c into TARGET/tgt/bin/caw-race (libiscsi-dev
+/// Compiles xtask/tgt/NAME.c into TARGET/tgt/bin/NAME with `-` for `_` (libiscsi-dev
 /// installed when its header is missing), unless it is newer than its source.
-fn build_caw_race() -> Result<PathBuf> {
-    let source = sh::workspace_root()?.join("xtask/tgt/caw_race.c");
-    let program = cache_dir()?.join("bin/caw-race");
+fn build_helper(name: &str) -> Result<PathBuf> {
+    let source = sh::workspace_root()?.join(format!("xtask/tgt/{name}.c"));
+    let program = cache_dir()?.join("bin").join(name.replace('_', "-"));
     let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
     if program.exists() && modified(&program) >= modified(&source) {
         return Ok(program);
@@ -538,7 +548,7 @@ fn build_caw_race() -> Result<PathBuf> {
         .arg(&source)
         .arg("-liscsi")
         .run()
-        .context("building caw-race")?;
+        .with_context(|| format!("building {}", source.display()))?;
     Ok(program)
 }
 
@@ -617,10 +627,13 @@ struct Verdict {
 
 impl Verdict {
     fn line(&self) -> String {
+        let excused = match self.excused {
+            0 => String::new(),
+            n => format!(", {n} excused (CAW longer than the advertised maximum)"),
+        };
         format!(
-            "{} checks ok, {} excused (CAW longer than the advertised maximum), {} failed",
+            "{} checks ok{excused}, {} failed",
             self.ok,
-            self.excused,
             self.unexpected.len()
         )
     }
