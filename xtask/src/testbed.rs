@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 /// The target's name; the LUN is `LUN` of it.
 pub const IQN: &str = "iqn.2026-12.org.atsfs:testbed";
-/// The LUN that serves the image (LUN 0 is tgt's controller).
+/// The LUN that serves the image (LUN 0 is tgt's controller; `configure` names 1).
 pub const LUN: u32 = 1;
 /// The bridge the host namespaces hang off, and its address (where tgtd is reached).
 pub const BRIDGE: &str = "atsfs-br0";
@@ -111,6 +111,8 @@ impl Target {
             ));
         }
         check_port_free(spec.portal)?;
+        // A tgtd killed without `stop` left its socket: tgtadm must not find it.
+        remove_run_dir(&spec.run_dir)?;
         fs::create_dir_all(&spec.run_dir)
             .map_err(|e| format!("creating {}: {e}", spec.run_dir.display()))?;
         let child = spawn_tgtd(bins, spec, show)?;
@@ -143,30 +145,14 @@ impl Target {
             std::thread::sleep(Duration::from_millis(20));
         }
         let image = self.spec.image.to_string_lossy().into_owned();
-        let tid = ["--tid", "1"];
-        let steps: [Vec<&str>; 3] = [
-            [
-                &["--mode", "target", "--op", "new"][..],
-                &tid,
-                &["--targetname", IQN],
-            ]
-            .concat(),
-            [
-                &["--mode", "logicalunit", "--op", "new"][..],
-                &tid,
-                &["--lun", "1", "--bstype", "rdwr", "--backing-store", &image],
-            ]
-            .concat(),
-            [
-                &["--mode", "target", "--op", "bind"][..],
-                &tid,
-                &["-I", "ALL"],
-            ]
-            .concat(),
-        ];
-        for args in steps {
-            self.tgtadm(bins, &args, show)?;
-        }
+        let words = |line: &'static str| line.split(' ').collect::<Vec<&str>>();
+        let mut target_new = words("--mode target --op new --tid 1 --targetname");
+        target_new.push(IQN);
+        self.tgtadm(bins, &target_new, show)?;
+        let mut lun_new = words("--mode logicalunit --op new --tid 1 --lun 1 --bstype rdwr");
+        lun_new.extend(["--backing-store", &image]);
+        self.tgtadm(bins, &lun_new, show)?;
+        self.tgtadm(bins, &words("--mode target --op bind --tid 1 -I ALL"), show)?;
         let probe = SocketAddrV4::new(
             connect_addr(*self.spec.portal.ip()),
             self.spec.portal.port(),
