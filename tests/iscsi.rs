@@ -53,6 +53,40 @@ fn the_test_bed_serves_hosts_in_namespaces() {
     assert!(target.url_for_hosts().starts_with("iscsi://10.213.0.1:"));
 }
 
+/// A host run with `nsenter --net` (as `mount_on_host` does) mounts where the test
+/// sees it: only the network namespace differs. On an image file, so it needs no
+/// iSCSI backend.
+#[test]
+fn a_host_in_a_namespace_mounts_where_the_test_sees_it() {
+    require_fuse!();
+    let scratch = Scratch::new("iscsi_netns_mount");
+    let image = scratch.image("vol.img", 64 << 20);
+    tgt::hosts_up(1);
+    let a = tgt::mount_on_host(&MountSpec::in_scratch(&scratch, &image, "a"), 1);
+    assert!(
+        common::is_mounted(a.path()),
+        "the mount is not visible to the test"
+    );
+    let pid = a.daemon_pid().expect("the daemon's pid");
+    // A namespace is known by its nsfs inode, through /proc and through /run/netns.
+    let inode = |path: String| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .ino()
+    };
+    let daemon_net = inode(format!("/proc/{pid}/ns/net"));
+    assert_eq!(
+        daemon_net,
+        inode(format!("/run/netns/{}", common::testbed::ns_name(1))),
+        "the daemon does not run in host 1's network namespace"
+    );
+    assert_ne!(daemon_net, inode("/proc/self/ns/net".into()));
+    std::fs::write(a.join("f"), b"x").expect("write through the mount");
+    a.unmount();
+    assert_fsck_clean(&image);
+}
+
 /// Two hosts, each its own initiator in its own namespace, mount one volume over
 /// iSCSI; what one writes the other reads; fsck is clean afterwards.
 #[test]
