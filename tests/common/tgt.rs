@@ -75,6 +75,7 @@ pub fn serve(bins: &TgtBinaries, scratch: &Scratch, image: &std::path::Path) -> 
         portal: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
         threads: 1,
         run_dir: scratch.join(&format!("tgt-{port}")),
+        allowed: testbed::allowed_default(),
     };
     Target::start(bins, &spec, false).unwrap_or_else(|e| panic!("starting tgtd: {e}"))
 }

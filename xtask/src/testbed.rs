@@ -9,7 +9,8 @@
 //!   (`cargo xtask tgt build` makes them in TARGET/tgt/bin).
 //! - `Target::start`: runs tgtd in the foreground as our child (its own process group,
 //!   logging to RUN_DIR/tgtd.log), then creates target `IQN`, LUN 1 (backing store the
-//!   image, `--bstype rdwr`) and binds it to every initiator (`-I ALL`).
+//!   image, `--bstype rdwr`) and binds it to the allowed initiator addresses (by
+//!   default this machine and the host namespaces).
 //!   `Target::stop` (or `stop_recorded` from another process) kills it.
 //! - `netns_up(n)`: bridge `BRIDGE` (`BRIDGE_ADDR`/24) in the root namespace and, for
 //!   host k in 1..=n, namespace `atsfs-hk` whose `eth0` (10.213.0.(10+k)/24) is a veth
@@ -81,6 +82,18 @@ pub struct TargetSpec {
     pub threads: u32,
     /// tgtd's management socket, pid file and log.
     pub run_dir: PathBuf,
+    /// Initiator addresses allowed to log in (`tgtadm --op bind -I`: an address, a
+    /// CIDR network, or `ALL`); `ALLOWED_DEFAULT` unless told otherwise.
+    pub allowed: Vec<String>,
+}
+
+/// Who may log in by default: this machine and the host namespaces. There is no
+/// CHAP, so the test bed never serves the LUN to the rest of the network.
+pub const ALLOWED_DEFAULT: [&str; 2] = ["127.0.0.1", "10.213.0.0/24"];
+
+/// `ALLOWED_DEFAULT` as a `TargetSpec` takes it.
+pub fn allowed_default() -> Vec<String> {
+    ALLOWED_DEFAULT.iter().map(|a| a.to_string()).collect()
 }
 
 /// A running tgtd that serves a `TargetSpec`.
@@ -152,7 +165,11 @@ impl Target {
         let mut lun_new = words("--mode logicalunit --op new --tid 1 --lun 1 --bstype rdwr");
         lun_new.extend(["--backing-store", &image]);
         self.tgtadm(bins, &lun_new, show)?;
-        self.tgtadm(bins, &words("--mode target --op bind --tid 1 -I ALL"), show)?;
+        for allowed in &self.spec.allowed {
+            let mut bind = words("--mode target --op bind --tid 1 -I");
+            bind.push(allowed);
+            self.tgtadm(bins, &bind, show)?;
+        }
         let probe = SocketAddrV4::new(
             connect_addr(*self.spec.portal.ip()),
             self.spec.portal.port(),

@@ -91,6 +91,10 @@ pub struct StartArgs {
     /// Also make namespaces for N hosts (as `netns-up N`).
     #[arg(long)]
     hosts: Option<u32>,
+    /// Initiator addresses allowed to log in: addresses, CIDR networks, or ALL (there
+    /// is no CHAP). Default: this machine and the host namespaces.
+    #[arg(long, value_delimiter = ',', default_values_t = testbed::allowed_default())]
+    allow: Vec<String>,
 }
 
 pub fn run(task: &TgtTask) -> Result<bool> {
@@ -333,6 +337,7 @@ fn start(args: &StartArgs) -> Result<()> {
         portal: args.portal,
         threads: args.threads,
         run_dir: run_dir(args.portal.port()),
+        allowed: args.allow.clone(),
     };
     if args.threads != 1 {
         println!(
@@ -483,6 +488,7 @@ fn check(threads: u32, hosts: u32, increments: u32) -> Result<bool> {
         portal: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
         threads,
         run_dir: scratch.path().join("run"),
+        allowed: testbed::allowed_default(),
     };
     sh::heading(&format!("A throwaway target ({threads} I/O thread(s))"));
     let mut target = testbed::Target::start(&bins, &spec, true).map_err(anyhow::Error::msg)?;
