@@ -53,6 +53,86 @@ fn the_test_bed_serves_hosts_in_namespaces() {
     assert!(target.url_for_hosts().starts_with("iscsi://10.213.0.1:"));
 }
 
+/// tgt's COMPARE AND WRITE is atomic among initiators in different namespaces: two
+/// hosts race increments of one counter, and it goes up by exactly their successes.
+/// (With tgtd's default 16 I/O threads it loses updates: docs/testing.md.)
+#[test]
+fn compare_and_write_is_atomic_across_hosts() {
+    let bins = require_tgt!();
+    let scratch = Scratch::new("iscsi_caw_race");
+    let image = scratch.join("lun.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("making the image");
+    let target = tgt::serve(&bins, &scratch, &image);
+    tgt::hosts_up(2);
+    let race = tgt::helper("caw-race");
+    let increments = 500u64;
+    let children: Vec<_> = (1..=2)
+        .map(|host| {
+            tgt::host_command(host, &race)
+                .arg(target.url_for_hosts())
+                .arg(format!("iqn.2026-12.org.atsfs:race-host{host}"))
+                .arg(increments.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting caw-race")
+        })
+        .collect();
+    let mut successes = 0;
+    for child in children {
+        let out = child.wait_with_output().expect("caw-race");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "caw-race failed ({}): {text}",
+            out.status
+        );
+        successes += number_after(&text, "successes");
+    }
+    let out = std::process::Command::new(&race)
+        .args([&target.url(), "iqn.2026-12.org.atsfs:race-reader", "0"])
+        .output()
+        .expect("reading the counter");
+    let counter = number_after(&String::from_utf8_lossy(&out.stdout), "counter");
+    assert_eq!(successes, 2 * increments);
+    assert_eq!(counter, successes, "lost updates: CAW is not atomic");
+}
+
+/// A preempted initiator's COMPARE AND WRITE and WRITE get RESERVATION CONFLICT
+/// under a Write Exclusive – Registrants Only reservation (xtask/tgt/pr_fence.c).
+#[test]
+fn a_preempted_initiator_is_fenced() {
+    let bins = require_tgt!();
+    let scratch = Scratch::new("iscsi_pr_fence");
+    let image = scratch.join("lun.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("making the image");
+    let target = tgt::serve(&bins, &scratch, &image);
+    let out = std::process::Command::new(tgt::helper("pr-fence"))
+        .arg(target.url())
+        .output()
+        .expect("running pr-fence");
+    assert!(
+        out.status.success(),
+        "pr-fence failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The number after `word` in a helper's output ("successes 500 miscompares 3").
+fn number_after(text: &str, word: &str) -> u64 {
+    let mut words = text.split_whitespace();
+    words.find(|w| *w == word);
+    words
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {word:?} in {text:?}"))
+}
+
 /// A host run with `nsenter --net` (as `mount_on_host` does) mounts where the test
 /// sees it: only the network namespace differs. On an image file, so it needs no
 /// iSCSI backend.

@@ -65,6 +65,19 @@ fn cache_dir() -> PathBuf {
     target.join("tgt")
 }
 
+/// A libiscsi helper that `cargo xtask tgt build` made beside tgtd: `caw-race`
+/// (COMPARE AND WRITE increments of a counter in LBA 0) or `pr-fence` (fencing by
+/// PREEMPT); see xtask/tgt/*.c.
+pub fn helper(name: &str) -> PathBuf {
+    let path = cache_dir().join("bin").join(name);
+    assert!(
+        path.is_file(),
+        "no {} (an older tgt build?): run `cargo xtask tgt build` as root",
+        path.display()
+    );
+    path
+}
+
 /// Serves `image` as LUN 1 on a free port of all addresses, with one I/O thread (so
 /// COMPARE AND WRITE is atomic). tgtd's run directory (socket, log) is
 /// SCRATCH/tgt-PORT. The target is stopped when the returned `Target` drops.

@@ -29,6 +29,8 @@ const CAW_ENABLED: &str =
     "\t\t{sbc_rw, NULL, PR_WE_FA|PR_EA_FA|PR_WE_FN|PR_EA_FN}, /* 0x89 COMPARE_AND_WRITE: atsfs test bed */\n";
 /// Recorded in TARGET/tgt/bin/BUILD; a build with another recipe is redone.
 const RECIPE: &str = "tgt from `apt-get source tgt`, usr/sbc.c opcode 0x89 enabled (recipe 1)";
+/// The libiscsi programs in xtask/tgt/, built into TARGET/tgt/bin (`_` becomes `-`).
+const HELPERS: [&str; 2] = ["caw_race", "pr_fence"];
 /// Packages the build needs: a C compiler and make, and dpkg-source to unpack.
 const BUILD_PACKAGES: [&str; 2] = ["build-essential", "dpkg-dev"];
 
@@ -143,8 +145,19 @@ fn run_dir(port: u16) -> PathBuf {
 
 // ---- build ----
 
-/// Builds tgt unless TARGET/tgt/bin holds a build of this recipe; returns the binaries.
+/// Builds tgt unless TARGET/tgt/bin holds a build of this recipe, and the libiscsi
+/// helpers of `check` and the tests (`caw-race`, `pr-fence`) unless they are newer
+/// than their sources; returns tgt's binaries.
 pub fn build(force: bool) -> Result<TgtBinaries> {
+    let bins = build_tgt(force)?;
+    for helper in HELPERS {
+        build_helper(helper)?;
+    }
+    Ok(bins)
+}
+
+/// tgtd and tgtadm, built unless TARGET/tgt/bin holds a build of this recipe.
+fn build_tgt(force: bool) -> Result<TgtBinaries> {
     let cache = cache_dir()?;
     let bins = TgtBinaries::in_cache(&cache);
     let stamp = cache.join("bin/BUILD");
@@ -541,6 +554,7 @@ fn build_helper(name: &str) -> Result<PathBuf> {
     if program.exists() && modified(&program) >= modified(&source) {
         return Ok(program);
     }
+    require_root("build")?;
     ensure_build_tools()?;
     if !Path::new("/usr/include/iscsi/iscsi.h").exists() {
         apt_install(&["libiscsi-dev"])?;
