@@ -192,9 +192,12 @@ fn build_tgt(force: bool) -> Result<TgtBinaries> {
     let bin = cache.join("bin");
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     for program in ["tgtd", "tgtadm"] {
+        // Copy, then rename over the old one: a tgtd may be running from it.
         let to = bin.join(program);
-        std::fs::copy(tree.join("usr").join(program), &to)
-            .with_context(|| format!("copying {program} to {}", to.display()))?;
+        let fresh = bin.join(format!("{program}.new"));
+        std::fs::copy(tree.join("usr").join(program), &fresh)
+            .and_then(|_| std::fs::rename(&fresh, &to))
+            .with_context(|| format!("installing {program} as {}", to.display()))?;
     }
     std::fs::write(&stamp, format!("{RECIPE}\n{}\n", source_version(&src)))
         .with_context(|| format!("writing {}", stamp.display()))?;
