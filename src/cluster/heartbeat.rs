@@ -500,7 +500,12 @@ impl Renewer {
         };
         let issued = clock.now_ms();
         // The heartbeat itself bypasses the lease guard: renewing is how the lease is kept.
-        match renew_image(self.lun.as_ref(), self.offset, self.sector, &current)? {
+        let renewal = renew_image(self.lun.as_ref(), self.offset, self.sector, &current);
+        if let Err(LunError::Fenced(why)) = &renewal {
+            // The storage refused our write: another host fenced us.
+            self.lease.fence(why);
+        }
+        match renewal? {
             Renewal::Renewed(next) => {
                 *current = next;
                 self.lease.renewed(issued);

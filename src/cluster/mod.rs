@@ -257,6 +257,16 @@ impl GuardedLun {
         &self.lease
     }
     /// The counters of the I/O issued through this LUN.
+    /// `result`, and when the storage itself refused the write (another host removed
+    /// our reservation key: RESERVATION CONFLICT), this host is fenced for good from
+    /// now on, whatever the lease says.
+    fn storage_fenced<T>(&self, result: LunResult<T>) -> LunResult<T> {
+        if let Err(LunError::Fenced(why)) = &result {
+            self.lease.fence(why);
+        }
+        result
+    }
+
     pub fn counters(&self) -> &Arc<IoCounters> {
         &self.counters
     }
@@ -276,17 +286,17 @@ impl Lun for GuardedLun {
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         self.lease.confirm()?;
         self.counters.write(buf.len());
-        self.inner.write_at(buf, offset)
+        self.storage_fenced(self.inner.write_at(buf, offset))
     }
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
         self.lease.confirm()?;
         self.counters.caw();
-        self.inner.compare_and_write(offset, expected, new)
+        self.storage_fenced(self.inner.compare_and_write(offset, expected, new))
     }
     fn flush(&self) -> LunResult<()> {
         self.lease.confirm()?;
         self.counters.flush();
-        self.inner.flush()
+        self.storage_fenced(self.inner.flush())
     }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         self.counters.read(buf.len());
@@ -295,7 +305,7 @@ impl Lun for GuardedLun {
     fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         self.lease.confirm()?;
         self.counters.write(buf.len());
-        self.inner.write_uncached(buf, offset)
+        self.storage_fenced(self.inner.write_uncached(buf, offset))
     }
     fn may_write(&self) -> LunResult<()> {
         self.lease.confirm()?;

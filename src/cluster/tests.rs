@@ -655,3 +655,64 @@ fn a_slot_release_whose_reply_is_lost_still_frees_the_slot() {
     let (_, slot) = read_slot(mem.as_ref(), &geo, 0).expect("read");
     assert_eq!(slot.map(|s| s.state), Some(SLOT_FREE));
 }
+
+/// A LUN whose storage refuses every write: our reservation key was removed.
+struct Preempted {
+    inner: Arc<MemLun>,
+}
+
+impl Lun for Preempted {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> LunResult<()> {
+        Err(crate::lun::LunError::Fenced("RESERVATION CONFLICT".into()))
+    }
+    fn compare_and_write(&self, _offset: u64, _expected: &[u8], _new: &[u8]) -> LunResult<Caw> {
+        Err(crate::lun::LunError::Fenced("RESERVATION CONFLICT".into()))
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "preempted initiator".into()
+    }
+}
+
+#[test]
+fn a_write_the_storage_refuses_as_a_reservation_conflict_fences_the_host() {
+    let (mem, geo) = volume();
+    let clock = Arc::new(ManualClock::default());
+    let claim = claim_slot(
+        mem.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        clock.as_ref(),
+    )
+    .expect("claim");
+    let lease = Arc::new(Lease::for_claim(clock.clone(), &claim, LEASE, INTERVAL));
+    let guarded = GuardedLun::new(Arc::new(Preempted { inner: mem.clone() }), lease.clone());
+    let sector = vec![0u8; geo.ats_sector_size as usize];
+    let offset = geo.ats_sector_size as u64 * 64;
+    // Well inside the lease: only the storage says no.
+    assert!(lease.check().is_ok());
+    assert!(guarded.write_at(&sector, offset).is_err());
+    assert!(
+        lease.is_fenced(),
+        "a host the storage fenced must stop writing, whatever its lease says"
+    );
+    // From now on it does not even reach the storage: the lease refuses.
+    let healthy = GuardedLun::new(mem.clone(), lease.clone());
+    assert!(matches!(
+        healthy.write_at(&sector, offset),
+        Err(crate::lun::LunError::Fenced(_))
+    ));
+}
