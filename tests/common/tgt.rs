@@ -34,6 +34,12 @@ macro_rules! require_tgt {
         match $crate::common::tgt::binaries() {
             Some(bins) => bins,
             None => {
+                // CI builds the bed (.ci/run): there a missing one is a failure, never
+                // a silent pass.
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "CI is set but there is no tgt build: .ci/run runs `cargo xtask tgt build`"
+                );
                 eprintln!(
                     "skipped: needs root and a tgt build (run `cargo xtask tgt build` as root)"
                 );
