@@ -16,6 +16,8 @@ mod fault;
 mod file;
 mod mem;
 mod open;
+pub mod reservations;
+pub mod scsi;
 
 pub use behind::WriteBehind;
 pub use fault::{
@@ -24,6 +26,10 @@ pub use fault::{
 pub use file::{FileLun, OpenMode};
 pub use mem::MemLun;
 pub use open::{device_kind, open_device, DeviceKind};
+pub use reservations::{
+    Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
+};
+pub use scsi::{CawSupport, ScsiLun};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,6 +144,40 @@ pub enum LunError {
         offset: u64,
         waited_ms: u64,
     },
+    /// A SCSI command failed: the device's sense data, decoded, or an answer that
+    /// makes no sense.
+    #[error("SCSI error on {device} ({op} at byte {offset}): {detail}")]
+    Scsi {
+        device: String,
+        op: &'static str,
+        offset: u64,
+        detail: String,
+    },
+    /// The transport to a SCSI device failed (connection lost, no reply in time) and
+    /// one reconnect did not help. A write or compare-and-write may or may not have
+    /// landed.
+    #[error(
+        "lost the path to {device} ({op} at byte {offset}): {detail}; a write may or may not \
+         have landed; check the network and the target"
+    )]
+    Transport {
+        device: String,
+        op: &'static str,
+        offset: u64,
+        detail: String,
+    },
+    /// The device has no usable SCSI COMPARE AND WRITE.
+    #[error(
+        "{device} has no usable SCSI COMPARE AND WRITE ({detail}); atsfs needs the storage's \
+         own atomic test-and-set to share a LUN between machines: use a target or array that \
+         supports COMPARE AND WRITE (VAAI ATS), or emulated ATS for hosts of one kernel (an \
+         image file or block device); Disk Paxos for plain shared disks is planned"
+    )]
+    NoCompareAndWrite { device: String, detail: String },
+    /// The device cannot be opened as asked (a missing library, a name that is not a
+    /// SCSI device, a bad URL).
+    #[error("cannot open {device}: {detail}")]
+    Open { device: String, detail: String },
 }
 
 impl LunError {
@@ -148,6 +188,9 @@ impl LunError {
             LunError::Misaligned { .. } | LunError::OutOfRange { .. } => libc::EINVAL,
             LunError::Fenced(_) => libc::EIO,
             LunError::AtsTimeout { .. } => libc::EAGAIN,
+            LunError::Scsi { .. } | LunError::Transport { .. } => libc::EIO,
+            LunError::NoCompareAndWrite { .. } => libc::EOPNOTSUPP,
+            LunError::Open { .. } => libc::ENODEV,
         }
     }
 }
@@ -191,6 +234,10 @@ pub trait Lun: Send + Sync {
     fn ats_kind(&self) -> AtsKind {
         AtsKind::Emulated
     }
+    /// The LUN's SCSI-3 persistent reservations, where it has them (SCSI backends).
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        None
+    }
 }
 
 impl<T: Lun + ?Sized> Lun for Arc<T> {
@@ -226,6 +273,9 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     }
     fn ats_kind(&self) -> AtsKind {
         (**self).ats_kind()
+    }
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        (**self).reservations()
     }
 }
 
