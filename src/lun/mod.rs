@@ -14,22 +14,26 @@
 mod behind;
 mod fault;
 mod file;
+mod iscsi;
 mod mem;
 mod open;
 pub mod reservations;
 pub mod scsi;
+mod sg;
 
 pub use behind::WriteBehind;
 pub use fault::{
     crash_image, durable_image, flushes_at_cut, FaultConfig, FaultLun, IoStats, WriteRecord,
 };
 pub use file::{FileLun, OpenMode};
+pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
 pub use open::{device_kind, open_device, DeviceKind};
 pub use reservations::{
     Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
 };
 pub use scsi::{CawSupport, ScsiLun};
+pub use sg::SgTransport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -116,7 +116,9 @@ pub trait Reservations: Send + Sync {
     /// Removes every registration of `victim` (and takes its reservation over, as
     /// type 5, if it held it), with this initiator's registered `own` key. With
     /// `abort`, the victim's commands still queued in the device are aborted too
-    /// (PREEMPT AND ABORT). Ok when `victim` is not registered (already preempted).
+    /// (PREEMPT AND ABORT; on a device that refuses that service action, as tgt does,
+    /// a plain PREEMPT is sent instead and the victim's queued commands may still
+    /// complete). Ok when `victim` is not registered (already preempted).
     /// Fails with `Fenced` when `own` is not registered.
     fn preempt(&self, own: ReservationKey, victim: ReservationKey, abort: bool) -> LunResult<()>;
     /// The keys registered now (one per registered I_T nexus, so a key may repeat).

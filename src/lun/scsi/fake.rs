@@ -102,7 +102,11 @@ impl FakeDisk {
     }
 
     pub fn inject(&self, nexus: u32, fault: Fault) {
-        self.state().faults.entry(nexus).or_default().push_back(fault);
+        self.state()
+            .faults
+            .entry(nexus)
+            .or_default()
+            .push_back(fault);
     }
 
     pub fn bytes(&self, offset: usize, len: usize) -> Vec<u8> {
@@ -138,13 +142,20 @@ impl FakeDisk {
         Err((STATUS_CHECK_CONDITION, self.sense(key, asc, ascq, None)))
     }
 
-    fn execute(&self, nexus: u32, cdb: &[u8], data: DataDir<'_>) -> Result<ScsiStatus, TransportError> {
+    fn execute(
+        &self,
+        nexus: u32,
+        cdb: &[u8],
+        data: DataDir<'_>,
+    ) -> Result<ScsiStatus, TransportError> {
         let mut st = self.state();
         st.opcodes.push(cdb[0]);
         let fault = st.faults.get_mut(&nexus).and_then(|q| q.pop_front());
         let lose_after = match fault {
             Some(Fault::Reply(status, sense)) => return Ok(reply(status, sense)),
-            Some(Fault::LostBefore) => return Err(TransportError::ConnectionLost("injected".into())),
+            Some(Fault::LostBefore) => {
+                return Err(TransportError::ConnectionLost("injected".into()))
+            }
             Some(Fault::LostAfter) => true,
             None => false,
         };
@@ -157,7 +168,9 @@ impl FakeDisk {
         }
         let answer = self.run(&mut st, nexus, cdb, data);
         if lose_after {
-            return Err(TransportError::ConnectionLost("injected after the command ran".into()));
+            return Err(TransportError::ConnectionLost(
+                "injected after the command ran".into(),
+            ));
         }
         Ok(match answer {
             Ok(()) => reply(STATUS_GOOD, Vec::new()),
@@ -196,7 +209,9 @@ impl FakeDisk {
                 st.data[at..at + len].copy_from_slice(new);
                 Ok(())
             }
-            (cdb::SYNCHRONIZE_CACHE_16, DataDir::None) if self.config.sync16 => self.may_write(st, nexus),
+            (cdb::SYNCHRONIZE_CACHE_16, DataDir::None) if self.config.sync16 => {
+                self.may_write(st, nexus)
+            }
             (cdb::SYNCHRONIZE_CACHE_10, DataDir::None) => self.may_write(st, nexus),
             (cdb::SERVICE_ACTION_IN_16, DataDir::In(buf)) if cdb[1] == cdb::SA_READ_CAPACITY_16 => {
                 let mut r = [0u8; 32];
@@ -206,7 +221,9 @@ impl FakeDisk {
                 copy_out(buf, &r);
                 Ok(())
             }
-            (cdb::INQUIRY, DataDir::In(buf)) if cdb[1] & 1 == 1 && cdb[2] == cdb::VPD_BLOCK_LIMITS => {
+            (cdb::INQUIRY, DataDir::In(buf))
+                if cdb[1] & 1 == 1 && cdb[2] == cdb::VPD_BLOCK_LIMITS =>
+            {
                 let Some(max) = self.config.max_caw_blocks else {
                     return self.check(sense::ILLEGAL_REQUEST, 0x24, 0);
                 };
@@ -241,20 +258,34 @@ impl FakeDisk {
 
     /// Byte range of `blocks` blocks at `lba`, checked against the device and the
     /// buffer.
-    fn extent(&self, lba: u64, blocks: u32, buf_len: usize) -> Result<(usize, usize), (u8, Vec<u8>)> {
+    fn extent(
+        &self,
+        lba: u64,
+        blocks: u32,
+        buf_len: usize,
+    ) -> Result<(usize, usize), (u8, Vec<u8>)> {
         let block = u64::from(self.config.logical_bytes);
         if lba + u64::from(blocks) > self.config.blocks {
-            return Err((STATUS_CHECK_CONDITION, self.sense(sense::ILLEGAL_REQUEST, 0x21, 0, None)));
+            return Err((
+                STATUS_CHECK_CONDITION,
+                self.sense(sense::ILLEGAL_REQUEST, 0x21, 0, None),
+            ));
         }
         let len = (u64::from(blocks) * block) as usize;
         if len != buf_len {
-            return Err((STATUS_CHECK_CONDITION, self.sense(sense::ILLEGAL_REQUEST, 0x24, 0, None)));
+            return Err((
+                STATUS_CHECK_CONDITION,
+                self.sense(sense::ILLEGAL_REQUEST, 0x24, 0, None),
+            ));
         }
         Ok(((lba * block) as usize, len))
     }
 
     fn key_of(st: &State, nexus: u32) -> Option<u64> {
-        st.registrations.iter().find(|(n, _)| *n == nexus).map(|(_, k)| *k)
+        st.registrations
+            .iter()
+            .find(|(n, _)| *n == nexus)
+            .map(|(_, k)| *k)
     }
 
     /// Write Exclusive – Registrants Only: writes of unregistered initiators conflict.
@@ -339,14 +370,22 @@ impl FakeDisk {
                 if sa_key == 0 {
                     return self.check(sense::ILLEGAL_REQUEST, 0x26, 0);
                 }
-                let victims: Vec<u32> = st.registrations.iter().filter(|(_, k)| *k == sa_key).map(|(n, _)| *n).collect();
+                let victims: Vec<u32> = st
+                    .registrations
+                    .iter()
+                    .filter(|(_, k)| *k == sa_key)
+                    .map(|(n, _)| *n)
+                    .collect();
                 if victims.is_empty() {
                     return conflict;
                 }
                 st.registrations.retain(|(_, k)| *k != sa_key);
                 for v in &victims {
                     if *v != nexus {
-                        st.attentions.entry(*v).or_default().push_back(sense::ASC_REGISTRATIONS_PREEMPTED);
+                        st.attentions
+                            .entry(*v)
+                            .or_default()
+                            .push_back(sense::ASC_REGISTRATIONS_PREEMPTED);
                     }
                 }
                 if matches!(st.reservation, Some((h, _)) if victims.contains(&h)) {

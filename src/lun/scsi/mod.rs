@@ -229,8 +229,7 @@ impl<T: ScsiTransport> ScsiLun<T> {
     fn set_geometry(&mut self, capacity: Capacity) -> LunResult<()> {
         let logical = capacity.logical_block_bytes;
         let bad = |detail: String| self.scsi_error("read capacity", 0, detail);
-        if !logical.is_power_of_two() || !(SECTOR_MIN_BYTES..=SECTOR_MAX_BYTES).contains(&logical)
-        {
+        if !logical.is_power_of_two() || !(SECTOR_MIN_BYTES..=SECTOR_MAX_BYTES).contains(&logical) {
             return Err(bad(format!(
                 "logical block size {logical} bytes is not a power of two in 512..=65536"
             )));
@@ -350,7 +349,13 @@ impl<T: ScsiTransport> ScsiLun<T> {
     /// Sends one command with the generic handling: bounded retries of commands that
     /// did not run, one reconnect after a lost connection. Returns what the caller
     /// must decide on.
-    fn run(&self, op: &'static str, offset: u64, cdb: &[u8], mut data: DataDir<'_>) -> LunResult<Reply> {
+    fn run(
+        &self,
+        op: &'static str,
+        offset: u64,
+        cdb: &[u8],
+        mut data: DataDir<'_>,
+    ) -> LunResult<Reply> {
         let mut backoff = BACKOFF_FIRST;
         let mut reconnected = false;
         let mut last = String::new();
@@ -360,9 +365,9 @@ impl<T: ScsiTransport> ScsiLun<T> {
                 Err(TransportError::ConnectionLost(why)) if !reconnected => {
                     tracing::warn!(device = %self.describe(), op, offset, %why, "lost the connection; reconnecting once");
                     reconnected = true;
-                    self.transport
-                        .reconnect()
-                        .map_err(|e| self.transport_error(op, offset, format!("{why}; reconnecting failed: {e}")))?;
+                    self.transport.reconnect().map_err(|e| {
+                        self.transport_error(op, offset, format!("{why}; reconnecting failed: {e}"))
+                    })?;
                     continue;
                 }
                 Err(e) => return Err(self.transport_error(op, offset, e.to_string())),
@@ -377,7 +382,10 @@ impl<T: ScsiTransport> ScsiLun<T> {
                 }
                 STATUS_CHECK_CONDITION => {
                     let Some(sense) = Sense::parse(&status.sense) else {
-                        let detail = format!("CHECK CONDITION without readable sense data ({} bytes)", status.sense.len());
+                        let detail = format!(
+                            "CHECK CONDITION without readable sense data ({} bytes)",
+                            status.sense.len()
+                        );
                         return Err(self.scsi_error(op, offset, detail));
                     };
                     match self.check_class(&sense) {
@@ -503,7 +511,11 @@ impl<T: ScsiTransport> ScsiLun<T> {
     }
 
     fn no_caw(&self) -> LunError {
-        let note = self.caw_note.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let note = self
+            .caw_note
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         LunError::NoCompareAndWrite {
             device: self.describe(),
             detail: note,
@@ -591,7 +603,13 @@ impl<T: ScsiTransport> Lun for ScsiLun<T> {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         self.check_writable("write", offset)?;
-        check_range("write", offset, buf.len(), self.len_bytes, Some(self.logical_bytes))?;
+        check_range(
+            "write",
+            offset,
+            buf.len(),
+            self.len_bytes,
+            Some(self.logical_bytes),
+        )?;
         self.write_blocks(buf, offset)
     }
 
@@ -610,7 +628,8 @@ impl<T: ScsiTransport> Lun for ScsiLun<T> {
         let reply = self.run("compare-and-write", offset, &cdb, DataDir::Out(&data))?;
         let sense = match reply {
             Reply::Good => {
-                self.caw.store(CawSupport::Supported.to_u8(), Ordering::Relaxed);
+                self.caw
+                    .store(CawSupport::Supported.to_u8(), Ordering::Relaxed);
                 return Ok(Caw::Written);
             }
             Reply::Conflict => return Err(self.fenced("compare-and-write", offset)),
@@ -625,10 +644,15 @@ impl<T: ScsiTransport> Lun for ScsiLun<T> {
             return Ok(Caw::Miscompare(actual));
         }
         if sense.is_invalid_opcode() {
-            self.set_caw(CawSupport::NotSupported, format!("it refused COMPARE AND WRITE: {sense}"));
+            self.set_caw(
+                CawSupport::NotSupported,
+                format!("it refused COMPARE AND WRITE: {sense}"),
+            );
             return Err(self.no_caw());
         }
-        if sense.key == sense::ILLEGAL_REQUEST && sense.asc_ascq() == sense::ASC_INVALID_FIELD_IN_CDB {
+        if sense.key == sense::ILLEGAL_REQUEST
+            && sense.asc_ascq() == sense::ASC_INVALID_FIELD_IN_CDB
+        {
             let note = format!(
                 "it refused a COMPARE AND WRITE of {blocks} logical block(s) (one ATS sector of {} \
                  bytes): {sense}",
@@ -716,7 +740,14 @@ impl<T: ScsiTransport> Reservations for ScsiLun<T> {
         } else {
             PrOut::Preempt
         };
-        match self.pr_out(action, own.0, victim.0)? {
+        let mut reply = self.pr_out(action, own.0, victim.0)?;
+        if abort && matches!(&reply, Reply::Check(s) if s.key == sense::ILLEGAL_REQUEST) {
+            // Some targets (tgt) lack PREEMPT AND ABORT: a plain PREEMPT still removes
+            // the key; only commands the victim already had queued are not aborted.
+            tracing::warn!(device = %self.describe(), "PREEMPT AND ABORT refused; sending PREEMPT");
+            reply = self.pr_out(PrOut::Preempt, own.0, victim.0)?;
+        }
+        match reply {
             // A conflict: either we are not registered, or the victim is gone already.
             Reply::Conflict => {
                 let keys = self.read_keys()?;
@@ -734,9 +765,8 @@ impl<T: ScsiTransport> Reservations for ScsiLun<T> {
 
     fn read_keys(&self) -> LunResult<Vec<ReservationKey>> {
         let data = self.pr_in(PrIn::ReadKeys)?;
-        let (keys, cut) = cdb::parse_read_keys(&data).ok_or_else(|| {
-            self.scsi_error("read keys", 0, "short READ KEYS reply".into())
-        })?;
+        let (keys, cut) = cdb::parse_read_keys(&data)
+            .ok_or_else(|| self.scsi_error("read keys", 0, "short READ KEYS reply".into()))?;
         if cut {
             tracing::warn!(device = %self.describe(), listed = keys.len(), "READ KEYS list cut short");
         }
@@ -753,7 +783,11 @@ impl<T: ScsiTransport> Reservations for ScsiLun<T> {
     fn capabilities(&self) -> LunResult<ReservationCapabilities> {
         let data = self.pr_in(PrIn::ReportCapabilities)?;
         cdb::parse_report_capabilities(&data).ok_or_else(|| {
-            self.scsi_error("report capabilities", 0, "short REPORT CAPABILITIES reply".into())
+            self.scsi_error(
+                "report capabilities",
+                0,
+                "short REPORT CAPABILITIES reply".into(),
+            )
         })
     }
 }

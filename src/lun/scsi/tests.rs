@@ -1,7 +1,7 @@
 #![allow(clippy::big_endian_bytes)]
 
 use super::cdb::{self, OpcodeSupport, PrIn, PrOut};
-use super::fake::{FakeConfig, FakeDisk, Fault, FakeTransport};
+use super::fake::{FakeConfig, FakeDisk, FakeTransport, Fault};
 use super::sense::{self, Sense};
 use super::*;
 use crate::lun::{Caw, Lun, LunError, OpenMode, ReservationKey, ReservationType};
@@ -36,7 +36,10 @@ fn cdbs_encode_per_sbc3_and_spc4() {
         c[0] = 0x91;
         c
     });
-    assert_eq!(cdb::synchronize_cache10(), [0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        cdb::synchronize_cache10(),
+        [0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
     assert_eq!(
         cdb::read_capacity16(),
         [0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0]
@@ -50,10 +53,7 @@ fn cdbs_encode_per_sbc3_and_spc4() {
         cdb::pr_in(PrIn::ReadKeys, 0x0808),
         [0x5E, 0, 0, 0, 0, 0, 0, 0x08, 0x08, 0]
     );
-    assert_eq!(
-        cdb::pr_in(PrIn::ReadReservation, 24)[1],
-        0x01
-    );
+    assert_eq!(cdb::pr_in(PrIn::ReadReservation, 24)[1], 0x01);
     assert_eq!(cdb::pr_in(PrIn::ReportCapabilities, 8)[1], 0x02);
     let kind = ReservationType::WriteExclusiveRegistrantsOnly;
     assert_eq!(
@@ -70,9 +70,15 @@ fn cdbs_encode_per_sbc3_and_spc4() {
         assert_eq!(cdb::pr_out(action, kind)[1], code);
     }
     let params = cdb::pr_out_parameters(0x1122334455667788, 0x99);
-    assert_eq!(params[..8], [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
+    assert_eq!(
+        params[..8],
+        [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]
+    );
     assert_eq!(params[8..16], [0, 0, 0, 0, 0, 0, 0, 0x99]);
-    assert!(params[16..].iter().all(|b| *b == 0), "no APTPL, no ALL_TG_PT");
+    assert!(
+        params[16..].iter().all(|b| *b == 0),
+        "no APTPL, no ALL_TG_PT"
+    );
 }
 
 // ---- replies and sense ----
@@ -165,9 +171,15 @@ fn pr_in_replies_parse_and_lying_lengths_do_not_panic() {
     assert!(caps.type_mask_valid && caps.write_exclusive_registrants_only);
     assert!(!caps.exclusive_access_all_registrants);
     assert_eq!(cdb::parse_opcode_support(&[0, 3]), OpcodeSupport::Supported);
-    assert_eq!(cdb::parse_opcode_support(&[0, 1]), OpcodeSupport::NotSupported);
+    assert_eq!(
+        cdb::parse_opcode_support(&[0, 1]),
+        OpcodeSupport::NotSupported
+    );
     assert_eq!(cdb::parse_opcode_support(&[0, 0]), OpcodeSupport::Unknown);
-    assert_eq!(cdb::parse_max_caw_blocks(&[0, 0xB0, 0, 0x3C, 0, 1]), Some(1));
+    assert_eq!(
+        cdb::parse_max_caw_blocks(&[0, 0xB0, 0, 0x3C, 0, 1]),
+        Some(1)
+    );
     assert_eq!(cdb::parse_max_caw_blocks(&[0, 0x80, 0, 0x3C, 0, 1]), None);
 }
 
@@ -224,7 +236,10 @@ fn compare_and_write_writes_or_returns_the_actual_sector() {
     let zero = vec![0u8; 4096];
     let a = vec![0xAAu8; 4096];
     let b = vec![0xBBu8; 4096];
-    assert_eq!(lun.compare_and_write(8192, &zero, &a).unwrap(), Caw::Written);
+    assert_eq!(
+        lun.compare_and_write(8192, &zero, &a).unwrap(),
+        Caw::Written
+    );
     assert_eq!(disk.bytes(8192, 4096), a);
     assert_eq!(
         lun.compare_and_write(8192, &zero, &b).unwrap(),
@@ -248,12 +263,21 @@ fn caw_with_descriptor_sense_and_a_false_miscompare() {
     let zero = vec![0u8; 512];
     let a = vec![1u8; 512];
     lun.write_at(&a, 0).unwrap();
-    assert_eq!(lun.compare_and_write(0, &zero, &a).unwrap(), Caw::Miscompare(a.clone()));
+    assert_eq!(
+        lun.compare_and_write(0, &zero, &a).unwrap(),
+        Caw::Miscompare(a.clone())
+    );
     // The device says MISCOMPARE but the sector reads back as expected: returned as
     // read, for the caller to re-verify.
     let miscompare = disk.sense(sense::MISCOMPARE, 0x1D, 0, Some(0));
-    disk.inject(lun.transport().nexus, Fault::Reply(STATUS_CHECK_CONDITION, miscompare));
-    assert_eq!(lun.compare_and_write(0, &a, &zero).unwrap(), Caw::Miscompare(a.clone()));
+    disk.inject(
+        lun.transport().nexus,
+        Fault::Reply(STATUS_CHECK_CONDITION, miscompare),
+    );
+    assert_eq!(
+        lun.compare_and_write(0, &a, &zero).unwrap(),
+        Caw::Miscompare(a.clone())
+    );
 }
 
 #[test]
@@ -270,7 +294,10 @@ fn a_device_without_compare_and_write_gives_a_clear_error() {
         let err = lun.compare_and_write(0, &zero, &zero).unwrap_err();
         assert!(matches!(err, LunError::NoCompareAndWrite { .. }), "{err}");
         let text = err.to_string();
-        assert!(text.contains("COMPARE AND WRITE") && text.contains("Disk Paxos"), "{text}");
+        assert!(
+            text.contains("COMPARE AND WRITE") && text.contains("Disk Paxos"),
+            "{text}"
+        );
         assert_eq!(err.errno(), libc::EOPNOTSUPP);
     }
     // Read-only, no RSOC: unknown until a CAW is tried; nothing was written to probe.
@@ -343,19 +370,35 @@ fn medium_and_hardware_errors_are_scsi_errors_with_the_sense() {
     let disk = disk();
     let lun = open(&disk);
     let nexus = lun.transport().nexus;
-    disk.inject(nexus, Fault::Reply(STATUS_CHECK_CONDITION, disk.sense(sense::MEDIUM_ERROR, 0x11, 0, None)));
+    disk.inject(
+        nexus,
+        Fault::Reply(
+            STATUS_CHECK_CONDITION,
+            disk.sense(sense::MEDIUM_ERROR, 0x11, 0, None),
+        ),
+    );
     let mut buf = [0u8; 512];
     let err = lun.read_at(&mut buf, 0).unwrap_err();
     assert!(err.to_string().contains("MEDIUM ERROR"), "{err}");
     assert!(err.to_string().contains("unrecovered read error"), "{err}");
     assert_eq!(err.errno(), libc::EIO);
-    disk.inject(nexus, Fault::Reply(STATUS_CHECK_CONDITION, disk.sense(sense::DATA_PROTECT, 0x27, 0, None)));
+    disk.inject(
+        nexus,
+        Fault::Reply(
+            STATUS_CHECK_CONDITION,
+            disk.sense(sense::DATA_PROTECT, 0x27, 0, None),
+        ),
+    );
     let err = lun.write_at(&buf, 0).unwrap_err();
     assert!(err.to_string().contains("write protected"), "{err}");
     disk.inject(nexus, Fault::Reply(STATUS_CHECK_CONDITION, vec![0x70]));
     assert!(lun.read_at(&mut buf, 0).is_err());
     disk.inject(nexus, Fault::Reply(STATUS_CHECK_CONDITION, Vec::new()));
-    assert!(lun.read_at(&mut buf, 0).unwrap_err().to_string().contains("without readable sense"));
+    assert!(lun
+        .read_at(&mut buf, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("without readable sense"));
 }
 
 #[test]
@@ -365,12 +408,20 @@ fn a_lost_connection_reconnects_once() {
     let nexus = lun.transport().nexus;
     disk.inject(nexus, Fault::LostBefore);
     lun.write_at(&[3u8; 512], 512).unwrap();
-    assert_eq!(lun.transport().reconnects.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        lun.transport()
+            .reconnects
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
     disk.inject(nexus, Fault::LostBefore);
     disk.inject(nexus, Fault::LostBefore);
     let err = lun.write_at(&[4u8; 512], 512).unwrap_err();
     assert!(matches!(err, LunError::Transport { .. }), "{err}");
-    assert!(err.to_string().contains("may or may not have landed"), "{err}");
+    assert!(
+        err.to_string().contains("may or may not have landed"),
+        "{err}"
+    );
     assert_eq!(err.errno(), libc::EIO);
 
     let mut failing = disk.connect();
@@ -471,7 +522,10 @@ fn preempting_the_holder_takes_the_reservation_over() {
     let res = pb.read_reservation().unwrap().unwrap();
     assert_eq!(res.key, kb);
     assert_eq!(res.kind, ReservationType::WriteExclusiveRegistrantsOnly);
-    assert!(matches!(a.write_at(&[1u8; 512], 0).unwrap_err(), LunError::Fenced(_)));
+    assert!(matches!(
+        a.write_at(&[1u8; 512], 0).unwrap_err(),
+        LunError::Fenced(_)
+    ));
 }
 
 #[test]

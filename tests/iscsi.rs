@@ -1,0 +1,217 @@
+//! Against a real iSCSI target named by ATSFS_TEST_ISCSI_URL
+//! (`iscsi://127.0.0.1:3260/IQN/LUN`; its contents are overwritten). Skipped, with a
+//! message, when the variable is unset. Needs libiscsi7.
+//!
+//! The tests share the LUN, so they take turns (`TURN`).
+
+use atsfs::lun::{
+    open_device, AtsKind, Caw, Lun, LunError, OpenMode, ReservationKey, ReservationType,
+};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+static TURN: Mutex<()> = Mutex::new(());
+
+fn url() -> Option<String> {
+    match std::env::var("ATSFS_TEST_ISCSI_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            eprintln!("skipped: no iSCSI target (set ATSFS_TEST_ISCSI_URL)");
+            None
+        }
+    }
+}
+
+fn open(url: &str) -> Arc<dyn Lun> {
+    open_device(Path::new(url), OpenMode::ReadWrite).expect("opening the iSCSI LUN")
+}
+
+/// Leaves the LUN without registrations or reservation (an earlier run may have
+/// stopped half way).
+fn clear_reservations(lun: &dyn Lun) {
+    let pr = lun.reservations().expect("an iSCSI LUN has reservations");
+    let own = ReservationKey(0xC1EA);
+    pr.register(own).unwrap();
+    for key in pr.read_keys().unwrap() {
+        if key != own {
+            pr.preempt(own, key, false).unwrap();
+        }
+    }
+    pr.unregister().unwrap();
+    assert!(pr.read_keys().unwrap().is_empty());
+    assert_eq!(pr.read_reservation().unwrap(), None);
+}
+
+#[test]
+fn reads_and_writes_round_trip() {
+    let Some(url) = url() else { return };
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let lun = open(&url);
+    clear_reservations(&*lun);
+    assert!(
+        lun.describe().starts_with("iSCSI LUN iscsi://"),
+        "{}",
+        lun.describe()
+    );
+    assert!(lun.len_bytes() >= 4 * 1024 * 1024);
+    let sector = lun.sector_size() as usize;
+    eprintln!(
+        "{}: sector {sector}, {} bytes",
+        lun.describe(),
+        lun.len_bytes()
+    );
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 4096u32)
+        .map(|i| (i % 249) as u8)
+        .collect();
+    lun.write_at(&data, 1024 * 1024).unwrap();
+    lun.flush().unwrap();
+    let other = open(&url);
+    let mut back = vec![0u8; data.len()];
+    other.read_at(&mut back, 1024 * 1024).unwrap();
+    assert_eq!(back, data);
+    let mut part = vec![0u8; 777];
+    other.read_at(&mut part, 1024 * 1024 + 3).unwrap();
+    assert_eq!(part, data[3..780]);
+    let err = lun.write_at(&data[..100], 0).unwrap_err();
+    assert!(matches!(err, LunError::Misaligned { .. }), "{err}");
+    let ro = open_device(Path::new(&url), OpenMode::ReadOnly).unwrap();
+    assert!(ro.write_at(&data[..512], 0).is_err());
+}
+
+#[test]
+fn compare_and_write_or_a_clear_error() {
+    let Some(url) = url() else { return };
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let lun = open(&url);
+    clear_reservations(&*lun);
+    assert_eq!(lun.ats_kind(), AtsKind::Hardware);
+    let sector = lun.sector_size() as usize;
+    let offset = 64 * 1024;
+    let old = vec![0x11u8; sector];
+    let new = vec![0x22u8; sector];
+    lun.write_at(&old, offset).unwrap();
+    match lun.compare_and_write(offset, &old, &new) {
+        Ok(Caw::Written) => {
+            let mut back = vec![0u8; sector];
+            lun.read_at(&mut back, offset).unwrap();
+            assert_eq!(back, new);
+            // A stale expected image: nothing changes, the actual sector comes back.
+            let other = open(&url);
+            assert_eq!(
+                other.compare_and_write(offset, &old, &old).unwrap(),
+                Caw::Miscompare(new.clone())
+            );
+            let mut mixed = new.clone();
+            mixed[sector / 2] = 0;
+            assert_eq!(
+                other.compare_and_write(offset, &mixed, &old).unwrap(),
+                Caw::Miscompare(new.clone())
+            );
+            eprintln!("hardware COMPARE AND WRITE works");
+        }
+        Err(err @ LunError::NoCompareAndWrite { .. }) => {
+            let text = err.to_string();
+            assert!(text.contains("COMPARE AND WRITE"), "{text}");
+            assert!(text.contains("Disk Paxos"), "{text}");
+            eprintln!("the target has no COMPARE AND WRITE: {text}");
+        }
+        other => panic!("compare-and-write: {other:?}"),
+    }
+}
+
+#[test]
+fn preempting_a_host_fences_its_writes() {
+    let Some(url) = url() else { return };
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let survivor = open(&url);
+    let victim = open(&url);
+    clear_reservations(&*survivor);
+    let (ks, kv) = (ReservationKey(0x5151), ReservationKey(0x7171));
+    let (ps, pv) = (
+        survivor.reservations().unwrap(),
+        victim.reservations().unwrap(),
+    );
+    let caps = ps.capabilities().unwrap();
+    eprintln!("reservation capabilities: {caps:?}");
+    ps.register(ks).unwrap();
+    pv.register(kv).unwrap();
+    ps.reserve(ks).unwrap();
+    pv.reserve(kv).unwrap();
+    let res = ps.read_reservation().unwrap().unwrap();
+    assert_eq!(res.kind, ReservationType::WriteExclusiveRegistrantsOnly);
+    assert_eq!(res.key, ks);
+    let block = vec![0x33u8; survivor.sector_size() as usize];
+    victim.write_at(&block, 0).unwrap();
+    victim.flush().unwrap();
+
+    ps.preempt(ks, kv, true).unwrap();
+    assert_eq!(ps.read_keys().unwrap(), vec![ks]);
+    let err = victim.write_at(&block, 0).unwrap_err();
+    let LunError::Fenced(why) = &err else {
+        panic!("expected Fenced, got {err}");
+    };
+    assert!(why.contains("reservation key was removed"), "{why}");
+    let sector = victim.sector_size() as usize;
+    let caw = victim.compare_and_write(0, &block[..sector], &vec![0u8; sector]);
+    assert!(
+        matches!(
+            caw,
+            Err(LunError::Fenced(_)) | Err(LunError::NoCompareAndWrite { .. })
+        ),
+        "{caw:?}"
+    );
+    // Reads stay allowed; the survivor still writes.
+    let mut back = vec![0u8; block.len()];
+    victim.read_at(&mut back, 0).unwrap();
+    survivor.write_at(&block, 0).unwrap();
+    // Preempting again is a no-op; the fenced host cannot preempt back.
+    ps.preempt(ks, kv, false).unwrap();
+    assert!(matches!(
+        pv.preempt(kv, ks, false).unwrap_err(),
+        LunError::Fenced(_)
+    ));
+    ps.release(ks).unwrap();
+    assert_eq!(ps.read_reservation().unwrap(), None);
+    ps.unregister().unwrap();
+    assert!(ps.read_keys().unwrap().is_empty());
+}
+
+#[test]
+fn two_opens_are_two_initiators() {
+    let Some(url) = url() else { return };
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let a = open(&url);
+    let b = open(&url);
+    clear_reservations(&*a);
+    let (pa, pb) = (a.reservations().unwrap(), b.reservations().unwrap());
+    pa.register(ReservationKey(1)).unwrap();
+    pb.register(ReservationKey(2)).unwrap();
+    let mut keys = pa.read_keys().unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![ReservationKey(1), ReservationKey(2)]);
+    // One initiator re-registering replaces only its own key.
+    pa.register(ReservationKey(3)).unwrap();
+    let mut keys = pb.read_keys().unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![ReservationKey(2), ReservationKey(3)]);
+    pa.unregister().unwrap();
+    pb.unregister().unwrap();
+    assert!(pa.read_keys().unwrap().is_empty());
+}
+
+#[test]
+fn a_bad_url_or_target_gives_a_clear_error() {
+    let Some(url) = url() else { return };
+    let err = open_device(
+        Path::new("iscsi://127.0.0.1:1/iqn.x:y/1"),
+        OpenMode::ReadOnly,
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("login to iqn.x:y LUN 1"), "{err}");
+    let err = open_device(Path::new("iscsi://nohost"), OpenMode::ReadOnly)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("iscsi://"), "{err}");
+    let _ = url;
+}
