@@ -2,7 +2,9 @@
 //! (`iscsi://127.0.0.1:3260/IQN/LUN`; its contents are overwritten). Skipped, with a
 //! message, when the variable is unset. Needs libiscsi7.
 //!
-//! The tests share the LUN, so they take turns (`TURN`).
+//! The tests share the LUN, so they take turns (`TURN`). On tgt, start tgtd with one
+//! I/O thread per LUN (`tgtd -t 1`): with more, its COMPARE AND WRITE is not atomic
+//! (two threads can both pass the compare) and the CAW contention test fails.
 
 use atsfs::lun::{
     open_device, AtsKind, Caw, Lun, LunError, OpenMode, ReservationKey, ReservationType,
@@ -214,4 +216,53 @@ fn a_bad_url_or_target_gives_a_clear_error() {
         .unwrap();
     assert!(err.to_string().contains("iscsi://"), "{err}");
     let _ = url;
+}
+
+/// Adds one to the counter in the first 8 bytes of the sector at `offset`, by read
+/// and compare-and-write until one succeeds. False when the LUN has no CAW.
+fn increment(lun: &dyn Lun, offset: u64) -> bool {
+    let sector = lun.sector_size() as usize;
+    let mut expected = vec![0u8; sector];
+    lun.read_at(&mut expected, offset).unwrap();
+    for _ in 0..100_000 {
+        let count = u64::from_le_bytes(expected[..8].try_into().unwrap());
+        let mut new = expected.clone();
+        new[..8].copy_from_slice(&(count + 1).to_le_bytes());
+        match lun.compare_and_write(offset, &expected, &new) {
+            Ok(Caw::Written) => return true,
+            Ok(Caw::Miscompare(actual)) => expected = actual,
+            Err(LunError::NoCompareAndWrite { .. }) => return false,
+            Err(e) => panic!("compare-and-write: {e}"),
+        }
+    }
+    panic!("no increment within the retry bound");
+}
+
+#[test]
+fn compare_and_write_is_atomic_between_initiators() {
+    let Some(url) = url() else { return };
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    const THREADS: usize = 4;
+    const INCREMENTS: u64 = 100;
+    let first = open(&url);
+    clear_reservations(&*first);
+    let offset = 128 * 1024;
+    first
+        .write_at(&vec![0u8; first.sector_size() as usize], offset)
+        .unwrap();
+    let handles: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let lun = open(&url);
+            std::thread::spawn(move || (0..INCREMENTS).all(|_| increment(&*lun, offset)))
+        })
+        .collect();
+    let all: Vec<bool> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    if all.iter().any(|ok| !ok) {
+        eprintln!("skipped: the target has no COMPARE AND WRITE");
+        return;
+    }
+    let mut back = vec![0u8; first.sector_size() as usize];
+    first.read_at(&mut back, offset).unwrap();
+    let count = u64::from_le_bytes(back[..8].try_into().unwrap());
+    assert_eq!(count, THREADS as u64 * INCREMENTS);
 }
