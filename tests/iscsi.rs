@@ -7,7 +7,8 @@
 //! (two threads can both pass the compare) and the CAW contention test fails.
 
 use atsfs::lun::{
-    open_device, AtsKind, Caw, Lun, LunError, OpenMode, ReservationKey, ReservationType,
+    open_device, AtsKind, Caw, IscsiTransport, Lun, LunError, OpenMode, ReservationKey,
+    ReservationType, ScsiLun,
 };
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -265,4 +266,78 @@ fn compare_and_write_is_atomic_between_initiators() {
     first.read_at(&mut back, offset).unwrap();
     let count = u64::from_le_bytes(back[..8].try_into().unwrap());
     assert_eq!(count, THREADS as u64 * INCREMENTS);
+}
+
+/// The I_T nexus (tgt's session id) of `initiator`, from `tgtadm --op show`.
+fn tgt_session_of(control: &str, initiator: &str) -> Option<String> {
+    let out = std::process::Command::new("tgtadm")
+        .args([
+            "-C", control, "--lld", "iscsi", "--op", "show", "--mode", "target",
+        ])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut nexus = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(id) = line.strip_prefix("I_T nexus: ") {
+            nexus = Some(id.to_string());
+        }
+        if line
+            .strip_prefix("Initiator: ")
+            .is_some_and(|l| l.starts_with(initiator))
+        {
+            return nexus;
+        }
+    }
+    None
+}
+
+/// Drops this open's connection on the target (tgtadm) and checks that the next
+/// command reconnects. Needs ATSFS_TEST_TGT_CONTROL (tgtd's `-C` control port) and
+/// target id 1.
+#[test]
+fn a_dropped_connection_is_reconnected() {
+    let Some(url) = url() else { return };
+    let Ok(control) = std::env::var("ATSFS_TEST_TGT_CONTROL") else {
+        eprintln!("skipped: cannot drop connections (set ATSFS_TEST_TGT_CONTROL to tgtd's -C)");
+        return;
+    };
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let lun = ScsiLun::open(IscsiTransport::connect(&url).unwrap(), OpenMode::ReadWrite).unwrap();
+    clear_reservations(&lun);
+    let pr = lun.reservations().unwrap();
+    pr.register(ReservationKey(0xD0)).unwrap();
+    let block = vec![0x44u8; lun.sector_size() as usize];
+    lun.write_at(&block, 0).unwrap();
+    let initiator = lun.transport().initiator();
+    let sid = tgt_session_of(&control, &initiator).expect("our session on the target");
+    let status = std::process::Command::new("tgtadm")
+        .args([
+            "-C", &control, "--lld", "iscsi", "--op", "delete", "--mode", "conn",
+        ])
+        .args(["--tid", "1", "--sid", &sid, "--cid", "0"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The next command finds the connection gone, logs in again, and runs.
+    let block2 = vec![0x45u8; lun.sector_size() as usize];
+    lun.write_at(&block2, 0).unwrap();
+    let mut back = vec![0u8; block2.len()];
+    lun.read_at(&mut back, 0).unwrap();
+    assert_eq!(back, block2);
+    let after = tgt_session_of(&control, &initiator).expect("our new session");
+    assert_ne!(sid, after);
+    // With the same initiator name and ISID a compliant target sees the same
+    // initiator port, and the registration is still this session's. tgt makes a new
+    // I_T nexus per session: the key stays listed (the dead nexus's), but this
+    // session is not registered, so a reservation would now refuse its writes:
+    // fenced, which is the safe side.
+    assert_eq!(pr.read_keys().unwrap(), vec![ReservationKey(0xD0)]);
+    match pr.reserve(ReservationKey(0xD0)) {
+        Ok(()) => eprintln!("the registration survived the reconnect"),
+        Err(LunError::Fenced(why)) => eprintln!("the reconnect lost the registration: {why}"),
+        Err(other) => panic!("reserve after the reconnect: {other}"),
+    }
+    pr.unregister().unwrap();
+    clear_reservations(&lun);
 }
