@@ -7,6 +7,8 @@
 //! - Nothing written is durable until `flush` returns.
 //!
 //! Backends: `FileLun` (image files and block devices, ATS emulated with OFD locks),
+//! `ScsiLun` (SCSI over libiscsi for `iscsi://` URLs or SG_IO for SCSI device nodes:
+//! the device's COMPARE AND WRITE, persistent reservations; docs/scsi.md),
 //! `MemLun` (in memory, for tests and the simulator), and `FaultLun` (wraps any LUN
 //! and injects faults, records writes for crash-point tests). `WriteBehind` wraps the
 //! fs's LUN and queues large data writes to a writer thread.
