@@ -230,13 +230,17 @@ static API: OnceLock<Result<ffi::Api, String>> = OnceLock::new();
 fn api(device: &str) -> LunResult<&'static ffi::Api> {
     match API.get_or_init(|| ffi::Api::load(LIBRARY)) {
         Ok(api) => Ok(api),
-        Err(why) => Err(LunError::Open {
-            device: device.to_string(),
-            detail: format!(
-                "iSCSI needs libiscsi ({LIBRARY}: {why}): apt-get install libiscsi7 \
-                 (Debian/Ubuntu) or dnf install libiscsi"
-            ),
-        }),
+        Err(why) => Err(missing_library(device, why)),
+    }
+}
+
+fn missing_library(device: &str, why: &str) -> LunError {
+    LunError::Open {
+        device: device.to_string(),
+        detail: format!(
+            "iSCSI needs libiscsi: apt-get install libiscsi7 (Debian/Ubuntu) or dnf install \
+             libiscsi ({LIBRARY}: {why})"
+        ),
     }
 }
 
@@ -623,6 +627,20 @@ mod tests {
         );
         assert_eq!(redact_url("iscsi://h/iqn.x:y@z/1"), "iscsi://h/iqn.x:y@z/1");
         assert_eq!(redact_url("/dev/sda"), "/dev/sda");
+    }
+
+    #[test]
+    fn a_missing_library_says_what_to_install() {
+        let Err(why) = ffi::Api::load("libiscsi-not-here.so.7") else {
+            panic!("loaded a library that does not exist");
+        };
+        let err = missing_library("iscsi://h/iqn.x:y/1", &why);
+        let text = err.to_string();
+        assert!(
+            text.contains("iSCSI needs libiscsi: apt-get install libiscsi7"),
+            "{text}"
+        );
+        assert_eq!(err.errno(), libc::ENODEV);
     }
 
     #[test]

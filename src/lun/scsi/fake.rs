@@ -25,6 +25,8 @@ pub(crate) struct FakeConfig {
     pub max_caw_blocks: Option<u8>,
     pub descriptor_sense: bool,
     pub sync16: bool,
+    /// PREEMPT AND ABORT is implemented (tgt lacks it).
+    pub preempt_abort: bool,
 }
 
 impl Default for FakeConfig {
@@ -38,6 +40,7 @@ impl Default for FakeConfig {
             max_caw_blocks: Some(0),
             descriptor_sense: false,
             sync16: true,
+            preempt_abort: true,
         }
     }
 }
@@ -363,6 +366,7 @@ impl FakeDisk {
                 }
                 Ok(())
             }
+            0x05 if !self.config.preempt_abort => self.check(sense::ILLEGAL_REQUEST, 0x24, 0),
             0x04 | 0x05 => {
                 if own != Some(key) {
                     return conflict;

@@ -549,3 +549,72 @@ fn wrappers_forward_reservations() {
     let mem = crate::lun::MemLun::new(1 << 20, 512);
     assert!(mem.reservations().is_none());
 }
+
+#[test]
+fn preempt_and_abort_falls_back_to_preempt_where_the_device_lacks_it() {
+    let disk = FakeDisk::new(FakeConfig {
+        preempt_abort: false,
+        ..FakeConfig::default()
+    });
+    let (a, b) = (open(&disk), open(&disk));
+    let (pa, pb) = (a.reservations().unwrap(), b.reservations().unwrap());
+    pa.register(ReservationKey(1)).unwrap();
+    pb.register(ReservationKey(2)).unwrap();
+    pa.reserve(ReservationKey(1)).unwrap();
+    pa.preempt(ReservationKey(1), ReservationKey(2), true)
+        .unwrap();
+    assert_eq!(pa.read_keys().unwrap(), vec![ReservationKey(1)]);
+    assert!(matches!(
+        b.write_at(&[0u8; 512], 0).unwrap_err(),
+        LunError::Fenced(_)
+    ));
+}
+
+#[test]
+fn a_reservation_of_another_type_is_not_taken_for_ours() {
+    let disk = disk();
+    let (a, b) = (open(&disk), open(&disk));
+    let (pa, pb) = (a.reservations().unwrap(), b.reservations().unwrap());
+    pa.register(ReservationKey(1)).unwrap();
+    pb.register(ReservationKey(2)).unwrap();
+    // Another host reserves as Exclusive Access (type 3), outside atsfs.
+    let cdb = cdb::pr_out(PrOut::Reserve, ReservationType::ExclusiveAccess);
+    let params = cdb::pr_out_parameters(1, 0);
+    let status = a.transport().execute(&cdb, DataDir::Out(&params)).unwrap();
+    assert_eq!(status.status, STATUS_GOOD);
+    let err = pb.reserve(ReservationKey(2)).unwrap_err();
+    assert!(err.to_string().contains("not Write Exclusive"), "{err}");
+}
+
+/// Four threads add to one counter by compare-and-write through one `ScsiLun`.
+#[test]
+fn compare_and_write_counts_exactly_under_contention() {
+    use std::thread;
+    let disk = disk();
+    let luns: Vec<_> = (0..2).map(|_| Arc::new(open(&disk))).collect();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let lun = luns[i % 2].clone();
+            thread::spawn(move || {
+                for _ in 0..200 {
+                    let mut expected = vec![0u8; 512];
+                    lun.read_at(&mut expected, 4096).unwrap();
+                    loop {
+                        let n = u64::from_le_bytes(expected[..8].try_into().unwrap());
+                        let mut new = expected.clone();
+                        new[..8].copy_from_slice(&(n + 1).to_le_bytes());
+                        match lun.compare_and_write(4096, &expected, &new).unwrap() {
+                            Caw::Written => break,
+                            Caw::Miscompare(actual) => expected = actual,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let n = u64::from_le_bytes(disk.bytes(4096, 8).try_into().unwrap());
+    assert_eq!(n, 800);
+}
