@@ -6,6 +6,8 @@
 //! - A path that answers SG_IO (a SCSI disk `/dev/sdX`, a SCSI generic node
 //!   `/dev/sgN`, a device-mapper node over SCSI paths) is a `ScsiLun<SgTransport>`:
 //!   every command, data included, goes through SG_IO (docs/scsi.md says why).
+//!   Partitions and partial device-mapper maps are files: SG_IO on them would address
+//!   the whole disk.
 //! - Anything else (an image file, a loop, virtio or NVMe device) is a `FileLun`,
 //!   with compare-and-write emulated.
 
@@ -49,7 +51,9 @@ pub fn open_device(name: &Path, mode: OpenMode) -> LunResult<Arc<dyn Lun>> {
         }
         DeviceKind::Sg => {
             let transport = SgTransport::open(name, mode)?;
-            Ok(Arc::new(ScsiLun::open(transport, mode)?))
+            let lun = ScsiLun::open(transport, mode)?;
+            sg::check_same_size(name, lun.len_bytes())?;
+            Ok(Arc::new(lun))
         }
     }
 }

@@ -173,13 +173,19 @@ fn sg_version(file: &File) -> io::Result<libc::c_int> {
     Ok(version)
 }
 
-/// Whether `path` is a device node that answers SG_IO (regular files never do).
+/// Whether `path` is a device node that answers SG_IO for a whole SCSI logical unit
+/// (regular files never do). Partitions and device-mapper maps other than multipath
+/// are left out: SG_IO on them reaches the whole underlying disk (root may do that),
+/// where atsfs's block numbers would land outside the partition.
 pub fn answers_sg_io(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let Ok(meta) = std::fs::metadata(path) else {
         return false;
     };
     let kind = meta.file_type();
+    if kind.is_block_device() && !whole_scsi_unit(meta.rdev()) {
+        return false;
+    }
     if !kind.is_block_device() && !kind.is_char_device() {
         return false;
     }
@@ -192,6 +198,58 @@ pub fn answers_sg_io(path: &Path) -> bool {
     };
     sg_version(&file).is_ok()
 }
+
+/// Whether the block device `rdev` is a whole disk or a multipath map (by sysfs).
+fn whole_scsi_unit(rdev: u64) -> bool {
+    let sys = format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(rdev as libc::dev_t),
+        libc::minor(rdev as libc::dev_t)
+    );
+    if Path::new(&sys).join("partition").exists() {
+        return false;
+    }
+    match std::fs::read_to_string(Path::new(&sys).join("dm/uuid")) {
+        Ok(uuid) => uuid.starts_with("mpath-"),
+        Err(_) => true,
+    }
+}
+
+/// Refuses a block device whose size differs from what SG_IO's READ CAPACITY says:
+/// the commands would address another (larger) device than the one named.
+pub fn check_same_size(path: &Path, scsi_len_bytes: u64) -> LunResult<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let device = path.display().to_string();
+    let io_error = |source: io::Error| LunError::Io {
+        device: device.clone(),
+        op: "stat",
+        offset: 0,
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io_error)?;
+    if !meta.file_type().is_block_device() {
+        return Ok(());
+    }
+    let file = File::open(path).map_err(io_error)?;
+    let mut len_bytes: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, to a live local.
+    unsafe { blkgetsize64(file.as_raw_fd(), &mut len_bytes) }
+        .map_err(|e| io_error(io::Error::from(e)))?;
+    if len_bytes != scsi_len_bytes {
+        return Err(LunError::Open {
+            device,
+            detail: format!(
+                "the block device is {len_bytes} bytes but SG_IO reaches a logical unit of \
+                 {scsi_len_bytes} bytes (a partition or a partial mapping?); give the whole \
+                 disk or its /dev/sgN node"
+            ),
+        });
+    }
+    Ok(())
+}
+
+// BLKGETSIZE64 = _IOR(0x12, 114, size_t): the device size in bytes.
+nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
 
 /// A SCSI device node, commands through SG_IO.
 pub struct SgTransport {

@@ -392,7 +392,15 @@ impl<T: ScsiTransport> ScsiLun<T> {
                         Class::Good => return Ok(Reply::Good),
                         Class::Retry => {
                             last = sense.to_string();
-                            if sense.key == sense::UNIT_ATTENTION {
+                            let preempted = [
+                                sense::ASC_REGISTRATIONS_PREEMPTED,
+                                sense::ASC_RESERVATIONS_PREEMPTED,
+                            ];
+                            if sense.key == sense::UNIT_ATTENTION
+                                && preempted.contains(&sense.asc_ascq())
+                            {
+                                tracing::warn!(device = %self.describe(), op, %sense, "another host preempted this host's reservation key");
+                            } else if sense.key == sense::UNIT_ATTENTION {
                                 tracing::info!(device = %self.describe(), op, %sense, "unit attention");
                             } else {
                                 std::thread::sleep(backoff);
