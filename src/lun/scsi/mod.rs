@@ -673,7 +673,11 @@ impl<T: ScsiTransport> Lun for ScsiLun<T> {
     }
 
     fn flush(&self) -> LunResult<()> {
-        self.check_writable("flush", 0)?;
+        // A read-only open wrote nothing to flush (and a flush is a write command that
+        // a reservation may refuse): Ok, as for `FileLun`.
+        if self.read_only {
+            return Ok(());
+        }
         match self.flush_with(&cdb::synchronize_cache16())? {
             Reply::Check(sense) if sense.is_invalid_opcode() => {
                 let reply = self.flush_with(&cdb::synchronize_cache10())?;
