@@ -62,8 +62,6 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// The ATS sector bounds (as `FileLun`'s).
 const SECTOR_MIN_BYTES: u32 = 512;
 const SECTOR_MAX_BYTES: u32 = 64 * 1024;
-/// Largest LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT taken as meant (2^7 blocks).
-const PHYSICAL_EXPONENT_MAX: u8 = 7;
 /// Bytes asked for in PERSISTENT RESERVE IN (READ KEYS holds (n-8)/8 keys).
 const PR_IN_BYTES: u16 = 8 + 8 * 256;
 
@@ -234,8 +232,8 @@ impl<T: ScsiTransport> ScsiLun<T> {
                 "logical block size {logical} bytes is not a power of two in 512..=65536"
             )));
         }
-        let exponent = capacity.physical_exponent.min(PHYSICAL_EXPONENT_MAX);
-        let physical = u64::from(logical) << exponent;
+        // The exponent is a 4-bit field: the shift stays far below 64 bits.
+        let physical = u64::from(logical) << (capacity.physical_exponent & 0x0F);
         let sector = u32::try_from(physical)
             .ok()
             .filter(|s| *s <= SECTOR_MAX_BYTES)

@@ -199,6 +199,13 @@ fn the_ats_sector_is_the_physical_block() {
     assert_eq!(lun.caw_support(), CawSupport::Supported);
     let plain = open(&FakeDisk::new(FakeConfig::default()));
     assert_eq!(plain.sector_size(), 512);
+    // A physical block larger than an ATS sector may be is refused, not shrunk.
+    let huge = FakeDisk::new(FakeConfig {
+        physical_exponent: 8,
+        ..FakeConfig::default()
+    });
+    let err = ScsiLun::open(huge.connect(), OpenMode::ReadOnly).err().unwrap();
+    assert!(err.to_string().contains("larger than an ATS sector"), "{err}");
 }
 
 #[test]
