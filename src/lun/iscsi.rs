@@ -355,7 +355,10 @@ impl IscsiTransport {
             if text.is_null() {
                 return "unknown libiscsi error".into();
             }
-            CStr::from_ptr(text).to_string_lossy().trim_end().to_string()
+            CStr::from_ptr(text)
+                .to_string_lossy()
+                .trim_end()
+                .to_string()
         }
     }
 

@@ -204,8 +204,13 @@ fn the_ats_sector_is_the_physical_block() {
         physical_exponent: 8,
         ..FakeConfig::default()
     });
-    let err = ScsiLun::open(huge.connect(), OpenMode::ReadOnly).err().unwrap();
-    assert!(err.to_string().contains("larger than an ATS sector"), "{err}");
+    let err = ScsiLun::open(huge.connect(), OpenMode::ReadOnly)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("larger than an ATS sector"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -321,7 +326,11 @@ fn a_device_without_compare_and_write_gives_a_clear_error() {
     assert!(lun.write_at(&zero, 0).is_err());
     let sent = disk.opcodes().len();
     lun.flush().unwrap();
-    assert_eq!(disk.opcodes().len(), sent, "a read-only flush sends nothing");
+    assert_eq!(
+        disk.opcodes().len(),
+        sent,
+        "a read-only flush sends nothing"
+    );
 }
 
 #[test]
