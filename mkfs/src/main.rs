@@ -5,7 +5,7 @@
 //! Exit codes: 0 done, 1 refused or bad input, 2 I/O error.
 
 use atsfs::format::{Superblock, ATS_MODE_EMULATED, BLOCK_SIZE_U64};
-use atsfs::lun::{FileLun, Lun, LunError, OpenMode};
+use atsfs::lun::{device_kind, open_device, DeviceKind, Lun, LunError, OpenMode};
 use atsfs::mkfs::{
     live_hosts, mkfs, plan_for, probe, slots_marked_live, validate_options, MkfsError, MkfsOptions,
     Probe, LEASE_MAX,
@@ -15,6 +15,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Volumes with at least this many allocation groups get a progress bar.
@@ -129,9 +130,11 @@ fn run(args: &Args) -> Result<(), Failure> {
     let opts = options(args);
     validate_options(&opts)?;
     let path = &args.device;
-    let exists = path
-        .try_exists()
-        .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
+    // An iscsi:// URL names a LUN that exists (or fails to open with its own error).
+    let exists = device_kind(path) == DeviceKind::Iscsi
+        || path
+            .try_exists()
+            .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
     // A new image file gets the image default of 512-byte ATS sectors.
     let mut sector = IMAGE_SECTOR_BYTES;
     if exists {
@@ -234,8 +237,8 @@ fn create_or_grow(path: &Path, size: u64) -> Result<(), Failure> {
     grown
 }
 
-fn open(path: &Path) -> Result<FileLun, Failure> {
-    FileLun::open(path, OpenMode::ReadWrite).map_err(|err| {
+fn open(path: &Path) -> Result<Arc<dyn Lun>, Failure> {
+    open_device(path, OpenMode::ReadWrite).map_err(|err| {
         let refused = matches!(
             &err,
             LunError::Io { source, .. }
@@ -255,7 +258,7 @@ fn open(path: &Path) -> Result<FileLun, Failure> {
 }
 
 /// Refuses a device in use (always) or holding data (unless `-f`).
-fn check_existing(lun: &FileLun, args: &Args) -> Result<(), Failure> {
+fn check_existing(lun: &dyn Lun, args: &Args) -> Result<(), Failure> {
     let device = args.device.display();
     match probe(lun)? {
         Probe::Empty => Ok(()),
@@ -292,7 +295,7 @@ fn check_existing(lun: &FileLun, args: &Args) -> Result<(), Failure> {
 
 /// Watches the volume's heartbeats. A slot marked live that does not move may be a
 /// crashed host or a host stalled for a moment: then wait out a whole lease.
-fn refuse_if_in_use(lun: &FileLun, sb: &Superblock, args: &Args) -> Result<(), Failure> {
+fn refuse_if_in_use(lun: &dyn Lun, sb: &Superblock, args: &Args) -> Result<(), Failure> {
     let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
     let lease = Duration::from_millis(u64::from(sb.lease_ms)).min(LEASE_MAX);
     let watch = (interval * 2 + WATCH_MARGIN).min(LEASE_MAX);
@@ -380,7 +383,7 @@ impl Progress {
     }
 }
 
-fn print_summary(lun: &FileLun, sb: &Superblock) {
+fn print_summary(lun: &dyn Lun, sb: &Superblock) {
     let volume_bytes = sb.total_blocks * BLOCK_SIZE_U64;
     let journal_bytes = sb.journal_blocks * BLOCK_SIZE_U64;
     println!("made an atsfs volume on {}", lun.describe());

@@ -317,6 +317,9 @@ impl Lun for GuardedLun {
     fn ats_kind(&self) -> crate::lun::AtsKind {
         self.inner.ats_kind()
     }
+    fn reservations(&self) -> Option<&dyn crate::lun::Reservations> {
+        self.inner.reservations()
+    }
 }
 
 /// This kernel's boot id: emulated ATS is atomic only between processes of one kernel,

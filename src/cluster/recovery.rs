@@ -350,6 +350,9 @@ impl Lun for HeldLun<'_, '_> {
     fn ats_kind(&self) -> crate::lun::AtsKind {
         self.hold.lun.ats_kind()
     }
+    fn reservations(&self) -> Option<&dyn crate::lun::Reservations> {
+        self.hold.lun.reservations()
+    }
 }
 
 /// What `recover_offline` did with one slot.

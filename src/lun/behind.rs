@@ -310,6 +310,36 @@ fn duplicate(e: &LunError) -> LunError {
             offset: *offset,
             waited_ms: *waited_ms,
         },
+        LunError::Scsi {
+            device,
+            op,
+            offset,
+            detail,
+        } => LunError::Scsi {
+            device: device.clone(),
+            op,
+            offset: *offset,
+            detail: detail.clone(),
+        },
+        LunError::Transport {
+            device,
+            op,
+            offset,
+            detail,
+        } => LunError::Transport {
+            device: device.clone(),
+            op,
+            offset: *offset,
+            detail: detail.clone(),
+        },
+        LunError::NoCompareAndWrite { device, detail } => LunError::NoCompareAndWrite {
+            device: device.clone(),
+            detail: detail.clone(),
+        },
+        LunError::Open { device, detail } => LunError::Open {
+            device: device.clone(),
+            detail: detail.clone(),
+        },
     }
 }
 
@@ -366,6 +396,9 @@ impl Lun for WriteBehind {
     }
     fn ats_kind(&self) -> super::AtsKind {
         self.inner.ats_kind()
+    }
+    fn reservations(&self) -> Option<&dyn super::Reservations> {
+        self.inner.reservations()
     }
 }
 

@@ -409,6 +409,9 @@ impl<L: Lun> Lun for FaultLun<L> {
     fn ats_kind(&self) -> super::AtsKind {
         self.inner.ats_kind()
     }
+    fn reservations(&self) -> Option<&dyn super::Reservations> {
+        self.inner.reservations()
+    }
 }
 
 /// The device after a crash right after `records[..cut]` landed, with every landed

@@ -7,6 +7,8 @@
 //! - Nothing written is durable until `flush` returns.
 //!
 //! Backends: `FileLun` (image files and block devices, ATS emulated with OFD locks),
+//! `ScsiLun` (SCSI over libiscsi for `iscsi://` URLs or SG_IO for SCSI device nodes:
+//! the device's COMPARE AND WRITE, persistent reservations; docs/scsi.md),
 //! `MemLun` (in memory, for tests and the simulator), and `FaultLun` (wraps any LUN
 //! and injects faults, records writes for crash-point tests). `WriteBehind` wraps the
 //! fs's LUN and queues large data writes to a writer thread.
@@ -14,16 +16,26 @@
 mod behind;
 mod fault;
 mod file;
+mod iscsi;
 mod mem;
 mod open;
+pub mod reservations;
+pub mod scsi;
+mod sg;
 
 pub use behind::WriteBehind;
 pub use fault::{
     crash_image, durable_image, flushes_at_cut, FaultConfig, FaultLun, IoStats, WriteRecord,
 };
 pub use file::{FileLun, OpenMode};
+pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
 pub use open::{device_kind, open_device, DeviceKind};
+pub use reservations::{
+    Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
+};
+pub use scsi::{CawSupport, ScsiLun};
+pub use sg::SgTransport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,6 +150,40 @@ pub enum LunError {
         offset: u64,
         waited_ms: u64,
     },
+    /// A SCSI command failed: the device's sense data, decoded, or an answer that
+    /// makes no sense.
+    #[error("SCSI error on {device} ({op} at byte {offset}): {detail}")]
+    Scsi {
+        device: String,
+        op: &'static str,
+        offset: u64,
+        detail: String,
+    },
+    /// The transport to a SCSI device failed (connection lost, no reply in time) and
+    /// one reconnect did not help. A write or compare-and-write may or may not have
+    /// landed.
+    #[error(
+        "lost the path to {device} ({op} at byte {offset}): {detail}; a write may or may not \
+         have landed; check the network and the target"
+    )]
+    Transport {
+        device: String,
+        op: &'static str,
+        offset: u64,
+        detail: String,
+    },
+    /// The device has no usable SCSI COMPARE AND WRITE.
+    #[error(
+        "{device} has no usable SCSI COMPARE AND WRITE ({detail}); atsfs needs the storage's \
+         own atomic test-and-set to share a LUN between machines: use a target or array that \
+         supports COMPARE AND WRITE (VAAI ATS), or emulated ATS for hosts of one kernel (an \
+         image file or block device); Disk Paxos for plain shared disks is planned"
+    )]
+    NoCompareAndWrite { device: String, detail: String },
+    /// The device cannot be opened as asked (a missing library, a name that is not a
+    /// SCSI device, a bad URL).
+    #[error("cannot open {device}: {detail}")]
+    Open { device: String, detail: String },
 }
 
 impl LunError {
@@ -148,6 +194,9 @@ impl LunError {
             LunError::Misaligned { .. } | LunError::OutOfRange { .. } => libc::EINVAL,
             LunError::Fenced(_) => libc::EIO,
             LunError::AtsTimeout { .. } => libc::EAGAIN,
+            LunError::Scsi { .. } | LunError::Transport { .. } => libc::EIO,
+            LunError::NoCompareAndWrite { .. } => libc::EOPNOTSUPP,
+            LunError::Open { .. } => libc::ENODEV,
         }
     }
 }
@@ -191,6 +240,10 @@ pub trait Lun: Send + Sync {
     fn ats_kind(&self) -> AtsKind {
         AtsKind::Emulated
     }
+    /// The LUN's SCSI-3 persistent reservations, where it has them (SCSI backends).
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        None
+    }
 }
 
 impl<T: Lun + ?Sized> Lun for Arc<T> {
@@ -226,6 +279,9 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     }
     fn ats_kind(&self) -> AtsKind {
         (**self).ats_kind()
+    }
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        (**self).reservations()
     }
 }
 

@@ -1,8 +1,19 @@
 //! Opening a device by name: the one place that turns what a user typed (a path or
 //! an `iscsi://` URL) into a LUN. Every command (mount, mkfs, fsck, status, locks,
 //! recover, ats-selftest) opens its device here.
+//!
+//! - `iscsi://...` is an iSCSI LUN through libiscsi (`ScsiLun<IscsiTransport>`).
+//! - A path that answers SG_IO (a SCSI disk `/dev/sdX`, a SCSI generic node
+//!   `/dev/sgN`, a device-mapper node over SCSI paths) is a `ScsiLun<SgTransport>`:
+//!   every command, data included, goes through SG_IO (docs/scsi.md says why).
+//!   Partitions and partial device-mapper maps are files: SG_IO on them would address
+//!   the whole disk.
+//! - Anything else (an image file, a loop, virtio or NVMe device) is a `FileLun`,
+//!   with compare-and-write emulated.
 
-use super::{FileLun, Lun, LunResult, OpenMode};
+use super::scsi::ScsiLun;
+use super::sg::{self, SgTransport};
+use super::{FileLun, IscsiTransport, Lun, LunResult, OpenMode};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,11 +22,21 @@ use std::sync::Arc;
 pub enum DeviceKind {
     /// An image file or a block device, through the kernel (`FileLun`).
     File,
+    /// An `iscsi://` URL (libiscsi).
+    Iscsi,
+    /// A device node that answers SCSI commands through SG_IO.
+    Sg,
 }
 
-/// Tells what kind of device `name` names, without opening it.
+/// Tells what kind of device `name` names. A path is asked whether it answers SG_IO
+/// (an INQUIRY-free ioctl probe: SG_GET_VERSION_NUM on a node opened read-only).
 pub fn device_kind(name: &Path) -> DeviceKind {
-    let _ = name;
+    if name.to_str().is_some_and(|s| s.starts_with("iscsi://")) {
+        return DeviceKind::Iscsi;
+    }
+    if sg::answers_sg_io(name) {
+        return DeviceKind::Sg;
+    }
     DeviceKind::File
 }
 
@@ -23,5 +44,32 @@ pub fn device_kind(name: &Path) -> DeviceKind {
 pub fn open_device(name: &Path, mode: OpenMode) -> LunResult<Arc<dyn Lun>> {
     match device_kind(name) {
         DeviceKind::File => Ok(Arc::new(FileLun::open(name, mode)?)),
+        DeviceKind::Iscsi => {
+            let url = name.to_string_lossy();
+            let transport = IscsiTransport::connect(&url)?;
+            Ok(Arc::new(ScsiLun::open(transport, mode)?))
+        }
+        DeviceKind::Sg => {
+            let transport = SgTransport::open(name, mode)?;
+            let lun = ScsiLun::open(transport, mode)?;
+            sg::check_same_size(name, lun.len_bytes())?;
+            Ok(Arc::new(lun))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_told_apart() {
+        assert_eq!(
+            device_kind(Path::new("iscsi://127.0.0.1/iqn.2026-12.org.atsfs:t/1")),
+            DeviceKind::Iscsi
+        );
+        let img = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(device_kind(img.path()), DeviceKind::File);
+        assert_eq!(device_kind(Path::new("/nonexistent/x")), DeviceKind::File);
     }
 }
