@@ -26,7 +26,7 @@ struct Bed {
 /// Starts a target for `test`, or None (after `require_tgt!`'s message) without a
 /// tgt build.
 fn bed(test: &str) -> Option<Bed> {
-    let bins = (|| Some(require_tgt!()))()?;
+    let bins = tgt::binaries_or_skip()?;
     let scratch = Scratch::new(test);
     let image = scratch.join("lun.img");
     std::fs::File::create(&image)

@@ -31,22 +31,25 @@ use std::sync::Mutex;
 #[macro_export]
 macro_rules! require_tgt {
     () => {
-        match $crate::common::tgt::binaries() {
+        match $crate::common::tgt::binaries_or_skip() {
             Some(bins) => bins,
-            None => {
-                // CI builds the bed (.ci/run): there a missing one is a failure, never
-                // a silent pass.
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "CI is set but there is no tgt build: .ci/run runs `cargo xtask tgt build`"
-                );
-                eprintln!(
-                    "skipped: needs root and a tgt build (run `cargo xtask tgt build` as root)"
-                );
-                return;
-            }
+            None => return,
         }
     };
+}
+
+/// The tgt build, or None after printing why the test skips. Under CI a missing build
+/// is a failure: CI builds the bed (.ci/run), so a skip there would hide the tests.
+pub fn binaries_or_skip() -> Option<TgtBinaries> {
+    if let Some(bins) = binaries() {
+        return Some(bins);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI is set but there is no tgt build: .ci/run runs `cargo xtask tgt build`"
+    );
+    eprintln!("skipped: needs root and a tgt build (run `cargo xtask tgt build` as root)");
+    None
 }
 
 /// The built tgtd and tgtadm, when we are root and they exist.
