@@ -9,13 +9,15 @@
 //! Backends: `FileLun` (image files and block devices, ATS emulated with OFD locks),
 //! `MemLun` (in memory, for tests and the simulator), and `FaultLun` (wraps any LUN
 //! and injects faults, records writes for crash-point tests). `WriteBehind` wraps the
-//! fs's LUN and queues large data writes to a writer thread.
+//! fs's LUN and queues large data writes to a writer thread. `selftest` proves that a
+//! device's compare-and-write is atomic (`atsfs ats-selftest`).
 
 mod behind;
 mod fault;
 mod file;
 mod mem;
 mod open;
+pub mod selftest;
 
 pub use behind::WriteBehind;
 pub use fault::{
