@@ -473,6 +473,8 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
     let lun = open_device(device, OpenMode::ReadWrite)
         .with_context(|| format!("opening {}", device.display()))?;
     let sb = atsfs::fs::read_superblock(&lun)?;
+    // Recovery replays journals and frees slots by ATS: one kind of ATS per volume.
+    atsfs::cluster::check_ats_mode(lun.as_ref(), &sb)?;
     let geo = atsfs::format::Geometry::from_superblock(&sb);
     let interval = std::time::Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
     let lease = std::time::Duration::from_millis(u64::from(sb.lease_ms));
