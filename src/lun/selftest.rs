@@ -196,7 +196,8 @@ fn not_usable() -> &'static str {
      on one kernel, or fix the storage)"
 }
 
-fn check_options(opts: &SelftestOptions) -> Result<(), SelftestError> {
+/// Refuses options `run` would refuse, before anything is opened.
+pub fn check_options(opts: &SelftestOptions) -> Result<(), SelftestError> {
     if opts.sessions < 2 || opts.sessions > SESSIONS_MAX {
         return Err(SelftestError::BadOptions(format!(
             "--sessions {} must be between 2 and {SESSIONS_MAX}",
