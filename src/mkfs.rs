@@ -1319,4 +1319,48 @@ mod tests {
         let err = live_hosts(&lun, &superblock, Duration::ZERO).unwrap_err();
         assert!(matches!(err, MkfsError::BadGeometry(_)), "{err}");
     }
+
+    #[test]
+    fn the_selftest_borrows_a_sector_only_where_it_is_safe() {
+        // No volume: the second sector; mkfs (about to overwrite): the same, always.
+        let lun = MemLun::new(64 * MIB, 512);
+        assert_eq!(selftest_sector(&lun, false).unwrap(), 512);
+        let geo = mkfs(&lun, &opts(4), &mut |_, _| {}).unwrap();
+        assert_eq!(selftest_sector(&lun, true).unwrap(), 512);
+        // A volume with every slot free: the last slot's heartbeat sector.
+        assert_eq!(selftest_sector(&lun, false).unwrap(), geo.slot_offset(3));
+        // A slot in use (live, or dead and not yet recovered): refused.
+        for state in [SLOT_LIVE, crate::format::SLOT_RECOVERING] {
+            set_slot(&lun, &geo, 1, state, 5);
+            let err = selftest_sector(&lun, false).unwrap_err().to_string();
+            assert!(err.contains("slots 1 are in use"), "{err}");
+        }
+        // A sector that does not decode (a killed self-test's image) is free to all.
+        lun.write_at(&[0xAB; 512], geo.slot_offset(1)).unwrap();
+        assert_eq!(selftest_sector(&lun, false).unwrap(), geo.slot_offset(3));
+        // Another filesystem: refused.
+        let ext = MemLun::new(MIB, 512);
+        poke(&ext, 1080, &[0x53, 0xEF]);
+        let err = selftest_sector(&ext, false).unwrap_err().to_string();
+        assert!(err.contains("does not touch another filesystem"), "{err}");
+    }
+
+    #[test]
+    fn a_selftest_on_a_volume_leaves_it_as_it_was() {
+        let lun = Arc::new(MemLun::new(64 * MIB, 512));
+        mkfs(lun.as_ref(), &opts(4), &mut |_, _| {}).unwrap();
+        let before = lun.snapshot();
+        let offset = selftest_sector(lun.as_ref(), false).unwrap();
+        let open = || -> LunResult<Arc<dyn Lun>> { Ok(lun.clone()) };
+        let options = crate::lun::selftest::SelftestOptions {
+            offset,
+            sessions: 4,
+            increments: 100,
+        };
+        let report = crate::lun::selftest::run(&open, &options, &mut |_, _| {}).unwrap();
+        assert!(report.passed() && report.restored, "{report:?}");
+        assert!(lun.snapshot() == before, "the volume changed");
+        let check = crate::fsck::check(lun.as_ref()).unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+    }
 }
