@@ -91,6 +91,11 @@ fn a_hardware_volume_refuses_an_emulated_opener_and_writes_nothing() {
     assert_eq!(status.volume.ats_mode, "hardware");
     assert_eq!(status.volume.opener_ats, "emulated");
     assert!(!status.volume.opener_matches);
+    let text = crate::inspect::render_status(&status);
+    assert!(
+        text.contains("ATS: hardware (SCSI COMPARE AND WRITE), 512-byte sectors; this device: emulated ATS, does NOT match"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -129,6 +134,11 @@ fn matching_openers_mount_both_kinds() {
     let status =
         crate::inspect::status(hardware(&mem).as_ref(), Some(Duration::ZERO)).expect("status runs");
     assert!(status.volume.opener_matches);
+    let text = crate::inspect::render_status(&status);
+    assert!(
+        text.contains("this device: hardware ATS, matches"),
+        "{text}"
+    );
     crate::fsck::repair(hardware(&mem).as_ref(), true).expect("repair through hardware");
     let mem = volume(ATS_MODE_EMULATED);
     let fs = mount(mem.clone()).expect("emulated opener on an emulated volume");

@@ -60,7 +60,7 @@ fn volume_lines(out: &mut String, v: &VolumeInfo, watched_ms: u64) {
     );
     let _ = writeln!(
         out,
-        "ATS: {} ({}-byte sectors); this device: {}",
+        "ATS: {}, {}-byte sectors; this device: {}",
         ats_words(&v.ats_mode),
         v.ats_sector_size,
         opener_words(v)
@@ -81,10 +81,10 @@ fn ats_words(kind: &str) -> &'static str {
 
 fn opener_words(v: &VolumeInfo) -> String {
     if v.opener_matches {
-        format!("{}, matches", v.opener_ats)
+        format!("{} ATS, matches", v.opener_ats)
     } else {
         format!(
-            "{}, does NOT match: mount, recover and fsck --repair refuse through it",
+            "{} ATS, does NOT match: mount, recover and fsck --repair refuse through it",
             v.opener_ats
         )
     }
