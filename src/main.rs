@@ -669,6 +669,12 @@ fn print_selftest(r: &atsfs::lun::selftest::SelftestReport) {
         r.succeeded, r.counter_moved
     );
     println!("  miscompares seen  {}", r.miscompares);
+    if r.lost_replies > 0 {
+        println!(
+            "  lost replies      {} (the write had landed; counted as successes)",
+            r.lost_replies
+        );
+    }
     println!(
         "  rate              {:.0} CAW/s ({} ms)",
         r.caws_per_s, r.elapsed_ms

@@ -7,14 +7,16 @@
 //!
 //! 1. reads the sector's content, to put it back at the end, and claims the sector
 //!    by compare-and-write: from then on it holds a test image (magic, a random run
-//!    nonce, a counter, the counter again in its last 8 bytes);
+//!    nonce, a counter, the writing session, the counter again in its last 8 bytes);
 //! 2. from a second session, a compare-and-write with a wrong `expected` must be
 //!    reported as `Caw::Miscompare` with the sector's real content and leave the
 //!    sector unchanged; one with the right `expected` must write (checked by reading
 //!    through the first session);
 //! 3. `sessions` sessions (each a separate `open` of the device: on iSCSI each is its
 //!    own initiator) race read-then-compare-and-write increments of the counter;
-//!    every miscompare retries from the actual content it reported;
+//!    every miscompare retries from the actual content it reported. A miscompare
+//!    that reports the session's own new image means its write landed (a lost reply
+//!    that the backend retried): it counts as a success, as a host counts it;
 //! 4. the counter must have moved by exactly the number of compare-and-writes that
 //!    reported success. Fewer means lost updates (two "successful" increments from
 //!    the same value): the device's compare-and-write is not atomic;
@@ -45,8 +47,10 @@ pub const ATTEMPTS_MAX: u64 = 100_000;
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// The first 8 bytes of a test image.
 const MAGIC: &[u8; 8] = b"ATSSELFT";
-/// Bytes of the image header: magic, nonce, counter.
-const HEADER_BYTES: usize = 32;
+/// Bytes of the image header: magic, nonce, counter, writer.
+const HEADER_BYTES: usize = 40;
+/// The writer of the images the run writes outside the race.
+const SETUP_WRITER: u64 = u64::MAX;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -75,6 +79,9 @@ pub struct SelftestReport {
     pub counter_moved: u64,
     /// Compare-and-writes of the race that reported a miscompare.
     pub miscompares: u64,
+    /// Of those, the ones that reported the session's own new image: the write had
+    /// landed (a lost reply); counted in `succeeded` too.
+    pub lost_replies: u64,
     pub elapsed_ms: u64,
     /// Compare-and-writes issued per second during the race (successes and
     /// miscompares).
@@ -161,6 +168,7 @@ pub fn run(
         succeeded: 0,
         counter_moved: 0,
         miscompares: 0,
+        lost_replies: 0,
         elapsed_ms: 0,
         caws_per_s: 0.0,
         restored: false,
@@ -168,7 +176,9 @@ pub fn run(
     };
     // Claim the sector: from here on, it must get its content back.
     match first.compare_and_write(run.offset, &original, &run.image(0))? {
+        // A miscompare reporting our own image: the write landed, its reply was lost.
         Caw::Written => {}
+        Caw::Miscompare(actual) if actual == run.image(0) => {}
         Caw::Miscompare(actual) if actual == original => {
             report.problems.push(format!(
                 "a compare-and-write with the sector's own content as `expected` was reported \
@@ -240,17 +250,25 @@ struct Run {
 struct Tally {
     succeeded: u64,
     miscompares: u64,
+    lost_replies: u64,
     /// Miscompares whose reported content was the `expected` we sent.
     false_miscompares: u64,
 }
 
 impl Run {
-    /// The test image with counter `n`: magic, nonce, counter, zeros, counter again.
+    /// The test image with counter `n` written outside the race.
     fn image(&self, n: u64) -> Vec<u8> {
+        self.image_by(n, SETUP_WRITER)
+    }
+
+    /// The test image with counter `n` written by `writer`: magic, nonce, counter,
+    /// writer, zeros, counter again.
+    fn image_by(&self, n: u64, writer: u64) -> Vec<u8> {
         let mut image = vec![0u8; self.sector];
         image[..8].copy_from_slice(MAGIC);
         image[8..24].copy_from_slice(&self.nonce);
         image[24..32].copy_from_slice(&n.to_le_bytes());
+        image[32..40].copy_from_slice(&writer.to_le_bytes());
         let tail = self.sector - 8;
         image[tail..].copy_from_slice(&n.to_le_bytes());
         image
@@ -262,7 +280,8 @@ impl Run {
             return None;
         }
         let n = u64::from_le_bytes(image[24..32].try_into().ok()?);
-        (image == self.image(n).as_slice()).then_some(n)
+        let writer = u64::from_le_bytes(image[32..40].try_into().ok()?);
+        (image == self.image_by(n, writer).as_slice()).then_some(n)
     }
 
     /// True for a test image of another run (another self-test on the same sector).
@@ -320,6 +339,7 @@ impl Run {
         report.elapsed_ms = elapsed.as_millis() as u64;
         report.succeeded = tally.succeeded;
         report.miscompares = tally.miscompares;
+        report.lost_replies = tally.lost_replies;
         report.counter_moved = end.wrapping_sub(base);
         let caws = tally.succeeded + tally.miscompares;
         report.caws_per_s = caws as f64 / elapsed.as_secs_f64().max(1e-9);
@@ -379,6 +399,7 @@ impl Run {
     ) -> Result<(), SelftestError> {
         match second.compare_and_write(self.offset, &self.image(0), &self.image(1))? {
             Caw::Written => {}
+            Caw::Miscompare(actual) if actual == self.image(1) => {}
             Caw::Miscompare(actual) => {
                 problems.push(format!(
                     "a compare-and-write with the sector's own content as `expected` was \
@@ -431,6 +452,7 @@ impl Run {
                             let mut all = tally.lock().unwrap_or_else(|e| e.into_inner());
                             all.succeeded += mine.succeeded;
                             all.miscompares += mine.miscompares;
+                            all.lost_replies += mine.lost_replies;
                             all.false_miscompares += mine.false_miscompares;
                         }
                         Err(e) => {
@@ -480,8 +502,17 @@ impl Run {
             })?;
             let mut won = false;
             for _ in 0..ATTEMPTS_MAX {
-                match lun.compare_and_write(self.offset, &current, &self.image(n + 1))? {
+                let new = self.image_by(n + 1, index as u64);
+                match lun.compare_and_write(self.offset, &current, &new)? {
                     Caw::Written => {
+                        tally.succeeded += 1;
+                        won = true;
+                        break;
+                    }
+                    Caw::Miscompare(actual) if actual == new => {
+                        // Our write landed; its reply was lost and the retry found it.
+                        tally.miscompares += 1;
+                        tally.lost_replies += 1;
                         tally.succeeded += 1;
                         won = true;
                         break;

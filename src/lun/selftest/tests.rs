@@ -1,5 +1,6 @@
 use super::*;
 use crate::lun::{check_caw, FileLun, MemLun, OpenMode};
+use std::sync::atomic::Ordering;
 
 const SECTOR: u32 = 512;
 const OFFSET: u64 = 4096;
@@ -64,6 +65,45 @@ impl Lun for RacyLun {
     }
     fn ats_kind(&self) -> AtsKind {
         AtsKind::Hardware
+    }
+}
+
+/// An atomic compare-and-write whose reply is lost every `every`th time after it
+/// wrote, and whose retry then reports a miscompare with the sector's content (our
+/// own new image), as a backend that retries after a lost reply does.
+struct LostReplyLun {
+    inner: Arc<MemLun>,
+    every: u64,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl Lun for LostReplyLun {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        match self.inner.compare_and_write(offset, expected, new)? {
+            Caw::Written if call % self.every == self.every - 1 => {
+                self.inner.compare_and_write(offset, expected, new)
+            }
+            other => Ok(other),
+        }
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "lost-reply test LUN".into()
     }
 }
 
@@ -162,6 +202,20 @@ fn a_non_atomic_compare_and_write_is_diagnosed() {
     assert_eq!(report.ats_kind, "hardware");
     assert!(report.restored);
     assert_eq!(sector_of(mem.as_ref(), OFFSET), vec![0u8; SECTOR as usize]);
+}
+
+#[test]
+fn a_lost_reply_found_by_its_retry_counts_as_a_success() {
+    let lun = Arc::new(LostReplyLun {
+        inner: Arc::new(MemLun::new(1 << 20, SECTOR)),
+        every: 7,
+        calls: Default::default(),
+    });
+    let open = || -> LunResult<Arc<dyn Lun>> { Ok(lun.clone()) };
+    let report = run_quiet(&open, &opts(4, 200)).expect("the self-test runs");
+    assert!(report.passed(), "{:?}", report.problems);
+    assert!(report.lost_replies > 0);
+    assert_eq!(report.counter_moved, 4 * 200);
 }
 
 #[test]
