@@ -176,8 +176,8 @@ pub fn run(
     };
     // Claim the sector: from here on, it must get its content back.
     match first.compare_and_write(run.offset, &original, &run.image(0))? {
-        // A miscompare reporting our own image: the write landed, its reply was lost.
         Caw::Written => {}
+        // A miscompare reporting our own image: the write landed, its reply was lost.
         Caw::Miscompare(actual) if actual == run.image(0) => {}
         Caw::Miscompare(actual) if actual == original => {
             report.problems.push(format!(
