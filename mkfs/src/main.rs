@@ -2,6 +2,8 @@
 //!
 //! Refuses (exit 1) a device that hosts are using now — even with `-f` — and, without
 //! `-f`, a device that holds an atsfs volume or another filesystem's signature.
+//! `--ats` chooses the volume's test-and-set; hardware ATS is recorded only after the
+//! device passed the ATS self-test (`atsfs::lun::selftest`).
 //! Exit codes: 0 done, 1 refused or bad input, 2 I/O error.
 
 use atsfs::format::{Superblock, ATS_MODE_EMULATED, ATS_MODE_HARDWARE, BLOCK_SIZE_U64};
@@ -143,6 +145,7 @@ fn options(args: &Args) -> MkfsOptions {
         journal_bytes: args.journal_size,
         heartbeat_interval: args.heartbeat_interval,
         lease: args.lease,
+        // Chosen once the device is known (`choose_ats`).
         ats_mode: ATS_MODE_EMULATED,
         volume_uuid: None,
     }
@@ -152,40 +155,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     let mut opts = options(args);
     validate_options(&opts)?;
     let path = &args.device;
-    // An `iscsi://` URL is no path on this machine: nothing to look at or create.
-    let on_disk = device_kind(path) == DeviceKind::File;
-    let exists = !on_disk
-        || path
-            .try_exists()
-            .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
-    // A new image file gets the image default of 512-byte ATS sectors.
-    let mut sector = IMAGE_SECTOR_BYTES;
-    if exists {
-        check_size_request(path, args.size, on_disk)?;
-        let lun = open(path)?;
-        check_ats_request(lun.as_ref(), args)?;
-        check_existing(lun.as_ref(), args)?;
-        sector = lun.sector_size();
-    } else if args.size.is_none() {
-        return Err(Failure::Refused(format!(
-            "{} does not exist; give --size SIZE to create an image file of that size",
-            path.display()
-        )));
-    }
-    if !exists && args.ats == AtsChoice::Hardware {
-        // Refused before the file is made: a new image file has no hardware ATS.
-        return Err(Failure::Refused(format!(
-            "--ats hardware: {} would be a new image file, which has no hardware ATS (SCSI \
-             COMPARE AND WRITE); use --ats emulated, or give a device that reaches the \
-             storage's COMPARE AND WRITE",
-            path.display()
-        )));
-    }
-    if let Some(size) = args.size {
-        // Refuse a layout that cannot fit before creating or growing anything.
-        plan_for(size, sector, &opts)?;
-        create_or_grow(path, size)?;
-    }
+    check_device(args, &opts)?;
     let lun = open(path)?;
     // The device is ours to overwrite from here on (checked above).
     let sessions = || open_device(path, OpenMode::ReadWrite);
@@ -216,6 +186,46 @@ fn run(args: &Args) -> Result<(), Failure> {
     };
     if !args.quiet {
         print_summary(lun.as_ref(), &superblock, tested.as_ref());
+    }
+    Ok(())
+}
+
+/// Checks the device (or the image file to be made) and everything on it, and makes
+/// or grows the image file (`--size`). Writes nothing to a device that exists.
+fn check_device(args: &Args, opts: &MkfsOptions) -> Result<(), Failure> {
+    let path = &args.device;
+    // An `iscsi://` URL is no path on this machine: nothing to look at or create.
+    let on_disk = device_kind(path) == DeviceKind::File;
+    let exists = !on_disk
+        || path
+            .try_exists()
+            .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
+    // A new image file gets the image default of 512-byte ATS sectors.
+    let mut sector = IMAGE_SECTOR_BYTES;
+    if exists {
+        check_size_request(path, args.size, on_disk)?;
+        let lun = open(path)?;
+        check_ats_request(lun.as_ref(), args)?;
+        check_existing(lun.as_ref(), args)?;
+        sector = lun.sector_size();
+    } else if args.size.is_none() {
+        return Err(Failure::Refused(format!(
+            "{} does not exist; give --size SIZE to create an image file of that size",
+            path.display()
+        )));
+    } else if args.ats == AtsChoice::Hardware {
+        // Refused before the file is made: a new image file has no hardware ATS.
+        return Err(Failure::Refused(format!(
+            "--ats hardware: {} would be a new image file, which has no hardware ATS (SCSI \
+             COMPARE AND WRITE); use --ats emulated, or give a device that reaches the \
+             storage's COMPARE AND WRITE",
+            path.display()
+        )));
+    }
+    if let Some(size) = args.size {
+        // Refuse a layout that cannot fit before creating or growing anything.
+        plan_for(size, sector, opts)?;
+        create_or_grow(path, size)?;
     }
     Ok(())
 }
