@@ -194,8 +194,9 @@ fn run(args: &Args) -> Result<(), Failure> {
 /// or grows the image file (`--size`). Writes nothing to a device that exists.
 fn check_device(args: &Args, opts: &MkfsOptions) -> Result<(), Failure> {
     let path = &args.device;
-    // An `iscsi://` URL is no path on this machine: nothing to look at or create.
-    let on_disk = device_kind(path) == DeviceKind::File;
+    // A name that is not a file here (an `iscsi://` URL) has nothing to look at or
+    // create; any other kind of device is a node that exists.
+    let on_disk = device_kind(path) == DeviceKind::File || path.exists();
     let exists = !on_disk
         || path
             .try_exists()
