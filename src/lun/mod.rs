@@ -12,12 +12,13 @@
 //! fs's LUN and queues large data writes to a writer thread. `selftest` proves that a
 //! device's compare-and-write is atomic (`atsfs ats-selftest`).
 
+pub mod selftest;
+
 mod behind;
 mod fault;
 mod file;
 mod mem;
 mod open;
-pub mod selftest;
 
 pub use behind::WriteBehind;
 pub use fault::{
