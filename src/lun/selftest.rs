@@ -124,6 +124,12 @@ pub enum SelftestError {
          hold ({what}); the device's compare-and-write is broken"
     )]
     BadReply { session: usize, what: String },
+    #[error(
+        "{who} read a torn scratch sector (this run's image, counter {head} at its start but \
+         {tail} at its end): a read saw half of a compare-and-write, so COMPARE AND WRITE is \
+         not atomic on this device; for tgt, run tgtd with one I/O thread per LUN (-t 1)"
+    )]
+    Torn { who: String, head: u64, tail: u64 },
 }
 
 impl SelftestError {
@@ -132,7 +138,9 @@ impl SelftestError {
     pub fn blames_device(&self) -> bool {
         matches!(
             self,
-            SelftestError::NoProgress { .. } | SelftestError::BadReply { .. }
+            SelftestError::NoProgress { .. }
+                | SelftestError::BadReply { .. }
+                | SelftestError::Torn { .. }
         )
     }
 }
@@ -289,28 +297,56 @@ impl Run {
         image.get(..8) == Some(&MAGIC[..]) && image.get(8..24) != Some(&self.nonce[..])
     }
 
-    /// The counter of a miscompare's reply.
-    fn reply_counter(&self, session: usize, reply: &[u8]) -> Result<u64, SelftestError> {
-        if let Some(n) = self.counter(reply) {
+    /// A sector of this run that is no whole image (parts of two writes): the head
+    /// and tail counters.
+    fn torn(&self, image: &[u8]) -> Option<(u64, u64)> {
+        if image.len() != self.sector
+            || &image[..8] != MAGIC
+            || image[8..24] != self.nonce
+            || self.counter(image).is_some()
+        {
+            return None;
+        }
+        let head = u64::from_le_bytes(image[24..32].try_into().ok()?);
+        let tail = u64::from_le_bytes(image[self.sector - 8..].try_into().ok()?);
+        Some((head, tail))
+    }
+
+    /// The counter of what `who` read or was replied, when it is no whole image of
+    /// this run: torn (the device's fault), another run's (interference), or, for a
+    /// read, anything else someone wrote (interference).
+    fn counter_of(&self, who: &str, image: &[u8]) -> Result<u64, SelftestError> {
+        if let Some(n) = self.counter(image) {
             return Ok(n);
         }
-        if self.foreign_image(reply) {
-            return Err(SelftestError::Interfered {
+        match self.torn(image) {
+            Some((head, tail)) => Err(SelftestError::Torn {
+                who: who.into(),
+                head,
+                tail,
+            }),
+            None => Err(SelftestError::Interfered {
                 offset: self.offset,
+            }),
+        }
+    }
+
+    /// The counter of a miscompare's reply.
+    fn reply_counter(&self, session: usize, reply: &[u8]) -> Result<u64, SelftestError> {
+        if self.counter(reply).is_none() && self.torn(reply).is_none() && !self.foreign_image(reply)
+        {
+            return Err(SelftestError::BadReply {
+                session,
+                what: describe_image(self, reply),
             });
         }
-        Err(SelftestError::BadReply {
-            session,
-            what: describe_image(self, reply),
-        })
+        self.counter_of(&format!("session {session}"), reply)
     }
 
     fn read_counter(&self, lun: &dyn Lun) -> Result<u64, SelftestError> {
         let mut image = vec![0u8; self.sector];
         lun.read_at(&mut image, self.offset)?;
-        self.counter(&image).ok_or(SelftestError::Interfered {
-            offset: self.offset,
-        })
+        self.counter_of("the final read", &image)
     }
 
     fn checks_and_race(
@@ -497,9 +533,7 @@ impl Run {
                 break;
             }
             lun.read_at(&mut current, self.offset)?;
-            let mut n = self.counter(&current).ok_or(SelftestError::Interfered {
-                offset: self.offset,
-            })?;
+            let mut n = self.counter_of(&format!("session {index}"), &current)?;
             let mut won = false;
             for _ in 0..ATTEMPTS_MAX {
                 let new = self.image_by(n + 1, index as u64);

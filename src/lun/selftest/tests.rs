@@ -259,10 +259,24 @@ fn another_run_on_the_sector_is_interference_not_a_verdict() {
         mine.reply_counter(3, &[0u8; 17]),
         Err(SelftestError::BadReply { session: 3, .. })
     ));
-    // A torn image (head and tail counters differ) is not a test image.
+    // A torn image (head and tail counters differ) is not a test image, and it is
+    // the device's fault, not interference.
     let mut torn = mine.image(5);
     torn[SECTOR as usize - 8..].copy_from_slice(&6u64.to_le_bytes());
     assert_eq!(mine.counter(&torn), None);
+    assert_eq!(mine.torn(&torn), Some((5, 6)));
+    assert_eq!(mine.torn(&other.image(5)), None);
+    let err = mine.reply_counter(2, &torn).unwrap_err();
+    assert!(err.blames_device(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("counter 5 at its start but 6 at its end"),
+        "{err}"
+    );
+    assert!(!mine
+        .counter_of("a read", &other.image(5))
+        .unwrap_err()
+        .blames_device());
     // Whatever the run leaves, its options are checked first.
     assert!(matches!(
         run_quiet(&open, &opts(1, 10)),
