@@ -141,12 +141,9 @@ fn run(args: &Args) -> Result<(), Failure> {
     let mut opts = options(args);
     validate_options(&opts)?;
     let path = &args.device;
-    // A name that is no path here (an `iscsi://` URL) names a LUN that exists (or
-    // fails to open with its own error).
-    let exists = is_no_path(path)
-        || path
-            .try_exists()
-            .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
+    let exists = path
+        .try_exists()
+        .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
     // A new image file gets the image default of 512-byte ATS sectors.
     let mut sector = IMAGE_SECTOR_BYTES;
     if exists {
