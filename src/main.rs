@@ -94,6 +94,23 @@ enum Command {
         slot: Option<u32>,
         device: PathBuf,
     },
+    /// Prove that DEVICE's compare-and-write is atomic: several sessions (each its own
+    /// open of DEVICE) race read-then-compare-and-write increments of a counter on a
+    /// scratch sector, which gets its content back afterwards. Exit 0 atomic, 1 not
+    /// (lost updates, false miscompares), 2 could not run. On an atsfs volume it runs
+    /// only while every host slot is free; it refuses another filesystem.
+    AtsSelftest {
+        /// Racing sessions.
+        #[arg(long, default_value_t = atsfs::lun::selftest::SESSIONS_DEFAULT)]
+        sessions: usize,
+        /// Increments per session.
+        #[arg(long, default_value_t = atsfs::lun::selftest::INCREMENTS_DEFAULT)]
+        increments: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        device: PathBuf,
+    },
     /// Check a volume (read-only). Exit 0 clean, 1 errors corrected (--repair),
     /// 4 errors left, 8 operational error.
     Fsck {
@@ -249,6 +266,12 @@ fn main() -> ExitCode {
             device,
         } => return fsck_repair(&device, json, force),
         Command::Fsck { json, device, .. } => return fsck(&device, json),
+        Command::AtsSelftest {
+            sessions,
+            increments,
+            json,
+            device,
+        } => return ats_selftest(&device, sessions, increments, json),
         Command::Recover { slot, device } => recover(&device, slot),
         Command::Stats { json, mountpoint } => stats(&mountpoint, json),
         Command::Status {
@@ -473,6 +496,8 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
     let lun = open_device(device, OpenMode::ReadWrite)
         .with_context(|| format!("opening {}", device.display()))?;
     let sb = atsfs::fs::read_superblock(&lun)?;
+    // Recovery replays journals and frees slots by ATS: one kind of ATS per volume.
+    atsfs::cluster::check_ats_mode(lun.as_ref(), &sb)?;
     let geo = atsfs::format::Geometry::from_superblock(&sb);
     let interval = std::time::Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
     let lease = std::time::Duration::from_millis(u64::from(sb.lease_ms));
@@ -572,5 +597,99 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
             eprintln!("atsfs fsck --repair: {}: {e:#}", device.display());
             ExitCode::from(8)
         }
+    }
+}
+
+/// `atsfs ats-selftest`: exit 0 atomic, 1 the device failed, 2 the test could not run.
+fn ats_selftest(device: &Path, sessions: usize, increments: u64, json: bool) -> ExitCode {
+    use atsfs::lun::selftest::{self, SelftestOptions};
+    let name = device.display();
+    let mut opts = SelftestOptions {
+        offset: 0,
+        sessions,
+        increments,
+    };
+    if let Err(e) = selftest::check_options(&opts) {
+        eprintln!("atsfs ats-selftest: {e}");
+        return ExitCode::from(2);
+    }
+    let first = match open_device(device, OpenMode::ReadWrite) {
+        Ok(lun) => lun,
+        Err(e) => {
+            eprintln!("atsfs ats-selftest: cannot open {name} for writing: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    opts.offset = match atsfs::mkfs::selftest_sector(first.as_ref(), false) {
+        Ok(offset) => offset,
+        Err(e) => {
+            eprintln!("atsfs ats-selftest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    drop(first);
+    let offset = opts.offset;
+    eprintln!(
+        "racing {sessions} sessions x {increments} compare-and-write increments on {name}, \
+         scratch sector at byte {offset}..."
+    );
+    let open = || open_device(device, OpenMode::ReadWrite);
+    let mut progress = |done: u64, total: u64| eprintln!("  {done}/{total} increments");
+    match selftest::run(&open, &opts, &mut progress) {
+        Ok(report) if json => {
+            let value = serde_json::json!({ "passed": report.passed(), "report": report });
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
+            ExitCode::from(if report.passed() { 0 } else { 1 })
+        }
+        Ok(report) => {
+            print_selftest(&report);
+            ExitCode::from(if report.passed() { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("atsfs ats-selftest: {name}: {e}");
+            ExitCode::from(if e.blames_device() { 1 } else { 2 })
+        }
+    }
+}
+
+fn print_selftest(r: &atsfs::lun::selftest::SelftestReport) {
+    println!(
+        "ATS self-test of {} ({} ATS, {}-byte sectors), scratch sector at byte {}",
+        r.device, r.ats_kind, r.sector_size, r.offset
+    );
+    println!(
+        "  sessions          {} x {} increments",
+        r.sessions, r.increments_per_session
+    );
+    println!(
+        "  succeeded         {} compare-and-writes; the counter moved {}",
+        r.succeeded, r.counter_moved
+    );
+    println!("  miscompares seen  {}", r.miscompares);
+    if r.lost_replies > 0 {
+        println!(
+            "  lost replies      {} (the write had landed; counted as successes)",
+            r.lost_replies
+        );
+    }
+    println!(
+        "  rate              {:.0} CAW/s ({} ms)",
+        r.caws_per_s, r.elapsed_ms
+    );
+    let restored = if r.restored {
+        "yes"
+    } else {
+        "NO: someone else changed it; check the device"
+    };
+    println!("  sector restored   {restored}");
+    if r.passed() {
+        println!("passed: COMPARE AND WRITE is atomic on this device");
+        return;
+    }
+    for problem in &r.problems {
+        eprintln!("atsfs ats-selftest: FAILED: {problem}");
     }
 }

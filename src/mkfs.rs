@@ -87,6 +87,9 @@ pub enum MkfsError {
     Io(#[from] LunError),
     #[error("the volume's superblock describes an impossible layout ({0}); run fsck.atsfs")]
     BadGeometry(String),
+    /// The device holds something a tool must not write to (refused input).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl MkfsError {
@@ -636,6 +639,63 @@ fn heartbeat_moved(old: Option<&HeartbeatSlot>, new: &HeartbeatSlot) -> bool {
 
 /// Every slot, decoded; `None` for a sector that is all zeros, fails to decode or
 /// names another slot.
+/// The scratch sector where the ATS self-test (`lun::selftest`) may race
+/// compare-and-writes on `lun`, refusing a device where no sector is safe to borrow.
+/// The self-test puts the sector's content back when it ends.
+///
+/// - `overwrite` (mkfs, once it has decided to overwrite the device and checked that
+///   no host uses it): the second ATS sector (byte S), which mkfs rewrites anyway.
+/// - A device with no recognised content: the second ATS sector too.
+/// - An atsfs volume: the heartbeat sector of the last slot, and only while every
+///   slot is free (no host mounted, none dead and unrecovered): a mount claims its
+///   own or the lowest free slot, and a sector that does not decode (the self-test's
+///   image, should the test be killed) is a free slot to every host. A host that does
+///   claim the slot during the test makes it stop (`Interfered`), not misjudge.
+/// - Another filesystem: refused; the self-test writes one sector of the device.
+pub fn selftest_sector(lun: &dyn Lun, overwrite: bool) -> Result<u64, MkfsError> {
+    let device = lun.describe();
+    let blank = u64::from(lun.sector_size());
+    if overwrite {
+        return Ok(blank);
+    }
+    let sb = match probe(lun)? {
+        Probe::Empty => return Ok(blank),
+        Probe::Other(name) => {
+            return Err(MkfsError::Refused(format!(
+                "{device} holds a {name}; the ATS self-test writes one sector and does not \
+                 touch another filesystem: run it on an empty device, or let mkfs.atsfs run it \
+                 (with -f it overwrites the device anyway)"
+            )))
+        }
+        Probe::Atsfs { superblock, .. } => superblock,
+    };
+    let geo = checked_geometry(&sb)?;
+    if sb.ats_sector_size != lun.sector_size() {
+        return Err(MkfsError::Refused(format!(
+            "{device} has {}-byte ATS sectors but its volume was made for {}-byte sectors; \
+             run the self-test through a device with the volume's sector size",
+            lun.sector_size(),
+            sb.ats_sector_size
+        )));
+    }
+    let in_use: Vec<u32> = read_slots(lun, &geo)?
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_some_and(|s| s.state != SLOT_FREE))
+        .map(|(slot, _)| slot as u32)
+        .collect();
+    if !in_use.is_empty() {
+        let list: Vec<String> = in_use.iter().map(u32::to_string).collect();
+        return Err(MkfsError::Refused(format!(
+            "{device} holds an atsfs volume whose slots {} are in use (hosts mounted, or dead \
+             and not yet recovered); the self-test borrows a slot's sector only while every \
+             slot is free: unmount every host (and run `atsfs recover` for dead ones) first",
+            list.join(", ")
+        )));
+    }
+    Ok(geo.slot_offset(geo.max_hosts - 1))
+}
+
 fn read_slots(lun: &dyn Lun, geo: &Geometry) -> Result<Vec<Option<HeartbeatSlot>>, MkfsError> {
     let sector = geo.ats_sector_size as usize;
     let mut region = vec![0u8; geo.hb_blocks as usize * BLOCK_SIZE];
@@ -1258,5 +1318,49 @@ mod tests {
         superblock.hb_blocks += 1;
         let err = live_hosts(&lun, &superblock, Duration::ZERO).unwrap_err();
         assert!(matches!(err, MkfsError::BadGeometry(_)), "{err}");
+    }
+
+    #[test]
+    fn the_selftest_borrows_a_sector_only_where_it_is_safe() {
+        // No volume: the second sector; mkfs (about to overwrite): the same, always.
+        let lun = MemLun::new(64 * MIB, 512);
+        assert_eq!(selftest_sector(&lun, false).unwrap(), 512);
+        let geo = mkfs(&lun, &opts(4), &mut |_, _| {}).unwrap();
+        assert_eq!(selftest_sector(&lun, true).unwrap(), 512);
+        // A volume with every slot free: the last slot's heartbeat sector.
+        assert_eq!(selftest_sector(&lun, false).unwrap(), geo.slot_offset(3));
+        // A slot in use (live, or dead and not yet recovered): refused.
+        for state in [SLOT_LIVE, crate::format::SLOT_RECOVERING] {
+            set_slot(&lun, &geo, 1, state, 5);
+            let err = selftest_sector(&lun, false).unwrap_err().to_string();
+            assert!(err.contains("slots 1 are in use"), "{err}");
+        }
+        // A sector that does not decode (a killed self-test's image) is free to all.
+        lun.write_at(&[0xAB; 512], geo.slot_offset(1)).unwrap();
+        assert_eq!(selftest_sector(&lun, false).unwrap(), geo.slot_offset(3));
+        // Another filesystem: refused.
+        let ext = MemLun::new(MIB, 512);
+        poke(&ext, 1080, &[0x53, 0xEF]);
+        let err = selftest_sector(&ext, false).unwrap_err().to_string();
+        assert!(err.contains("does not touch another filesystem"), "{err}");
+    }
+
+    #[test]
+    fn a_selftest_on_a_volume_leaves_it_as_it_was() {
+        let lun = Arc::new(MemLun::new(64 * MIB, 512));
+        mkfs(lun.as_ref(), &opts(4), &mut |_, _| {}).unwrap();
+        let before = lun.snapshot();
+        let offset = selftest_sector(lun.as_ref(), false).unwrap();
+        let open = || -> LunResult<Arc<dyn Lun>> { Ok(lun.clone()) };
+        let options = crate::lun::selftest::SelftestOptions {
+            offset,
+            sessions: 4,
+            increments: 100,
+        };
+        let report = crate::lun::selftest::run(&open, &options, &mut |_, _| {}).unwrap();
+        assert!(report.passed() && report.restored, "{report:?}");
+        assert!(lun.snapshot() == before, "the volume changed");
+        let check = crate::fsck::check(lun.as_ref()).unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
     }
 }

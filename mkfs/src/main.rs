@@ -2,6 +2,7 @@
 //!
 //! Refuses (exit 1) a device that hosts are using now — even with `-f` — and, without
 //! `-f`, a device that holds an atsfs volume or another filesystem's signature.
+//! `--ats` chooses the volume's test-and-set (`ats.rs`).
 //! Exit codes: 0 done, 1 refused or bad input, 2 I/O error.
 
 use atsfs::format::{Superblock, ATS_MODE_EMULATED, BLOCK_SIZE_U64};
@@ -17,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod ats;
 
 /// Volumes with at least this many allocation groups get a progress bar.
 const PROGRESS_AGS_MIN: u64 = 1024;
@@ -54,6 +57,12 @@ struct Args {
     /// How long a silent host keeps its locks before peers recover it (> 2 intervals).
     #[arg(long, value_parser = parse_duration, default_value = "8s")]
     lease: Duration,
+    /// Which test-and-set the volume uses: `hardware` (the storage's SCSI COMPARE AND
+    /// WRITE, hosts on any machine), `emulated` (file locks: every host on this
+    /// machine) or `auto` (hardware when the device has it and passes the ATS
+    /// self-test, else emulated).
+    #[arg(long, value_enum, default_value_t = ats::AtsChoice::Auto)]
+    ats: ats::AtsChoice,
     /// Overwrite an existing atsfs volume or another filesystem.
     #[arg(short, long)]
     force: bool,
@@ -65,6 +74,7 @@ struct Args {
 }
 
 /// Why mkfs.atsfs stopped; each message says what to do next.
+#[derive(Debug)]
 enum Failure {
     /// Refused or bad input: exit 1.
     Refused(String),
@@ -121,13 +131,14 @@ fn options(args: &Args) -> MkfsOptions {
         journal_bytes: args.journal_size,
         heartbeat_interval: args.heartbeat_interval,
         lease: args.lease,
+        // Chosen once the device is known (`ats::choose_ats`).
         ats_mode: ATS_MODE_EMULATED,
         volume_uuid: None,
     }
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
-    let opts = options(args);
+    let mut opts = options(args);
     validate_options(&opts)?;
     let path = &args.device;
     // An iscsi:// URL names a LUN that exists (or fails to open with its own error).
@@ -140,11 +151,21 @@ fn run(args: &Args) -> Result<(), Failure> {
     if exists {
         check_size_request(path, args.size)?;
         let lun = open(path)?;
+        ats::check_ats_request(&lun, args)?;
         check_existing(&lun, args)?;
         sector = lun.sector_size();
     } else if args.size.is_none() {
         return Err(Failure::Refused(format!(
             "{} does not exist; give --size SIZE to create an image file of that size",
+            path.display()
+        )));
+    }
+    if !exists && args.ats == ats::AtsChoice::Hardware {
+        // Refused before the file is made: a new image file has no hardware ATS.
+        return Err(Failure::Refused(format!(
+            "--ats hardware: {} would be a new image file, which has no hardware ATS (SCSI \
+             COMPARE AND WRITE); use --ats emulated, or give a device that reaches the \
+             storage's COMPARE AND WRITE",
             path.display()
         )));
     }
@@ -154,6 +175,10 @@ fn run(args: &Args) -> Result<(), Failure> {
         create_or_grow(path, size)?;
     }
     let lun = open(path)?;
+    // The device is ours to overwrite from here on (checked above).
+    let sessions = || open_device(path, OpenMode::ReadWrite);
+    let (ats_mode, tested) = ats::choose_ats(&lun, args, &sessions)?;
+    opts.ats_mode = ats_mode;
     let started = Instant::now();
     let geo = {
         let mut progress = Progress::new(args.quiet);
@@ -177,13 +202,29 @@ fn run(args: &Args) -> Result<(), Failure> {
     };
     if !args.quiet {
         print_summary(&lun, &superblock);
+        if let Some(report) = &tested {
+            ats::print_selftest(report);
+        }
     }
     Ok(())
+}
+
+/// True for a device name that is no path on this machine (an `iscsi://` URL): a
+/// device of another kind than a file that does not exist here.
+fn is_no_path(path: &Path) -> bool {
+    device_kind(path) != DeviceKind::File && !path.exists()
 }
 
 /// `--size` applies to image files only, and never shrinks one.
 fn check_size_request(path: &Path, size: Option<u64>) -> Result<(), Failure> {
     let Some(size) = size else { return Ok(()) };
+    if is_no_path(path) {
+        return Err(Failure::Refused(format!(
+            "--size is for image files; {} is not a path on this machine (a LUN has the \
+             size the storage gives it): drop --size",
+            path.display()
+        )));
+    }
     let meta = std::fs::metadata(path)
         .map_err(|e| Failure::Io(format!("cannot stat {}: {e}", path.display())))?;
     if !meta.is_file() {
@@ -413,14 +454,33 @@ fn print_summary(lun: &dyn Lun, sb: &Superblock) {
     );
     if sb.ats_mode == ATS_MODE_EMULATED {
         println!(
-            "  ATS                emulated, {}-byte sectors: every host must run on this \
-             machine (one kernel)",
+            "  ATS                emulated (one kernel only), {}-byte sectors: every host \
+             must run on this machine",
             sb.ats_sector_size
         );
     } else {
         println!(
-            "  ATS                hardware, {}-byte sectors",
+            "  ATS                hardware (SCSI COMPARE AND WRITE), {}-byte sectors",
             sb.ats_sector_size
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn size_is_refused_for_a_device_that_is_no_path() {
+        let name = Path::new("iscsi://target/iqn.x/0");
+        if device_kind(name) == DeviceKind::File {
+            // Before the iSCSI backend, such a name is a (missing) file.
+            return;
+        }
+        let text = match check_size_request(name, Some(1 << 30)) {
+            Err(Failure::Refused(text)) => text,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert!(text.contains("drop --size"), "{text}");
     }
 }

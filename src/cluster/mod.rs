@@ -14,6 +14,7 @@
 //!   where our own new image is already there) means we were declared dead: the host
 //!   fences itself at once and never writes again under this generation.
 
+mod ats;
 mod heartbeat;
 pub mod lock;
 pub mod mailbox;
@@ -21,6 +22,7 @@ mod node;
 mod recovery;
 pub mod view;
 
+pub use ats::{check_ats_mode, describe_ats_kind, volume_ats_kind, AtsMismatch};
 use heartbeat::SlotWatch;
 pub use heartbeat::{claim_slot, go_live, read_slot, Membership, SlotClaim};
 pub use node::Node;

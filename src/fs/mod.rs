@@ -806,6 +806,8 @@ impl Fs {
 }
 
 #[cfg(test)]
+mod ats_tests;
+#[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod fence_tests;

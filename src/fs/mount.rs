@@ -4,8 +4,8 @@ use super::meta::Meta;
 use super::{Core, Fs, FsError};
 use crate::cluster::lock::Holder;
 use crate::cluster::{
-    claim_slot, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease, Membership, Node,
-    SystemClock,
+    check_ats_mode, claim_slot, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease,
+    Membership, Node, SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
@@ -116,6 +116,8 @@ impl Fs {
     /// slot's journal, and starts the heartbeat and the background committer.
     pub fn mount(lun: Arc<dyn Lun>, options: MountOptions) -> Result<Arc<Fs>> {
         let sb = read_superblock(lun.as_ref())?;
+        // Before anything is written or any lock taken: one kind of ATS per volume.
+        check_ats_mode(lun.as_ref(), &sb)?;
         let geo = Geometry::from_superblock(&sb);
         let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
         let lease_time = Duration::from_millis(u64::from(sb.lease_ms));

@@ -31,8 +31,9 @@ pub use locks::{
 pub use print::{render_locks, render_status};
 pub use status::{status, watch_window, SlotRow, SlotState, Status};
 
-use crate::format::{get_str, Superblock, ATS_MODE_HARDWARE};
-use crate::lun::Lun;
+use crate::cluster::{check_ats_mode, volume_ats_kind};
+use crate::format::{get_str, Superblock};
+use crate::lun::{AtsKind, Lun};
 use serde::Serialize;
 
 /// The volume's identity and cluster parameters, as the superblock records them.
@@ -43,6 +44,10 @@ pub struct VolumeInfo {
     pub volume_uuid: String,
     /// `emulated` (file locks, one kernel) or `hardware` (SCSI COMPARE AND WRITE).
     pub ats_mode: String,
+    /// The ATS kind of the device this tool opened: `emulated` or `hardware`.
+    pub opener_ats: String,
+    /// Whether a host opening the volume this way could mount it (`check_ats_mode`).
+    pub opener_matches: bool,
     pub ats_sector_size: u32,
     pub heartbeat_interval_ms: u32,
     pub lease_ms: u32,
@@ -51,21 +56,26 @@ pub struct VolumeInfo {
 
 impl VolumeInfo {
     fn new(lun: &dyn Lun, sb: &Superblock) -> VolumeInfo {
-        let ats_mode = if sb.ats_mode == ATS_MODE_HARDWARE {
-            "hardware"
-        } else {
-            "emulated"
-        };
+        let volume = volume_ats_kind(sb).unwrap_or(AtsKind::Emulated);
         VolumeInfo {
             device: lun.describe(),
             label: get_str(&sb.label),
             volume_uuid: uuid::Uuid::from_bytes(sb.volume_uuid).to_string(),
-            ats_mode: ats_mode.into(),
+            ats_mode: kind_name(volume).into(),
+            opener_ats: kind_name(lun.ats_kind()).into(),
+            opener_matches: check_ats_mode(lun, sb).is_ok(),
             ats_sector_size: sb.ats_sector_size,
             heartbeat_interval_ms: sb.heartbeat_interval_ms,
             lease_ms: sb.lease_ms,
             max_hosts: sb.max_hosts,
         }
+    }
+}
+
+fn kind_name(kind: AtsKind) -> &'static str {
+    match kind {
+        AtsKind::Hardware => "hardware",
+        AtsKind::Emulated => "emulated",
     }
 }
 

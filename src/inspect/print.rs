@@ -60,10 +60,34 @@ fn volume_lines(out: &mut String, v: &VolumeInfo, watched_ms: u64) {
     );
     let _ = writeln!(
         out,
-        "ATS {} ({}-byte sectors), heartbeat every {} ms, lease {} ms, {} host slots; \
-         watched {} ms",
-        v.ats_mode, v.ats_sector_size, v.heartbeat_interval_ms, v.lease_ms, v.max_hosts, watched_ms
+        "ATS: {}, {}-byte sectors; this device: {}",
+        ats_words(&v.ats_mode),
+        v.ats_sector_size,
+        opener_words(v)
     );
+    let _ = writeln!(
+        out,
+        "heartbeat every {} ms, lease {} ms, {} host slots; watched {} ms",
+        v.heartbeat_interval_ms, v.lease_ms, v.max_hosts, watched_ms
+    );
+}
+
+fn ats_words(kind: &str) -> &'static str {
+    match kind {
+        "hardware" => "hardware (SCSI COMPARE AND WRITE)",
+        _ => "emulated (one kernel only)",
+    }
+}
+
+fn opener_words(v: &VolumeInfo) -> String {
+    if v.opener_matches {
+        format!("{} ATS, matches", v.opener_ats)
+    } else {
+        format!(
+            "{} ATS, does NOT match: mount, recover and fsck --repair refuse through it",
+            v.opener_ats
+        )
+    }
 }
 
 /// Time since the slot last changed; `>N ms` when it did not change during a watch of

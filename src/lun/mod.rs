@@ -11,7 +11,10 @@
 //! the device's COMPARE AND WRITE, persistent reservations; docs/scsi.md),
 //! `MemLun` (in memory, for tests and the simulator), and `FaultLun` (wraps any LUN
 //! and injects faults, records writes for crash-point tests). `WriteBehind` wraps the
-//! fs's LUN and queues large data writes to a writer thread.
+//! fs's LUN and queues large data writes to a writer thread. `selftest` proves that a
+//! device's compare-and-write is atomic (`atsfs ats-selftest`).
+
+pub mod selftest;
 
 mod behind;
 mod fault;

@@ -80,6 +80,8 @@ pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
             sb.ats_sector_size
         );
     }
+    // Repair writes and takes the volume's locks: one kind of ATS per volume.
+    crate::cluster::check_ats_mode(lun, &sb)?;
     let geo = Geometry::from_superblock(&sb);
     hosts::settle(lun, &sb, &geo, force, &mut tally, &mut notes)?;
     fix_superblocks(lun, &mut tally)?;

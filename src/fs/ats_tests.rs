@@ -1,0 +1,146 @@
+//! One kind of ATS per volume: mount and `fsck --repair` refuse a device whose ATS
+//! kind is not the volume's, both ways, before writing anything; read-only tools do
+//! not.
+
+use super::*;
+use crate::cluster::HostUuid;
+use crate::format::{ATS_MODE_EMULATED, ATS_MODE_HARDWARE};
+use crate::lun::{AtsKind, Caw, Lun, LunResult, MemLun};
+use crate::mkfs::{mkfs, MkfsOptions};
+use std::time::Duration;
+
+/// A LUN that says its compare-and-write is the storage's (as an iSCSI or SG_IO
+/// backend does), over a shared in-memory image.
+struct HardwareLun(Arc<MemLun>);
+
+impl Lun for HardwareLun {
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.0.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.0.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.0.flush()
+    }
+    fn describe(&self) -> String {
+        "hardware-ATS test LUN".into()
+    }
+    fn ats_kind(&self) -> AtsKind {
+        AtsKind::Hardware
+    }
+}
+
+/// A fresh volume made for `ats_mode` in memory.
+fn volume(ats_mode: u32) -> Arc<MemLun> {
+    let mem = Arc::new(MemLun::new(64 << 20, 512));
+    let opts = MkfsOptions {
+        max_hosts: 4,
+        heartbeat_interval: Duration::from_millis(100),
+        lease: Duration::from_millis(1000),
+        ats_mode,
+        ..MkfsOptions::default()
+    };
+    mkfs(mem.as_ref(), &opts, &mut |_, _| {}).expect("mkfs");
+    mem
+}
+
+fn hardware(mem: &Arc<MemLun>) -> Arc<dyn Lun> {
+    Arc::new(HardwareLun(mem.clone()))
+}
+
+fn mount(lun: Arc<dyn Lun>) -> anyhow::Result<Arc<Fs>> {
+    Fs::mount(lun, MountOptions::new(HostUuid([1; 16])))
+}
+
+#[test]
+fn a_hardware_volume_refuses_an_emulated_opener_and_writes_nothing() {
+    let mem = volume(ATS_MODE_HARDWARE);
+    let before = mem.snapshot();
+    let err = mount(mem.clone())
+        .err()
+        .expect("an emulated opener is refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("made for hardware ATS")
+            && text.contains("not through the target's backing image file"),
+        "{text}"
+    );
+    let err = crate::fsck::repair(mem.as_ref(), true).expect_err("repair refused too");
+    assert!(
+        format!("{err:#}").contains("made for hardware ATS"),
+        "{err:#}"
+    );
+    assert!(
+        mem.snapshot() == before,
+        "a refused opener wrote to the volume"
+    );
+    // Read-only tools still look.
+    let report = crate::fsck::check(mem.as_ref()).expect("read-only fsck runs");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let status = crate::inspect::status(mem.as_ref(), Some(Duration::ZERO)).expect("status runs");
+    assert_eq!(status.volume.ats_mode, "hardware");
+    assert_eq!(status.volume.opener_ats, "emulated");
+    assert!(!status.volume.opener_matches);
+    let text = crate::inspect::render_status(&status);
+    assert!(
+        text.contains("ATS: hardware (SCSI COMPARE AND WRITE), 512-byte sectors; this device: emulated ATS, does NOT match"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_emulated_volume_refuses_a_hardware_opener_and_writes_nothing() {
+    let mem = volume(ATS_MODE_EMULATED);
+    let before = mem.snapshot();
+    let err = mount(hardware(&mem))
+        .err()
+        .expect("a hardware opener is refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("made for emulated ATS") && text.contains("mkfs.atsfs --ats hardware"),
+        "{text}"
+    );
+    let err = crate::fsck::repair(hardware(&mem).as_ref(), true).expect_err("repair refused too");
+    assert!(
+        format!("{err:#}").contains("made for emulated ATS"),
+        "{err:#}"
+    );
+    assert!(
+        mem.snapshot() == before,
+        "a refused opener wrote to the volume"
+    );
+    let status =
+        crate::inspect::status(hardware(&mem).as_ref(), Some(Duration::ZERO)).expect("status runs");
+    assert_eq!(status.volume.ats_mode, "emulated");
+    assert_eq!(status.volume.opener_ats, "hardware");
+    assert!(!status.volume.opener_matches);
+}
+
+#[test]
+fn matching_openers_mount_both_kinds() {
+    let mem = volume(ATS_MODE_HARDWARE);
+    let fs = mount(hardware(&mem)).expect("hardware opener on a hardware volume");
+    fs.unmount().expect("unmount");
+    let status =
+        crate::inspect::status(hardware(&mem).as_ref(), Some(Duration::ZERO)).expect("status runs");
+    assert!(status.volume.opener_matches);
+    let text = crate::inspect::render_status(&status);
+    assert!(
+        text.contains("this device: hardware ATS, matches"),
+        "{text}"
+    );
+    crate::fsck::repair(hardware(&mem).as_ref(), true).expect("repair through hardware");
+    let mem = volume(ATS_MODE_EMULATED);
+    let fs = mount(mem.clone()).expect("emulated opener on an emulated volume");
+    fs.unmount().expect("unmount");
+}
