@@ -505,10 +505,13 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         "watching the slots in use for {} ms (lease + heartbeat interval) to tell live hosts from dead ones...",
         (lease + interval).as_millis()
     );
+    // Past the storage's reservation, where the LUN has one, for the replays' writes.
+    let registration = atsfs::cluster::fence::ToolRegistration::new(lun.as_ref())?;
     let outcomes = recover_offline(
         &lun,
         &geo,
         sb.volume_uuid,
+        registration.key(),
         only,
         interval,
         lease,
@@ -529,6 +532,8 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         }
     }
     println!("{recovered} slot(s) recovered");
+    // Before the mount below, which registers a key of its own on this initiator.
+    drop(registration);
     if recovered > 0 && geo.orphan_start != 0 {
         // Files the dead hosts had unlinked while open: a short-lived mount of our
         // own reclaims the orphan tables of every free slot.

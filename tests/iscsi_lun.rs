@@ -63,7 +63,9 @@ fn clear_reservations(lun: &dyn Lun) {
 
 #[test]
 fn reads_and_writes_round_trip() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     let lun = open(&url);
     clear_reservations(&*lun);
@@ -99,7 +101,9 @@ fn reads_and_writes_round_trip() {
 
 #[test]
 fn compare_and_write_or_a_clear_error() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     let lun = open(&url);
     clear_reservations(&*lun);
@@ -140,7 +144,9 @@ fn compare_and_write_or_a_clear_error() {
 
 #[test]
 fn preempting_a_host_fences_its_writes() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     let survivor = open(&url);
     let victim = open(&url);
@@ -197,7 +203,9 @@ fn preempting_a_host_fences_its_writes() {
 
 #[test]
 fn two_opens_are_two_initiators() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     let a = open(&url);
     let b = open(&url);
@@ -220,7 +228,9 @@ fn two_opens_are_two_initiators() {
 
 #[test]
 fn a_bad_url_or_target_gives_a_clear_error() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     let err = open_device(
         Path::new("iscsi://127.0.0.1:1/iqn.x:y/1"),
@@ -258,7 +268,9 @@ fn increment(lun: &dyn Lun, offset: u64) -> bool {
 
 #[test]
 fn compare_and_write_is_atomic_between_initiators() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     const THREADS: usize = 4;
     const INCREMENTS: u64 = 100;
@@ -310,7 +322,9 @@ fn tgt_session_of(bed: &Bed, initiator: &str) -> Option<String> {
 /// command reconnects.
 #[test]
 fn a_dropped_connection_is_reconnected() {
-    let Some(bed) = bed(module_path!()) else { return };
+    let Some(bed) = bed(module_path!()) else {
+        return;
+    };
     let url = bed.url.clone();
     let lun = ScsiLun::open(IscsiTransport::connect(&url).unwrap(), OpenMode::ReadWrite).unwrap();
     clear_reservations(&lun);

@@ -15,6 +15,7 @@
 //!   fences itself at once and never writes again under this generation.
 
 mod ats;
+pub mod fence;
 mod heartbeat;
 pub mod lock;
 pub mod mailbox;

@@ -21,6 +21,9 @@ pub struct Node {
     pub clock: Arc<dyn Clock>,
     pub interval: Duration,
     pub lease: Duration,
+    /// This host's registered reservation key, when the storage fences
+    /// (`fence::Fencing`): a recovery removes the dead host's key with it.
+    pub fence_key: Option<crate::lun::ReservationKey>,
 }
 
 impl Node {
@@ -43,6 +46,7 @@ impl Node {
             clock,
             interval,
             lease,
+            fence_key: None,
         }
     }
 
@@ -108,6 +112,7 @@ impl Node {
             self.volume_uuid,
             held,
             (self.me.slot, self.me.uuid),
+            self.fence_key,
             timing,
         )?;
         self.refresh()?;

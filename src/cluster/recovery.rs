@@ -90,7 +90,8 @@ pub fn settle_foreign_slots(
         clock,
     };
     for h in held {
-        recover_slot(lun, geo, volume_uuid, h, (my_slot, me), timing)?;
+        // Emulated volumes only: no storage-side fencing to do.
+        recover_slot(lun, geo, volume_uuid, h, (my_slot, me), None, timing)?;
     }
     Ok(())
 }
@@ -111,6 +112,7 @@ pub(crate) fn recover_slot(
     volume_uuid: [u8; 16],
     h: Held,
     recoverer: (u32, HostUuid),
+    fence_key: Option<crate::lun::ReservationKey>,
     timing: Timing<'_>,
 ) -> Result<()> {
     let (my_slot, me) = recoverer;
@@ -137,6 +139,9 @@ pub(crate) fn recover_slot(
     } else {
         "interrupted recovery of host"
     };
+    // The storage refuses the dead host's writes from now on (where it can): a write
+    // it still had on its way must not land on what the replay writes.
+    super::fence::fence_dead(lun, fence_key, h.slot, h.image.generation)?;
     tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
     let hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
     let report = hold.replay(volume_uuid)?;
@@ -369,11 +374,14 @@ pub enum OfflineOutcome {
 /// Recovers dead slots without mounting (`atsfs recover`): watches every slot in use
 /// (or just `only`) for `lease + interval` on our own clock, and recovers the ones
 /// that did not move, exactly as a surviving host would. The tool holds no slot and no
-/// lease: it is for volumes that no live host will recover (all hosts down).
+/// lease: it is for volumes that no live host will recover (all hosts down). Where
+/// the storage fences, the caller registered `fence_key` (`fence::ToolRegistration`).
+#[allow(clippy::too_many_arguments)]
 pub fn recover_offline(
     lun: &dyn Lun,
     geo: &Geometry,
     volume_uuid: [u8; 16],
+    fence_key: Option<crate::lun::ReservationKey>,
     only: Option<u32>,
     interval: Duration,
     lease: Duration,
@@ -418,7 +426,7 @@ pub fn recover_offline(
     };
     for h in held {
         let slot = h.slot;
-        recover_slot(lun, geo, volume_uuid, h, (slot, tool), timing)?;
+        recover_slot(lun, geo, volume_uuid, h, (slot, tool), fence_key, timing)?;
         outcomes.push((slot, OfflineOutcome::Recovered));
     }
     outcomes.sort_by_key(|o| o.0);

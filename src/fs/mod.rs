@@ -816,6 +816,8 @@ mod node_tests;
 #[cfg(test)]
 mod recovery_tests;
 #[cfg(test)]
+mod reservation_tests;
+#[cfg(test)]
 mod safety_tests;
 #[cfg(test)]
 mod tests;

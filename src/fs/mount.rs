@@ -4,7 +4,7 @@ use super::meta::Meta;
 use super::{Core, Fs, FsError};
 use crate::cluster::lock::Holder;
 use crate::cluster::{
-    check_ats_mode, claim_slot, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease,
+    check_ats_mode, claim_slot, fence, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease,
     Membership, Node, SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
@@ -118,6 +118,9 @@ impl Fs {
         let sb = read_superblock(lun.as_ref())?;
         // Before anything is written or any lock taken: one kind of ATS per volume.
         check_ats_mode(lun.as_ref(), &sb)?;
+        // Registered before our first write (the claim of a slot) where the storage
+        // fences: the LUN may be reserved for registrants only.
+        let fencing = fence::join(lun.as_ref())?;
         let geo = Geometry::from_superblock(&sb);
         let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
         let lease_time = Duration::from_millis(u64::from(sb.lease_ms));
@@ -159,7 +162,13 @@ impl Fs {
             slot,
             generation: membership.generation,
         };
-        let node = Arc::new(Node::new(
+        let fencing = fence::become_host(guarded.as_ref(), &fencing, slot, membership.generation)?;
+        tracing::info!(
+            slot,
+            generation = membership.generation,
+            "writes fenced {fencing}"
+        );
+        let mut node = Node::new(
             guarded.clone(),
             geo,
             sb.volume_uuid,
@@ -167,8 +176,14 @@ impl Fs {
             options.clock.clone(),
             interval,
             lease_time,
-        ));
+        );
+        node.fence_key = fencing.key();
+        let node = Arc::new(node);
         node.refresh()?;
+        if let Some(key) = fencing.key() {
+            // Keys of lives that are over: a slot freed or mounted again since.
+            fence::prune(guarded.as_ref(), key, |s, g| !node.stale(s, g));
+        }
         if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
             let settled = settle_foreign_slots(
                 guarded.as_ref(),

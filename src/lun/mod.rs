@@ -22,6 +22,7 @@ mod file;
 mod iscsi;
 mod mem;
 mod open;
+mod pr_emu;
 pub mod reservations;
 pub mod scsi;
 mod sg;
@@ -34,6 +35,7 @@ pub use file::{FileLun, OpenMode};
 pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
 pub use open::{device_kind, open_device, DeviceKind};
+pub use pr_emu::{PrDevice, PrSession};
 pub use reservations::{
     Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
 };

@@ -52,7 +52,7 @@ pub(super) fn settle(
     lun: &dyn Lun,
     sb: &Superblock,
     geo: &Geometry,
-    force: bool,
+    (force, fence_key): (bool, Option<crate::lun::ReservationKey>),
     tally: &mut Tally,
     notes: &mut Vec<String>,
 ) -> Result<()> {
@@ -78,6 +78,7 @@ pub(super) fn settle(
         lun,
         geo,
         sb.volume_uuid,
+        fence_key,
         None,
         interval,
         lease,

@@ -82,8 +82,17 @@ pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
     }
     // Repair writes and takes the volume's locks: one kind of ATS per volume.
     crate::cluster::check_ats_mode(lun, &sb)?;
+    // Past the storage's reservation, where the LUN has one, for the repair's writes.
+    let registration = crate::cluster::fence::ToolRegistration::new(lun)?;
     let geo = Geometry::from_superblock(&sb);
-    hosts::settle(lun, &sb, &geo, force, &mut tally, &mut notes)?;
+    hosts::settle(
+        lun,
+        &sb,
+        &geo,
+        (force, registration.key()),
+        &mut tally,
+        &mut notes,
+    )?;
     fix_superblocks(lun, &mut tally)?;
     if write::empty_orphan_tables(lun, &geo, &mut tally)? {
         lun.flush()?;
