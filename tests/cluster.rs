@@ -21,27 +21,6 @@ fn two_hosts(name: &str) -> (Scratch, PathBuf, Mount, Mount) {
     (scratch, image, a, b)
 }
 
-/// Reads a file, retrying while another host still has it open for writing (its
-/// close reaches its daemon just after close() returns).
-fn read_within(path: &Path, limit: Duration) -> Vec<u8> {
-    let started = Instant::now();
-    loop {
-        match read_all(path) {
-            Ok(data) => return data,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < limit => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("reading {}: {e}", path.display()),
-        }
-    }
-}
-
-fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    File::open(path)?.read_to_end(&mut out)?;
-    Ok(out)
-}
-
 /// Creates `count` files named PREFIX-i in `dir`.
 fn create_many(dir: PathBuf, prefix: &'static str, count: usize) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -221,24 +200,6 @@ fn recovery_opts() -> atsfs::mkfs::MkfsOptions {
         heartbeat_interval: Duration::from_millis(500),
         lease: Duration::from_secs(2),
         ..atsfs::mkfs::MkfsOptions::default()
-    }
-}
-
-/// Retries an open for writing until it succeeds; returns how long it took.
-fn open_for_writing_within(path: &Path, limit: Duration) -> (File, Duration) {
-    let started = Instant::now();
-    loop {
-        match OpenOptions::new().write(true).open(path) {
-            Ok(file) => return (file, started.elapsed()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < limit => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => panic!(
-                "open of {} for writing after {:?}: {e}",
-                path.display(),
-                started.elapsed()
-            ),
-        }
     }
 }
 

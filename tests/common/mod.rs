@@ -20,6 +20,8 @@ pub mod tgt;
 
 use atsfs::lun::{FileLun, OpenMode};
 use atsfs::mkfs::MkfsOptions;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -415,4 +417,43 @@ pub fn last_errno() -> i32 {
 /// A path as a C string for libc calls.
 pub fn cpath(path: &Path) -> std::ffi::CString {
     std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path without NUL")
+}
+
+/// Reads a file, retrying while another host still has it open for writing (its
+/// close reaches its daemon just after close() returns).
+pub fn read_within(path: &Path, limit: Duration) -> Vec<u8> {
+    let started = Instant::now();
+    loop {
+        match read_all(path) {
+            Ok(data) => return data,
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < limit => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("reading {}: {e}", path.display()),
+        }
+    }
+}
+
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    File::open(path)?.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Retries an open for writing until it succeeds; returns how long it took.
+pub fn open_for_writing_within(path: &Path, limit: Duration) -> (File, Duration) {
+    let started = Instant::now();
+    loop {
+        match OpenOptions::new().write(true).open(path) {
+            Ok(file) => return (file, started.elapsed()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && started.elapsed() < limit => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!(
+                "open of {} for writing after {:?}: {e}",
+                path.display(),
+                started.elapsed()
+            ),
+        }
+    }
 }
