@@ -205,10 +205,20 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
     let local = PathBuf::from(target.url());
     let made = output_of(
         Command::new(mkfs_bin())
-            .args(["-L", "shared", "--heartbeat-interval", "1s", "--lease", "4s"])
+            .args([
+                "-L",
+                "shared",
+                "--heartbeat-interval",
+                "1s",
+                "--lease",
+                "4s",
+            ])
             .arg(&local),
     );
-    assert!(made.contains("hardware"), "mkfs did not choose hardware ATS:\n{made}");
+    assert!(
+        made.contains("hardware"),
+        "mkfs did not choose hardware ATS:\n{made}"
+    );
     let status = output_of(Command::new(common::atsfs_bin()).arg("status").arg(&local));
     assert!(
         status.contains("ATS: hardware (SCSI COMPARE AND WRITE)"),
@@ -272,8 +282,7 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let stopped = Instant::now();
     // Host 2 recovers host 1 (removing its reservation key first) and writes a marker.
-    let (mut on_b, took) =
-        common::open_for_writing_within(&b.join("log"), Duration::from_secs(20));
+    let (mut on_b, took) = common::open_for_writing_within(&b.join("log"), Duration::from_secs(20));
     eprintln!("host 2 could write host 1's file after {took:?}");
     on_b.write_all(b"MARKER FROM HOST 2\n").expect("marker");
     on_b.sync_all().expect("fsync marker");
@@ -301,4 +310,50 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
     drop(a);
     b.unmount();
     assert_fsck_clean(&local);
+}
+
+/// `atsfs ats-selftest` catches a target whose COMPARE AND WRITE loses updates (tgt
+/// with 16 I/O threads per LUN), says why and what to do, and passes the same target
+/// run with one thread.
+#[test]
+fn the_ats_self_test_fails_on_a_target_that_loses_updates_and_passes_on_one_that_does_not() {
+    let bins = require_tgt!();
+    let scratch = Scratch::new("iscsi_selftest");
+    let selftest = |threads: u32| {
+        let image = scratch.join(&format!("lun-{threads}.img"));
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("making the LUN's image");
+        let target = tgt::serve_with_threads(&bins, &scratch, &image, threads);
+        let out = Command::new(common::atsfs_bin())
+            .arg("ats-selftest")
+            .arg(target.url())
+            .output()
+            .expect("running atsfs ats-selftest");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    // Lost updates are a race: 8 sessions x 2,000 increments lost some in every run
+    // measured (docs/testing.md), but allow two more runs before calling it a miss.
+    let mut runs = Vec::new();
+    let failed = (0..3).find_map(|_| {
+        let (code, text) = selftest(16);
+        let found = (code == Some(1)).then(|| text.clone());
+        runs.push((code, text));
+        found
+    });
+    let Some(text) = failed else {
+        panic!("ats-selftest passed a target with 16 I/O threads three times: {runs:#?}");
+    };
+    assert!(text.contains("not atomic"), "{text}");
+    assert!(
+        text.contains("-t 1"),
+        "the failure does not say what to do:\n{text}"
+    );
+    let (code, text) = selftest(1);
+    assert_eq!(code, Some(0), "ats-selftest failed on tgtd -t 1:\n{text}");
 }

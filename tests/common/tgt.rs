@@ -91,11 +91,22 @@ pub fn helper(name: &str) -> PathBuf {
 /// COMPARE AND WRITE is atomic). tgtd's run directory (socket, log) is
 /// SCRATCH/tgt-PORT. The target is stopped when the returned `Target` drops.
 pub fn serve(bins: &TgtBinaries, scratch: &Scratch, image: &std::path::Path) -> Target {
+    serve_with_threads(bins, scratch, image, 1)
+}
+
+/// `serve` with `threads` I/O threads per LUN (tgtd's `-t`): more than one makes
+/// tgt's COMPARE AND WRITE lose updates.
+pub fn serve_with_threads(
+    bins: &TgtBinaries,
+    scratch: &Scratch,
+    image: &std::path::Path,
+    threads: u32,
+) -> Target {
     let port = testbed::free_port().expect("a free port for tgtd");
     let spec = TargetSpec {
         image: image.to_path_buf(),
         portal: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
-        threads: 1,
+        threads,
         run_dir: scratch.join(&format!("tgt-{port}")),
         allowed: testbed::allowed_default(),
     };
