@@ -93,7 +93,7 @@ fn a_recovered_host_is_fenced_at_the_storage_before_its_journal_is_replayed() {
     );
     // Host 1's late write, issued before it stopped and landing now, is refused by
     // the storage itself, not by host 1's own lease check (which it bypasses here).
-    let block = crate::format::BLOCK_SIZE as usize;
+    let block = crate::format::BLOCK_SIZE;
     let late = vec![0x5au8; block];
     let targets = [0u64, 512, 64 * block as u64];
     let sector_at = |offset: u64| {
