@@ -310,6 +310,18 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
     drop(a);
     b.unmount();
     assert_fsck_clean(&local);
+    // The hosts' keys stay registered (the holder leaving would drop the fence), so
+    // the LUN is still reserved; mkfs of a new volume drops them and can write.
+    let lun = atsfs::lun::open_device(&local, atsfs::lun::OpenMode::ReadOnly).expect("open");
+    let pr = lun.reservations().expect("an iSCSI LUN has reservations");
+    assert!(pr.read_reservation().expect("read reservation").is_some());
+    output_of(
+        Command::new(mkfs_bin())
+            .args(["-f", "-q", "-L", "again"])
+            .arg(&local),
+    );
+    assert_eq!(pr.read_reservation().expect("read reservation"), None);
+    assert_fsck_clean(&local);
 }
 
 /// `atsfs ats-selftest` catches a target whose COMPARE AND WRITE loses updates (tgt

@@ -175,7 +175,14 @@ fn run(args: &Args) -> Result<(), Failure> {
         create_or_grow(path, size)?;
     }
     let lun = open(path)?;
-    // The device is ours to overwrite from here on (checked above).
+    // The device is ours to overwrite from here on (checked above). A LUN that held a
+    // volume stays reserved by its hosts' keys (they never unregister): drop them
+    // first, or the storage refuses our writes.
+    match atsfs::cluster::fence::release_for_mkfs(lun.as_ref()) {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "dropped the old volume's reservation keys"),
+        Err(e) => return Err(Failure::Refused(format!("{e:#}"))),
+    }
     let sessions = || open_device(path, OpenMode::ReadWrite);
     let (ats_mode, tested) = ats::choose_ats(&lun, args, &sessions)?;
     opts.ats_mode = ats_mode;

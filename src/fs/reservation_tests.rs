@@ -184,3 +184,33 @@ fn a_joining_host_registers_before_it_claims_a_slot() {
     a.unmount().expect("unmount a");
     assert_fsck_clean(&mem);
 }
+
+#[test]
+fn mkfs_drops_the_reservation_an_old_volume_left() {
+    let mem = fresh_volume(64 << 20);
+    let device = PrDevice::new(mem.clone());
+    let a_lun = Arc::new(device.session());
+    mount_as(&a_lun, 1).unmount().expect("unmount");
+    // Hosts never unregister: the LUN stays reserved, and a new initiator's writes
+    // (mkfs) are refused until the old keys go.
+    let tool = device.session();
+    assert!(tool.read_reservation().expect("read").is_some());
+    let opts = crate::mkfs::MkfsOptions {
+        max_hosts: 4,
+        ..crate::mkfs::MkfsOptions::default()
+    };
+    assert!(crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).is_err());
+    let removed = crate::cluster::fence::release_for_mkfs(&tool).expect("release");
+    assert_eq!(removed, 1);
+    assert_eq!(tool.read_reservation().expect("read"), None);
+    assert!(keys(&tool).is_empty());
+    crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).expect("mkfs after the release");
+    // A LUN another program reserved is left alone.
+    let other = device.session();
+    other.register(ReservationKey(0x77)).expect("register");
+    other.reserve(ReservationKey(0x77)).expect("reserve");
+    let err =
+        crate::cluster::fence::release_for_mkfs(&tool).expect_err("took a foreign reservation");
+    assert!(format!("{err:#}").contains("reserved by another initiator"));
+    assert_eq!(keys(&tool), vec![ReservationKey(0x77)]);
+}
