@@ -229,6 +229,13 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
     let a = tgt::mount_on_host(&MountSpec::in_scratch(&scratch, &url, "a"), 1);
     let b_spec = MountSpec::in_scratch(&scratch, &url, "b");
     let b = tgt::mount_on_host(&b_spec, 2);
+    // Both hosts' keys are registered, the LUN reserved for registrants.
+    let status = output_of(Command::new(common::atsfs_bin()).arg("status").arg(&local));
+    assert!(
+        status.contains("fencing by the storage: reserved WriteExclusiveRegistrantsOnly")
+            && status.matches(", generation ").count() == 2,
+        "atsfs status:\n{status}"
+    );
     std::fs::write(a.join("from-a"), b"written by host 1").expect("write on host 1");
     assert_eq!(
         common::read_within(&b.join("from-a"), Duration::from_secs(5)),

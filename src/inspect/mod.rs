@@ -52,6 +52,82 @@ pub struct VolumeInfo {
     pub heartbeat_interval_ms: u32,
     pub lease_ms: u32,
     pub max_hosts: u32,
+    /// How the storage fences hosts: the LUN's persistent reservation and keys.
+    pub fencing: Fencing,
+}
+
+/// The storage side of fencing, as the LUN reports it (`cluster::fence`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Fencing {
+    /// `none` (no persistent reservations: the lease alone), `reservation`, or
+    /// `unreadable` (PERSISTENT RESERVE IN failed: `detail` says why).
+    pub kind: String,
+    pub detail: String,
+    /// The registered keys and whose they are.
+    pub keys: Vec<FencingKey>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FencingKey {
+    pub key: String,
+    /// "slot 3, generation 7", "a joining host", "a tool", or "another program".
+    pub owner: String,
+    /// Whether this key holds the reservation.
+    pub holder: bool,
+}
+
+impl Fencing {
+    fn read(lun: &dyn Lun) -> Fencing {
+        use crate::cluster::fence::{key_owner, JOIN_SLOT, TOOL_SLOT};
+        let Some(pr) = lun.reservations() else {
+            return Fencing {
+                kind: "none".into(),
+                detail: "no SCSI persistent reservations: a paused host's late writes are \
+                         stopped by its lease alone"
+                    .into(),
+                keys: Vec::new(),
+            };
+        };
+        let read = pr
+            .read_reservation()
+            .and_then(|held| Ok((held, pr.read_keys()?)));
+        let (held, mut keys) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                return Fencing {
+                    kind: "unreadable".into(),
+                    detail: format!("PERSISTENT RESERVE IN failed: {e}"),
+                    keys: Vec::new(),
+                }
+            }
+        };
+        keys.sort();
+        keys.dedup();
+        let detail = match held {
+            Some(held) => format!("reserved {:?} (type {})", held.kind, held.kind.code()),
+            None => "not reserved: no host has mounted it yet, or the reservation was \
+                     dropped (the next mount reserves it again)"
+                .into(),
+        };
+        let keys = keys
+            .into_iter()
+            .map(|key| FencingKey {
+                key: key.to_string(),
+                owner: match key_owner(key) {
+                    Some((JOIN_SLOT, _)) => "a joining host".into(),
+                    Some((TOOL_SLOT, _)) => "a tool (recover, fsck --repair, mkfs)".into(),
+                    Some((slot, generation)) => format!("slot {slot}, generation {generation}"),
+                    None => "another program".into(),
+                },
+                holder: held.is_some_and(|h| h.key == key),
+            })
+            .collect();
+        Fencing {
+            kind: "reservation".into(),
+            detail,
+            keys,
+        }
+    }
 }
 
 impl VolumeInfo {
@@ -68,6 +144,7 @@ impl VolumeInfo {
             heartbeat_interval_ms: sb.heartbeat_interval_ms,
             lease_ms: sb.lease_ms,
             max_hosts: sb.max_hosts,
+            fencing: Fencing::read(lun),
         }
     }
 }

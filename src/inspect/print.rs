@@ -70,6 +70,16 @@ fn volume_lines(out: &mut String, v: &VolumeInfo, watched_ms: u64) {
         "heartbeat every {} ms, lease {} ms, {} host slots; watched {} ms",
         v.heartbeat_interval_ms, v.lease_ms, v.max_hosts, watched_ms
     );
+    let f = &v.fencing;
+    let _ = writeln!(out, "fencing by the storage: {}", f.detail);
+    for k in &f.keys {
+        let holder = if k.holder {
+            ", holds the reservation"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "  key {}  {}{holder}", k.key, k.owner);
+    }
 }
 
 fn ats_words(kind: &str) -> &'static str {
