@@ -19,9 +19,10 @@
 
 use crate::format::{
     encode_padded, put_str, AgHeader, DirBucket, FormatError, Geometry, GeometryError,
-    HeartbeatSlot, InodeBody, JournalHeader, MkfsParams, OnDisk, OrphanTable, Superblock,
-    AG_BLOCKS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE, BLOCK_SIZE, BLOCK_SIZE_U64,
-    FEATURE_RO_COMPAT_ORPHAN_TABLES, FORMAT_VERSION, SLOT_FREE, SLOT_LIVE,
+    HeartbeatSlot, InodeBody, JournalHeader, MkfsParams, OnDisk, OrphanTable, PaxosLeader,
+    Superblock, AG_BLOCKS, ATS_MODE_DISK_PAXOS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE, BLOCK_SIZE,
+    BLOCK_SIZE_U64, FEATURE_INCOMPAT_DISK_PAXOS, FEATURE_RO_COMPAT_ORPHAN_TABLES, FORMAT_VERSION,
+    PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER, PAXOS_TOKEN_MS_DEFAULT, SLOT_FREE, SLOT_LIVE,
 };
 use crate::lun::{Lun, LunError};
 use crate::units::format_size;
@@ -52,7 +53,7 @@ pub struct MkfsOptions {
     pub journal_bytes: Option<u64>,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
-    /// `ATS_MODE_EMULATED` or `ATS_MODE_HARDWARE`.
+    /// `ATS_MODE_EMULATED`, `ATS_MODE_HARDWARE` or `ATS_MODE_DISK_PAXOS`.
     pub ats_mode: u32,
     /// `None` draws a random (v4) UUID.
     pub volume_uuid: Option<[u8; 16]>,
@@ -132,7 +133,10 @@ pub fn validate_options(opts: &MkfsOptions) -> Result<(), MkfsError> {
             opts.lease
         ));
     }
-    if !matches!(opts.ats_mode, ATS_MODE_EMULATED | ATS_MODE_HARDWARE) {
+    if !matches!(
+        opts.ats_mode,
+        ATS_MODE_EMULATED | ATS_MODE_HARDWARE | ATS_MODE_DISK_PAXOS
+    ) {
         return bad(format!("unknown ATS mode {}", opts.ats_mode));
     }
     if let Some(bytes) = opts.journal_bytes {
@@ -166,6 +170,7 @@ pub fn plan_for(
         ats_sector_size,
         max_hosts: opts.max_hosts,
         journal_blocks: opts.journal_bytes.map(|bytes| bytes / BLOCK_SIZE_U64),
+        disk_paxos: opts.ats_mode == ATS_MODE_DISK_PAXOS,
     })?;
     // A planned geometry that its own check refuses is a bug of the planner; refuse
     // to write it rather than make a volume no host will mount.
@@ -192,6 +197,7 @@ pub fn mkfs(
     wipe_old_signatures(lun, &geo)?;
     lun.flush()?;
     write_heartbeat_slots(lun, &geo)?;
+    write_paxos_region(lun, &geo)?;
     write_journals(lun, &geo, primary.volume_uuid)?;
     write_orphan_tables(lun, &geo)?;
     write_ag_headers(lun, &geo, progress)?;
@@ -260,7 +266,39 @@ fn build_superblock(geo: &Geometry, opts: &MkfsOptions, created_unix_s: u64) -> 
     sb.dir_hash_seed = rand::random::<u64>();
     sb.orphan_start = geo.orphan_start;
     sb.feature_ro_compat |= FEATURE_RO_COMPAT_ORPHAN_TABLES;
+    if geo.paxos_start != 0 {
+        sb.paxos_start = geo.paxos_start;
+        sb.paxos_token_ms = paxos_token_ms(sb.lease_ms);
+        sb.feature_incompat |= FEATURE_INCOMPAT_DISK_PAXOS;
+    }
     sb
+}
+
+/// The Disk Paxos token's lease: `PAXOS_TOKEN_MS_DEFAULT`, or a quarter of a short
+/// host lease, so that a dead holder's token always runs out well before its slot
+/// counts as dead.
+fn paxos_token_ms(lease_ms: u32) -> u32 {
+    PAXOS_TOKEN_MS_DEFAULT.min(lease_ms / 4).max(1)
+}
+
+/// The Disk Paxos region: a leader record that names no owner and is released, and
+/// every dblock zero (never used), in one write.
+fn write_paxos_region(lun: &dyn Lun, geo: &Geometry) -> Result<(), MkfsError> {
+    if geo.paxos_start == 0 {
+        return Ok(());
+    }
+    let sector = geo.ats_sector_size as usize;
+    let mut leader: PaxosLeader = bytemuck::Zeroable::zeroed();
+    leader.magic = PaxosLeader::MAGIC;
+    leader.blockno = geo.paxos_start;
+    leader.owner_slot = PAXOS_NO_OWNER;
+    leader.writer_slot = PAXOS_NO_OWNER;
+    leader.flags = PAXOS_LEADER_RELEASED;
+    leader.seal();
+    let mut region = vec![0u8; (geo.paxos_blocks() * BLOCK_SIZE_U64) as usize];
+    region[..sector].copy_from_slice(&encode_padded(&leader, sector));
+    lun.write_at(&region, geo.paxos_leader_offset())?;
+    Ok(())
 }
 
 /// Clears the old primary and backup superblocks (of any size of old volume that

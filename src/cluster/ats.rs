@@ -17,7 +17,7 @@
 //! Read-only tools (fsck, status, locks) do not refuse; `status` shows whether the
 //! opener matches.
 
-use crate::format::{Superblock, ATS_MODE_EMULATED, ATS_MODE_HARDWARE};
+use crate::format::{Superblock, ATS_MODE_DISK_PAXOS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE};
 use crate::lun::{AtsKind, Lun};
 use thiserror::Error;
 
@@ -27,6 +27,7 @@ pub fn volume_ats_kind(sb: &Superblock) -> Option<AtsKind> {
     match sb.ats_mode {
         ATS_MODE_EMULATED => Some(AtsKind::Emulated),
         ATS_MODE_HARDWARE => Some(AtsKind::Hardware),
+        ATS_MODE_DISK_PAXOS => Some(AtsKind::DiskPaxos),
         _ => None,
     }
 }
@@ -37,6 +38,7 @@ pub fn describe_ats_kind(kind: AtsKind) -> &'static str {
     match kind {
         AtsKind::Hardware => "hardware (SCSI COMPARE AND WRITE)",
         AtsKind::Emulated => "emulated (one kernel only)",
+        AtsKind::DiskPaxos => "Disk Paxos (a token over plain sector reads and writes)",
     }
 }
 
@@ -61,6 +63,13 @@ pub enum AtsMismatch {
          off, unmount every host and run mkfs.atsfs --ats hardware (it erases the volume)"
     )]
     EmulatedVolume { device: String },
+    #[error(
+        "{device} holds a volume made for Disk Paxos test-and-set (a token taken with plain \
+         sector reads and writes), but this host opens it without the token: its \
+         compare-and-writes would not be atomic against the other hosts'. Mount it with an \
+         atsfs that takes the Disk Paxos token"
+    )]
+    DiskPaxosVolume { device: String },
     #[error("{device}: the volume's ATS mode {mode} is unknown; use a newer atsfs")]
     Unknown { device: String, mode: u32 },
 }
@@ -73,6 +82,7 @@ pub fn check_ats_mode(lun: &dyn Lun, sb: &Superblock) -> Result<(), AtsMismatch>
         (Some(volume), opener) if volume == opener => Ok(()),
         (Some(AtsKind::Hardware), _) => Err(AtsMismatch::HardwareVolume { device }),
         (Some(AtsKind::Emulated), _) => Err(AtsMismatch::EmulatedVolume { device }),
+        (Some(AtsKind::DiskPaxos), _) => Err(AtsMismatch::DiskPaxosVolume { device }),
         (None, _) => Err(AtsMismatch::Unknown {
             device,
             mode: sb.ats_mode,

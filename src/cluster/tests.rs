@@ -9,6 +9,7 @@ fn volume() -> (Arc<MemLun>, Geometry) {
         ats_sector_size: 512,
         max_hosts: 4,
         journal_blocks: Some(256),
+        disk_paxos: false,
     };
     let geo = Geometry::plan(&params).expect("plan");
     (Arc::new(MemLun::new(params.total_bytes, 512)), geo)

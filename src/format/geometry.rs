@@ -2,8 +2,8 @@
 //! re-derived from it on mount. All offset arithmetic of the format lives here.
 
 use super::{
-    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, FEATURE_RO_COMPAT_ORPHAN_TABLES,
-    HOSTS_MAX, RESOURCE_BODY_SIZE,
+    BlockNo, Superblock, AG_BLOCKS, BLOCK_SIZE, BLOCK_SIZE_U64, FEATURE_INCOMPAT_DISK_PAXOS,
+    FEATURE_RO_COMPAT_ORPHAN_TABLES, HOSTS_MAX, RESOURCE_BODY_SIZE,
 };
 use thiserror::Error;
 
@@ -26,6 +26,8 @@ pub struct MkfsParams {
     pub max_hosts: u32,
     /// Journal size per slot in blocks; `None` picks a default from the volume size.
     pub journal_blocks: Option<u64>,
+    /// Lay out a Disk Paxos region (`ATS_MODE_DISK_PAXOS`) after the heartbeats.
+    pub disk_paxos: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -49,6 +51,10 @@ pub struct Geometry {
     pub resource_blocks: u32,
     pub hb_start: BlockNo,
     pub hb_blocks: u64,
+    /// First block of the Disk Paxos region (leader record, then one dblock per
+    /// slot; `paxos_blocks()` long), right after the heartbeat region; 0 on volumes
+    /// without one.
+    pub paxos_start: BlockNo,
     pub journal_start: BlockNo,
     pub journal_blocks: u64,
     /// First block of the orphan tables (one resource per slot, right after the
@@ -82,7 +88,15 @@ impl Geometry {
         };
         let resource_blocks = resource_blocks_for(ats);
         let hb_start = 1;
-        let journal_start = hb_start + hb_blocks;
+        let (paxos_start, paxos_blocks) = if params.disk_paxos {
+            (
+                hb_start + hb_blocks,
+                paxos_blocks_for(params.max_hosts, ats),
+            )
+        } else {
+            (0, 0)
+        };
+        let journal_start = hb_start + hb_blocks + paxos_blocks;
         // A caller's journal size can be anything: saturate rather than wrap, so an
         // absurd one is a device that is too small, not an overflow.
         let orphan_start = hosts
@@ -109,6 +123,7 @@ impl Geometry {
             resource_blocks,
             hb_start,
             hb_blocks,
+            paxos_start,
             journal_start,
             journal_blocks,
             orphan_start,
@@ -126,6 +141,11 @@ impl Geometry {
             resource_blocks: sb.resource_blocks,
             hb_start: sb.hb_start,
             hb_blocks: sb.hb_blocks,
+            paxos_start: if sb.feature_incompat & FEATURE_INCOMPAT_DISK_PAXOS != 0 {
+                sb.paxos_start
+            } else {
+                0
+            },
             journal_start: sb.journal_start,
             journal_blocks: sb.journal_blocks,
             orphan_start: if sb.feature_ro_compat & FEATURE_RO_COMPAT_ORPHAN_TABLES != 0 {
@@ -150,7 +170,12 @@ impl Geometry {
         if self.hb_start != 1 || self.hb_blocks != expect_hb {
             return Err("heartbeat region misplaced".into());
         }
-        if self.journal_start != self.hb_start + self.hb_blocks
+        let paxos_blocks = match self.paxos_start {
+            0 => 0,
+            start if start == self.hb_start + self.hb_blocks => self.paxos_blocks(),
+            _ => return Err("Disk Paxos region misplaced".into()),
+        };
+        if self.journal_start != self.hb_start + self.hb_blocks + paxos_blocks
             || self.journal_blocks < JOURNAL_BLOCKS_MIN
         {
             return Err("journal region misplaced".into());
@@ -190,6 +215,30 @@ impl Geometry {
     /// right after its heartbeat sector.
     pub fn mailbox_offset(&self, slot: u32) -> u64 {
         self.slot_offset(slot) + u64::from(self.ats_sector_size)
+    }
+
+    /// Blocks of the Disk Paxos region; 0 without one.
+    pub fn paxos_blocks(&self) -> u64 {
+        if self.paxos_start == 0 {
+            return 0;
+        }
+        paxos_blocks_for(self.max_hosts, self.ats_sector_size)
+    }
+
+    /// Byte offset of the Disk Paxos leader record (the region's first sector).
+    pub fn paxos_leader_offset(&self) -> u64 {
+        self.paxos_start * BLOCK_SIZE_U64
+    }
+
+    /// Byte offset of a slot's Disk Paxos dblock: sector `1 + slot` of the region.
+    pub fn paxos_dblock_offset(&self, slot: u32) -> u64 {
+        self.paxos_leader_offset() + (1 + u64::from(slot)) * u64::from(self.ats_sector_size)
+    }
+
+    /// Bytes of the leader record and every dblock: what one read of "everybody"
+    /// reads.
+    pub fn paxos_region_len(&self) -> usize {
+        (1 + self.max_hosts as usize) * self.ats_sector_size as usize
     }
 
     /// First block of a slot's journal (its header).
@@ -341,6 +390,12 @@ impl Geometry {
     pub fn data_blocks(&self) -> u64 {
         (0..self.ag_count).map(|ag| self.ag_len(ag)).sum()
     }
+}
+
+/// Blocks of a Disk Paxos region: the leader record and one dblock per slot, one
+/// ATS sector each, rounded up to whole blocks.
+pub fn paxos_blocks_for(max_hosts: u32, ats_sector_size: u32) -> u64 {
+    ((1 + u64::from(max_hosts)) * u64::from(ats_sector_size)).div_ceil(BLOCK_SIZE_U64)
 }
 
 /// Blocks one locked resource spans: its lock sector plus a body of

@@ -14,7 +14,7 @@
 mod geometry;
 mod structs;
 
-pub use geometry::{Geometry, GeometryError, MkfsParams, SLOT_SECTORS};
+pub use geometry::{paxos_blocks_for, Geometry, GeometryError, MkfsParams, SLOT_SECTORS};
 pub use structs::*;
 
 use bytemuck::{Pod, Zeroable};

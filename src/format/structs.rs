@@ -15,9 +15,18 @@ use std::mem::{offset_of, size_of};
 pub const ATS_MODE_EMULATED: u32 = 1;
 /// ATS provided by the storage (SCSI COMPARE AND WRITE).
 pub const ATS_MODE_HARDWARE: u32 = 2;
+/// ATS built from plain sector reads and writes: a Disk Paxos token over the region
+/// at `paxos_start` (docs/locking.md, "Disk Paxos test-and-set"). Needs
+/// `FEATURE_INCOMPAT_DISK_PAXOS`.
+pub const ATS_MODE_DISK_PAXOS: u32 = 3;
 
-/// Incompatible features this code understands (none yet in v1).
-pub const FEATURE_INCOMPAT_SUPPORTED: u64 = 0;
+/// Incompatible feature: the volume has a Disk Paxos region (leader record and one
+/// dblock per slot) at `paxos_start`, between the heartbeat region and the journals,
+/// and its hosts do test-and-set through it. Code that does not know it would find
+/// the journals misplaced, and would not take the token.
+pub const FEATURE_INCOMPAT_DISK_PAXOS: u64 = 1;
+/// Incompatible features this code understands.
+pub const FEATURE_INCOMPAT_SUPPORTED: u64 = FEATURE_INCOMPAT_DISK_PAXOS;
 /// Read-only-compatible feature: each slot has an orphan table (`OrphanTable`) in
 /// its own region between the journals and the allocation groups, and inodes record
 /// which tables list them (`InodeBody::orphan_slots`). Code that does not know it
@@ -56,7 +65,10 @@ pub struct Superblock {
     pub self_block: u64,
     pub dir_hash_seed: u64,
     pub orphan_start: u64,
-    pub reserved: [u8; 272],
+    pub paxos_start: u64,
+    pub paxos_token_ms: u32,
+    pub paxos_pad: u32,
+    pub reserved: [u8; 256],
 }
 const _: () = assert!(size_of::<Superblock>() == 512);
 
@@ -92,7 +104,10 @@ impl OnDisk for Superblock {
                 self.heartbeat_interval_ms, self.lease_ms
             ));
         }
-        if !matches!(self.ats_mode, ATS_MODE_EMULATED | ATS_MODE_HARDWARE) {
+        if !matches!(
+            self.ats_mode,
+            ATS_MODE_EMULATED | ATS_MODE_HARDWARE | ATS_MODE_DISK_PAXOS
+        ) {
             return bad(format!("ATS mode {}", self.ats_mode));
         }
         let unknown = self.feature_incompat & !FEATURE_INCOMPAT_SUPPORTED;
@@ -114,7 +129,38 @@ impl OnDisk for Superblock {
                 self.orphan_start, self.feature_ro_compat
             ));
         }
-        Ok(())
+        self.validate_paxos(block)
+    }
+}
+
+impl Superblock {
+    /// The Disk Paxos fields agree with each other: the flag, the mode, the region
+    /// and a token lease shorter than the host lease are all set, or none is.
+    fn validate_paxos(&self, block: BlockNo) -> Result<(), FormatError> {
+        let flag = self.feature_incompat & FEATURE_INCOMPAT_DISK_PAXOS != 0;
+        let mode = self.ats_mode == ATS_MODE_DISK_PAXOS;
+        let region = self.paxos_start != 0;
+        let token = if flag {
+            self.paxos_token_ms != 0 && self.paxos_token_ms < self.lease_ms
+        } else {
+            self.paxos_token_ms == 0
+        };
+        if flag == mode && flag == region && token {
+            return Ok(());
+        }
+        Err(FormatError::corrupted(
+            Self::WHAT,
+            block,
+            format!(
+                "Disk Paxos fields disagree: ATS mode {}, feature flags {:#x}, region at block \
+                 {}, token lease {} ms (host lease {} ms)",
+                self.ats_mode,
+                self.feature_incompat,
+                self.paxos_start,
+                self.paxos_token_ms,
+                self.lease_ms
+            ),
+        ))
     }
 }
 
@@ -860,6 +906,109 @@ impl OnDisk for JournalCommit {
 }
 
 // ---------------------------------------------------------------------------------
+// Disk Paxos region: the leader record, then one dblock per slot, one ATS sector each.
+// ---------------------------------------------------------------------------------
+
+/// The Disk Paxos token's lease that mkfs records (`Superblock::paxos_token_ms`),
+/// unless a quarter of the host lease is shorter.
+pub const PAXOS_TOKEN_MS_DEFAULT: u32 = 1000;
+/// `PaxosLeader::owner_slot` of a leader that names no owner (mkfs's first record).
+pub const PAXOS_NO_OWNER: u32 = u32::MAX;
+/// `PaxosLeader::flags`: the owner gave the token back; a taker need not wait.
+pub const PAXOS_LEADER_RELEASED: u32 = 1;
+
+/// The last decided instance of the volume's test-and-set token and who owns it.
+/// Written by whoever decided or learned the instance (several hosts may write the
+/// same decided value); a released record is written only by its owner.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct PaxosLeader {
+    pub magic: u32,
+    pub crc: u32,
+    /// The region's first block (`paxos_start`): where the record belongs.
+    pub blockno: u64,
+    /// The instance this record tells the owner of; 0 before the first.
+    pub lver: u64,
+    pub owner_slot: u32,
+    pub owner_gen: u32,
+    pub flags: u32,
+    /// The slot that wrote this record (informational).
+    pub writer_slot: u32,
+    pub reserved: [u8; 472],
+}
+const _: () = assert!(size_of::<PaxosLeader>() == 512);
+
+impl OnDisk for PaxosLeader {
+    const MAGIC: u32 = magic(b"APXL");
+    const WHAT: &'static str = "Disk Paxos leader record";
+    fn self_block(&self) -> Option<BlockNo> {
+        Some(self.blockno)
+    }
+    fn validate_fields(&self, block: BlockNo) -> Result<(), FormatError> {
+        if self.owner_slot != PAXOS_NO_OWNER && self.owner_slot >= HOSTS_MAX {
+            return Err(FormatError::corrupted(
+                Self::WHAT,
+                block,
+                format!("owner slot {}", self.owner_slot),
+            ));
+        }
+        if self.flags & !PAXOS_LEADER_RELEASED != 0 {
+            return Err(FormatError::corrupted(
+                Self::WHAT,
+                block,
+                format!("flags {:#x}", self.flags),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One slot's Disk Paxos block: written only by the owner of that slot. All zeros
+/// (mkfs) is a slot that never took part.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable, PartialEq, Eq)]
+pub struct PaxosDblock {
+    pub magic: u32,
+    pub crc: u32,
+    /// The slot this block belongs to (must match its position).
+    pub slot: u32,
+    /// Generation of the slot's owner that wrote it (informational).
+    pub owner_gen: u32,
+    /// The instance `mbal`, `bal` and `inp` are about.
+    pub lver: u64,
+    /// The highest ballot this slot started or joined for `lver`.
+    pub mbal: u64,
+    /// The ballot in which `inp` was accepted; 0 = none.
+    pub bal: u64,
+    /// The accepted value: the token's owner for `lver`, by slot and generation.
+    pub inp_slot: u32,
+    pub inp_gen: u32,
+    pub reserved: [u8; 464],
+}
+const _: () = assert!(size_of::<PaxosDblock>() == 512);
+
+impl OnDisk for PaxosDblock {
+    const MAGIC: u32 = magic(b"APXD");
+    const WHAT: &'static str = "Disk Paxos dblock";
+    fn validate_fields(&self, block: BlockNo) -> Result<(), FormatError> {
+        let bad = |reason: String| Err(FormatError::corrupted(Self::WHAT, block, reason));
+        if self.slot >= HOSTS_MAX {
+            return bad(format!("slot {}", self.slot));
+        }
+        if self.bal > self.mbal {
+            return bad(format!(
+                "ballot {} accepted above ballot {}",
+                self.bal, self.mbal
+            ));
+        }
+        if self.bal != 0 && self.inp_slot >= HOSTS_MAX {
+            return bad(format!("accepted owner slot {}", self.inp_slot));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------
 // Layout tables, for the doc test.
 // ---------------------------------------------------------------------------------
 
@@ -916,6 +1065,9 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 self_block,
                 dir_hash_seed,
                 orphan_start,
+                paxos_start,
+                paxos_token_ms,
+                paxos_pad,
                 reserved
             }),
         ),
@@ -937,6 +1089,37 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 hostname,
                 owner_pid,
                 owner_pid_ns,
+                reserved
+            }),
+        ),
+        (
+            "PaxosLeader",
+            size_of::<PaxosLeader>(),
+            layout!(PaxosLeader {
+                magic,
+                crc,
+                blockno,
+                lver,
+                owner_slot,
+                owner_gen,
+                flags,
+                writer_slot,
+                reserved
+            }),
+        ),
+        (
+            "PaxosDblock",
+            size_of::<PaxosDblock>(),
+            layout!(PaxosDblock {
+                magic,
+                crc,
+                slot,
+                owner_gen,
+                lver,
+                mbal,
+                bal,
+                inp_slot,
+                inp_gen,
                 reserved
             }),
         ),

@@ -129,7 +129,8 @@ fn the_doc_check_catches_drift() {
     let doc = format_doc();
     let cases = [
         ("| 8 | 4 | version |", "| 8 | 4 | versions |"),
-        ("| 240 | 272 | reserved |", "| 240 | 27 | reserved |"),
+        ("| 256 | 256 | reserved |", "| 256 | 25 | reserved |"),
+        ("| 24 | 8 | mbal |", "| 24 | 4 | mbal |"),
         ("### AgHeader (128 bytes)", "### AgHeader (120 bytes)"),
         (
             "### JournalCommit (64 bytes)",
@@ -229,6 +230,7 @@ fn superblock() -> Superblock {
         ats_sector_size: 512,
         max_hosts: 32,
         journal_blocks: None,
+        disk_paxos: false,
     })
     .unwrap();
     let mut sb: Superblock = zeroed();
@@ -477,7 +479,7 @@ fn is_unsupported<T: Debug>(result: Result<T, FormatError>) -> bool {
 fn superblock_refuses_what_it_does_not_know() {
     assert!(is_unsupported(decode_changed(superblock(), |s| s
         .feature_incompat =
-        1)));
+        2)));
     assert!(is_unsupported(decode_changed(superblock(), |s| s
         .feature_ro_compat =
         1 << 40)));
@@ -522,6 +524,123 @@ fn superblock_refuses_what_it_does_not_know() {
     assert!(is_corrupted(decode_changed(superblock(), |s| s
         .orphan_start =
         8201)));
+}
+
+#[test]
+fn superblock_disk_paxos_fields_go_together() {
+    let paxos = |s: &mut Superblock| {
+        s.ats_mode = ATS_MODE_DISK_PAXOS;
+        s.feature_incompat = FEATURE_INCOMPAT_DISK_PAXOS;
+        s.paxos_start = 9;
+        s.paxos_token_ms = 1000;
+    };
+    assert!(decode_changed(superblock(), paxos).is_ok());
+    let without = |change: fn(&mut Superblock)| {
+        decode_changed(superblock(), move |s| {
+            paxos(s);
+            change(s);
+        })
+    };
+    assert!(is_corrupted(without(|s| s.ats_mode = ATS_MODE_EMULATED)));
+    assert!(is_corrupted(without(|s| s.feature_incompat = 0)));
+    assert!(is_corrupted(without(|s| s.paxos_start = 0)));
+    assert!(is_corrupted(without(|s| s.paxos_token_ms = 0)));
+    // A token that outlives the host lease would outlive its holder's slot.
+    assert!(is_corrupted(without(|s| s.paxos_token_ms = 8000)));
+    // Mode 3 without the region, and a token lease on a volume without one.
+    assert!(is_corrupted(
+        decode_changed(superblock(), |s| s.ats_mode = ATS_MODE_DISK_PAXOS)
+    ));
+    assert!(is_corrupted(decode_changed(superblock(), |s| s
+        .paxos_token_ms =
+        100)));
+}
+
+#[test]
+fn paxos_records_check_themselves() {
+    let mut leader: PaxosLeader = zeroed();
+    leader.magic = PaxosLeader::MAGIC;
+    leader.blockno = BLOCK;
+    leader.owner_slot = PAXOS_NO_OWNER;
+    leader.flags = PAXOS_LEADER_RELEASED;
+    let sealed = |mut l: PaxosLeader| {
+        l.seal();
+        PaxosLeader::decode(bytemuck::bytes_of(&l), BLOCK)
+    };
+    assert!(sealed(leader).is_ok());
+    let mut misdirected = leader;
+    misdirected.seal();
+    let err = PaxosLeader::decode(bytemuck::bytes_of(&misdirected), BLOCK + 1).unwrap_err();
+    assert!(err.to_string().contains("misdirected"), "{err}");
+    assert!(is_corrupted(sealed(PaxosLeader { flags: 2, ..leader })));
+    assert!(is_corrupted(sealed(PaxosLeader {
+        owner_slot: 64,
+        ..leader
+    })));
+    assert!(sealed(PaxosLeader {
+        owner_slot: 63,
+        ..leader
+    })
+    .is_ok());
+
+    let mut dblock: PaxosDblock = zeroed();
+    dblock.magic = PaxosDblock::MAGIC;
+    dblock.slot = 3;
+    dblock.lver = 1;
+    dblock.mbal = 4;
+    dblock.bal = 4;
+    dblock.inp_slot = 3;
+    let sealed = |mut d: PaxosDblock| {
+        d.seal();
+        PaxosDblock::decode(bytemuck::bytes_of(&d), BLOCK)
+    };
+    assert!(sealed(dblock).is_ok());
+    assert!(is_corrupted(sealed(PaxosDblock { bal: 5, ..dblock })));
+    assert!(is_corrupted(sealed(PaxosDblock { slot: 64, ..dblock })));
+    assert!(is_corrupted(sealed(PaxosDblock {
+        inp_slot: 64,
+        ..dblock
+    })));
+    let mut torn = bytemuck::bytes_of(&{
+        let mut d = dblock;
+        d.seal();
+        d
+    })
+    .to_vec();
+    torn[30] ^= 1;
+    assert!(is_corrupted(PaxosDblock::decode(&torn, BLOCK)));
+}
+
+#[test]
+fn a_disk_paxos_volume_puts_its_region_before_the_journals() {
+    for (ats, hosts, region_blocks) in [(512, 64, 9), (4096, 64, 65), (512, 1, 1)] {
+        let plain = Geometry::plan(&params(4096 * MIB, ats, hosts)).unwrap();
+        let geo = Geometry::plan(&MkfsParams {
+            disk_paxos: true,
+            ..params(4096 * MIB, ats, hosts)
+        })
+        .unwrap();
+        assert_eq!(plain.paxos_start, 0);
+        assert_eq!(plain.paxos_blocks(), 0);
+        assert_eq!(geo.paxos_start, geo.hb_start + geo.hb_blocks);
+        assert_eq!(geo.paxos_blocks(), region_blocks);
+        assert_eq!(geo.journal_start, plain.journal_start + region_blocks);
+        assert_eq!(geo.paxos_leader_offset(), geo.paxos_start * BLOCK_SIZE_U64);
+        let last = geo.paxos_dblock_offset(hosts - 1) + u64::from(ats);
+        assert_eq!(
+            geo.paxos_leader_offset() + geo.paxos_region_len() as u64,
+            last
+        );
+        assert!(last <= geo.journal_start * BLOCK_SIZE_U64);
+        assert_eq!(geo.check(), Ok(()));
+        // Misplaced regions are refused.
+        let mut bad = geo;
+        bad.paxos_start += 1;
+        assert!(geo.check().is_ok() && bad.check().is_err());
+        let mut bad = geo;
+        bad.paxos_start = 0;
+        assert!(bad.check().is_err());
+    }
 }
 
 #[test]
@@ -716,6 +835,7 @@ fn params(total_bytes: u64, ats: u32, hosts: u32) -> MkfsParams {
         ats_sector_size: ats,
         max_hosts: hosts,
         journal_blocks: None,
+        disk_paxos: false,
     }
 }
 
@@ -797,6 +917,7 @@ fn bad_parameters_are_refused() {
     );
     let short_journal = MkfsParams {
         journal_blocks: Some(255),
+        disk_paxos: false,
         ..params(MIB << 10, 512, 4)
     };
     assert_eq!(plan(short_journal), GeometryError::JournalTooSmall);
@@ -807,6 +928,7 @@ fn huge_journals_are_too_small_devices_not_overflows() {
     for journal_blocks in [u64::MAX, u64::MAX / 64, 1 << 52] {
         let p = MkfsParams {
             journal_blocks: Some(journal_blocks),
+            disk_paxos: false,
             ..params(1 << 40, 512, 64)
         };
         let err = Geometry::plan(&p).unwrap_err();
@@ -858,6 +980,7 @@ proptest! {
         let ats = if big_sector { 4096 } else { 512 };
         let p = MkfsParams {
             journal_blocks: journal_mib.map(|mib| mib * 256),
+            disk_paxos: false,
             ..params(total_bytes, ats, hosts)
         };
         let Ok(geo) = Geometry::plan(&p) else {

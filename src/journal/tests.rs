@@ -11,6 +11,7 @@ fn setup(journal_blocks: u64) -> (MemLun, Geometry) {
         ats_sector_size: 512,
         max_hosts: 2,
         journal_blocks: Some(journal_blocks),
+        disk_paxos: false,
     };
     let geo = Geometry::plan(&params).expect("plan");
     let lun = MemLun::new(params.total_bytes, 512);

@@ -106,6 +106,10 @@ pub enum AtsKind {
     Emulated,
     /// The storage's own SCSI COMPARE AND WRITE: atomic among all initiators.
     Hardware,
+    /// Read-compare-write while holding the volume's Disk Paxos token, built from
+    /// plain sector reads and writes (`cluster::paxos::PaxosLun`): atomic among all
+    /// hosts that take the token, on any shared disk.
+    DiskPaxos,
 }
 
 /// The result of an atomic compare-and-write of one sector.

@@ -206,6 +206,7 @@ fn kind_name(kind: AtsKind) -> &'static str {
     match kind {
         AtsKind::Hardware => "hardware",
         AtsKind::Emulated => "emulated",
+        AtsKind::DiskPaxos => "disk-paxos",
     }
 }
 
