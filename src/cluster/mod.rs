@@ -20,6 +20,7 @@ mod heartbeat;
 pub mod lock;
 pub mod mailbox;
 mod node;
+pub mod paxos;
 mod recovery;
 pub mod view;
 

@@ -1,0 +1,769 @@
+//! Disk Paxos test-and-set: the volume's one token, taken with plain sector reads and
+//! writes, for shared disks without COMPARE AND WRITE (`ats_mode = 3`). The protocol
+//! and why it is safe: docs/locking.md, "Disk Paxos test-and-set"; the bytes:
+//! docs/format.md, "Disk Paxos region".
+//!
+//! Two parts:
+//! - `Proposer`: one ballot of Disk Paxos for one instance of the token, as a state
+//!   machine that does exactly one I/O per `step` (so tests can pause it between any
+//!   two I/Os, and interleave several).
+//! - `PaxosLun`: a `Lun` whose `compare_and_write` is read, compare, write while
+//!   holding the token; every other call passes through. It needs the host's slot,
+//!   generation and clock, so the cluster layer builds it after the slot claim.
+//!
+//! Invariants:
+//! - A host writes only its own dblock (`region.dblock_offset(me.slot)`) and the
+//!   leader record, each one whole sector.
+//! - The leader record only ever names a value decided for its `lver`; only the
+//!   owner of that instance writes it `RELEASED`, after its last write completed.
+//! - A host writes a compare-and-write's sector only while its token is valid by its
+//!   own clock (`issue of its first phase-1 write for the instance + token - margin`),
+//!   checked right before the write.
+//! - A taker starts instance `lver + 1` of a leader that names another holder (not
+//!   released) only once that leader image has stood unchanged for `token + margin`
+//!   on its own clock.
+//! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
+
+use super::{Clock, Lease};
+use crate::format::{
+    encode_padded, BlockNo, Geometry, OnDisk, PaxosDblock, PaxosLeader, HOSTS_MAX,
+    PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER,
+};
+use crate::lun::{check_caw, AtsKind, Caw, Lun, LunError, LunResult, Reservations};
+use rand::Rng;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Ballots and reads of the region one acquisition may take before it gives up
+/// (`LunError::AtsTimeout`: nothing was written, try again later).
+pub const ACQUIRE_ATTEMPTS_MAX: u32 = 10_000;
+/// Times one compare-and-write takes the token anew because it ran out between the
+/// read and the write.
+const CAW_ATTEMPTS_MAX: u32 = 8;
+/// Longest sleep while waiting for another host's token, between two reads.
+const WAIT_POLL_MS: u64 = 20;
+
+/// Where the Disk Paxos region is: the leader record, then one dblock per slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PaxosRegion {
+    /// `paxos_start`: the leader record's self block number.
+    pub blockno: BlockNo,
+    pub leader_offset: u64,
+    pub sector: usize,
+    pub hosts: u32,
+}
+
+impl PaxosRegion {
+    /// The region of a volume; `None` when it has none.
+    pub fn of(geo: &Geometry) -> Option<PaxosRegion> {
+        (geo.paxos_start != 0).then(|| PaxosRegion {
+            blockno: geo.paxos_start,
+            leader_offset: geo.paxos_leader_offset(),
+            sector: geo.ats_sector_size as usize,
+            hosts: geo.max_hosts,
+        })
+    }
+
+    /// Bytes of the whole region: one read of "everybody".
+    pub fn len(&self) -> usize {
+        (1 + self.hosts as usize) * self.sector
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn dblock_offset(&self, slot: u32) -> u64 {
+        self.leader_offset + (1 + u64::from(slot)) * self.sector as u64
+    }
+}
+
+/// The token's owner for one instance: a slot in one generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Owner {
+    pub slot: u32,
+    pub generation: u32,
+}
+
+/// How long a token is valid, and the guard bands around it.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenTiming {
+    /// `Superblock::paxos_token_ms`.
+    pub token_ms: u64,
+    /// The holder stops writing `margin_ms` before its token ends, and a taker waits
+    /// `margin_ms` longer: room for clock drift and for a write in the I/O path.
+    pub margin_ms: u64,
+}
+
+impl TokenTiming {
+    /// The timing for a volume's recorded token lease: a quarter of it as margin.
+    pub fn for_token(token_ms: u64) -> TokenTiming {
+        TokenTiming {
+            token_ms,
+            margin_ms: token_ms / 4,
+        }
+    }
+}
+
+/// One read of the whole region, decoded.
+#[derive(Clone, Debug)]
+pub struct RegionView {
+    pub leader: PaxosLeader,
+    /// The leader sector as read: a taker's wait runs from when this last changed.
+    pub leader_raw: Vec<u8>,
+    /// Slot `i`'s dblock; `None` for a slot that never took part (all zeros).
+    pub dblocks: Vec<Option<PaxosDblock>>,
+}
+
+impl RegionView {
+    /// Decodes the region's bytes. A sector that does not decode is an error: an
+    /// accepted value must never be overlooked.
+    pub fn decode(region: &PaxosRegion, raw: &[u8]) -> LunResult<RegionView> {
+        let sector = region.sector;
+        if raw.len() != region.len() {
+            return Err(corrupted(region.leader_offset, "short read of the region"));
+        }
+        let leader = PaxosLeader::decode(&raw[..sector], region.blockno)
+            .map_err(|e| corrupted(region.leader_offset, &e.to_string()))?;
+        let mut dblocks = Vec::with_capacity(region.hosts as usize);
+        for slot in 0..region.hosts {
+            let at = (1 + slot as usize) * sector;
+            let bytes = &raw[at..at + sector];
+            if bytes.iter().all(|&b| b == 0) {
+                dblocks.push(None);
+                continue;
+            }
+            let offset = region.dblock_offset(slot);
+            let d = PaxosDblock::decode(bytes, region.blockno)
+                .map_err(|e| corrupted(offset, &e.to_string()))?;
+            if d.slot != slot {
+                return Err(corrupted(offset, &format!("dblock of slot {}", d.slot)));
+            }
+            dblocks.push(Some(d));
+        }
+        Ok(RegionView {
+            leader,
+            leader_raw: raw[..sector].to_vec(),
+            dblocks,
+        })
+    }
+
+    /// The leader's owner, unless it names none or was released.
+    pub fn holder(&self) -> Option<Owner> {
+        let l = &self.leader;
+        (l.owner_slot != PAXOS_NO_OWNER && l.flags & PAXOS_LEADER_RELEASED == 0).then_some(Owner {
+            slot: l.owner_slot,
+            generation: l.owner_gen,
+        })
+    }
+
+    /// The instance a taker works on: the leader's next one, or a later one some
+    /// dblock already started (it must be finished, never skipped).
+    pub fn instance_to_decide(&self) -> u64 {
+        let started = self.dblocks.iter().flatten().map(|d| d.lver).max();
+        (self.leader.lver + 1).max(started.unwrap_or(0))
+    }
+
+    /// Why a ballot for `lver` with ballot `mbal` must stop, if it must.
+    fn conflict(&self, lver: u64, mbal: u64) -> Option<Abort> {
+        for d in self.dblocks.iter().flatten() {
+            if d.lver > lver {
+                return Some(Abort::NewerInstance);
+            }
+            if d.lver == lver && d.mbal > mbal {
+                return Some(Abort::HigherBallot);
+            }
+        }
+        None
+    }
+
+    /// The value accepted in the highest ballot for `lver`, if any.
+    fn accepted(&self, lver: u64) -> Option<Owner> {
+        self.dblocks
+            .iter()
+            .flatten()
+            .filter(|d| d.lver == lver && d.bal > 0)
+            .max_by_key(|d| d.bal)
+            .map(|d| Owner {
+                slot: d.inp_slot,
+                generation: d.inp_gen,
+            })
+    }
+
+    /// The next ballot of `slot` for `lver`: above every ballot seen for it.
+    fn next_ballot(&self, lver: u64, slot: u32) -> u64 {
+        let highest = self
+            .dblocks
+            .iter()
+            .flatten()
+            .filter(|d| d.lver == lver)
+            .map(|d| d.mbal)
+            .max()
+            .unwrap_or(0);
+        let hosts = u64::from(HOSTS_MAX);
+        (highest / hosts + 1) * hosts + u64::from(slot) + 1
+    }
+}
+
+fn corrupted(offset: u64, reason: &str) -> LunError {
+    LunError::Io {
+        device: "the Disk Paxos region".into(),
+        op: "decode",
+        offset,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, reason.to_string()),
+    }
+}
+
+/// Reads and decodes the whole region in one read.
+pub fn read_region(lun: &dyn Lun, region: &PaxosRegion) -> LunResult<RegionView> {
+    let mut raw = vec![0u8; region.len()];
+    lun.read_at(&mut raw, region.leader_offset)?;
+    RegionView::decode(region, &raw)
+}
+
+/// Why a ballot stopped without deciding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// Another proposer joined the instance with a higher ballot.
+    HigherBallot,
+    /// Some dblock is about a later instance: this one is long decided.
+    NewerInstance,
+}
+
+/// How a ballot ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `owner` is decided for instance `lver` (and the leader record says so).
+    Decided {
+        lver: u64,
+        owner: Owner,
+    },
+    Aborted(Abort),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    Prepare,
+    Promise,
+    Accept,
+    Accepted,
+    Publish,
+    Done(Outcome),
+}
+
+/// One ballot for one instance, one I/O per `step`. Built from a read of the region;
+/// then: write our dblock with a new `mbal` (phase 1), read everybody, write our
+/// dblock with the chosen value (phase 2), read everybody, write the leader record.
+pub struct Proposer {
+    region: PaxosRegion,
+    me: Owner,
+    lver: u64,
+    mbal: u64,
+    own: PaxosDblock,
+    value: Owner,
+    stage: Stage,
+    /// Sectors per read of the region; the whole region unless a test reads it a
+    /// sector at a time (a multi-sector read is not atomic).
+    sectors_per_read: usize,
+    buf: Vec<u8>,
+    read_done: usize,
+    /// Clock time at which our phase-1 write was issued.
+    pub phase1_issued_ms: Option<u64>,
+}
+
+impl Proposer {
+    /// A ballot for the instance `view` says is next, with a ballot above all seen.
+    pub fn new(region: PaxosRegion, me: Owner, view: &RegionView) -> Proposer {
+        let lver = view.instance_to_decide();
+        let mbal = view.next_ballot(lver, me.slot);
+        let mut own: PaxosDblock = match view.dblocks.get(me.slot as usize) {
+            Some(Some(d)) if d.lver == lver => *d,
+            _ => bytemuck::Zeroable::zeroed(),
+        };
+        own.magic = PaxosDblock::MAGIC;
+        own.slot = me.slot;
+        own.owner_gen = me.generation;
+        own.lver = lver;
+        own.mbal = mbal;
+        Proposer {
+            region,
+            me,
+            lver,
+            mbal,
+            own,
+            value: me,
+            stage: Stage::Prepare,
+            sectors_per_read: 1 + region.hosts as usize,
+            buf: vec![0u8; region.len()],
+            read_done: 0,
+            phase1_issued_ms: None,
+        }
+    }
+
+    /// Reads the region `sectors` sectors at a time (tests: 1, so that other
+    /// proposers' writes land between the sectors of one "read everybody").
+    pub fn read_in_pieces(mut self, sectors: usize) -> Proposer {
+        self.sectors_per_read = sectors.max(1);
+        self
+    }
+
+    pub fn lver(&self) -> u64 {
+        self.lver
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        match self.stage {
+            Stage::Done(outcome) => Some(outcome),
+            _ => None,
+        }
+    }
+
+    /// Does the next I/O of the ballot. Returns the outcome once there is one.
+    pub fn step(&mut self, lun: &dyn Lun, now_ms: u64) -> LunResult<Option<Outcome>> {
+        match self.stage {
+            Stage::Prepare => {
+                self.phase1_issued_ms.get_or_insert(now_ms);
+                self.write_own(lun)?;
+                self.stage = Stage::Promise;
+            }
+            Stage::Promise => {
+                if let Some(view) = self.read_piece(lun)? {
+                    self.after_promise(&view);
+                }
+            }
+            Stage::Accept => {
+                self.own.bal = self.mbal;
+                self.own.inp_slot = self.value.slot;
+                self.own.inp_gen = self.value.generation;
+                self.write_own(lun)?;
+                self.stage = Stage::Accepted;
+            }
+            Stage::Accepted => {
+                if let Some(view) = self.read_piece(lun)? {
+                    self.stage = match view.conflict(self.lver, self.mbal) {
+                        Some(abort) => Stage::Done(Outcome::Aborted(abort)),
+                        None => Stage::Publish,
+                    };
+                }
+            }
+            Stage::Publish => {
+                write_leader(lun, &self.region, self.lver, self.value, 0, self.me.slot)?;
+                self.stage = Stage::Done(Outcome::Decided {
+                    lver: self.lver,
+                    owner: self.value,
+                });
+            }
+            Stage::Done(_) => {}
+        }
+        Ok(self.outcome())
+    }
+
+    /// Runs the ballot to its end.
+    pub fn run(&mut self, lun: &dyn Lun, clock: &dyn Clock) -> LunResult<Outcome> {
+        // Five stages, each at most `1 + hosts` reads: bounded.
+        for _ in 0..8 * (2 + self.region.hosts as usize) {
+            if let Some(outcome) = self.step(lun, clock.now_ms())? {
+                return Ok(outcome);
+            }
+        }
+        Err(corrupted(self.region.leader_offset, "a ballot did not end"))
+    }
+
+    /// Phase 1's read is complete: stop, or carry on with the value of the highest
+    /// accepted ballot (ours if none).
+    fn after_promise(&mut self, view: &RegionView) {
+        if let Some(abort) = view.conflict(self.lver, self.mbal) {
+            self.stage = Stage::Done(Outcome::Aborted(abort));
+            return;
+        }
+        self.value = view.accepted(self.lver).unwrap_or(self.me);
+        self.stage = Stage::Accept;
+    }
+
+    fn write_own(&mut self, lun: &dyn Lun) -> LunResult<()> {
+        let mut sealed = self.own;
+        sealed.seal();
+        let image = encode_padded(&sealed, self.region.sector);
+        lun.write_at(&image, self.region.dblock_offset(self.me.slot))
+    }
+
+    /// Reads the next piece of the region; the decoded view once all is read.
+    fn read_piece(&mut self, lun: &dyn Lun) -> LunResult<Option<RegionView>> {
+        let sector = self.region.sector;
+        let total = self.buf.len() / sector;
+        let count = self.sectors_per_read.min(total - self.read_done);
+        let from = self.read_done * sector;
+        let to = from + count * sector;
+        lun.read_at(
+            &mut self.buf[from..to],
+            self.region.leader_offset + from as u64,
+        )?;
+        self.read_done += count;
+        if self.read_done < total {
+            return Ok(None);
+        }
+        self.read_done = 0;
+        RegionView::decode(&self.region, &self.buf).map(Some)
+    }
+}
+
+/// Writes the leader record: `owner` decided for `lver`, released or not.
+pub fn write_leader(
+    lun: &dyn Lun,
+    region: &PaxosRegion,
+    lver: u64,
+    owner: Owner,
+    flags: u32,
+    writer_slot: u32,
+) -> LunResult<()> {
+    let mut leader: PaxosLeader = bytemuck::Zeroable::zeroed();
+    leader.magic = PaxosLeader::MAGIC;
+    leader.blockno = region.blockno;
+    leader.lver = lver;
+    leader.owner_slot = owner.slot;
+    leader.owner_gen = owner.generation;
+    leader.flags = flags;
+    leader.writer_slot = writer_slot;
+    leader.seal();
+    lun.write_at(&encode_padded(&leader, region.sector), region.leader_offset)
+}
+
+/// The token this host holds: instance `lver`, from the issue of our first phase-1
+/// write for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    lver: u64,
+    since_ms: u64,
+}
+
+/// This host's side of the token, under `PaxosLun::state`.
+#[derive(Default)]
+struct TokenState {
+    held: Option<Held>,
+    /// The leader sector as last read, and our clock when it last changed.
+    seen_leader: Vec<u8>,
+    seen_at_ms: u64,
+}
+
+/// Counts of what a `PaxosLun` did (for the bench and tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PaxosStats {
+    pub acquisitions: u64,
+    pub ballots: u64,
+    pub aborted_ballots: u64,
+    pub releases: u64,
+}
+
+/// A LUN whose compare-and-write is atomic among hosts through the volume's Disk
+/// Paxos token. Reads, writes and flushes pass through. Build one per host (per
+/// mount), after its slot claim, with the slot and generation it claimed.
+pub struct PaxosLun {
+    inner: Arc<dyn Lun>,
+    region: PaxosRegion,
+    me: Owner,
+    clock: Arc<dyn Clock>,
+    timing: TokenTiming,
+    /// Checked before every write of the token's own records (a host past its lease
+    /// must not write its dblock: its slot may belong to someone else now).
+    lease: Option<Arc<Lease>>,
+    state: Mutex<TokenState>,
+    /// Threads of this host waiting for `state`: while there are some, the token is
+    /// kept for them (up to half its lease).
+    waiting: AtomicUsize,
+    stats: Mutex<PaxosStats>,
+}
+
+impl PaxosLun {
+    pub fn new(
+        inner: Arc<dyn Lun>,
+        region: PaxosRegion,
+        me: Owner,
+        clock: Arc<dyn Clock>,
+        timing: TokenTiming,
+    ) -> PaxosLun {
+        assert!(
+            me.slot < region.hosts,
+            "slot {} of {}",
+            me.slot,
+            region.hosts
+        );
+        PaxosLun {
+            inner,
+            region,
+            me,
+            clock,
+            timing,
+            lease: None,
+            state: Mutex::new(TokenState::default()),
+            waiting: AtomicUsize::new(0),
+            stats: Mutex::new(PaxosStats::default()),
+        }
+    }
+
+    /// Checks `lease` before every write of the token's records.
+    pub fn with_lease(mut self, lease: Arc<Lease>) -> PaxosLun {
+        self.lease = Some(lease);
+        self
+    }
+
+    pub fn stats(&self) -> PaxosStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut PaxosStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn may_write_records(&self) -> LunResult<()> {
+        match &self.lease {
+            Some(lease) => lease.confirm(),
+            None => Ok(()),
+        }
+    }
+
+    /// True while `held` may still be written under, by our clock.
+    fn valid(&self, held: &Held) -> bool {
+        let end = held.since_ms + self.timing.token_ms;
+        self.clock.now_ms() + self.timing.margin_ms < end
+    }
+
+    /// How long a taker must still wait before it may start instance `lver`.
+    fn wait_ms(&self, st: &TokenState, view: &RegionView, lver: u64, now: u64) -> Option<u64> {
+        if lver != view.leader.lver + 1 {
+            return None;
+        }
+        view.holder()?;
+        let free_at = st.seen_at_ms + self.timing.token_ms + self.timing.margin_ms;
+        (now < free_at).then(|| free_at - now)
+    }
+
+    /// Takes the token: waits out another holder, runs ballots until one decides us.
+    fn acquire(&self, st: &mut TokenState) -> LunResult<Held> {
+        // Our first phase-1 issue for the instance we are working on, in this call.
+        let mut tried: Option<Held> = None;
+        let mut stale: Option<u64> = None;
+        for attempt in 0..ACQUIRE_ATTEMPTS_MAX {
+            let view = read_region(self.inner.as_ref(), &self.region)?;
+            let now = self.clock.now_ms();
+            if view.leader_raw != st.seen_leader {
+                st.seen_leader = view.leader_raw.clone();
+                st.seen_at_ms = now;
+            }
+            let lver = view.instance_to_decide();
+            if let Some(wait) = self.wait_ms(st, &view, lver, now) {
+                self.clock
+                    .sleep(Duration::from_millis(wait.min(WAIT_POLL_MS)));
+                continue;
+            }
+            if tried.map(|t| t.lver) != Some(lver) {
+                tried = None;
+                // Our value accepted for this instance by an earlier call: when that
+                // ballot began is unknown, so a decision for us cannot be trusted.
+                if self.own_accepted(&view, lver) {
+                    stale = Some(lver);
+                }
+            }
+            match self.ballot(&view, &mut tried)? {
+                Outcome::Decided { lver, owner } if owner == self.me => {
+                    if stale != Some(lver) {
+                        if let Some(held) = tried.filter(|t| t.lver == lver) {
+                            return Ok(held);
+                        }
+                    }
+                    self.release_stale(lver)?;
+                }
+                Outcome::Decided { .. } => {}
+                Outcome::Aborted(_) => self.back_off(attempt),
+            }
+        }
+        Err(LunError::AtsTimeout {
+            device: self.inner.describe(),
+            offset: self.region.leader_offset,
+            waited_ms: 0,
+        })
+    }
+
+    fn own_accepted(&self, view: &RegionView, lver: u64) -> bool {
+        matches!(view.dblocks.get(self.me.slot as usize), Some(Some(d))
+            if d.lver == lver && d.bal > 0
+                && d.inp_slot == self.me.slot && d.inp_gen == self.me.generation)
+    }
+
+    /// One ballot from `view`; records in `tried` when our first phase-1 write for
+    /// its instance was issued.
+    fn ballot(&self, view: &RegionView, tried: &mut Option<Held>) -> LunResult<Outcome> {
+        self.may_write_records()?;
+        let mut proposer = Proposer::new(self.region, self.me, view);
+        let outcome = proposer.run(self.inner.as_ref(), self.clock.as_ref());
+        if let (None, Some(since_ms)) = (*tried, proposer.phase1_issued_ms) {
+            *tried = Some(Held {
+                lver: proposer.lver(),
+                since_ms,
+            });
+        }
+        let outcome = outcome?;
+        self.count(|s| {
+            s.ballots += 1;
+            if matches!(outcome, Outcome::Aborted(_)) {
+                s.aborted_ballots += 1;
+            }
+        });
+        Ok(outcome)
+    }
+
+    /// An instance decided for us that we cannot date: never write under it, and give
+    /// it back so that nobody waits for it.
+    fn release_stale(&self, lver: u64) -> LunResult<()> {
+        self.may_write_records()?;
+        write_leader(
+            self.inner.as_ref(),
+            &self.region,
+            lver,
+            self.me,
+            PAXOS_LEADER_RELEASED,
+            self.me.slot,
+        )
+    }
+
+    /// A random pause after a lost ballot, growing with the attempts (bounded).
+    fn back_off(&self, attempt: u32) {
+        let ceiling_ms = 1u64 << attempt.min(5);
+        let ms = rand::thread_rng().gen_range(0..=ceiling_ms);
+        self.clock.sleep(Duration::from_millis(ms));
+    }
+
+    /// Gives the token back (the owner only, while it is valid; our writes under it
+    /// have all completed).
+    fn release(&self, st: &mut TokenState) -> LunResult<()> {
+        let Some(held) = st.held.take() else {
+            return Ok(());
+        };
+        if !self.valid(&held) {
+            return Ok(());
+        }
+        self.may_write_records()?;
+        write_leader(
+            self.inner.as_ref(),
+            &self.region,
+            held.lver,
+            self.me,
+            PAXOS_LEADER_RELEASED,
+            self.me.slot,
+        )?;
+        self.count(|s| s.releases += 1);
+        Ok(())
+    }
+
+    /// A valid token, taking one if we hold none.
+    fn ensure(&self, st: &mut TokenState) -> LunResult<Held> {
+        match st.held {
+            Some(held) if self.valid(&held) => Ok(held),
+            _ => {
+                st.held = None;
+                let held = self.acquire(st)?;
+                self.count(|s| s.acquisitions += 1);
+                st.held = Some(held);
+                Ok(held)
+            }
+        }
+    }
+
+    /// Read, compare and write under one token instance. `Ok(None)`: the token ran
+    /// out between the read and the write; nothing was written.
+    fn caw_once(
+        &self,
+        st: &mut TokenState,
+        offset: u64,
+        expected: &[u8],
+        new: &[u8],
+    ) -> LunResult<Option<Caw>> {
+        let held = self.ensure(st)?;
+        let mut actual = vec![0u8; expected.len()];
+        self.inner.read_at(&mut actual, offset)?;
+        if actual != expected {
+            return Ok(Some(Caw::Miscompare(actual)));
+        }
+        // The token is checked right before the write, as the host lease is.
+        if !self.valid(&held) {
+            st.held = None;
+            return Ok(None);
+        }
+        if let Err(e) = self.inner.write_at(new, offset) {
+            // The write may still land: keep the token unreleased, so that takers
+            // wait out its lease.
+            st.held = None;
+            return Err(e);
+        }
+        Ok(Some(Caw::Written))
+    }
+
+    /// Keeps the token while other threads of this host queue for it and it is
+    /// young; otherwise gives it back.
+    fn after_caw(&self, st: &mut TokenState) -> LunResult<()> {
+        let Some(held) = st.held else {
+            return Ok(());
+        };
+        let age = self.clock.now_ms().saturating_sub(held.since_ms);
+        if self.waiting.load(Ordering::SeqCst) > 0 && age < self.timing.token_ms / 2 {
+            return Ok(());
+        }
+        self.release(st)
+    }
+}
+
+impl Lun for PaxosLun {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        check_caw(offset, expected, new, self.sector_size(), self.len_bytes())?;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        for _ in 0..CAW_ATTEMPTS_MAX {
+            if let Some(result) = self.caw_once(&mut st, offset, expected, new)? {
+                self.after_caw(&mut st)?;
+                return Ok(result);
+            }
+        }
+        Err(LunError::AtsTimeout {
+            device: self.inner.describe(),
+            offset,
+            waited_ms: self.timing.token_ms * u64::from(CAW_ATTEMPTS_MAX),
+        })
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.inner.flush()
+    }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_uncached(buf, offset)
+    }
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_uncached(buf, offset)
+    }
+    fn may_write(&self) -> LunResult<()> {
+        self.inner.may_write()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn ats_kind(&self) -> AtsKind {
+        AtsKind::DiskPaxos
+    }
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        self.inner.reservations()
+    }
+}
+
+#[cfg(test)]
+mod tests;

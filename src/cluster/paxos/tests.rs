@@ -1,0 +1,493 @@
+//! Tests of the Disk Paxos token: ballots stepped one I/O at a time (paused,
+//! interleaved, read a sector at a time), a seeded scheduler of racing proposers, and
+//! `PaxosLun` hosts racing compare-and-write increments.
+
+use super::*;
+use crate::cluster::{ManualClock, SystemClock};
+use crate::format::{MkfsParams, Superblock};
+use crate::lun::{FaultConfig, FaultLun, MemLun};
+use crate::mkfs::{mkfs, MkfsOptions};
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+
+const SECTOR: u32 = 512;
+
+/// A fresh Disk Paxos region for `hosts` slots on an in-memory LUN.
+fn region(hosts: u32) -> (Arc<MemLun>, PaxosRegion) {
+    let geo = Geometry::plan(&MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: SECTOR,
+        max_hosts: hosts,
+        journal_blocks: Some(256),
+        disk_paxos: true,
+    })
+    .expect("plan");
+    let lun = Arc::new(MemLun::new(64 << 20, SECTOR));
+    let region = PaxosRegion::of(&geo).expect("region");
+    let none = Owner {
+        slot: PAXOS_NO_OWNER,
+        generation: 0,
+    };
+    write_leader(
+        lun.as_ref(),
+        &region,
+        0,
+        none,
+        PAXOS_LEADER_RELEASED,
+        PAXOS_NO_OWNER,
+    )
+    .expect("leader");
+    (lun, region)
+}
+
+fn owner(slot: u32) -> Owner {
+    Owner {
+        slot,
+        generation: 1,
+    }
+}
+
+fn proposer(lun: &dyn Lun, region: PaxosRegion, slot: u32) -> Proposer {
+    let view = read_region(lun, &region).expect("view");
+    Proposer::new(region, owner(slot), &view)
+}
+
+/// Steps `p` until it has done `steps` I/Os or ended.
+fn steps(p: &mut Proposer, lun: &dyn Lun, steps: usize) -> Option<Outcome> {
+    for _ in 0..steps {
+        if let Some(outcome) = p.step(lun, 0).expect("step") {
+            return Some(outcome);
+        }
+    }
+    p.outcome()
+}
+
+fn finish(p: &mut Proposer, lun: &dyn Lun) -> Outcome {
+    steps(p, lun, 100).expect("a ballot ends")
+}
+
+#[test]
+fn mkfs_lays_out_a_region_that_reads_as_free() {
+    let lun = MemLun::new(128 << 20, SECTOR);
+    let opts = MkfsOptions {
+        max_hosts: 64,
+        journal_bytes: Some(1 << 20),
+        ats_mode: crate::format::ATS_MODE_DISK_PAXOS,
+        ..MkfsOptions::default()
+    };
+    let geo = mkfs(&lun, &opts, &mut |_, _| {}).expect("mkfs");
+    let sb = Superblock::decode(&lun.snapshot()[..512], 0).expect("superblock");
+    assert_eq!(sb.paxos_start, geo.paxos_start);
+    assert_eq!(sb.paxos_token_ms, 1000);
+    assert_eq!(geo.paxos_blocks(), 9);
+    let region = PaxosRegion::of(&geo).expect("region");
+    let view = read_region(&lun, &region).expect("view");
+    assert_eq!(view.holder(), None);
+    assert_eq!(view.leader.lver, 0);
+    assert!(view.dblocks.iter().all(Option::is_none));
+    assert_eq!(view.instance_to_decide(), 1);
+}
+
+#[test]
+fn one_proposer_decides_itself_in_two_reads_and_three_writes_after_its_first_read() {
+    let (mem, region) = region(4);
+    let lun = FaultLun::new(mem.clone(), FaultConfig::default());
+    let mut p = proposer(mem.as_ref(), region, 2);
+    let outcome = finish(&mut p, &lun);
+    assert_eq!(
+        outcome,
+        Outcome::Decided {
+            lver: 1,
+            owner: owner(2)
+        }
+    );
+    let stats = lun.stats();
+    assert_eq!((stats.reads, stats.writes), (2, 3), "{stats:?}");
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    assert_eq!(view.holder(), Some(owner(2)));
+    assert_eq!(view.leader.lver, 1);
+    assert_eq!(view.instance_to_decide(), 2);
+}
+
+#[test]
+fn a_later_ballot_adopts_the_value_already_decided() {
+    // B read the region before A started, and is paused. A decides itself, but
+    // pauses before it publishes the leader. B then runs: its phase 1 must find A's
+    // accepted value and decide A again, never itself.
+    let (lun, region) = region(3);
+    let mut b = proposer(lun.as_ref(), region, 1);
+    let mut a = proposer(lun.as_ref(), region, 0);
+    assert_eq!(steps(&mut a, lun.as_ref(), 4), None); // up to phase 2's read
+    assert_eq!(a.stage, Stage::Publish);
+    let decided = finish(&mut b, lun.as_ref());
+    assert_eq!(
+        decided,
+        Outcome::Decided {
+            lver: 1,
+            owner: owner(0)
+        }
+    );
+    // A's own leader write, late, says the same.
+    assert_eq!(finish(&mut a, lun.as_ref()), decided);
+}
+
+#[test]
+fn a_proposer_paused_between_its_phases_loses_to_a_higher_ballot() {
+    let (lun, region) = region(3);
+    let mut a = proposer(lun.as_ref(), region, 0);
+    assert_eq!(steps(&mut a, lun.as_ref(), 2), None); // phase 1 done
+    assert_eq!(a.stage, Stage::Accept);
+    // A is paused; B starts later (a higher ballot) and decides itself.
+    let mut b = proposer(lun.as_ref(), region, 1);
+    assert_eq!(
+        finish(&mut b, lun.as_ref()),
+        Outcome::Decided {
+            lver: 1,
+            owner: owner(1)
+        }
+    );
+    // A wakes up: its phase 2 must see B's ballot and stop.
+    assert_eq!(
+        finish(&mut a, lun.as_ref()),
+        Outcome::Aborted(Abort::HigherBallot)
+    );
+    let view = read_region(lun.as_ref(), &region).expect("view");
+    assert_eq!(view.holder(), Some(owner(1)));
+}
+
+#[test]
+fn a_dblock_of_a_later_instance_stops_an_old_ballot() {
+    let (lun, region) = region(3);
+    let mut stale = proposer(lun.as_ref(), region, 2);
+    let mut a = proposer(lun.as_ref(), region, 0);
+    finish(&mut a, lun.as_ref());
+    let mut b = proposer(lun.as_ref(), region, 1);
+    assert_eq!(b.lver(), 2);
+    finish(&mut b, lun.as_ref());
+    assert_eq!(stale.lver(), 1);
+    assert_eq!(
+        finish(&mut stale, lun.as_ref()),
+        Outcome::Aborted(Abort::NewerInstance)
+    );
+}
+
+#[test]
+fn a_late_leader_write_does_not_undo_a_decision() {
+    // A decided instance 1, B instance 2, A instance 3; then A's leader write for
+    // instance 1 lands late, over the newest. The next taker must finish instance 3
+    // (and learn A), not start instance 2 again from the stale leader (B's dblock
+    // there would stop it for good: NewerInstance, forever).
+    let (lun, region) = region(3);
+    for slot in [0, 1, 0] {
+        let mut p = proposer(lun.as_ref(), region, slot);
+        finish(&mut p, lun.as_ref());
+    }
+    write_leader(lun.as_ref(), &region, 1, owner(0), 0, 0).expect("late write");
+    let mut c = proposer(lun.as_ref(), region, 2);
+    assert_eq!(c.lver(), 3);
+    assert_eq!(
+        finish(&mut c, lun.as_ref()),
+        Outcome::Decided {
+            lver: 3,
+            owner: owner(0)
+        }
+    );
+}
+
+#[test]
+fn a_region_that_does_not_decode_stops_the_ballot() {
+    let (lun, region) = region(3);
+    lun.write_at(&[0xa5u8; SECTOR as usize], region.dblock_offset(1))
+        .expect("write");
+    let err = read_region(lun.as_ref(), &region).unwrap_err();
+    assert!(err.to_string().contains("dblock"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------
+// A seeded scheduler: proposers race one I/O at a time, reading the region a sector
+// at a time; some stop for good mid-ballot (crashed or paused forever). Every
+// instance must be decided for one owner only.
+// ---------------------------------------------------------------------------------
+
+struct Agent {
+    slot: u32,
+    proposer: Option<Proposer>,
+    ballots_left: u32,
+    /// I/Os this agent does before it stops for good (`u32::MAX`: never stops).
+    ios_left: u32,
+}
+
+fn race(schedule: &[u8], agents: u32, stops: &[u32]) -> Result<(), String> {
+    let (lun, region) = region(agents);
+    let mut all: Vec<Agent> = (0..agents)
+        .map(|slot| Agent {
+            slot,
+            proposer: None,
+            ballots_left: 6,
+            ios_left: stops.get(slot as usize).copied().unwrap_or(u32::MAX),
+        })
+        .collect();
+    let mut decided: HashMap<u64, Owner> = HashMap::new();
+    for &pick in schedule {
+        let agent = &mut all[usize::from(pick) % agents as usize];
+        if agent.ios_left == 0 || agent.ballots_left == 0 {
+            continue;
+        }
+        agent.ios_left -= 1;
+        let Some(p) = agent.proposer.as_mut() else {
+            let view = read_region(lun.as_ref(), &region).map_err(|e| e.to_string())?;
+            let p = Proposer::new(region, owner(agent.slot), &view).read_in_pieces(1);
+            agent.proposer = Some(p);
+            continue;
+        };
+        if let Some(outcome) = p.step(lun.as_ref(), 0).map_err(|e| e.to_string())? {
+            agent.proposer = None;
+            agent.ballots_left -= 1;
+            if let Outcome::Decided { lver, owner } = outcome {
+                let first = *decided.entry(lver).or_insert(owner);
+                if first != owner {
+                    return Err(format!(
+                        "instance {lver} decided for slot {} and for slot {}",
+                        first.slot, owner.slot
+                    ));
+                }
+            }
+        }
+    }
+    let view = read_region(lun.as_ref(), &region).map_err(|e| e.to_string())?;
+    if let Some(&owner) = decided.get(&view.leader.lver) {
+        if view.leader.owner_slot != owner.slot {
+            return Err(format!(
+                "the leader names another owner of {}",
+                view.leader.lver
+            ));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn racing_proposers_never_decide_two_owners(
+        schedule in prop::collection::vec(any::<u8>(), 50..400),
+        agents in 2u32..=4,
+        stops in prop::collection::vec(prop_oneof![Just(u32::MAX), 0u32..40], 4),
+    ) {
+        prop_assert_eq!(race(&schedule, agents, &stops), Ok(()));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// PaxosLun: hosts racing compare-and-write increments of one sector lose no update.
+// ---------------------------------------------------------------------------------
+
+const TARGET: u64 = 1 << 20;
+
+fn counter_image(n: u64, writer: u32) -> Vec<u8> {
+    let mut image = vec![0u8; SECTOR as usize];
+    image[..8].copy_from_slice(&n.to_le_bytes());
+    image[8..12].copy_from_slice(&writer.to_le_bytes());
+    image[SECTOR as usize - 8..].copy_from_slice(&n.to_le_bytes());
+    image
+}
+
+fn counter_of(image: &[u8]) -> u64 {
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&image[..8]);
+    u64::from_le_bytes(n)
+}
+
+/// One host's increments: read, then compare-and-write from what was read, and from
+/// each miscompare's content until one succeeds (as the ATS self-test does).
+fn increment(lun: &dyn Lun, slot: u32, times: u64) -> u64 {
+    let mut done = 0;
+    let mut current = vec![0u8; SECTOR as usize];
+    for _ in 0..times {
+        lun.read_at(&mut current, TARGET).expect("read");
+        for _ in 0..10_000 {
+            let new = counter_image(counter_of(&current) + 1, slot);
+            match lun.compare_and_write(TARGET, &current, &new).expect("caw") {
+                Caw::Written => {
+                    done += 1;
+                    break;
+                }
+                Caw::Miscompare(actual) => current = actual,
+            }
+        }
+    }
+    done
+}
+
+fn host(
+    mem: &Arc<MemLun>,
+    region: PaxosRegion,
+    slot: u32,
+    clock: Arc<dyn Clock>,
+    latency_us: u64,
+) -> PaxosLun {
+    let faulty = FaultLun::new(
+        mem.clone(),
+        FaultConfig {
+            seed: u64::from(slot),
+            latency_max_us: latency_us,
+            ..FaultConfig::default()
+        },
+    );
+    PaxosLun::new(
+        Arc::new(faulty),
+        region,
+        owner(slot),
+        clock,
+        TokenTiming::for_token(200),
+    )
+}
+
+#[test]
+fn hosts_racing_increments_through_the_token_lose_no_update() {
+    let (mem, region) = region(4);
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    let hosts: Vec<PaxosLun> = (0..4)
+        .map(|slot| host(&mem, region, slot, Arc::new(SystemClock::default()), 200))
+        .collect();
+    let per_host = 25;
+    let done: u64 = std::thread::scope(|scope| {
+        let runs: Vec<_> = hosts
+            .iter()
+            .enumerate()
+            .map(|(slot, lun)| scope.spawn(move || increment(lun, slot as u32, per_host)))
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("host")).sum()
+    });
+    let mut now = vec![0u8; SECTOR as usize];
+    mem.read_at(&mut now, TARGET).expect("read");
+    assert_eq!(done, 4 * per_host);
+    assert_eq!(counter_of(&now), done, "lost updates");
+    for lun in &hosts {
+        let stats = lun.stats();
+        assert!(stats.acquisitions >= 1 && stats.releases >= 1, "{stats:?}");
+    }
+}
+
+#[test]
+fn one_host_pays_nine_ios_for_a_lone_test_and_set() {
+    let (mem, region) = region(4);
+    let faulty = Arc::new(FaultLun::new(mem.clone(), FaultConfig::default()));
+    let lun = PaxosLun::new(
+        faulty.clone(),
+        region,
+        owner(0),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    let zero = vec![0u8; SECTOR as usize];
+    let result = lun.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(result.expect("caw"), Caw::Written);
+    let stats = faulty.stats();
+    // Region read, two phases (write + read each), leader, the sector's read and
+    // write, the release.
+    assert_eq!((stats.reads, stats.writes), (4, 5), "{stats:?}");
+    assert_eq!(lun.ats_kind(), AtsKind::DiskPaxos);
+}
+
+/// A LUN that, once armed, runs `then` right after the next read of `TARGET`
+/// completes: "this host pauses here while others work".
+struct PauseAfterRead {
+    inner: Arc<dyn Lun>,
+    armed: AtomicBool,
+    then: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Lun for PauseAfterRead {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)?;
+        if offset == TARGET && self.armed.swap(false, Ordering::SeqCst) {
+            (self.then)();
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        "pause-after-read".into()
+    }
+}
+
+#[test]
+fn a_holder_paused_past_its_token_does_not_write() {
+    // A takes the token and reads the sector, then stands still for two token
+    // leases (its own clock jumps). Meanwhile B waits out A's token on its clock,
+    // takes the token and increments. When A resumes, its token is gone: it must
+    // not write its stale compare-and-write, but take the token again and report
+    // the miscompare.
+    let (mem, region) = region(2);
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    let clock_a = Arc::new(ManualClock::default());
+    let clock_b: Arc<dyn Clock> = Arc::new(ManualClock::default());
+    let b = Arc::new(host(&mem, region, 1, clock_b, 0));
+    let pause = {
+        let (clock_a, b) = (clock_a.clone(), b.clone());
+        Box::new(move || {
+            clock_a.advance(Duration::from_millis(400));
+            assert_eq!(increment(b.as_ref(), 1, 1), 1);
+        })
+    };
+    let paused = Arc::new(PauseAfterRead {
+        inner: mem.clone(),
+        armed: AtomicBool::new(true),
+        then: pause,
+    });
+    let a = PaxosLun::new(
+        paused,
+        region,
+        owner(0),
+        clock_a,
+        TokenTiming::for_token(200),
+    );
+    let result = a
+        .compare_and_write(TARGET, &counter_image(0, 99), &counter_image(1, 0))
+        .expect("caw");
+    assert_eq!(result, Caw::Miscompare(counter_image(1, 1)));
+    let mut now = vec![0u8; SECTOR as usize];
+    mem.read_at(&mut now, TARGET).expect("read");
+    assert_eq!(now, counter_image(1, 1), "A wrote over B's increment");
+    assert_eq!(a.stats().acquisitions, 2);
+}
+
+#[test]
+fn a_taker_waits_out_an_unreleased_token() {
+    // A's token is decided but never released (A crashed holding it). B must not
+    // start the next instance before the leader stood still for token + margin on
+    // B's clock.
+    let (mem, region) = region(2);
+    let mut a = proposer(mem.as_ref(), region, 0);
+    finish(&mut a, mem.as_ref());
+    let clock_b = Arc::new(ManualClock::default());
+    let b = host(&mem, region, 1, clock_b.clone(), 0);
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        b.compare_and_write(TARGET, &zero, &counter_image(1, 1))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert!(
+        clock_b.now_ms() >= 250,
+        "B took the token after {} ms",
+        clock_b.now_ms()
+    );
+}
