@@ -15,6 +15,7 @@
 //!   fences itself at once and never writes again under this generation.
 
 mod ats;
+pub mod delta;
 pub mod fence;
 mod heartbeat;
 pub mod lock;

@@ -1,0 +1,325 @@
+//! The delta lease: how a host claims a heartbeat slot on a Disk Paxos volume, where
+//! it has no compare-and-write yet (its slot is its Paxos identity; docs/locking.md,
+//! "The chicken and the egg").
+//!
+//! `DeltaLun` wraps the device for `claim_slot` only: its `compare_and_write` is
+//! sanlock's delta-lease step, built from plain reads and writes of the one sector:
+//!
+//! 1. read the sector (note the read's issue time); a different content is a
+//!    miscompare, as for any compare-and-write;
+//! 2. right before writing, check that the read is younger than `fresh_ms`, else read
+//!    again (back to 1, bounded);
+//! 3. write `new`, wait `settle_ms`, read again: only if the sector still holds
+//!    `new` exactly is the write ours ("written"); anything else is a miscompare with
+//!    what is there (someone wrote after us and won).
+//!
+//! Why two claimers never both win: the later write wins and the earlier writer sees
+//! it when it reads again. A write landing after the winner's second read would have
+//! been issued more than `settle_ms - io_max` after the winner's write completed, and
+//! the read that justified it (at most `fresh_ms` earlier) would have come after that
+//! write and seen the slot taken. So it holds while `settle_ms > fresh_ms + io_max`,
+//! where `io_max` is the longest a write may sit in the I/O path: a timing
+//! assumption, as sanlock's `io_timeout`.
+//!
+//! Every writer of a sector that a delta claim may race (another claimer, a
+//! recoverer taking a dead slot) must follow the same rule, or hold the Disk Paxos
+//! token and confirm its write by the same re-read after `settle_ms`.
+//! Reads, writes and flushes pass through.
+
+use super::Clock;
+use crate::lun::{check_caw, AtsKind, Caw, Lun, LunResult};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Times one compare-and-write reads again because its read grew stale before the
+/// write (the host stood still).
+const STALE_READS_MAX: u32 = 16;
+
+/// The delta lease's timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaTiming {
+    /// The longest time between the read that justifies a write and the write.
+    pub fresh_ms: u64,
+    /// How long after its write a claimer reads again.
+    pub settle_ms: u64,
+}
+
+impl DeltaTiming {
+    /// For a volume's heartbeat: reads a quarter interval fresh, settles half a lease
+    /// (observers still see the slot alive: the claim write counts as a heartbeat,
+    /// and the lease is more than two intervals). The room left for a write in the
+    /// I/O path is `lease / 2 - interval / 4` (3.75 s with the defaults).
+    pub fn for_volume(interval: Duration, lease: Duration) -> DeltaTiming {
+        DeltaTiming {
+            fresh_ms: interval.as_millis() as u64 / 4,
+            settle_ms: lease.as_millis() as u64 / 2,
+        }
+    }
+}
+
+/// The device as `claim_slot` sees it on a Disk Paxos volume.
+pub struct DeltaLun {
+    inner: Arc<dyn Lun>,
+    clock: Arc<dyn Clock>,
+    timing: DeltaTiming,
+}
+
+impl DeltaLun {
+    pub fn new(inner: Arc<dyn Lun>, clock: Arc<dyn Clock>, timing: DeltaTiming) -> DeltaLun {
+        DeltaLun {
+            inner,
+            clock,
+            timing,
+        }
+    }
+
+    /// Reads the sector: its content and the read's issue time.
+    fn read(&self, offset: u64, len: usize) -> LunResult<(Vec<u8>, u64)> {
+        let issued_ms = self.clock.now_ms();
+        let mut actual = vec![0u8; len];
+        self.inner.read_at(&mut actual, offset)?;
+        Ok((actual, issued_ms))
+    }
+}
+
+impl Lun for DeltaLun {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        check_caw(offset, expected, new, self.sector_size(), self.len_bytes())?;
+        for _ in 0..STALE_READS_MAX {
+            let (actual, read_ms) = self.read(offset, expected.len())?;
+            if actual != expected {
+                return Ok(Caw::Miscompare(actual));
+            }
+            // The read must still be fresh when the write is issued.
+            if self.clock.now_ms().saturating_sub(read_ms) >= self.timing.fresh_ms {
+                continue;
+            }
+            self.inner.write_at(new, offset)?;
+            self.clock
+                .sleep(Duration::from_millis(self.timing.settle_ms));
+            let (after, _) = self.read(offset, new.len())?;
+            if after == new {
+                return Ok(Caw::Written);
+            }
+            return Ok(Caw::Miscompare(after));
+        }
+        Err(crate::lun::LunError::AtsTimeout {
+            device: self.inner.describe(),
+            offset,
+            waited_ms: self.timing.fresh_ms * u64::from(STALE_READS_MAX),
+        })
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn ats_kind(&self) -> AtsKind {
+        AtsKind::DiskPaxos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{claim_slot, HostUuid, ManualClock, SystemClock};
+    use crate::format::{Geometry, MkfsParams};
+    use crate::lun::{FaultConfig, FaultLun, MemLun};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const SECTOR: usize = 512;
+    const AT: u64 = 4096;
+
+    fn image(byte: u8) -> Vec<u8> {
+        vec![byte; SECTOR]
+    }
+
+    /// A LUN that runs `then` once, right after the first write lands: "another
+    /// claimer writes while we settle".
+    struct AfterWrite {
+        inner: Arc<MemLun>,
+        armed: AtomicBool,
+        then: Box<dyn Fn(&MemLun) + Send + Sync>,
+    }
+
+    impl Lun for AfterWrite {
+        fn sector_size(&self) -> u32 {
+            self.inner.sector_size()
+        }
+        fn len_bytes(&self) -> u64 {
+            self.inner.len_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+            self.inner.write_at(buf, offset)?;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                (self.then)(&self.inner);
+            }
+            Ok(())
+        }
+        fn compare_and_write(&self, o: u64, e: &[u8], n: &[u8]) -> LunResult<Caw> {
+            self.inner.compare_and_write(o, e, n)
+        }
+        fn flush(&self) -> LunResult<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "after-write".into()
+        }
+    }
+
+    fn timing() -> DeltaTiming {
+        DeltaTiming {
+            fresh_ms: 25,
+            settle_ms: 100,
+        }
+    }
+
+    #[test]
+    fn a_claimer_overwritten_while_it_settles_loses() {
+        // A and B both read the slot free; A writes, then B writes over it while A
+        // settles. A must see B's image when it reads again, and not win.
+        let mem = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
+        let lun = Arc::new(AfterWrite {
+            inner: mem.clone(),
+            armed: AtomicBool::new(true),
+            then: Box::new(|m| m.write_at(&image(2), AT).expect("B")),
+        });
+        let a = DeltaLun::new(lun, Arc::new(ManualClock::default()), timing());
+        let outcome = a.compare_and_write(AT, &image(0), &image(1)).expect("caw");
+        assert_eq!(outcome, Caw::Miscompare(image(2)));
+    }
+
+    #[test]
+    fn an_undisturbed_claimer_wins_after_settling() {
+        let mem = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
+        let clock = Arc::new(ManualClock::default());
+        let a = DeltaLun::new(mem.clone(), clock.clone(), timing());
+        assert_eq!(
+            a.compare_and_write(AT, &image(0), &image(1)).expect("caw"),
+            Caw::Written
+        );
+        assert!(clock.now_ms() >= 100, "did not settle");
+        assert_eq!(
+            a.compare_and_write(AT, &image(0), &image(3)).expect("caw"),
+            Caw::Miscompare(image(1))
+        );
+    }
+
+    /// A LUN whose reads take `ms` on a manual clock: the host stands still there.
+    struct SlowReads {
+        inner: Arc<MemLun>,
+        clock: Arc<ManualClock>,
+        ms: u64,
+        reads: std::sync::atomic::AtomicU64,
+    }
+
+    impl Lun for SlowReads {
+        fn sector_size(&self) -> u32 {
+            self.inner.sector_size()
+        }
+        fn len_bytes(&self) -> u64 {
+            self.inner.len_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.clock.advance(Duration::from_millis(self.ms));
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+            self.inner.write_at(buf, offset)
+        }
+        fn compare_and_write(&self, o: u64, e: &[u8], n: &[u8]) -> LunResult<Caw> {
+            self.inner.compare_and_write(o, e, n)
+        }
+        fn flush(&self) -> LunResult<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "slow-reads".into()
+        }
+    }
+
+    #[test]
+    fn a_read_that_grew_stale_is_never_acted_on() {
+        // Every read takes longer than `fresh_ms`: no write may follow one.
+        let mem = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
+        let clock = Arc::new(ManualClock::default());
+        let slow = Arc::new(SlowReads {
+            inner: mem.clone(),
+            clock: clock.clone(),
+            ms: 30,
+            reads: Default::default(),
+        });
+        let a = DeltaLun::new(slow.clone(), clock, timing());
+        let err = a.compare_and_write(AT, &image(0), &image(1)).unwrap_err();
+        assert!(
+            matches!(err, crate::lun::LunError::AtsTimeout { .. }),
+            "{err}"
+        );
+        let mut now = image(9);
+        mem.read_at(&mut now, AT).expect("read");
+        assert_eq!(now, image(0), "a stale read was acted on");
+        assert_eq!(
+            slow.reads.load(Ordering::SeqCst),
+            u64::from(STALE_READS_MAX)
+        );
+    }
+
+    #[test]
+    fn hosts_claiming_at_once_through_delta_leases_get_distinct_slots() {
+        let geo = Geometry::plan(&MkfsParams {
+            total_bytes: 64 << 20,
+            ats_sector_size: SECTOR as u32,
+            max_hosts: 4,
+            journal_blocks: Some(256),
+            disk_paxos: true,
+        })
+        .expect("plan");
+        let mem = Arc::new(MemLun::new(64 << 20, SECTOR as u32));
+        let (interval, lease) = (Duration::from_millis(20), Duration::from_millis(200));
+        let slots: Vec<u32> = std::thread::scope(|scope| {
+            let runs: Vec<_> = (1..=4u8)
+                .map(|host| {
+                    let mem = mem.clone();
+                    scope.spawn(move || {
+                        let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+                        let timing = DeltaTiming::for_volume(interval, lease);
+                        // I/Os take up to 2 ms, so that claims interleave.
+                        let faults = FaultConfig {
+                            seed: u64::from(host),
+                            latency_max_us: 2000,
+                            ..FaultConfig::default()
+                        };
+                        let slow = Arc::new(FaultLun::new(mem, faults));
+                        let lun = DeltaLun::new(slow, clock.clone(), timing);
+                        let me = HostUuid([host; 16]);
+                        claim_slot(&lun, &geo, me, interval, lease, clock.as_ref())
+                            .expect("claim")
+                            .slot
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().expect("host")).collect()
+        });
+        let mut distinct = slots.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 4, "two hosts claimed one slot: {slots:?}");
+    }
+}
