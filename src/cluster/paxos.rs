@@ -24,6 +24,7 @@
 //!   on its own clock.
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
+use super::delta::DeltaTiming;
 use super::{Clock, Lease};
 use crate::format::{
     encode_padded, BlockNo, Geometry, OnDisk, PaxosDblock, PaxosLeader, HOSTS_MAX,
@@ -84,6 +85,40 @@ impl PaxosRegion {
 pub struct Owner {
     pub slot: u32,
     pub generation: u32,
+}
+
+/// Other slots' heartbeat sectors: a compare-and-write there may race a delta-lease
+/// claim of the slot (`cluster::delta`), so it follows the delta rule as well: its
+/// read is at most `fresh_ms` old when it writes, and it counts as written only if
+/// the sector still holds its image `settle_ms` later.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeltaSectors {
+    first_offset: u64,
+    stride: u64,
+    count: u32,
+    own_offset: u64,
+    timing: DeltaTiming,
+}
+
+impl DeltaSectors {
+    /// The heartbeat sectors of `geo`, but `own_slot`'s (only we write ours).
+    pub fn heartbeats(geo: &Geometry, own_slot: u32, timing: DeltaTiming) -> DeltaSectors {
+        DeltaSectors {
+            first_offset: geo.slot_offset(0),
+            stride: geo.slot_offset(1).saturating_sub(geo.slot_offset(0)),
+            count: geo.max_hosts,
+            own_offset: geo.slot_offset(own_slot),
+            timing,
+        }
+    }
+
+    fn covers(&self, offset: u64) -> bool {
+        if offset == self.own_offset || offset < self.first_offset || self.stride == 0 {
+            return false;
+        }
+        let from = offset - self.first_offset;
+        from % self.stride == 0 && from / self.stride < u64::from(self.count)
+    }
 }
 
 /// How long a token is valid, and the guard bands around it.
@@ -467,6 +502,7 @@ pub struct PaxosLun {
     /// Checked before every write of the token's own records (a host past its lease
     /// must not write its dblock: its slot may belong to someone else now).
     lease: Option<Arc<Lease>>,
+    delta: Option<DeltaSectors>,
     state: Mutex<TokenState>,
     /// Threads of this host waiting for `state`: while there are some, the token is
     /// kept for them (up to half its lease).
@@ -495,6 +531,7 @@ impl PaxosLun {
             clock,
             timing,
             lease: None,
+            delta: None,
             state: Mutex::new(TokenState::default()),
             waiting: AtomicUsize::new(0),
             stats: Mutex::new(PaxosStats::default()),
@@ -505,6 +542,17 @@ impl PaxosLun {
     pub fn with_lease(mut self, lease: Arc<Lease>) -> PaxosLun {
         self.lease = Some(lease);
         self
+    }
+
+    /// Confirms compare-and-writes of these sectors by the delta rule.
+    pub fn with_delta_sectors(mut self, delta: DeltaSectors) -> PaxosLun {
+        self.delta = Some(delta);
+        self
+    }
+
+    /// The delta rule's timing when `offset` is one of its sectors.
+    fn delta_at(&self, offset: u64) -> Option<DeltaTiming> {
+        self.delta.filter(|d| d.covers(offset)).map(|d| d.timing)
     }
 
     pub fn stats(&self) -> PaxosStats {
@@ -679,13 +727,17 @@ impl PaxosLun {
         new: &[u8],
     ) -> LunResult<Option<Caw>> {
         let held = self.ensure(st)?;
+        let read_ms = self.clock.now_ms();
         let mut actual = vec![0u8; expected.len()];
         self.inner.read_at(&mut actual, offset)?;
         if actual != expected {
             return Ok(Some(Caw::Miscompare(actual)));
         }
+        let stale = self
+            .delta_at(offset)
+            .is_some_and(|t| self.clock.now_ms().saturating_sub(read_ms) >= t.fresh_ms);
         // The token is checked right before the write, as the host lease is.
-        if !self.valid(&held) {
+        if !self.valid(&held) || stale {
             st.held = None;
             return Ok(None);
         }
@@ -712,6 +764,20 @@ impl PaxosLun {
     }
 }
 
+impl PaxosLun {
+    /// The delta rule's second read, without the token: our image must still be
+    /// there `settle_ms` after the write.
+    fn confirm(&self, offset: u64, new: &[u8], timing: DeltaTiming) -> LunResult<Caw> {
+        self.clock.sleep(Duration::from_millis(timing.settle_ms));
+        let mut after = vec![0u8; new.len()];
+        self.inner.read_at(&mut after, offset)?;
+        if after == new {
+            return Ok(Caw::Written);
+        }
+        Ok(Caw::Miscompare(after))
+    }
+}
+
 impl Lun for PaxosLun {
     fn sector_size(&self) -> u32 {
         self.inner.sector_size()
@@ -733,7 +799,11 @@ impl Lun for PaxosLun {
         for _ in 0..CAW_ATTEMPTS_MAX {
             if let Some(result) = self.caw_once(&mut st, offset, expected, new)? {
                 self.after_caw(&mut st)?;
-                return Ok(result);
+                drop(st);
+                return match (result, self.delta_at(offset)) {
+                    (Caw::Written, Some(timing)) => self.confirm(offset, new, timing),
+                    (result, _) => Ok(result),
+                };
             }
         }
         Err(LunError::AtsTimeout {

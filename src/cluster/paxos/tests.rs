@@ -491,3 +491,98 @@ fn a_taker_waits_out_an_unreleased_token() {
         clock_b.now_ms()
     );
 }
+
+/// A LUN that, once armed, runs `then` right after the next write of `offset`
+/// lands: "a delta-lease claimer writes the slot while we settle".
+struct AfterWriteOf {
+    inner: Arc<MemLun>,
+    offset: u64,
+    armed: AtomicBool,
+    then: Box<dyn Fn(&MemLun) + Send + Sync>,
+}
+
+impl Lun for AfterWriteOf {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)?;
+        if offset == self.offset && self.armed.swap(false, Ordering::SeqCst) {
+            (self.then)(&self.inner);
+        }
+        Ok(())
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "after-write".into()
+    }
+}
+
+#[test]
+fn a_caw_of_another_slots_heartbeat_is_confirmed_after_settling() {
+    // A recoverer takes slot 1's heartbeat sector through the token; the slot's own
+    // host, taking it back by a delta lease, writes after it. The recoverer must see
+    // that when it reads again after settling, and not count its write as won. Our
+    // own slot's sector and other sectors need no confirmation.
+    let geo = Geometry::plan(&MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: SECTOR,
+        max_hosts: 2,
+        journal_blocks: Some(256),
+        disk_paxos: true,
+    })
+    .expect("plan");
+    let (mem, region) = region(2);
+    let theirs = geo.slot_offset(1);
+    let lun = Arc::new(AfterWriteOf {
+        inner: mem.clone(),
+        offset: theirs,
+        armed: AtomicBool::new(true),
+        then: Box::new(move |m| m.write_at(&counter_image(7, 1), theirs).expect("claim")),
+    });
+    let clock = Arc::new(ManualClock::default());
+    let timing = DeltaTiming {
+        fresh_ms: 25,
+        settle_ms: 100,
+    };
+    let a = PaxosLun::new(
+        lun,
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    )
+    .with_delta_sectors(DeltaSectors::heartbeats(&geo, 0, timing));
+    let zero = vec![0u8; SECTOR as usize];
+    let result = a.compare_and_write(theirs, &zero, &counter_image(1, 0));
+    assert_eq!(result.expect("caw"), Caw::Miscompare(counter_image(7, 1)));
+    assert!(clock.now_ms() >= 100, "did not settle");
+    let before = clock.now_ms();
+    let ours = geo.slot_offset(0);
+    assert_eq!(
+        a.compare_and_write(ours, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert_eq!(
+        a.compare_and_write(geo.mailbox_offset(1), &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert_eq!(
+        clock.now_ms(),
+        before,
+        "settled for a sector no claim races"
+    );
+}
