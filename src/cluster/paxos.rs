@@ -24,11 +24,11 @@
 //!   on its own clock.
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
-use super::delta::DeltaTiming;
-use super::{Clock, Lease};
+use super::delta::{DeltaLun, DeltaTiming};
+use super::{Clock, Lease, SlotClaim};
 use crate::format::{
-    encode_padded, BlockNo, Geometry, OnDisk, PaxosDblock, PaxosLeader, HOSTS_MAX,
-    PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER,
+    encode_padded, BlockNo, Geometry, OnDisk, PaxosDblock, PaxosLeader, Superblock,
+    ATS_MODE_DISK_PAXOS, HOSTS_MAX, PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER,
 };
 use crate::lun::{check_caw, AtsKind, Caw, Lun, LunError, LunResult, Reservations};
 use rand::Rng;
@@ -85,6 +85,51 @@ impl PaxosRegion {
 pub struct Owner {
     pub slot: u32,
     pub generation: u32,
+}
+
+/// The delta-lease timing of a volume (its heartbeat interval and lease).
+pub fn delta_timing(sb: &Superblock) -> DeltaTiming {
+    DeltaTiming::for_volume(
+        Duration::from_millis(u64::from(sb.heartbeat_interval_ms)),
+        Duration::from_millis(u64::from(sb.lease_ms)),
+    )
+}
+
+/// The device as a mount's slot claim must use it: on a Disk Paxos volume through
+/// the delta lease (no compare-and-write exists yet), else the device itself.
+pub fn claim_lun(lun: &Arc<dyn Lun>, sb: &Superblock, clock: &Arc<dyn Clock>) -> Arc<dyn Lun> {
+    if sb.ats_mode != ATS_MODE_DISK_PAXOS {
+        return lun.clone();
+    }
+    Arc::new(DeltaLun::new(lun.clone(), clock.clone(), delta_timing(sb)))
+}
+
+/// The device as a host uses it once its slot is claimed: on a Disk Paxos volume a
+/// `PaxosLun` with the claimed slot as its identity, checking `lease` before every
+/// write of its own records; else the device itself. Everything the host does from
+/// then on (renewals, locks, recovery, the fs) goes through the returned LUN.
+pub fn mounted_lun(
+    lun: Arc<dyn Lun>,
+    sb: &Superblock,
+    claim: &SlotClaim,
+    clock: &Arc<dyn Clock>,
+    lease: &Arc<Lease>,
+) -> Arc<dyn Lun> {
+    let geo = Geometry::from_superblock(sb);
+    let Some(region) = PaxosRegion::of(&geo) else {
+        return lun;
+    };
+    let me = Owner {
+        slot: claim.slot,
+        generation: claim.generation,
+    };
+    let timing = TokenTiming::for_token(u64::from(sb.paxos_token_ms));
+    let delta = DeltaSectors::heartbeats(&geo, claim.slot, delta_timing(sb));
+    Arc::new(
+        PaxosLun::new(lun, region, me, clock.clone(), timing)
+            .with_lease(lease.clone())
+            .with_delta_sectors(delta),
+    )
 }
 
 /// Other slots' heartbeat sectors: a compare-and-write there may race a delta-lease
@@ -563,9 +608,11 @@ impl PaxosLun {
         f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
+    /// The host lease by our clock only (`Lease::check`): `confirm` would re-read our
+    /// heartbeat slot under the lock the renewer holds while it renews through us.
     fn may_write_records(&self) -> LunResult<()> {
         match &self.lease {
-            Some(lease) => lease.confirm(),
+            Some(lease) => lease.check(),
             None => Ok(()),
         }
     }

@@ -144,3 +144,60 @@ fn matching_openers_mount_both_kinds() {
     let fs = mount(mem.clone()).expect("emulated opener on an emulated volume");
     fs.unmount().expect("unmount");
 }
+
+/// A device with no compare-and-write at all (a plain shared disk): every CAW fails,
+/// so a host can only work on it through the Disk Paxos token.
+struct PlainDisk(Arc<MemLun>);
+
+impl Lun for PlainDisk {
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.0.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, _offset: u64, _expected: &[u8], _new: &[u8]) -> LunResult<Caw> {
+        Err(crate::lun::LunError::NoCompareAndWrite {
+            device: self.describe(),
+            detail: "a plain shared disk".into(),
+        })
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.0.flush()
+    }
+    fn describe(&self) -> String {
+        "plain shared disk (no compare-and-write)".into()
+    }
+}
+
+#[test]
+fn two_hosts_share_a_disk_paxos_volume_on_a_disk_without_compare_and_write() {
+    let mem = volume(crate::format::ATS_MODE_DISK_PAXOS);
+    let plain = |mem: &Arc<MemLun>| -> Arc<dyn Lun> { Arc::new(PlainDisk(mem.clone())) };
+    let a = Fs::mount(plain(&mem), MountOptions::new(HostUuid([1; 16]))).expect("mount a");
+    let b = Fs::mount(plain(&mem), MountOptions::new(HostUuid([2; 16]))).expect("mount b");
+    let root = a.root;
+    let made = a.mkdir(root, b"from-a", 0o755, 0, 0).expect("mkdir on a");
+    a.sync().expect("sync a");
+    let seen = b.lookup(root, b"from-a").expect("b sees a's directory");
+    assert_eq!(seen.ino, made.ino);
+    b.mkdir(root, b"from-b", 0o755, 0, 0).expect("mkdir on b");
+    b.sync().expect("sync b");
+    a.lookup(root, b"from-b").expect("a sees b's directory");
+    a.unmount().expect("unmount a");
+    b.unmount().expect("unmount b");
+    let report = crate::fsck::check(mem.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    let status =
+        crate::inspect::status(plain(&mem).as_ref(), Some(Duration::ZERO)).expect("status");
+    assert_eq!(status.volume.ats_mode, "disk-paxos");
+    assert!(status.volume.opener_matches);
+    let text = crate::inspect::render_status(&status);
+    assert!(text.contains("Disk Paxos"), "{text}");
+}

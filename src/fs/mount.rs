@@ -4,8 +4,8 @@ use super::meta::Meta;
 use super::{Core, Fs, FsError};
 use crate::cluster::lock::Holder;
 use crate::cluster::{
-    check_ats_mode, claim_slot, fence, settle_foreign_slots, Clock, GuardedLun, HostUuid, Lease,
-    Membership, Node, SystemClock,
+    check_ats_mode, claim_slot, fence, paxos, settle_foreign_slots, Clock, GuardedLun, HostUuid,
+    Lease, Membership, Node, SystemClock,
 };
 use crate::format::{Geometry, OnDisk, Superblock, BLOCK_SIZE, BLOCK_SIZE_U64};
 use crate::journal::Journal;
@@ -116,8 +116,13 @@ impl Fs {
     /// slot's journal, and starts the heartbeat and the background committer.
     pub fn mount(lun: Arc<dyn Lun>, options: MountOptions) -> Result<Arc<Fs>> {
         let sb = read_superblock(lun.as_ref())?;
+        let disk_paxos = sb.ats_mode == crate::format::ATS_MODE_DISK_PAXOS;
         // Before anything is written or any lock taken: one kind of ATS per volume.
-        check_ats_mode(lun.as_ref(), &sb)?;
+        // (On a Disk Paxos volume the device's own kind does not matter: the token
+        // LUN built after the claim is checked instead.)
+        if !disk_paxos {
+            check_ats_mode(lun.as_ref(), &sb)?;
+        }
         // Registered before our first write (the claim of a slot) where the storage
         // fences: the LUN may be reserved for registrants only.
         let fencing = fence::join(lun.as_ref())?;
@@ -125,7 +130,7 @@ impl Fs {
         let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
         let lease_time = Duration::from_millis(u64::from(sb.lease_ms));
         let claim = claim_slot(
-            lun.as_ref(),
+            paxos::claim_lun(&lun, &sb, &options.clock).as_ref(),
             &geo,
             options.host_uuid,
             interval,
@@ -139,6 +144,10 @@ impl Fs {
             lease_time,
             interval,
         ));
+        // From the claim on, every compare-and-write of this host takes the volume's
+        // Disk Paxos token (on such a volume).
+        let lun = paxos::mounted_lun(lun, &sb, &claim, &options.clock, &lease);
+        check_ats_mode(lun.as_ref(), &sb)?;
         let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
         let io_counters = guarded_lun.counters().clone();
         let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);

@@ -133,13 +133,20 @@ impl Fencing {
 impl VolumeInfo {
     fn new(lun: &dyn Lun, sb: &Superblock) -> VolumeInfo {
         let volume = volume_ats_kind(sb).unwrap_or(AtsKind::Emulated);
+        // On a Disk Paxos volume, atsfs takes the token over whatever device it
+        // opens (`cluster::paxos::mounted_lun`): every opener matches.
+        let opener = match volume {
+            AtsKind::DiskPaxos => AtsKind::DiskPaxos,
+            _ => lun.ats_kind(),
+        };
+        let opener_matches = volume == AtsKind::DiskPaxos || check_ats_mode(lun, sb).is_ok();
         VolumeInfo {
             device: lun.describe(),
             label: get_str(&sb.label),
             volume_uuid: uuid::Uuid::from_bytes(sb.volume_uuid).to_string(),
             ats_mode: kind_name(volume).into(),
-            opener_ats: kind_name(lun.ats_kind()).into(),
-            opener_matches: check_ats_mode(lun, sb).is_ok(),
+            opener_ats: kind_name(opener).into(),
+            opener_matches,
             ats_sector_size: sb.ats_sector_size,
             heartbeat_interval_ms: sb.heartbeat_interval_ms,
             lease_ms: sb.lease_ms,

@@ -85,6 +85,7 @@ fn volume_lines(out: &mut String, v: &VolumeInfo, watched_ms: u64) {
 fn ats_words(kind: &str) -> &'static str {
     match kind {
         "hardware" => "hardware (SCSI COMPARE AND WRITE)",
+        "disk-paxos" => "Disk Paxos (a token over plain sector reads and writes)",
         _ => "emulated (one kernel only)",
     }
 }
