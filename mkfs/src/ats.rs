@@ -3,7 +3,7 @@
 //! sessions of its own (`open_device` once per session).
 
 use crate::{say, Args, Failure};
-use atsfs::format::{ATS_MODE_EMULATED, ATS_MODE_HARDWARE};
+use atsfs::format::{ATS_MODE_DISK_PAXOS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE};
 use atsfs::lun::selftest::{self, SelftestOptions, SelftestReport, SessionFactory};
 use atsfs::lun::{AtsKind, Lun};
 use atsfs::mkfs::selftest_sector;
@@ -22,6 +22,8 @@ pub enum AtsChoice {
     Auto,
     Hardware,
     Emulated,
+    /// Disk Paxos: a token over plain sector reads and writes, on any shared disk.
+    Paxos,
 }
 
 /// Refuses an `--ats` the device cannot do, before anything else is looked at.
@@ -53,6 +55,15 @@ pub fn choose_ats(
     open: &SessionFactory<'_>,
 ) -> Result<(u32, Option<SelftestReport>), Failure> {
     check_ats_request(lun, args)?;
+    if args.ats == AtsChoice::Paxos {
+        say(
+            args,
+            "ATS: Disk Paxos: test-and-set takes the volume's token with plain sector reads \
+             and writes (no COMPARE AND WRITE needed, hosts on any machine); a mount waits \
+             half a lease for its slot",
+        );
+        return Ok((ATS_MODE_DISK_PAXOS, None));
+    }
     if lun.ats_kind() == AtsKind::Emulated {
         if args.ats == AtsChoice::Auto {
             say(

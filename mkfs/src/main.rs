@@ -5,7 +5,9 @@
 //! `--ats` chooses the volume's test-and-set (`ats.rs`).
 //! Exit codes: 0 done, 1 refused or bad input, 2 I/O error.
 
-use atsfs::format::{Superblock, ATS_MODE_EMULATED, BLOCK_SIZE_U64};
+use atsfs::format::{
+    paxos_blocks_for, Superblock, ATS_MODE_DISK_PAXOS, ATS_MODE_EMULATED, BLOCK_SIZE_U64,
+};
 use atsfs::lun::{device_kind, open_device, DeviceKind, Lun, LunError, OpenMode};
 use atsfs::mkfs::{
     live_hosts, mkfs, plan_for, probe, slots_marked_live, validate_options, MkfsError, MkfsOptions,
@@ -59,8 +61,10 @@ struct Args {
     lease: Duration,
     /// Which test-and-set the volume uses: `hardware` (the storage's SCSI COMPARE AND
     /// WRITE, hosts on any machine), `emulated` (file locks: every host on this
-    /// machine) or `auto` (hardware when the device has it and passes the ATS
-    /// self-test, else emulated).
+    /// machine), `paxos` (Disk Paxos: a token taken with plain sector reads and
+    /// writes, hosts on any machine, no COMPARE AND WRITE needed) or `auto`
+    /// (hardware when the device has it and passes the ATS self-test, else
+    /// emulated).
     #[arg(long, value_enum, default_value_t = ats::AtsChoice::Auto)]
     ats: ats::AtsChoice,
     /// Overwrite an existing atsfs volume or another filesystem.
@@ -464,6 +468,14 @@ fn print_summary(lun: &dyn Lun, sb: &Superblock) {
             "  ATS                emulated (one kernel only), {}-byte sectors: every host \
              must run on this machine",
             sb.ats_sector_size
+        );
+    } else if sb.ats_mode == ATS_MODE_DISK_PAXOS {
+        println!(
+            "  ATS                Disk Paxos (a token over plain sector reads and writes), \
+             {}-byte sectors, token lease {} ms; region of {} KiB",
+            sb.ats_sector_size,
+            sb.paxos_token_ms,
+            paxos_blocks_for(sb.max_hosts, sb.ats_sector_size) * 4
         );
     } else {
         println!(

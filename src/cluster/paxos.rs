@@ -44,6 +44,10 @@ pub const ACQUIRE_ATTEMPTS_MAX: u32 = 10_000;
 const CAW_ATTEMPTS_MAX: u32 = 8;
 /// Longest sleep while waiting for another host's token, between two reads.
 const WAIT_POLL_MS: u64 = 20;
+/// Times one acquisition steps back (`WAIT_POLL_MS` each) for another host whose
+/// dblock shows it wants the same instance: long enough for a waiter that polls to
+/// see a release and win, so that a busy host cannot starve the others.
+const YIELDS_MAX: u32 = 3;
 
 /// Where the Disk Paxos region is: the leader record, then one dblock per slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -638,6 +642,7 @@ impl PaxosLun {
         // Our first phase-1 issue for the instance we are working on, in this call.
         let mut tried: Option<Held> = None;
         let mut stale: Option<u64> = None;
+        let mut yields = 0;
         for attempt in 0..ACQUIRE_ATTEMPTS_MAX {
             let view = read_region(self.inner.as_ref(), &self.region)?;
             let now = self.clock.now_ms();
@@ -647,8 +652,14 @@ impl PaxosLun {
             }
             let lver = view.instance_to_decide();
             if let Some(wait) = self.wait_ms(st, &view, lver, now) {
+                self.request(&view, lver)?;
                 self.clock
                     .sleep(Duration::from_millis(wait.min(WAIT_POLL_MS)));
+                continue;
+            }
+            if yields < YIELDS_MAX && self.others_want(&view, lver) {
+                yields += 1;
+                self.clock.sleep(Duration::from_millis(WAIT_POLL_MS));
                 continue;
             }
             if tried.map(|t| t.lver) != Some(lver) {
@@ -677,6 +688,37 @@ impl PaxosLun {
             offset: self.region.leader_offset,
             waited_ms: 0,
         })
+    }
+
+    /// Says in our dblock that we want instance `lver` (while another host holds the
+    /// token): `lver` with no ballot, or unchanged if it already is about `lver`. A
+    /// holder that sees it steps back once it has released (`others_want`).
+    fn request(&self, view: &RegionView, lver: u64) -> LunResult<()> {
+        if let Some(Some(own)) = view.dblocks.get(self.me.slot as usize) {
+            if own.lver >= lver {
+                return Ok(());
+            }
+        }
+        self.may_write_records()?;
+        let mut own: PaxosDblock = bytemuck::Zeroable::zeroed();
+        own.magic = PaxosDblock::MAGIC;
+        own.slot = self.me.slot;
+        own.owner_gen = self.me.generation;
+        own.lver = lver;
+        own.seal();
+        self.inner.write_at(
+            &encode_padded(&own, self.region.sector),
+            self.region.dblock_offset(self.me.slot),
+        )
+    }
+
+    /// True when another slot's dblock is about instance `lver`: a host waiting for
+    /// it, or running a ballot for it.
+    fn others_want(&self, view: &RegionView, lver: u64) -> bool {
+        view.dblocks
+            .iter()
+            .flatten()
+            .any(|d| d.slot != self.me.slot && d.lver == lver)
     }
 
     fn own_accepted(&self, view: &RegionView, lver: u64) -> bool {

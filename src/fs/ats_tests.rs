@@ -145,41 +145,12 @@ fn matching_openers_mount_both_kinds() {
     fs.unmount().expect("unmount");
 }
 
-/// A device with no compare-and-write at all (a plain shared disk): every CAW fails,
-/// so a host can only work on it through the Disk Paxos token.
-struct PlainDisk(Arc<MemLun>);
-
-impl Lun for PlainDisk {
-    fn sector_size(&self) -> u32 {
-        self.0.sector_size()
-    }
-    fn len_bytes(&self) -> u64 {
-        self.0.len_bytes()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
-        self.0.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
-        self.0.write_at(buf, offset)
-    }
-    fn compare_and_write(&self, _offset: u64, _expected: &[u8], _new: &[u8]) -> LunResult<Caw> {
-        Err(crate::lun::LunError::NoCompareAndWrite {
-            device: self.describe(),
-            detail: "a plain shared disk".into(),
-        })
-    }
-    fn flush(&self) -> LunResult<()> {
-        self.0.flush()
-    }
-    fn describe(&self) -> String {
-        "plain shared disk (no compare-and-write)".into()
-    }
-}
-
 #[test]
 fn two_hosts_share_a_disk_paxos_volume_on_a_disk_without_compare_and_write() {
     let mem = volume(crate::format::ATS_MODE_DISK_PAXOS);
-    let plain = |mem: &Arc<MemLun>| -> Arc<dyn Lun> { Arc::new(PlainDisk(mem.clone())) };
+    // A plain shared disk: every compare-and-write of the device itself fails.
+    let plain =
+        |mem: &Arc<MemLun>| -> Arc<dyn Lun> { Arc::new(crate::lun::PlainDisk(mem.clone())) };
     let a = Fs::mount(plain(&mem), MountOptions::new(HostUuid([1; 16]))).expect("mount a");
     let b = Fs::mount(plain(&mem), MountOptions::new(HostUuid([2; 16]))).expect("mount b");
     let root = a.root;

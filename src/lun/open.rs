@@ -9,11 +9,15 @@
 //!   Partitions and partial device-mapper maps are files: SG_IO on them would address
 //!   the whole disk.
 //! - Anything else (an image file, a loop, virtio or NVMe device) is a `FileLun`,
-//!   with compare-and-write emulated.
+//!   with compare-and-write emulated, unless `ATSFS_ATS_EMULATION=off` is set: then
+//!   it has no compare-and-write at all (`PlainDisk`), as two VMs on one plain
+//!   shared disk see it; only a Disk Paxos volume works there.
 
 use super::scsi::ScsiLun;
 use super::sg::{self, SgTransport};
-use super::{FileLun, IscsiTransport, Lun, LunResult, OpenMode};
+use super::{
+    AtsKind, Caw, FileLun, IscsiTransport, Lun, LunError, LunResult, OpenMode, Reservations,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,6 +47,9 @@ pub fn device_kind(name: &Path) -> DeviceKind {
 /// Opens the device `name` names.
 pub fn open_device(name: &Path, mode: OpenMode) -> LunResult<Arc<dyn Lun>> {
     match device_kind(name) {
+        DeviceKind::File if emulation_off() => {
+            Ok(Arc::new(PlainDisk(Arc::new(FileLun::open(name, mode)?))))
+        }
         DeviceKind::File => Ok(Arc::new(FileLun::open(name, mode)?)),
         DeviceKind::Iscsi => {
             let url = name.to_string_lossy();
@@ -55,6 +62,59 @@ pub fn open_device(name: &Path, mode: OpenMode) -> LunResult<Arc<dyn Lun>> {
             sg::check_same_size(name, lun.len_bytes())?;
             Ok(Arc::new(lun))
         }
+    }
+}
+
+/// The environment variable that turns the emulated compare-and-write off.
+pub const ATS_EMULATION_ENV: &str = "ATSFS_ATS_EMULATION";
+
+fn emulation_off() -> bool {
+    std::env::var(ATS_EMULATION_ENV).is_ok_and(|v| v == "off")
+}
+
+/// A device without any compare-and-write: a plain shared disk. Every
+/// compare-and-write fails with `NoCompareAndWrite`; everything else passes through.
+pub struct PlainDisk(pub Arc<dyn Lun>);
+
+impl Lun for PlainDisk {
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.0.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, _offset: u64, _expected: &[u8], _new: &[u8]) -> LunResult<Caw> {
+        Err(LunError::NoCompareAndWrite {
+            device: self.describe(),
+            detail: format!("{ATS_EMULATION_ENV}=off"),
+        })
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.0.flush()
+    }
+    fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.0.read_uncached(buf, offset)
+    }
+    fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.0.write_uncached(buf, offset)
+    }
+    fn may_write(&self) -> LunResult<()> {
+        self.0.may_write()
+    }
+    fn describe(&self) -> String {
+        format!("{} (no compare-and-write)", self.0.describe())
+    }
+    fn ats_kind(&self) -> AtsKind {
+        AtsKind::Emulated
+    }
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        self.0.reservations()
     }
 }
 

@@ -586,3 +586,46 @@ fn a_caw_of_another_slots_heartbeat_is_confirmed_after_settling() {
         "settled for a sector no claim races"
     );
 }
+
+#[test]
+fn a_busy_host_does_not_starve_a_waiting_one() {
+    // B compare-and-writes without pause for a while, taking the token again right
+    // after each release. A needs one compare-and-write (as its heartbeat does): it
+    // must get the token within a few token leases, not after B stops.
+    let (mem, region) = region(2);
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    let other = TARGET + 4096;
+    mem.write_at(&counter_image(0, 99), other).expect("init");
+    let a = host(&mem, region, 0, Arc::new(SystemClock::default()), 100);
+    let b = host(&mem, region, 1, Arc::new(SystemClock::default()), 100);
+    let stop = AtomicBool::new(false);
+    let waited = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| {
+            let mut current = vec![0u8; SECTOR as usize];
+            b.read_at(&mut current, other).expect("read");
+            for _ in 0..100_000 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let new = counter_image(counter_of(&current) + 1, 1);
+                if let Caw::Miscompare(actual) =
+                    b.compare_and_write(other, &current, &new).expect("caw")
+                {
+                    current = actual;
+                } else {
+                    current = new;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        assert_eq!(increment(&a, 0, 1), 1);
+        let waited = started.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        busy.join().expect("busy host");
+        waited
+    });
+    // The token lease is 200 ms (+ 50 ms margin): a fair waiter gets it within about
+    // one of them; allow two.
+    assert!(waited < Duration::from_millis(500), "A waited {waited:?}");
+}
