@@ -114,8 +114,16 @@ pub fn short_lease_opts() -> MkfsOptions {
 }
 
 /// Creates (or grows) the sparse image file `path` to `bytes` and lays out a volume
-/// on it through the library, as `mkfs.atsfs` does.
+/// on it through the library, as `mkfs.atsfs` does. With `ATSFS_ATS_EMULATION=off`
+/// in the environment (which the daemons inherit: they then open the image as a
+/// plain disk without compare-and-write), every volume is made for Disk Paxos, so
+/// the suite runs on the token: `ATSFS_ATS_EMULATION=off cargo test --test cluster`.
 pub fn make_image(path: &Path, bytes: u64, opts: &MkfsOptions) {
+    let mut opts = opts.clone();
+    if std::env::var(atsfs::lun::ATS_EMULATION_ENV).is_ok_and(|v| v == "off") {
+        opts.ats_mode = atsfs::format::ATS_MODE_DISK_PAXOS;
+    }
+    let opts = &opts;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
