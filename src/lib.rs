@@ -13,12 +13,17 @@
 //!           |
 //!          journal   per-slot redo log: commit, checkpoint, replay
 //!           |
-//!          cluster   heartbeat slot, lease, lock records
-//!           |
+//!          cluster   heartbeat slot, lease, lock records; on a Disk Paxos volume
+//!           |        the test-and-set token (`cluster::paxos::PaxosLun`, a `Lun`
+//!           |        wrapper built at mount from the claimed slot and the clock)
 //!          format    on-disk structs, checksums, encode/decode/validate (no I/O)
 //!           |
 //!          lun       the shared device: read, write, compare_and_write, flush
 //! ```
+//!
+//! The fs above `cluster` sees the LUN through `GuardedLun` (the host lease) and, on
+//! a Disk Paxos volume, `PaxosLun` below it: its `compare_and_write` takes the
+//! volume's token instead of the device's own (which a plain shared disk lacks).
 //!
 //! `mkfs` (lay out a fresh volume) and `fsck` (check one) sit beside `fs`: they use
 //! `format` and `lun` directly.

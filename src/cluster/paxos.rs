@@ -22,6 +22,10 @@
 //! - A taker starts instance `lver + 1` of a leader that names another holder (not
 //!   released) only once that leader image has stood unchanged for `token + margin`
 //!   on its own clock.
+//! - A waiter says so in its dblock (`request`); a host steps back for another
+//!   dblock that wants the same instance (`YIELDS_MAX`), and a mounted host, which
+//!   keeps its token between compare-and-writes (`start_releaser`), gives it up when
+//!   it is idle for `LINGER_MS`, half its lease old, or asked for.
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
 use super::delta::{DeltaLun, DeltaTiming};
@@ -42,12 +46,16 @@ pub const ACQUIRE_ATTEMPTS_MAX: u32 = 10_000;
 /// Times one compare-and-write takes the token anew because it ran out between the
 /// read and the write.
 const CAW_ATTEMPTS_MAX: u32 = 8;
-/// Longest sleep while waiting for another host's token, between two reads.
-const WAIT_POLL_MS: u64 = 20;
+/// Longest sleep while waiting for another host's token, between two reads (each
+/// one read of the region): a hand-off between busy hosts costs about this much.
+const WAIT_POLL_MS: u64 = 5;
 /// Times one acquisition steps back (`WAIT_POLL_MS` each) for another host whose
 /// dblock shows it wants the same instance: long enough for a waiter that polls to
 /// see a release and win, so that a busy host cannot starve the others.
 const YIELDS_MAX: u32 = 3;
+/// With a releaser (`start_releaser`): how long a token is kept after its last
+/// compare-and-write, for the next one, before it is given back.
+const LINGER_MS: u64 = 3;
 
 /// Where the Disk Paxos region is: the leader record, then one dblock per slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,11 +137,13 @@ pub fn mounted_lun(
     };
     let timing = TokenTiming::for_token(u64::from(sb.paxos_token_ms));
     let delta = DeltaSectors::heartbeats(&geo, claim.slot, delta_timing(sb));
-    Arc::new(
+    let paxos = Arc::new(
         PaxosLun::new(lun, region, me, clock.clone(), timing)
             .with_lease(lease.clone())
             .with_delta_sectors(delta),
-    )
+    );
+    paxos.start_releaser();
+    paxos
 }
 
 /// Other slots' heartbeat sectors: a compare-and-write there may race a delta-lease
@@ -525,6 +535,8 @@ struct Held {
 #[derive(Default)]
 struct TokenState {
     held: Option<Held>,
+    /// Our clock at the end of the last compare-and-write under `held`.
+    used_at_ms: u64,
     /// The leader sector as last read, and our clock when it last changed.
     seen_leader: Vec<u8>,
     seen_at_ms: u64,
@@ -556,6 +568,9 @@ pub struct PaxosLun {
     /// Threads of this host waiting for `state`: while there are some, the token is
     /// kept for them (up to half its lease).
     waiting: AtomicUsize,
+    /// True once a releaser thread gives idle tokens back: then a token is kept
+    /// between compare-and-writes (while nobody else asks for it).
+    linger: std::sync::atomic::AtomicBool,
     stats: Mutex<PaxosStats>,
 }
 
@@ -583,6 +598,7 @@ impl PaxosLun {
             delta: None,
             state: Mutex::new(TokenState::default()),
             waiting: AtomicUsize::new(0),
+            linger: std::sync::atomic::AtomicBool::new(false),
             stats: Mutex::new(PaxosStats::default()),
         }
     }
@@ -795,8 +811,15 @@ impl PaxosLun {
     /// A valid token, taking one if we hold none.
     fn ensure(&self, st: &mut TokenState) -> LunResult<Held> {
         match st.held {
-            Some(held) if self.valid(&held) => Ok(held),
-            _ => {
+            Some(held) if self.valid(&held) && !self.asked_for(&held)? => Ok(held),
+            Some(_) => {
+                self.release(st)?;
+                let held = self.acquire(st)?;
+                self.count(|s| s.acquisitions += 1);
+                st.held = Some(held);
+                Ok(held)
+            }
+            None => {
                 st.held = None;
                 let held = self.acquire(st)?;
                 self.count(|s| s.acquisitions += 1);
@@ -845,11 +868,58 @@ impl PaxosLun {
         let Some(held) = st.held else {
             return Ok(());
         };
-        let age = self.clock.now_ms().saturating_sub(held.since_ms);
-        if self.waiting.load(Ordering::SeqCst) > 0 && age < self.timing.token_ms / 2 {
+        let now = self.clock.now_ms();
+        st.used_at_ms = now;
+        let young = now.saturating_sub(held.since_ms) < self.timing.token_ms / 2;
+        let wanted = self.waiting.load(Ordering::SeqCst) > 0;
+        if young && (wanted || self.linger.load(Ordering::SeqCst)) {
             return Ok(());
         }
         self.release(st)
+    }
+
+    /// Whether another host asks for the token we keep between compare-and-writes
+    /// (one read of the region; only while lingering).
+    fn asked_for(&self, held: &Held) -> LunResult<bool> {
+        if !self.linger.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let view = read_region(self.inner.as_ref(), &self.region)?;
+        Ok(self.others_want(&view, held.lver + 1))
+    }
+
+    /// Starts a thread that gives the token back once it has been idle for
+    /// `LINGER_MS`; from then on, a token is kept between compare-and-writes while no
+    /// other host asks for it (each then costs a region read, a read and a write
+    /// instead of a whole acquisition). The thread ends with the last `Arc`.
+    pub fn start_releaser(self: &Arc<Self>) {
+        self.linger.store(true, Ordering::SeqCst);
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("paxos-release".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(LINGER_MS));
+                let Some(lun) = weak.upgrade() else {
+                    return;
+                };
+                lun.release_if_idle();
+            });
+        if spawned.is_err() {
+            // Without the thread a kept token would never be given back.
+            self.linger.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn release_if_idle(&self) {
+        let Ok(mut st) = self.state.try_lock() else {
+            return;
+        };
+        let idle = self.clock.now_ms().saturating_sub(st.used_at_ms) >= LINGER_MS;
+        if st.held.is_some() && idle {
+            if let Err(e) = self.release(&mut st) {
+                tracing::warn!("giving the Disk Paxos token back: {e}");
+            }
+        }
     }
 }
 

@@ -118,9 +118,14 @@ pub fn short_lease_opts() -> MkfsOptions {
 /// in the environment (which the daemons inherit: they then open the image as a
 /// plain disk without compare-and-write), every volume is made for Disk Paxos, so
 /// the suite runs on the token: `ATSFS_ATS_EMULATION=off cargo test --test cluster`.
+/// True when the suite runs on Disk Paxos volumes (`ATSFS_ATS_EMULATION=off`).
+pub fn disk_paxos() -> bool {
+    std::env::var(atsfs::lun::ATS_EMULATION_ENV).is_ok_and(|v| v == "off")
+}
+
 pub fn make_image(path: &Path, bytes: u64, opts: &MkfsOptions) {
     let mut opts = opts.clone();
-    if std::env::var(atsfs::lun::ATS_EMULATION_ENV).is_ok_and(|v| v == "off") {
+    if disk_paxos() {
         opts.ats_mode = atsfs::format::ATS_MODE_DISK_PAXOS;
     }
     let opts = &opts;

@@ -629,3 +629,97 @@ fn a_busy_host_does_not_starve_a_waiting_one() {
     // one of them; allow two.
     assert!(waited < Duration::from_millis(500), "A waited {waited:?}");
 }
+
+#[test]
+fn a_kept_token_costs_three_ios_a_test_and_set_and_goes_back_when_idle() {
+    let (mem, region) = region(2);
+    let faulty = Arc::new(FaultLun::new(mem.clone(), FaultConfig::default()));
+    let clock = Arc::new(ManualClock::default());
+    let lun = Arc::new(PaxosLun::new(
+        faulty.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    ));
+    lun.start_releaser();
+    let zero = vec![0u8; SECTOR as usize];
+    let first = lun.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    let after_first = faulty.stats();
+    assert_eq!((after_first.reads, after_first.writes), (4, 4));
+    let second = lun.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 0));
+    assert_eq!(second.expect("caw"), Caw::Written);
+    let after_second = faulty.stats();
+    assert_eq!(
+        (
+            after_second.reads - after_first.reads,
+            after_second.writes - after_first.writes
+        ),
+        (2, 1),
+        "a test-and-set under a kept token: region read, sector read, sector write"
+    );
+    assert_eq!(lun.stats().releases, 0);
+    // Idle past the linger (our clock), the releaser gives the token back.
+    clock.advance(Duration::from_millis(LINGER_MS + 1));
+    for _ in 0..200 {
+        if lun.stats().releases == 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(lun.stats().releases, 1);
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+}
+
+#[test]
+fn a_host_that_keeps_the_token_gives_it_up_when_another_asks() {
+    // A keeps the token between its back-to-back compare-and-writes (it is never
+    // idle); B asks for it in its dblock and must get it within a token lease.
+    let (mem, region) = region(2);
+    let other = TARGET + 4096;
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    mem.write_at(&counter_image(0, 99), other).expect("init");
+    // A long token (kept for up to half of it: 1 s), so that only B's request can
+    // make A give it up in time.
+    let a = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        Arc::new(SystemClock::default()),
+        TokenTiming::for_token(2000),
+    ));
+    a.start_releaser();
+    // Every host of a volume uses its one token lease (the superblock's).
+    let b = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(1),
+        Arc::new(SystemClock::default()),
+        TokenTiming::for_token(2000),
+    );
+    let stop = AtomicBool::new(false);
+    let waited = std::thread::scope(|scope| {
+        let busy = scope.spawn(|| {
+            let mut current = counter_image(0, 99);
+            while !stop.load(Ordering::SeqCst) {
+                let new = counter_image(counter_of(&current) + 1, 0);
+                current = match a.compare_and_write(other, &current, &new).expect("caw") {
+                    Caw::Miscompare(actual) => actual,
+                    Caw::Written => new,
+                };
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let started = std::time::Instant::now();
+        assert_eq!(increment(&b, 1, 1), 1);
+        let waited = started.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        busy.join().expect("busy host");
+        waited
+    });
+    assert!(waited < Duration::from_millis(500), "B waited {waited:?}");
+}
