@@ -1,4 +1,5 @@
-//! Runs the cluster simulator: `cargo run --release --example sim -- HOSTS SEEDS STEPS SEED_START FAULTS`.
+//! Runs the cluster simulator: `cargo run --release --example sim -- HOSTS SEEDS STEPS SEED_START FAULTS [PAXOS]`
+//! (PAXOS 1: a Disk Paxos volume, hosts on plain disks without compare-and-write).
 //! `cargo xtask sim` is the friendly front end.
 
 use atsfs::sim::{run, SimConfig, SimSummary};
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
     let steps = arg(&args, 2, 200) as usize;
     let seed_start = arg(&args, 3, 1);
     let faults = arg(&args, 4, 0) != 0;
+    let disk_paxos = arg(&args, 5, 0) != 0;
     let started = std::time::Instant::now();
     let mut total = SimSummary::default();
     for seed in seed_start..seed_start + seeds {
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
             seed,
             steps,
             faults,
+            disk_paxos,
         };
         match run(&cfg) {
             Ok(s) => {

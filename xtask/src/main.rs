@@ -78,6 +78,9 @@ enum Task {
         /// Also inject lost replies.
         #[arg(long)]
         faults: bool,
+        /// A Disk Paxos volume; every host on a plain disk without compare-and-write.
+        #[arg(long)]
+        paxos: bool,
     },
 }
 
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             steps,
             seed_start,
             faults,
+            paxos,
         } => sh::cargo()
             .args(["run", "--quiet", "--release", "--example", "sim", "--"])
             .args([
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
                 seed_start.to_string(),
             ])
             .arg(if faults { "1" } else { "0" })
+            .arg(if paxos { "1" } else { "0" })
             .status()
             .map(|s| s.success()),
     };
