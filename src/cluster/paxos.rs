@@ -171,6 +171,10 @@ impl DeltaSectors {
         }
     }
 
+    fn is_own(&self, offset: u64) -> bool {
+        offset == self.own_offset
+    }
+
     fn covers(&self, offset: u64) -> bool {
         if offset == self.own_offset || offset < self.first_offset || self.stride == 0 {
             return false;
@@ -924,6 +928,39 @@ impl PaxosLun {
 }
 
 impl PaxosLun {
+    /// Our own heartbeat sector, without the token (every host renews every
+    /// interval: through the token, 16 hosts kept it busy enough that renewals ran
+    /// late). Only we write it while we own the slot; anyone else who may (a
+    /// recoverer, a claimer) follows the delta rule and re-reads after settling, so a
+    /// renewal that lands over a takeover makes the takeover fail, and a takeover
+    /// that lands after a renewal is found by our next one, which fences us. So a
+    /// fresh read, the compare and the write are enough.
+    fn own_heartbeat_caw(
+        &self,
+        offset: u64,
+        expected: &[u8],
+        new: &[u8],
+        timing: DeltaTiming,
+    ) -> LunResult<Caw> {
+        for _ in 0..CAW_ATTEMPTS_MAX {
+            let read_ms = self.clock.now_ms();
+            let mut actual = vec![0u8; expected.len()];
+            self.inner.read_at(&mut actual, offset)?;
+            if actual != expected {
+                return Ok(Caw::Miscompare(actual));
+            }
+            if self.clock.now_ms().saturating_sub(read_ms) < timing.fresh_ms {
+                self.inner.write_at(new, offset)?;
+                return Ok(Caw::Written);
+            }
+        }
+        Err(LunError::AtsTimeout {
+            device: self.inner.describe(),
+            offset,
+            waited_ms: timing.fresh_ms * u64::from(CAW_ATTEMPTS_MAX),
+        })
+    }
+
     /// The delta rule's second read, without the token: our image must still be
     /// there `settle_ms` after the write.
     fn confirm(&self, offset: u64, new: &[u8], timing: DeltaTiming) -> LunResult<Caw> {
@@ -952,6 +989,9 @@ impl Lun for PaxosLun {
     }
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
         check_caw(offset, expected, new, self.sector_size(), self.len_bytes())?;
+        if let Some(delta) = self.delta.filter(|d| d.is_own(offset)) {
+            return self.own_heartbeat_caw(offset, expected, new, delta.timing);
+        }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         self.waiting.fetch_sub(1, Ordering::SeqCst);

@@ -570,10 +570,18 @@ fn a_caw_of_another_slots_heartbeat_is_confirmed_after_settling() {
     assert!(clock.now_ms() >= 100, "did not settle");
     let before = clock.now_ms();
     let ours = geo.slot_offset(0);
+    let acquisitions = a.stats().acquisitions;
     assert_eq!(
         a.compare_and_write(ours, &zero, &counter_image(1, 0))
             .expect("caw"),
         Caw::Written
+    );
+    // Our own heartbeat is renewed without the token.
+    assert_eq!(a.stats().acquisitions, acquisitions);
+    assert_eq!(
+        a.compare_and_write(ours, &zero, &counter_image(2, 0))
+            .expect("caw"),
+        Caw::Miscompare(counter_image(1, 0))
     );
     assert_eq!(
         a.compare_and_write(geo.mailbox_offset(1), &zero, &counter_image(1, 0))
