@@ -39,6 +39,9 @@ const REG: u32 = libc::S_IFREG | 0o644;
 const DIRS: [&[u8]; 3] = [b"d0", b"d1", b"d2"];
 /// Names per directory.
 const NAMES: u32 = 12;
+/// Mounts (and unmounts at the end) of one host that injected faults may break
+/// before the run fails.
+const MOUNT_ATTEMPTS_MAX: u32 = 4;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -147,7 +150,24 @@ impl Sim {
         format!("seed={} step={}: {what}", self.cfg.seed, self.step)
     }
 
+    /// Mounts host `i`; a mount that an injected fault (a lost reply) broke is
+    /// tried again, as an operator would (bounded).
     fn mount(&mut self, i: usize) -> Result<(), String> {
+        let mut last = String::new();
+        for _ in 0..MOUNT_ATTEMPTS_MAX {
+            match self.mount_once(i) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.contains("injected fault") => {
+                    self.summary.restarts += 1;
+                    last = e;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    fn mount_once(&mut self, i: usize) -> Result<(), String> {
         let config = FaultConfig {
             seed: self
                 .cfg
@@ -561,6 +581,29 @@ impl Sim {
         Ok(())
     }
 
+    /// Unmounts host `i` at the end. An unmount that an injected fault broke (the
+    /// host fenced itself) is a crash: the host mounts again, which replays its
+    /// journal, and unmounts again (bounded).
+    fn unmount_at_end(&mut self, i: usize) -> Result<(), String> {
+        for _ in 0..MOUNT_ATTEMPTS_MAX {
+            let Some(fs) = self.hosts[i].fs.take() else {
+                return Ok(());
+            };
+            match fs.unmount() {
+                Ok(()) => return Ok(()),
+                Err(e) if format!("{e:#}").contains("injected fault") => {
+                    drop(fs);
+                    self.summary.crashes += 1;
+                    self.mount(i)?;
+                }
+                Err(e) => return Err(self.fail(&format!("unmount of host {i}: {e:#}"))),
+            }
+        }
+        Err(self.fail(&format!(
+            "unmount of host {i}: injected faults broke {MOUNT_ATTEMPTS_MAX} unmounts"
+        )))
+    }
+
     /// Unmounts every host and checks the volume.
     fn finish(&mut self) -> Result<(), String> {
         for i in 0..self.hosts.len() {
@@ -574,10 +617,7 @@ impl Sim {
             }
         }
         for i in 0..self.hosts.len() {
-            if let Some(fs) = self.hosts[i].fs.take() {
-                fs.unmount()
-                    .map_err(|e| self.fail(&format!("unmount of host {i}: {e:#}")))?;
-            }
+            self.unmount_at_end(i)?;
         }
         let report = crate::fsck::check(self.mem.as_ref())
             .map_err(|e| self.fail(&format!("fsck: {e:#}")))?;
