@@ -106,7 +106,16 @@ impl Lun for DeltaLun {
             if self.clock.now_ms().saturating_sub(read_ms) >= self.timing.fresh_ms {
                 continue;
             }
-            self.inner.write_at(new, offset)?;
+            // Once the write is issued it may land, whatever its reply says: a lost
+            // reply must not let the caller's read-back count it won before `settle`
+            // (a later claimer could still write over it and win too). So the write's
+            // error is not returned: settle, then the read decides.
+            if let Err(e) = self.inner.write_at(new, offset) {
+                tracing::debug!(
+                    offset,
+                    "delta-lease write failed ({e}); settling before the read decides"
+                );
+            }
             self.clock
                 .sleep(Duration::from_millis(self.timing.settle_ms));
             let (after, _) = self.read(offset, new.len())?;
@@ -321,5 +330,121 @@ mod tests {
         distinct.sort_unstable();
         distinct.dedup();
         assert_eq!(distinct.len(), 4, "two hosts claimed one slot: {slots:?}");
+    }
+}
+
+#[cfg(test)]
+mod lost_reply_tests {
+    use super::*;
+    use crate::cluster::ManualClock;
+    use crate::lun::{Caw, LunError, MemLun};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const SECTOR: usize = 512;
+    const AT: u64 = 4096;
+
+    /// A's device: its write lands, but the reply is lost (an error comes back).
+    struct LostReply(Arc<MemLun>);
+    impl Lun for LostReply {
+        fn sector_size(&self) -> u32 {
+            self.0.sector_size()
+        }
+        fn len_bytes(&self) -> u64 {
+            self.0.len_bytes()
+        }
+        fn read_at(&self, b: &mut [u8], o: u64) -> LunResult<()> {
+            self.0.read_at(b, o)
+        }
+        fn write_at(&self, b: &[u8], o: u64) -> LunResult<()> {
+            self.0.write_at(b, o)?;
+            Err(LunError::Io {
+                device: "a".into(),
+                op: "write",
+                offset: o,
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "lost reply"),
+            })
+        }
+        fn compare_and_write(&self, o: u64, e: &[u8], n: &[u8]) -> LunResult<Caw> {
+            self.0.compare_and_write(o, e, n)
+        }
+        fn flush(&self) -> LunResult<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "a".into()
+        }
+    }
+    /// B's device: right after B's first read, A runs its whole claim.
+    struct AfterRead {
+        inner: Arc<MemLun>,
+        armed: AtomicBool,
+        then: Box<dyn Fn() + Send + Sync>,
+    }
+    impl Lun for AfterRead {
+        fn sector_size(&self) -> u32 {
+            self.inner.sector_size()
+        }
+        fn len_bytes(&self) -> u64 {
+            self.inner.len_bytes()
+        }
+        fn read_at(&self, b: &mut [u8], o: u64) -> LunResult<()> {
+            self.inner.read_at(b, o)?;
+            if self.armed.swap(false, Ordering::SeqCst) {
+                (self.then)();
+            }
+            Ok(())
+        }
+        fn write_at(&self, b: &[u8], o: u64) -> LunResult<()> {
+            self.inner.write_at(b, o)
+        }
+        fn compare_and_write(&self, o: u64, e: &[u8], n: &[u8]) -> LunResult<Caw> {
+            self.inner.compare_and_write(o, e, n)
+        }
+        fn flush(&self) -> LunResult<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "b".into()
+        }
+    }
+
+    #[test]
+    fn a_claim_whose_reply_is_lost_still_settles_before_it_wins() {
+        let timing = DeltaTiming {
+            fresh_ms: 25,
+            settle_ms: 100,
+        };
+        let mem = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
+        // One clock for both hosts (time passes for everyone; a clock that stands still
+        // is the lease's documented window, not this test's).
+        let clock = Arc::new(ManualClock::default());
+        let a_won = Arc::new(AtomicBool::new(false));
+        let then = {
+            let (mem, a_won, clock) = (mem.clone(), a_won.clone(), clock.clone());
+            Box::new(move || {
+                let a = DeltaLun::new(Arc::new(LostReply(mem.clone())), clock.clone(), timing);
+                // claim_slot's call: caw_looked
+                let r =
+                    crate::cluster::heartbeat::caw_looked(&a, AT, &[0u8; SECTOR], &[1u8; SECTOR])
+                        .expect("a");
+                let won = matches!(&r, Caw::Written)
+                    || matches!(&r, Caw::Miscompare(x) if x == &vec![1u8; SECTOR]);
+                a_won.store(won, Ordering::SeqCst);
+            })
+        };
+        let b_lun = Arc::new(AfterRead {
+            inner: mem.clone(),
+            armed: AtomicBool::new(true),
+            then,
+        });
+        let b = DeltaLun::new(b_lun, clock, timing);
+        let rb = crate::cluster::heartbeat::caw_looked(&b, AT, &[0u8; SECTOR], &[2u8; SECTOR])
+            .expect("b");
+        let b_won = matches!(&rb, Caw::Written)
+            || matches!(&rb, Caw::Miscompare(x) if x == &vec![2u8; SECTOR]);
+        assert!(
+            !(a_won.load(Ordering::SeqCst) && b_won),
+            "both claimers won the slot"
+        );
     }
 }
