@@ -459,8 +459,28 @@ impl Proposer {
 
     /// Runs the ballot to its end.
     pub fn run(&mut self, lun: &dyn Lun, clock: &dyn Clock) -> LunResult<Outcome> {
+        self.run_guarded(lun, clock, &|| Ok(()))
+    }
+
+    /// True when the next step writes (our dblock or the leader).
+    fn writes_next(&self) -> bool {
+        matches!(self.stage, Stage::Prepare | Stage::Accept | Stage::Publish)
+    }
+
+    /// Runs the ballot to its end, asking `may_write` before each of its writes: a
+    /// host paused past its lease mid-ballot may have lost its slot to a new owner,
+    /// whose dblock (and accepted value) its next write would overwrite.
+    pub fn run_guarded(
+        &mut self,
+        lun: &dyn Lun,
+        clock: &dyn Clock,
+        may_write: &dyn Fn() -> LunResult<()>,
+    ) -> LunResult<Outcome> {
         // Five stages, each at most `1 + hosts` reads: bounded.
         for _ in 0..8 * (2 + self.region.hosts as usize) {
+            if self.writes_next() {
+                may_write()?;
+            }
             if let Some(outcome) = self.step(lun, clock.now_ms())? {
                 return Ok(outcome);
             }
@@ -752,7 +772,9 @@ impl PaxosLun {
     fn ballot(&self, view: &RegionView, tried: &mut Option<Held>) -> LunResult<Outcome> {
         self.may_write_records()?;
         let mut proposer = Proposer::new(self.region, self.me, view);
-        let outcome = proposer.run(self.inner.as_ref(), self.clock.as_ref());
+        let outcome = proposer.run_guarded(self.inner.as_ref(), self.clock.as_ref(), &|| {
+            self.may_write_records()
+        });
         if let (None, Some(since_ms)) = (*tried, proposer.phase1_issued_ms) {
             *tried = Some(Held {
                 lver: proposer.lver(),

@@ -731,3 +731,77 @@ fn a_host_that_keeps_the_token_gives_it_up_when_another_asks() {
     });
     assert!(waited < Duration::from_millis(500), "B waited {waited:?}");
 }
+
+/// A LUN that pauses its host past its lease (advances the host's clock) right after
+/// the host's first write of its own dblock, and counts the dblock writes.
+struct PausesAfterFirstDblockWrite {
+    inner: Arc<MemLun>,
+    dblock: u64,
+    clock: Arc<ManualClock>,
+    pause: Duration,
+    dblock_writes: std::sync::atomic::AtomicU32,
+}
+
+impl Lun for PausesAfterFirstDblockWrite {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)?;
+        if offset == self.dblock && self.dblock_writes.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.clock.advance(self.pause);
+        }
+        Ok(())
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "pauses after the first dblock write".into()
+    }
+}
+
+#[test]
+fn a_host_paused_past_its_lease_mid_ballot_writes_no_more_of_the_region() {
+    let (mem, region) = region(4);
+    let clock = Arc::new(ManualClock::default());
+    let lease = Arc::new(Lease::new(
+        clock.clone(),
+        Duration::from_millis(8000),
+        Duration::from_millis(1000),
+    ));
+    let lun = Arc::new(PausesAfterFirstDblockWrite {
+        inner: mem.clone(),
+        dblock: region.dblock_offset(0),
+        clock: clock.clone(),
+        pause: Duration::from_secs(60),
+        dblock_writes: Default::default(),
+    });
+    let paxos = PaxosLun::new(
+        lun.clone(),
+        region,
+        owner(0),
+        clock,
+        TokenTiming::for_token(200),
+    )
+    .with_lease(lease);
+    let zero = vec![0u8; SECTOR as usize];
+    // Its slot may have a new owner by now, whose dblock this one would overwrite.
+    assert!(paxos
+        .compare_and_write(TARGET, &zero, &counter_image(1, 0))
+        .is_err());
+    assert_eq!(
+        lun.dblock_writes.load(Ordering::SeqCst),
+        1,
+        "the ballot went on writing after the host's lease ran out"
+    );
+}
