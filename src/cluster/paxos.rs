@@ -883,6 +883,13 @@ impl PaxosLun {
             // The write may still land: keep the token unreleased, so that takers
             // wait out its lease.
             st.held = None;
+            if self.delta_at(offset).is_some() {
+                // A heartbeat sector: issued is what counts; the read after `settle`
+                // decides (`confirm`), never a read-back at once (a lost reply must not
+                // win a slot that a later writer also wins).
+                tracing::debug!(offset, "write of a heartbeat sector failed ({e}); settling");
+                return Ok(Some(Caw::Written));
+            }
             return Err(e);
         }
         Ok(Some(Caw::Written))
@@ -1019,11 +1026,17 @@ impl Lun for PaxosLun {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         for _ in 0..CAW_ATTEMPTS_MAX {
             if let Some(result) = self.caw_once(&mut st, offset, expected, new)? {
-                self.after_caw(&mut st)?;
+                let after = self.after_caw(&mut st);
                 drop(st);
                 return match (result, self.delta_at(offset)) {
-                    (Caw::Written, Some(timing)) => self.confirm(offset, new, timing),
-                    (result, _) => Ok(result),
+                    // Issued to a heartbeat sector: only the read after `settle` decides.
+                    (Caw::Written, Some(timing)) => {
+                        if let Err(e) = after {
+                            tracing::debug!("after a heartbeat sector's write: {e}");
+                        }
+                        self.confirm(offset, new, timing)
+                    }
+                    (result, _) => after.map(|()| result),
                 };
             }
         }

@@ -805,3 +805,129 @@ fn a_host_paused_past_its_lease_mid_ballot_writes_no_more_of_the_region() {
         "the ballot went on writing after the host's lease ran out"
     );
 }
+
+/// Writes of one sector that land but whose reply is lost (an error comes back);
+/// `wrote` is set once that sector was written.
+struct LosesReplies(Arc<MemLun>, u64, Arc<AtomicBool>);
+
+impl Lun for LosesReplies {
+    fn sector_size(&self) -> u32 {
+        self.0.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.0.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.0.write_at(buf, offset)?;
+        if offset != self.1 {
+            return Ok(());
+        }
+        self.2.store(true, Ordering::SeqCst);
+        Err(LunError::Io {
+            device: "x".into(),
+            op: "write",
+            offset,
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "lost reply"),
+        })
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.0.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "loses replies".into()
+    }
+}
+
+/// A clock whose first sleep after `after` is set runs `during` (another host's
+/// write landing meanwhile).
+struct ClockWithEvent {
+    inner: ManualClock,
+    after: Arc<AtomicBool>,
+    during: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Clock for ClockWithEvent {
+    fn now_ms(&self) -> u64 {
+        self.inner.now_ms()
+    }
+    fn sleep(&self, duration: Duration) {
+        let event = self
+            .after
+            .load(Ordering::SeqCst)
+            .then(|| self.during.lock().ok().and_then(|mut e| e.take()))
+            .flatten();
+        if let Some(event) = event {
+            event();
+        }
+        self.inner.sleep(duration);
+    }
+}
+
+#[test]
+fn a_recoverers_takeover_whose_reply_is_lost_settles_before_it_wins() {
+    let geo = Geometry::plan(&MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: SECTOR,
+        max_hosts: 2,
+        journal_blocks: Some(256),
+        disk_paxos: true,
+    })
+    .expect("plan");
+    let (mem, region) = region(2);
+    let slot1 = geo.slot_offset(1);
+    mem.write_at(&counter_image(5, 1), slot1).expect("init");
+    let timing = DeltaTiming {
+        fresh_ms: 25,
+        settle_ms: 100,
+    };
+    // Slot 1's host read its slot just before and takes it back by the delta rule:
+    // its write lands while the recoverer settles.
+    let claimer = {
+        let mem = mem.clone();
+        Box::new(move || {
+            mem.write_at(&counter_image(6, 1), slot1).expect("claim");
+        }) as Box<dyn FnOnce() + Send>
+    };
+    let wrote = Arc::new(AtomicBool::new(false));
+    let clock = Arc::new(ClockWithEvent {
+        inner: ManualClock::default(),
+        after: wrote.clone(),
+        during: std::sync::Mutex::new(Some(claimer)),
+    });
+    let recoverer = PaxosLun::new(
+        Arc::new(LosesReplies(mem.clone(), slot1, wrote)),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    )
+    .with_delta_sectors(DeltaSectors::heartbeats(&geo, 0, timing));
+    let got = crate::cluster::heartbeat::caw_looked(
+        &recoverer,
+        slot1,
+        &counter_image(5, 1),
+        &counter_image(99, 0),
+    );
+    // Without a settle the claimer's write would land only now, after the recoverer
+    // had counted the slot won.
+    if let Ok(mut pending) = clock.during.lock() {
+        if let Some(claim) = pending.take() {
+            claim();
+        }
+    }
+    let recoverer_won = matches!(&got, Ok(Caw::Written))
+        || matches!(&got, Ok(Caw::Miscompare(x)) if *x == counter_image(99, 0));
+    let mut after = vec![0u8; SECTOR as usize];
+    mem.read_at(&mut after, slot1).expect("read");
+    let claimer_won = after == counter_image(6, 1);
+    assert!(
+        !(recoverer_won && claimer_won),
+        "the recoverer and the slot's own host both own slot 1"
+    );
+}
