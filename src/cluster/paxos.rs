@@ -564,6 +564,10 @@ struct TokenState {
     /// The leader sector as last read, and our clock when it last changed.
     seen_leader: Vec<u8>,
     seen_at_ms: u64,
+    /// An instance to decide that is ahead of the leader's next one (the leader
+    /// record is late or was overwritten by a late write), and our clock when we
+    /// first saw it so.
+    ahead: Option<(u64, u64)>,
 }
 
 /// Counts of what a `PaxosLun` did (for the bench and tests).
@@ -691,6 +695,28 @@ impl PaxosLun {
                 st.seen_at_ms = now;
             }
             let lver = view.instance_to_decide();
+            // Ahead of the leader's next instance: the one before it may be held by a
+            // host whose leader write is late or was overwritten (a late write of an
+            // older leader). That holder's token began before anything we see of the
+            // later instance, so it has ended one token + margin after we first saw it.
+            if lver > view.leader.lver + 1 {
+                let since = match st.ahead {
+                    Some((k, at)) if k == lver => at,
+                    _ => {
+                        st.ahead = Some((lver, now));
+                        now
+                    }
+                };
+                let free_at = since + self.timing.token_ms + self.timing.margin_ms;
+                if now < free_at {
+                    self.request(&view, lver)?;
+                    self.clock
+                        .sleep(Duration::from_millis((free_at - now).min(WAIT_POLL_MS)));
+                    continue;
+                }
+            } else {
+                st.ahead = None;
+            }
             if let Some(wait) = self.wait_ms(st, &view, lver, now) {
                 self.request(&view, lver)?;
                 self.clock

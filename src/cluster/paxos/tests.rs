@@ -931,3 +931,36 @@ fn a_recoverers_takeover_whose_reply_is_lost_settles_before_it_wins() {
         "the recoverer and the slot's own host both own slot 1"
     );
 }
+
+#[test]
+fn a_late_leader_write_and_a_request_ahead_of_it_do_not_give_two_holders() {
+    let (mem, region) = region(4);
+    let clock = Arc::new(ManualClock::default());
+    let timing = TokenTiming::for_token(200);
+    // C (slot 1) decides itself for instance 1 and pauses before its Publish.
+    let mut c = proposer(mem.as_ref(), region, 1);
+    assert_eq!(steps(&mut c, mem.as_ref(), 4), None);
+    // H2 (slot 2) finishes instance 1 for C, waits C's token out, takes instance 2.
+    let h2 = PaxosLun::new(mem.clone(), region, owner(2), clock.clone(), timing);
+    let held2 = {
+        let mut st = h2.state.lock().expect("state");
+        h2.ensure(&mut st).expect("h2")
+    };
+    assert_eq!(held2.lver, 2);
+    // Y (slot 3) sees H2 hold it and asks for instance 3 (as acquire's wait does).
+    let y = PaxosLun::new(mem.clone(), region, owner(3), clock.clone(), timing);
+    let view = read_region(mem.as_ref(), &region).expect("read");
+    assert_eq!(view.leader.lver, 2);
+    y.request(&view, 3).expect("request");
+    // C resumes: its paused leader write {1, C} lands over {2, H2}.
+    assert!(steps(&mut c, mem.as_ref(), 1).is_some());
+    // Y must not take the token while H2's may still be valid.
+    let held_y = {
+        let mut st = y.state.lock().expect("state");
+        y.ensure(&mut st).expect("y")
+    };
+    assert!(
+        !(h2.valid(&held2) && y.valid(&held_y)),
+        "two hosts hold the token: {held2:?} {held_y:?}"
+    );
+}
