@@ -511,7 +511,7 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         &lun,
         &geo,
         sb.volume_uuid,
-        registration.key(),
+        &registration,
         only,
         interval,
         lease,

@@ -28,7 +28,7 @@
 //! generation is final; `fence_dead` after the recovery claim of a slot and before
 //! its replay.
 
-use crate::lun::{Lun, ReservationKey, ReservationType};
+use crate::lun::{Lun, LunError, ReservationKey, ReservationType, Reservations};
 use anyhow::{bail, Context, Result};
 
 /// The top 16 bits of every key atsfs registers.
@@ -128,6 +128,11 @@ pub fn join(lun: &dyn Lun) -> Result<Fencing> {
     };
     let device = lun.describe();
     if let Err(e) = pr.capabilities() {
+        // A lost path is no answer: mounting unfenced on a LUN that has reservations
+        // would leave this host's late writes unrefused.
+        if matches!(e, LunError::Transport { .. }) {
+            return Err(e).context("asking the LUN for its persistent reservations");
+        }
         tracing::warn!(
             "{device}: persistent reservations do not work ({e}); a paused host's late \
              writes are fenced by its lease alone"
@@ -201,66 +206,144 @@ pub fn prune(lun: &dyn Lun, own: ReservationKey, live: impl Fn(u32, u32) -> bool
     removed
 }
 
-/// Before a dead host's journal is replayed: removes its key (PREEMPT AND ABORT), so
-/// that the storage refuses whatever it still sends. Ok when the LUN has no
-/// reservations, when we fence by the lease only (`own` None), or when the key is
-/// gone already. An error means the dead host may still write: do not replay.
+/// Makes sure `own` is registered and the LUN reserved before a missing key is taken
+/// to mean "fenced". A target that lost its reservations (restarted without persist
+/// through power loss, or cleared by an admin) lost every key with them: then nobody
+/// is fenced, and the reservation is taken again with our key (every other live host
+/// then finds its writes refused and stops: safe, but each must be mounted again).
+/// Our own key missing under a reservation that still stands means another host
+/// fenced us: an error, and this host must not recover anyone.
+fn ensure_reserved(lun: &dyn Lun, pr: &dyn Reservations, own: ReservationKey) -> Result<()> {
+    let device = lun.describe();
+    let keys = pr
+        .read_keys()
+        .context("reading the LUN's reservation keys")?;
+    let held = pr
+        .read_reservation()
+        .context("reading the LUN's reservation")?;
+    match (keys.contains(&own), held) {
+        (true, Some(_)) => Ok(()),
+        (false, Some(_)) => Err(anyhow::Error::new(LunError::Fenced(format!(
+            "this host's reservation key {own} is no longer registered on {device}: another \
+             host fenced it"
+        )))),
+        (registered, None) => {
+            tracing::warn!(
+                "{device} has no reservation (a target restart or a CLEAR dropped it, and with \
+                 it every host's key): reserving it again; hosts still mounted will find their \
+                 writes refused and stop"
+            );
+            if !registered {
+                pr.register(own)
+                    .with_context(|| format!("registering reservation key {own} on {device}"))?;
+            }
+            pr.reserve(own)
+                .with_context(|| format!("reserving {device} again"))?;
+            Ok(())
+        }
+    }
+}
+
+/// Removes `victim`'s registrations with our registered `own` key (PREEMPT AND ABORT,
+/// or PREEMPT where the target lacks it), after `ensure_reserved`. Ok when the LUN
+/// has no reservations or we fence by the lease only (`own` None), or when the key
+/// is gone already. An error means the victim may still write: do not replay.
+pub fn fence_key(
+    lun: &dyn Lun,
+    own: Option<ReservationKey>,
+    victim: ReservationKey,
+    whose: &str,
+) -> Result<()> {
+    let (Some(pr), Some(own)) = (lun.reservations(), own) else {
+        return Ok(());
+    };
+    ensure_reserved(lun, pr, own)?;
+    if victim == own {
+        return Ok(());
+    }
+    let keys = pr
+        .read_keys()
+        .with_context(|| format!("reading the LUN's reservation keys before fencing {whose}"))?;
+    if !keys.contains(&victim) {
+        return Ok(());
+    }
+    pr.preempt(own, victim, true).with_context(|| {
+        format!("fencing {whose} at the storage (removing its reservation key {victim})")
+    })?;
+    tracing::warn!(key = %victim, "fenced {whose} at the storage");
+    Ok(())
+}
+
+/// Before a dead host's journal is replayed: removes its key, so that the storage
+/// refuses whatever it still sends (`fence_key`).
 pub fn fence_dead(
     lun: &dyn Lun,
     own: Option<ReservationKey>,
     slot: u32,
     generation: u32,
 ) -> Result<()> {
-    let (Some(pr), Some(own)) = (lun.reservations(), own) else {
-        return Ok(());
-    };
-    let victim = host_key(slot, generation);
-    let keys = pr
-        .read_keys()
-        .context("reading the LUN's reservation keys before fencing a dead host")?;
-    if !keys.contains(&victim) {
-        return Ok(());
-    }
-    pr.preempt(own, victim, true).with_context(|| {
-        format!(
-            "fencing the dead host of slot {slot} at the storage (removing its reservation \
-             key {victim}) before replaying its journal"
-        )
-    })?;
-    tracing::warn!(slot, generation, key = %victim, "fenced a dead host at the storage");
+    fence_key(
+        lun,
+        own,
+        host_key(slot, generation),
+        &format!("the dead host of slot {slot} (generation {generation})"),
+    )?;
+    tracing::warn!(slot, generation, "fenced a dead host at the storage");
     Ok(())
 }
 
-/// An offline tool's registration (`atsfs recover`, `fsck --repair`): registered
-/// when the LUN is reserved (else there is nothing to get past), dropped at the end.
+/// The key of a tool whose recovery claim names `uuid` (`ToolRegistration`): its low
+/// bits are the uuid's first four bytes, so a host that takes over an interrupted
+/// recovery can fence the tool that stalled in it.
+pub fn tool_key(uuid: [u8; 16]) -> ReservationKey {
+    let low = u32::from_le_bytes([uuid[0], uuid[1], uuid[2], uuid[3]]);
+    host_key(TOOL_SLOT, low | 1)
+}
+
+/// An offline tool's registration (`atsfs recover`, `fsck --repair`) for its run:
+/// its key (`tool_key` of its uuid, which it writes into the slots it recovers) is
+/// registered, and the LUN reserved if it is not; dropped at the end unless the tool
+/// ended up holding the reservation.
 pub struct ToolRegistration<'a> {
     lun: &'a dyn Lun,
+    uuid: [u8; 16],
     key: Option<ReservationKey>,
 }
 
 impl<'a> ToolRegistration<'a> {
     pub fn new(lun: &'a dyn Lun) -> Result<ToolRegistration<'a>> {
-        let mut tool = ToolRegistration { lun, key: None };
+        let uuid = *uuid::Uuid::new_v4().as_bytes();
+        let mut tool = ToolRegistration {
+            lun,
+            uuid,
+            key: None,
+        };
         let Some(pr) = lun.reservations() else {
             return Ok(tool);
         };
-        if pr.capabilities().is_err() {
+        if let Err(e) = pr.capabilities() {
+            if matches!(e, LunError::Transport { .. }) {
+                return Err(e).context("asking the LUN for its persistent reservations");
+            }
             return Ok(tool);
         }
         check_foreign_reservation(lun)?;
-        if pr.read_reservation()?.is_none() {
-            return Ok(tool);
-        }
-        let key = random_key(TOOL_SLOT);
+        let key = tool_key(uuid);
         pr.register(key)
             .with_context(|| format!("registering reservation key {key} on {}", lun.describe()))?;
         tool.key = Some(key);
+        ensure_reserved(lun, pr, key)?;
         Ok(tool)
     }
 
     /// The tool's key, when it registered one.
     pub fn key(&self) -> Option<ReservationKey> {
         self.key
+    }
+
+    /// The uuid the tool writes into the slots it recovers.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
     }
 }
 

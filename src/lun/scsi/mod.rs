@@ -63,7 +63,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 const SECTOR_MIN_BYTES: u32 = 512;
 const SECTOR_MAX_BYTES: u32 = 64 * 1024;
 /// Bytes asked for in PERSISTENT RESERVE IN (READ KEYS holds (n-8)/8 keys).
-const PR_IN_BYTES: u16 = 8 + 8 * 256;
+const PR_IN_BYTES: u16 = 8 + 8 * 2048;
 
 /// Where a command's data goes.
 pub enum DataDir<'a> {
@@ -778,7 +778,17 @@ impl<T: ScsiTransport> Reservations for ScsiLun<T> {
         let (keys, cut) = cdb::parse_read_keys(&data)
             .ok_or_else(|| self.scsi_error("read keys", 0, "short READ KEYS reply".into()))?;
         if cut {
-            tracing::warn!(device = %self.describe(), listed = keys.len(), "READ KEYS list cut short");
+            // A key missing from a cut list could be the one a caller looks for (a
+            // dead host to fence): never hand out part of the list.
+            return Err(self.scsi_error(
+                "read keys",
+                0,
+                format!(
+                    "more reservation keys than the {} a READ KEYS reply holds; remove \
+                     stale registrations on the storage",
+                    keys.len()
+                ),
+            ));
         }
         Ok(keys)
     }
