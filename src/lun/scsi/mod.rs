@@ -294,16 +294,17 @@ impl<T: ScsiTransport> ScsiLun<T> {
     }
 
     /// A compare-and-write of sector 0 that changes nothing: `expected` differs from
-    /// what was just read, and `new` equals `expected`, so it either miscompares or
-    /// (had another host just written exactly that) rewrites the same bytes.
+    /// what was just read, so a device that compares miscompares; and `new` is what
+    /// was just read, so even a device whose compare is broken (writes regardless,
+    /// the fault `ats-selftest` looks for) writes back the bytes that are there.
     fn caw_probe(&self) -> LunResult<(CawSupport, String)> {
         let sector = self.sector_bytes as usize;
         let mut current = vec![0u8; sector];
         self.read_blocks(&mut current, 0)?;
-        let mut probe = current;
+        let mut probe = current.clone();
         probe[0] ^= 0xFF;
-        let mut data = probe.clone();
-        data.extend_from_slice(&probe);
+        let mut data = probe;
+        data.extend_from_slice(&current);
         let blocks = (self.sector_bytes / self.logical_bytes) as u8;
         let reply = self.run(
             "compare-and-write probe",

@@ -351,6 +351,23 @@ fn a_caw_probe_changes_nothing() {
 }
 
 #[test]
+fn a_caw_probe_changes_nothing_even_where_the_compare_is_broken() {
+    let disk = FakeDisk::new(FakeConfig {
+        rsoc: false,
+        compare_broken: true,
+        ..FakeConfig::default()
+    });
+    let writer = ScsiLun::open(disk.connect(), OpenMode::ReadWrite).unwrap();
+    writer.write_at(&[7u8; 512], 0).unwrap();
+    let _lun = open(&disk);
+    assert_eq!(
+        disk.bytes(0, 512),
+        vec![7u8; 512],
+        "the probe wrote into sector 0"
+    );
+}
+
+#[test]
 fn a_caw_limit_below_one_sector_is_no_caw() {
     let disk = FakeDisk::new(FakeConfig {
         physical_exponent: 3,
