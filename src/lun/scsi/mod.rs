@@ -451,6 +451,16 @@ impl<T: ScsiTransport> ScsiLun<T> {
     }
 
     fn sense_error(&self, op: &'static str, offset: u64, sense: &Sense) -> LunError {
+        if sense.deferred {
+            // An earlier write the device acknowledged did not land: whatever this
+            // host believes it wrote may be missing. It stops (`GuardedLun` fences on
+            // `Fenced`) so that a survivor replays its journal instead.
+            return LunError::Fenced(format!(
+                "{}: {op} at byte {offset}: {sense}; this host stops writing, and its \
+                 journal is replayed by the next host that recovers it",
+                self.describe()
+            ));
+        }
         self.scsi_error(op, offset, sense.to_string())
     }
 

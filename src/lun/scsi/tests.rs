@@ -653,3 +653,17 @@ fn compare_and_write_counts_exactly_under_contention() {
     let n = u64::from_le_bytes(disk.bytes(4096, 8).try_into().unwrap());
     assert_eq!(n, 800);
 }
+
+#[test]
+fn a_deferred_error_fences_the_host() {
+    let disk = disk();
+    let lun = open(&disk);
+    let nexus = lun.transport().nexus;
+    // A MEDIUM ERROR reported as deferred: an earlier, acknowledged write was lost.
+    let mut deferred = disk.sense(sense::MEDIUM_ERROR, 0x0C, 0, None);
+    deferred[0] = (deferred[0] & 0x80) | 0x71;
+    disk.inject(nexus, Fault::Reply(STATUS_CHECK_CONDITION, deferred));
+    let err = lun.write_at(&[1u8; 512], 0).unwrap_err();
+    assert!(matches!(err, LunError::Fenced(_)), "{err}");
+    assert!(err.to_string().contains("deferred"), "{err}");
+}
