@@ -632,13 +632,27 @@ fn ats_selftest(device: &Path, sessions: usize, increments: u64, json: bool) -> 
             return ExitCode::from(2);
         }
     };
-    drop(first);
+    // Past a reservation the LUN's volume left: every session registers a tool key
+    // (dropped again at the end, unless it came to hold the reservation).
+    let registration = match atsfs::cluster::fence::ToolRegistration::new(first.as_ref()) {
+        Ok(registration) => registration,
+        Err(e) => {
+            eprintln!("atsfs ats-selftest: {name}: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let offset = opts.offset;
     eprintln!(
         "racing {sessions} sessions x {increments} compare-and-write increments on {name}, \
          scratch sector at byte {offset}..."
     );
-    let open = || open_device(device, OpenMode::ReadWrite);
+    let open = || {
+        let session = open_device(device, OpenMode::ReadWrite)?;
+        if let (Some(key), Some(pr)) = (registration.key(), session.reservations()) {
+            pr.register(key)?;
+        }
+        Ok(session)
+    };
     let mut progress = |done: u64, total: u64| eprintln!("  {done}/{total} increments");
     match selftest::run(&open, &opts, &mut progress) {
         Ok(report) if json => {

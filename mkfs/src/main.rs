@@ -176,14 +176,19 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     let lun = open(path)?;
     // The device is ours to overwrite from here on (checked above). A LUN that held a
-    // volume stays reserved by its hosts' keys (they never unregister): drop them
-    // first, or the storage refuses our writes.
-    match atsfs::cluster::fence::release_for_mkfs(lun.as_ref()) {
-        Ok(0) => {}
-        Ok(removed) => tracing::info!(removed, "dropped the old volume's reservation keys"),
-        Err(e) => return Err(Failure::Refused(format!("{e:#}"))),
-    }
-    let sessions = || open_device(path, OpenMode::ReadWrite);
+    // volume stays reserved by its hosts' keys (they never unregister): take it over
+    // under a key of our own, or the storage refuses our writes.
+    let mkfs_key = atsfs::cluster::fence::take_for_mkfs(lun.as_ref())
+        .map_err(|e| Failure::Refused(format!("{e:#}")))?;
+    // The self-test's sessions are initiators of their own: registered with our key,
+    // or the reservation refuses their writes.
+    let sessions = || {
+        let session = open_device(path, OpenMode::ReadWrite)?;
+        if let (Some(key), Some(pr)) = (mkfs_key, session.reservations()) {
+            pr.register(key)?;
+        }
+        Ok(session)
+    };
     let (ats_mode, tested) = ats::choose_ats(&lun, args, &sessions)?;
     opts.ats_mode = ats_mode;
     let started = Instant::now();

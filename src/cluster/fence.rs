@@ -371,53 +371,42 @@ impl Drop for ToolRegistration<'_> {
     }
 }
 
-/// Before mkfs writes a new volume: drops every atsfs registration and the
-/// reservation that the LUN's last volume left (its hosts never unregister), so that
-/// mkfs may write and the new volume starts with none. The caller has made sure no
-/// host is live. Refuses a LUN that another program reserved.
-pub fn release_for_mkfs(lun: &dyn Lun) -> Result<usize> {
+/// Before mkfs writes a new volume: takes the LUN over from the volume it held. Every
+/// atsfs key the old volume left (its hosts never unregister) is removed and the LUN
+/// is reserved under a tool key of mkfs's own, which it keeps: a host of the old
+/// volume that was paused past its lease must not write into the new one. Returns
+/// that key (None where the LUN has no reservations) for mkfs's other sessions (the
+/// ATS self-test) to register too. The caller has made sure no host is live. Refuses
+/// a LUN that another program reserved.
+pub fn take_for_mkfs(lun: &dyn Lun) -> Result<Option<ReservationKey>> {
     let Some(pr) = lun.reservations() else {
-        return Ok(0);
+        return Ok(None);
     };
-    if pr.capabilities().is_err() {
-        return Ok(0);
+    if let Err(e) = pr.capabilities() {
+        if matches!(e, LunError::Transport { .. }) {
+            return Err(e).context("asking the LUN for its persistent reservations");
+        }
+        return Ok(None);
     }
     check_foreign_reservation(lun)?;
     let device = lun.describe();
-    let keys = pr
-        .read_keys()
-        .with_context(|| format!("reading the reservation keys of {device}"))?;
-    let held = pr.read_reservation()?;
-    let ours: Vec<ReservationKey> = keys
-        .into_iter()
-        .filter(|&key| key_owner(key).is_some())
-        .collect();
-    if ours.is_empty() && held.is_none() {
-        return Ok(0);
-    }
     let own = random_key(TOOL_SLOT);
     pr.register(own)
         .with_context(|| format!("registering reservation key {own} on {device}"))?;
-    let mut removed = 0;
+    let keys = pr
+        .read_keys()
+        .with_context(|| format!("reading the reservation keys of {device}"))?;
     let mut seen = std::collections::HashSet::new();
-    for key in ours {
-        if key == own || !seen.insert(key) {
+    for key in keys {
+        if key == own || key_owner(key).is_none() || !seen.insert(key) {
             continue;
         }
-        pr.preempt(own, key, false)
+        pr.preempt(own, key, true)
             .with_context(|| format!("removing the old volume's reservation key {key}"))?;
-        removed += 1;
+        tracing::info!(key = %key, "removed a reservation key of the old volume");
     }
-    // The preempt of the holder made us the holder: unregistering releases it.
-    pr.unregister()
-        .with_context(|| format!("dropping our reservation key from {device}"))?;
-    if let Some(left) = pr.read_reservation()? {
-        bail!(
-            "{device} is still reserved (key {}, {:?}) after its old atsfs keys were removed; \
-             release the reservation on the storage, then run mkfs again",
-            left.key,
-            left.kind
-        );
-    }
-    Ok(removed)
+    // The preempt of the old holder made us the holder; on a LUN nobody had reserved,
+    // this reserves it.
+    ensure_reserved(lun, pr, own)?;
+    Ok(Some(own))
 }

@@ -4,7 +4,7 @@
 
 use super::tests::fresh_volume;
 use super::*;
-use crate::cluster::fence::{host_key, key_owner, JOIN_SLOT};
+use crate::cluster::fence::{host_key, key_owner, JOIN_SLOT, TOOL_SLOT};
 use crate::cluster::HostUuid;
 use crate::lun::{
     Lun, LunError, MemLun, PrDevice, PrSession, ReservationKey, ReservationType, Reservations,
@@ -186,13 +186,13 @@ fn a_joining_host_registers_before_it_claims_a_slot() {
 }
 
 #[test]
-fn mkfs_drops_the_reservation_an_old_volume_left() {
+fn mkfs_takes_over_the_reservation_an_old_volume_left() {
     let mem = fresh_volume(64 << 20);
     let device = PrDevice::new(mem.clone());
     let a_lun = Arc::new(device.session());
     mount_as(&a_lun, 1).unmount().expect("unmount");
     // Hosts never unregister: the LUN stays reserved, and a new initiator's writes
-    // (mkfs) are refused until the old keys go.
+    // (mkfs) are refused until it takes the LUN over.
     let tool = device.session();
     assert!(tool.read_reservation().expect("read").is_some());
     let opts = crate::mkfs::MkfsOptions {
@@ -200,19 +200,40 @@ fn mkfs_drops_the_reservation_an_old_volume_left() {
         ..crate::mkfs::MkfsOptions::default()
     };
     assert!(crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).is_err());
-    let removed = crate::cluster::fence::release_for_mkfs(&tool).expect("release");
-    assert_eq!(removed, 1);
-    assert_eq!(tool.read_reservation().expect("read"), None);
-    assert!(keys(&tool).is_empty());
-    crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).expect("mkfs after the release");
+    let key = crate::cluster::fence::take_for_mkfs(&tool)
+        .expect("take over")
+        .expect("a key");
+    assert_eq!(key_owner(key).map(|(slot, _)| slot), Some(TOOL_SLOT));
+    assert_eq!(
+        keys(&tool),
+        vec![key],
+        "the old volume's keys are still registered"
+    );
+    let held = tool
+        .read_reservation()
+        .expect("read")
+        .expect("still reserved");
+    assert_eq!(held.key, key);
+    crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).expect("mkfs after the takeover");
+    // The old volume's host, paused past its lease, cannot write into the new one.
+    assert!(matches!(
+        a_lun.write_at(&[0x5a; 512], 0),
+        Err(LunError::Fenced(_))
+    ));
+    // The new volume mounts; its first host joins the reservation mkfs left.
+    let b_lun = Arc::new(device.session());
+    let b = mount_as(&b_lun, 2);
+    b.unmount().expect("unmount");
     // A LUN another program reserved is left alone.
-    let other = device.session();
+    let other_mem = fresh_volume(64 << 20);
+    let other_device = PrDevice::new(other_mem);
+    let other = other_device.session();
     other.register(ReservationKey(0x77)).expect("register");
     other.reserve(ReservationKey(0x77)).expect("reserve");
-    let err =
-        crate::cluster::fence::release_for_mkfs(&tool).expect_err("took a foreign reservation");
+    let mine = other_device.session();
+    let err = crate::cluster::fence::take_for_mkfs(&mine).expect_err("took a foreign reservation");
     assert!(format!("{err:#}").contains("reserved by another initiator"));
-    assert_eq!(keys(&tool), vec![ReservationKey(0x77)]);
+    assert_eq!(keys(&mine), vec![ReservationKey(0x77)]);
 }
 
 #[test]
