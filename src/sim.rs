@@ -137,13 +137,30 @@ impl Sim {
         format!("seed={} step={}: {what}", self.cfg.seed, self.step)
     }
 
+    /// Mounts host `i`. A mount that fails on an injected fault (a lost reply during
+    /// its replay) fails cleanly, as an I/O error does for an admin, who mounts again:
+    /// so does the simulator, up to `MOUNT_TRIES` times, each with other faults.
     fn mount(&mut self, i: usize) -> Result<(), String> {
+        const MOUNT_TRIES: u64 = 4;
+        for attempt in 0..MOUNT_TRIES {
+            match self.mount_once(i, attempt) {
+                Err(e) if e.contains("injected fault") && attempt + 1 < MOUNT_TRIES => {
+                    self.summary.clean_errors += 1;
+                }
+                other => return other,
+            }
+        }
+        Err(self.fail(&format!("mount of host {i}: no try left")))
+    }
+
+    fn mount_once(&mut self, i: usize, attempt: u64) -> Result<(), String> {
         let config = FaultConfig {
             seed: self
                 .cfg
                 .seed
                 .wrapping_mul(1000)
-                .wrapping_add(i as u64 + self.summary.restarts),
+                .wrapping_add(i as u64 + self.summary.restarts)
+                .wrapping_add(attempt * 7919),
             latency_max_us: 50,
             lost_reply_prob: if self.cfg.faults { 0.0005 } else { 0.0 },
             ..FaultConfig::default()
