@@ -34,7 +34,7 @@ pub use fault::{
 pub use file::{FileLun, OpenMode};
 pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
-pub use open::{device_kind, open_device, DeviceKind};
+pub use open::{device_kind, display_name, open_device, DeviceKind};
 pub use pr_emu::{PrDevice, PrSession};
 pub use reservations::{
     Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
