@@ -58,22 +58,6 @@ pub fn open_device(name: &Path, mode: OpenMode) -> LunResult<Arc<dyn Lun>> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_told_apart() {
-        assert_eq!(
-            device_kind(Path::new("iscsi://127.0.0.1/iqn.2026-12.org.atsfs:t/1")),
-            DeviceKind::Iscsi
-        );
-        let img = tempfile::NamedTempFile::new().unwrap();
-        assert_eq!(device_kind(img.path()), DeviceKind::File);
-        assert_eq!(device_kind(Path::new("/nonexistent/x")), DeviceKind::File);
-    }
-}
-
 /// `name` as messages, logs and the mount table show it: an `iscsi://` URL without
 /// its password (CHAP secrets never reach /proc/mounts or a log).
 pub fn display_name(name: &Path) -> String {
@@ -88,6 +72,17 @@ pub fn display_name(name: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_told_apart() {
+        assert_eq!(
+            device_kind(Path::new("iscsi://127.0.0.1/iqn.2026-12.org.atsfs:t/1")),
+            DeviceKind::Iscsi
+        );
+        let img = tempfile::NamedTempFile::new().unwrap();
+        assert_eq!(device_kind(img.path()), DeviceKind::File);
+        assert_eq!(device_kind(Path::new("/nonexistent/x")), DeviceKind::File);
+    }
 
     #[test]
     fn a_device_name_is_shown_without_its_chap_password() {
