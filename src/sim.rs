@@ -564,6 +564,30 @@ impl Sim {
         Ok(())
     }
 
+    /// Unmounts host `i` at the end. An unmount that an injected fault broke (the
+    /// host fenced itself: its commit's reply was lost) is a crash: the host mounts
+    /// again, which replays its journal, and unmounts again (bounded).
+    fn unmount_at_end(&mut self, i: usize) -> Result<(), String> {
+        const UNMOUNT_TRIES: u32 = 4;
+        for _ in 0..UNMOUNT_TRIES {
+            let Some(fs) = self.hosts[i].fs.take() else {
+                return Ok(());
+            };
+            match fs.unmount() {
+                Ok(()) => return Ok(()),
+                Err(e) if format!("{e:#}").contains("injected fault") => {
+                    drop(fs);
+                    self.summary.crashes += 1;
+                    self.mount(i)?;
+                }
+                Err(e) => return Err(self.fail(&format!("unmount of host {i}: {e:#}"))),
+            }
+        }
+        Err(self.fail(&format!(
+            "unmount of host {i}: injected faults broke {UNMOUNT_TRIES} unmounts"
+        )))
+    }
+
     /// Unmounts every host and checks the volume.
     fn finish(&mut self) -> Result<(), String> {
         for i in 0..self.hosts.len() {
@@ -577,10 +601,7 @@ impl Sim {
             }
         }
         for i in 0..self.hosts.len() {
-            if let Some(fs) = self.hosts[i].fs.take() {
-                fs.unmount()
-                    .map_err(|e| self.fail(&format!("unmount of host {i}: {e:#}")))?;
-            }
+            self.unmount_at_end(i)?;
         }
         let report = crate::fsck::check(self.mem.as_ref())
             .map_err(|e| self.fail(&format!("fsck: {e:#}")))?;
