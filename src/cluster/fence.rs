@@ -229,9 +229,9 @@ fn ensure_reserved(lun: &dyn Lun, pr: &dyn Reservations, own: ReservationKey) ->
         )))),
         (registered, None) => {
             tracing::warn!(
-                "{device} has no reservation (a target restart or a CLEAR dropped it, and with \
-                 it every host's key): reserving it again; hosts still mounted will find their \
-                 writes refused and stop"
+                "{device} has no reservation (it never had one, or a target restart or a CLEAR \
+                 dropped it, and with it every host's key): reserving it before fencing; \
+                 hosts still mounted without their key will find their writes refused and stop"
             );
             if !registered {
                 pr.register(own)
@@ -300,10 +300,10 @@ pub fn tool_key(uuid: [u8; 16]) -> ReservationKey {
     host_key(TOOL_SLOT, low | 1)
 }
 
-/// An offline tool's registration (`atsfs recover`, `fsck --repair`) for its run:
-/// its key (`tool_key` of its uuid, which it writes into the slots it recovers) is
-/// registered, and the LUN reserved if it is not; dropped at the end unless the tool
-/// ended up holding the reservation.
+/// An offline tool's registration (`atsfs recover`, `fsck --repair`, `ats-selftest`)
+/// for its run: its key (`tool_key` of its uuid, which it writes into the slots it
+/// recovers) is registered; dropped at the end unless the tool ended up holding the
+/// reservation (by fencing a dead host that held it).
 pub struct ToolRegistration<'a> {
     lun: &'a dyn Lun,
     uuid: [u8; 16],
@@ -328,11 +328,12 @@ impl<'a> ToolRegistration<'a> {
             return Ok(tool);
         }
         check_foreign_reservation(lun)?;
+        // Registered whether or not the LUN is reserved: a fence the tool does
+        // (`fence_key`) reserves it first where nobody has.
         let key = tool_key(uuid);
         pr.register(key)
             .with_context(|| format!("registering reservation key {key} on {}", lun.describe()))?;
         tool.key = Some(key);
-        ensure_reserved(lun, pr, key)?;
         Ok(tool)
     }
 
@@ -356,7 +357,7 @@ impl Drop for ToolRegistration<'_> {
         // unregistering would drop it, and with it every fence. It stays registered.
         match pr.read_reservation() {
             Ok(Some(held)) if held.key == key => {
-                tracing::info!(key = %key, "the tool holds the LUN's reservation now; its key stays registered");
+                tracing::debug!(key = %key, "the tool holds the LUN's reservation now; its key stays registered");
                 return;
             }
             Ok(_) => {}
