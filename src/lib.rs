@@ -13,11 +13,15 @@
 //!           |
 //!          journal   per-slot redo log: commit, checkpoint, replay
 //!           |
-//!          cluster   heartbeat slot, lease, lock records
+//!          cluster   heartbeat slot, lease, lock records, recovery, storage fencing
+//!           |        (SCSI-3 reservation keys), one ATS kind per volume
 //!           |
 //!          format    on-disk structs, checksums, encode/decode/validate (no I/O)
 //!           |
-//!          lun       the shared device: read, write, compare_and_write, flush
+//!          lun       the shared device: read, write, compare_and_write, flush;
+//!                    image files and block devices (emulated ATS), SCSI over SG_IO
+//!                    and iSCSI (the storage's COMPARE AND WRITE, reservations),
+//!                    `open_device` (a name to a LUN), the ATS self-test
 //! ```
 //!
 //! `mkfs` (lay out a fresh volume) and `fsck` (check one) sit beside `fs`: they use
