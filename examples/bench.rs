@@ -2,7 +2,8 @@
 //! its own open of one image file (emulated ATS between the opens), behind a counting
 //! wrapper. Prints a markdown table. `cargo xtask bench` runs it in release mode.
 //!
-//! Usage: bench IMAGE_DIR [FILES [BIG_DIR_ENTRIES]]
+//! Usage: bench IMAGE_DIR [FILES [BIG_DIR_ENTRIES]]; with ATSFS_BENCH_ISCSI=URL also
+//! the iSCSI rows (`iscsi_rows`; the LUN is overwritten).
 
 use atsfs::cluster::HostUuid;
 use atsfs::fs::{Fs, MountOptions};
@@ -111,6 +112,86 @@ fn big_directory(dir: &Path, entries: u64, rows: &mut Vec<(String, String)>) {
             tail_rate / fresh_rate
         ),
     ));
+}
+
+/// Compare-and-write latency of one sector on `lun`: `n` successful CAWs in a row,
+/// each from the image the last one wrote. Returns (mean µs, 99th percentile µs).
+fn caw_latency(lun: &dyn Lun, offset: u64, n: usize) -> (f64, f64) {
+    let sector = lun.sector_size() as usize;
+    let mut current = vec![0u8; sector];
+    lun.read_at(&mut current, offset).expect("read");
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut next = current.clone();
+        next[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let started = Instant::now();
+        match lun.compare_and_write(offset, &current, &next).expect("caw") {
+            atsfs::lun::Caw::Written => {}
+            atsfs::lun::Caw::Miscompare(_) => panic!("a CAW of an idle sector miscompared"),
+        }
+        times.push(started.elapsed().as_secs_f64() * 1e6);
+        current = next;
+    }
+    let mean = times.iter().sum::<f64>() / n as f64;
+    times.sort_by(f64::total_cmp);
+    (mean, times[(n * 99 / 100).min(n - 1)])
+}
+
+/// Rows for a volume on a real iSCSI LUN (`cargo xtask bench` starts tgtd on
+/// localhost, one I/O thread, when it is built): CAW latency against the emulation,
+/// and create rates of one host and of two hosts in one directory. The LUN's contents
+/// are overwritten.
+fn iscsi_rows(url: &str, dir: &Path, files: u64, rows: &mut Vec<(String, String)>) {
+    use atsfs::lun::open_device;
+    let open = || open_device(Path::new(url), OpenMode::ReadWrite).expect("open the iSCSI LUN");
+    let lun = open();
+    let emulated_image = dir.join("atsfs-bench-caw.img");
+    make_image(&emulated_image, 64 << 20, &MkfsOptions::default());
+    let emulated = FileLun::open(&emulated_image, OpenMode::ReadWrite).expect("open");
+    let (file_mean, file_p99) = caw_latency(&emulated, 1 << 20, 2000);
+    let (mean, p99) = caw_latency(lun.as_ref(), 1 << 20, 2000);
+    let _ = std::fs::remove_file(&emulated_image);
+    rows.push((
+        "ATS latency: iSCSI COMPARE AND WRITE (tgt on localhost) vs emulated (OFD lock on an image file)".into(),
+        format!(
+            "{mean:.0} µs mean, {p99:.0} µs p99 vs {file_mean:.1} µs, {file_p99:.1} µs; 1 device I/O per test-and-set for both"
+        ),
+    ));
+    let opts = MkfsOptions {
+        ats_mode: atsfs::format::ATS_MODE_HARDWARE,
+        ..MkfsOptions::default()
+    };
+    mkfs(lun.as_ref(), &opts, &mut |_, _| {}).expect("mkfs on the iSCSI LUN");
+    drop(lun);
+    let mount = |id: u8| {
+        let lun: Arc<dyn Lun> = open();
+        Fs::mount(lun, MountOptions::new(HostUuid([id; 16]))).expect("mount over iSCSI")
+    };
+    let a = mount(11);
+    let n = files / 4;
+    let d1 = a.mkdir(a.root(), b"one", 0o755, 0, 0).expect("mkdir").ino;
+    let one = create_files(&a, d1, "f", n);
+    rows.push((
+        format!("iSCSI: 1 host, create + 100 B write of {n} files"),
+        format!("{one:.0} files/s"),
+    ));
+    let b = mount(12);
+    let same = a.mkdir(a.root(), b"same", 0o755, 0, 0).expect("mkdir").ino;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| create_files(&a, same, "a", n / 2));
+        s.spawn(|| create_files(&b, same, "b", n / 2));
+    });
+    let two = n as f64 / started.elapsed().as_secs_f64();
+    rows.push((
+        "iSCSI: 2 hosts (one initiator each), one directory".into(),
+        format!(
+            "{two:.0} files/s = {:.2}x one host over iSCSI (target >= 0.5x)",
+            two / one
+        ),
+    ));
+    let _ = b.unmount();
+    let _ = a.unmount();
 }
 
 /// Creates `n` files with 100 bytes each in `dir`, then syncs; returns files/s.
@@ -262,6 +343,10 @@ fn main() {
     let _ = std::fs::remove_file(&image);
 
     big_directory(&dir, big_dir, &mut rows);
+
+    if let Ok(url) = std::env::var("ATSFS_BENCH_ISCSI") {
+        iscsi_rows(&url, &dir, files, &mut rows);
+    }
 
     println!("| measure | result |\n|---|---|");
     for (k, v) in rows {

@@ -165,11 +165,11 @@ impl AtsFuse {
         }
     }
 
-    /// Replies with a node named `name` in `parent`; the core learns that the
-    /// kernel holds it (`forget` lets go).
-    fn entry(&self, reply: ReplyEntry, parent: Ino, name: &OsStr, result: Result<Attr, FsError>) {
+    /// Replies with a node; the core learns that the kernel holds it (`forget` lets
+    /// go).
+    fn entry(&self, reply: ReplyEntry, result: Result<Attr, FsError>) {
         if let Ok(a) = &result {
-            self.fs.remember(parent, name.as_bytes(), a);
+            self.fs.remember(a);
         }
         match result {
             Ok(a) => reply.entry_with_ttls(
@@ -233,7 +233,7 @@ impl Filesystem for AtsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let parent = self.ino_in(parent);
-        self.entry(reply, parent, name, self.fs.lookup(parent, name.as_bytes()));
+        self.entry(reply, self.fs.lookup(parent, name.as_bytes()));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -306,7 +306,7 @@ impl Filesystem for AtsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, self.ino_in(parent), name, result);
+        self.entry(reply, result);
     }
 
     fn mkdir(
@@ -325,7 +325,7 @@ impl Filesystem for AtsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, self.ino_in(parent), name, result);
+        self.entry(reply, result);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -351,7 +351,7 @@ impl Filesystem for AtsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, self.ino_in(parent), link_name, result);
+        self.entry(reply, result);
     }
 
     fn rename(
@@ -386,7 +386,7 @@ impl Filesystem for AtsFuse {
         let result = self
             .fs
             .link(self.ino_in(ino), newparent, newname.as_bytes());
-        self.entry(reply, newparent, newname, result);
+        self.entry(reply, result);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -620,7 +620,7 @@ impl Filesystem for AtsFuse {
             )
             .and_then(|a| self.fs.open(a.ino, write).map(|(_, multi)| (a, multi)));
         if let Ok((a, _)) = &result {
-            self.fs.remember(self.ino_in(parent), name.as_bytes(), a);
+            self.fs.remember(a);
         }
         match result {
             Ok((a, multi)) => reply.created(

@@ -13,12 +13,17 @@
 //!           |
 //!          journal   per-slot redo log: commit, checkpoint, replay
 //!           |
-//!          cluster   heartbeat slot, lease, lock records; on a Disk Paxos volume
-//!           |        the test-and-set token (`cluster::paxos::PaxosLun`, a `Lun`
-//!           |        wrapper built at mount from the claimed slot and the clock)
+//!          cluster   heartbeat slot, lease, lock records, recovery, storage fencing
+//!           |        (SCSI-3 reservation keys), one ATS kind per volume; on a Disk
+//!           |        Paxos volume the test-and-set token (`cluster::paxos::PaxosLun`,
+//!           |        a `Lun` wrapper built at mount from the claimed slot and the clock)
+//!           |
 //!          format    on-disk structs, checksums, encode/decode/validate (no I/O)
 //!           |
-//!          lun       the shared device: read, write, compare_and_write, flush
+//!          lun       the shared device: read, write, compare_and_write, flush;
+//!                    image files and block devices (emulated ATS), SCSI over SG_IO
+//!                    and iSCSI (the storage's COMPARE AND WRITE, reservations),
+//!                    `open_device` (a name to a LUN), the ATS self-test
 //! ```
 //!
 //! The fs above `cluster` sees the LUN through `GuardedLun` (the host lease) and, on

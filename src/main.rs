@@ -413,7 +413,7 @@ fn mount_and_serve(
     ready_fd: Option<i32>,
 ) -> Result<()> {
     let mut fuse_opts = FuseOptions {
-        fsname: device.display().to_string(),
+        fsname: atsfs::lun::display_name(device),
         ..FuseOptions::default()
     };
     let host = host_uuid(host_id)?;
@@ -433,9 +433,9 @@ fn mount_and_serve(
     }
     signals.thread_block().context("blocking signals")?;
     let lun: Arc<dyn Lun> = open_device(device, OpenMode::ReadWrite)
-        .with_context(|| format!("opening {}", device.display()))?;
-    let fs =
-        Fs::mount(lun, mount_opts).with_context(|| format!("mounting {}", device.display()))?;
+        .with_context(|| format!("opening {}", atsfs::lun::display_name(device)))?;
+    let fs = Fs::mount(lun, mount_opts)
+        .with_context(|| format!("mounting {}", atsfs::lun::display_name(device)))?;
     let (slot, generation) = fs.slot().unwrap_or((0, 0));
     tracing::info!(slot, generation, host = %host, "joined the volume");
     let mut mounted = match Mounted::mount(fs.clone(), mountpoint, fuse_opts) {
@@ -468,7 +468,10 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
     let lun = match open_device(device, OpenMode::ReadOnly) {
         Ok(lun) => lun,
         Err(e) => {
-            eprintln!("atsfs fsck: cannot open {}: {e}", device.display());
+            eprintln!(
+                "atsfs fsck: cannot open {}: {e}",
+                atsfs::lun::display_name(device)
+            );
             return ExitCode::from(8);
         }
     };
@@ -485,7 +488,7 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
             ExitCode::from(if report.problems.is_empty() { 0 } else { 4 })
         }
         Err(e) => {
-            eprintln!("atsfs fsck: {}: {e:#}", device.display());
+            eprintln!("atsfs fsck: {}: {e:#}", atsfs::lun::display_name(device));
             ExitCode::from(8)
         }
     }
@@ -494,7 +497,7 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
 fn recover(device: &Path, only: Option<u32>) -> Result<()> {
     use atsfs::cluster::{recover_offline, OfflineOutcome, SystemClock};
     let lun = open_device(device, OpenMode::ReadWrite)
-        .with_context(|| format!("opening {}", device.display()))?;
+        .with_context(|| format!("opening {}", atsfs::lun::display_name(device)))?;
     let sb = atsfs::fs::read_superblock(&lun)?;
     // Recovery replays journals and frees slots by ATS: one kind of ATS per volume.
     atsfs::cluster::check_ats_mode(lun.as_ref(), &sb)?;
@@ -511,7 +514,7 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         &lun,
         &geo,
         sb.volume_uuid,
-        registration.key(),
+        &registration,
         only,
         interval,
         lease,
@@ -546,7 +549,8 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
 }
 
 fn open_read_only(device: &Path) -> Result<Arc<dyn Lun>> {
-    open_device(device, OpenMode::ReadOnly).with_context(|| format!("opening {}", device.display()))
+    open_device(device, OpenMode::ReadOnly)
+        .with_context(|| format!("opening {}", atsfs::lun::display_name(device)))
 }
 
 fn show_status(device: &Path, json: bool, watch_ms: Option<u64>) -> Result<()> {
@@ -576,7 +580,10 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
     let lun = match open_device(device, OpenMode::ReadWrite) {
         Ok(lun) => lun,
         Err(e) => {
-            eprintln!("atsfs fsck: cannot open {}: {e}", device.display());
+            eprintln!(
+                "atsfs fsck: cannot open {}: {e}",
+                atsfs::lun::display_name(device)
+            );
             return ExitCode::from(8);
         }
     };
@@ -599,7 +606,10 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
             ExitCode::from(done.exit_code())
         }
         Err(e) => {
-            eprintln!("atsfs fsck --repair: {}: {e:#}", device.display());
+            eprintln!(
+                "atsfs fsck --repair: {}: {e:#}",
+                atsfs::lun::display_name(device)
+            );
             ExitCode::from(8)
         }
     }
@@ -608,7 +618,7 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
 /// `atsfs ats-selftest`: exit 0 atomic, 1 the device failed, 2 the test could not run.
 fn ats_selftest(device: &Path, sessions: usize, increments: u64, json: bool) -> ExitCode {
     use atsfs::lun::selftest::{self, SelftestOptions};
-    let name = device.display();
+    let name = atsfs::lun::display_name(device);
     let mut opts = SelftestOptions {
         offset: 0,
         sessions,
@@ -632,13 +642,27 @@ fn ats_selftest(device: &Path, sessions: usize, increments: u64, json: bool) -> 
             return ExitCode::from(2);
         }
     };
-    drop(first);
+    // Past a reservation the LUN's volume left: every session registers a tool key
+    // (dropped again at the end, unless it came to hold the reservation).
+    let registration = match atsfs::cluster::fence::ToolRegistration::new(first.as_ref()) {
+        Ok(registration) => registration,
+        Err(e) => {
+            eprintln!("atsfs ats-selftest: {name}: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let offset = opts.offset;
     eprintln!(
         "racing {sessions} sessions x {increments} compare-and-write increments on {name}, \
          scratch sector at byte {offset}..."
     );
-    let open = || open_device(device, OpenMode::ReadWrite);
+    let open = || {
+        let session = open_device(device, OpenMode::ReadWrite)?;
+        if let (Some(key), Some(pr)) = (registration.key(), session.reservations()) {
+            pr.register(key)?;
+        }
+        Ok(session)
+    };
     let mut progress = |done: u64, total: u64| eprintln!("  {done}/{total} increments");
     match selftest::run(&open, &opts, &mut progress) {
         Ok(report) if json => {

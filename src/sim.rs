@@ -39,9 +39,6 @@ const REG: u32 = libc::S_IFREG | 0o644;
 const DIRS: [&[u8]; 3] = [b"d0", b"d1", b"d2"];
 /// Names per directory.
 const NAMES: u32 = 12;
-/// Mounts (and unmounts at the end) of one host that injected faults may break
-/// before the run fails.
-const MOUNT_ATTEMPTS_MAX: u32 = 4;
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -150,30 +147,30 @@ impl Sim {
         format!("seed={} step={}: {what}", self.cfg.seed, self.step)
     }
 
-    /// Mounts host `i`; a mount that an injected fault (a lost reply) broke is
-    /// tried again, as an operator would (bounded).
+    /// Mounts host `i`. A mount that fails on an injected fault (a lost reply during
+    /// its replay) fails cleanly, as an I/O error does for an admin, who mounts again:
+    /// so does the simulator, up to `MOUNT_TRIES` times, each with other faults.
     fn mount(&mut self, i: usize) -> Result<(), String> {
-        let mut last = String::new();
-        for _ in 0..MOUNT_ATTEMPTS_MAX {
-            match self.mount_once(i) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.contains("injected fault") => {
-                    self.summary.restarts += 1;
-                    last = e;
+        const MOUNT_TRIES: u64 = 4;
+        for attempt in 0..MOUNT_TRIES {
+            match self.mount_once(i, attempt) {
+                Err(e) if e.contains("injected fault") && attempt + 1 < MOUNT_TRIES => {
+                    self.summary.clean_errors += 1;
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
-        Err(last)
+        Err(self.fail(&format!("mount of host {i}: no try left")))
     }
 
-    fn mount_once(&mut self, i: usize) -> Result<(), String> {
+    fn mount_once(&mut self, i: usize, attempt: u64) -> Result<(), String> {
         let config = FaultConfig {
             seed: self
                 .cfg
                 .seed
                 .wrapping_mul(1000)
-                .wrapping_add(i as u64 + self.summary.restarts),
+                .wrapping_add(i as u64 + self.summary.restarts)
+                .wrapping_add(attempt * 7919),
             latency_max_us: 50,
             lost_reply_prob: if self.cfg.faults { 0.0005 } else { 0.0 },
             ..FaultConfig::default()
@@ -582,10 +579,11 @@ impl Sim {
     }
 
     /// Unmounts host `i` at the end. An unmount that an injected fault broke (the
-    /// host fenced itself) is a crash: the host mounts again, which replays its
-    /// journal, and unmounts again (bounded).
+    /// host fenced itself: its commit's reply was lost) is a crash: the host mounts
+    /// again, which replays its journal, and unmounts again (bounded).
     fn unmount_at_end(&mut self, i: usize) -> Result<(), String> {
-        for _ in 0..MOUNT_ATTEMPTS_MAX {
+        const UNMOUNT_TRIES: u32 = 4;
+        for _ in 0..UNMOUNT_TRIES {
             let Some(fs) = self.hosts[i].fs.take() else {
                 return Ok(());
             };
@@ -600,7 +598,7 @@ impl Sim {
             }
         }
         Err(self.fail(&format!(
-            "unmount of host {i}: injected faults broke {MOUNT_ATTEMPTS_MAX} unmounts"
+            "unmount of host {i}: injected faults broke {UNMOUNT_TRIES} unmounts"
         )))
     }
 

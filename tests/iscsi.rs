@@ -317,6 +317,13 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
     drop(a);
     b.unmount();
     assert_fsck_clean(&local);
+    // The self-test runs on the idle volume, past the reservation its hosts left.
+    output_of(
+        Command::new(common::atsfs_bin())
+            .args(["ats-selftest", "--sessions", "4", "--increments", "200"])
+            .arg(&local),
+    );
+    assert_fsck_clean(&local);
     // The hosts' keys stay registered (the holder leaving would drop the fence), so
     // the LUN is still reserved; mkfs of a new volume drops them and can write.
     let lun = atsfs::lun::open_device(&local, atsfs::lun::OpenMode::ReadOnly).expect("open");
@@ -327,7 +334,19 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
             .args(["-f", "-q", "-L", "again"])
             .arg(&local),
     );
-    assert_eq!(pr.read_reservation().expect("read reservation"), None);
+    // mkfs keeps the LUN reserved under a key of its own; the old hosts' keys are gone.
+    let held = pr
+        .read_reservation()
+        .expect("read reservation")
+        .expect("reserved");
+    for key in pr.read_keys().expect("read keys") {
+        assert_eq!(
+            atsfs::cluster::fence::key_owner(key).map(|(slot, _)| slot),
+            Some(atsfs::cluster::fence::TOOL_SLOT),
+            "a key of the old volume survived mkfs: {key} (reservation held by {})",
+            held.key
+        );
+    }
     assert_fsck_clean(&local);
 }
 

@@ -147,9 +147,12 @@ fn run(args: &Args) -> Result<(), Failure> {
     let path = &args.device;
     // An iscsi:// URL names a LUN that exists (or fails to open with its own error).
     let exists = device_kind(path) == DeviceKind::Iscsi
-        || path
-            .try_exists()
-            .map_err(|e| Failure::Refused(format!("cannot look at {}: {e}", path.display())))?;
+        || path.try_exists().map_err(|e| {
+            Failure::Refused(format!(
+                "cannot look at {}: {e}",
+                atsfs::lun::display_name(path)
+            ))
+        })?;
     // A new image file gets the image default of 512-byte ATS sectors.
     let mut sector = IMAGE_SECTOR_BYTES;
     if exists {
@@ -161,7 +164,7 @@ fn run(args: &Args) -> Result<(), Failure> {
     } else if args.size.is_none() {
         return Err(Failure::Refused(format!(
             "{} does not exist; give --size SIZE to create an image file of that size",
-            path.display()
+            atsfs::lun::display_name(path)
         )));
     }
     if !exists && args.ats == ats::AtsChoice::Hardware {
@@ -170,7 +173,7 @@ fn run(args: &Args) -> Result<(), Failure> {
             "--ats hardware: {} would be a new image file, which has no hardware ATS (SCSI \
              COMPARE AND WRITE); use --ats emulated, or give a device that reaches the \
              storage's COMPARE AND WRITE",
-            path.display()
+            atsfs::lun::display_name(path)
         )));
     }
     if let Some(size) = args.size {
@@ -180,14 +183,19 @@ fn run(args: &Args) -> Result<(), Failure> {
     }
     let lun = open(path)?;
     // The device is ours to overwrite from here on (checked above). A LUN that held a
-    // volume stays reserved by its hosts' keys (they never unregister): drop them
-    // first, or the storage refuses our writes.
-    match atsfs::cluster::fence::release_for_mkfs(lun.as_ref()) {
-        Ok(0) => {}
-        Ok(removed) => tracing::info!(removed, "dropped the old volume's reservation keys"),
-        Err(e) => return Err(Failure::Refused(format!("{e:#}"))),
-    }
-    let sessions = || open_device(path, OpenMode::ReadWrite);
+    // volume stays reserved by its hosts' keys (they never unregister): take it over
+    // under a key of our own, or the storage refuses our writes.
+    let mkfs_key = atsfs::cluster::fence::take_for_mkfs(lun.as_ref())
+        .map_err(|e| Failure::Refused(format!("{e:#}")))?;
+    // The self-test's sessions are initiators of their own: registered with our key,
+    // or the reservation refuses their writes.
+    let sessions = || {
+        let session = open_device(path, OpenMode::ReadWrite)?;
+        if let (Some(key), Some(pr)) = (mkfs_key, session.reservations()) {
+            pr.register(key)?;
+        }
+        Ok(session)
+    };
     let (ats_mode, tested) = ats::choose_ats(&lun, args, &sessions)?;
     opts.ats_mode = ats_mode;
     let started = Instant::now();
@@ -233,23 +241,27 @@ fn check_size_request(path: &Path, size: Option<u64>) -> Result<(), Failure> {
         return Err(Failure::Refused(format!(
             "--size is for image files; {} is not a path on this machine (a LUN has the \
              size the storage gives it): drop --size",
-            path.display()
+            atsfs::lun::display_name(path)
         )));
     }
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Failure::Io(format!("cannot stat {}: {e}", path.display())))?;
+    let meta = std::fs::metadata(path).map_err(|e| {
+        Failure::Io(format!(
+            "cannot stat {}: {e}",
+            atsfs::lun::display_name(path)
+        ))
+    })?;
     if !meta.is_file() {
         return Err(Failure::Refused(format!(
             "--size is for image files; {} is not a regular file (a block device has \
              a fixed size): drop --size",
-            path.display()
+            atsfs::lun::display_name(path)
         )));
     }
     if meta.len() > size {
         return Err(Failure::Refused(format!(
             "{} is {} ({} bytes), larger than --size {}; mkfs.atsfs never shrinks an \
              image: drop --size to use the whole file, or truncate it yourself",
-            path.display(),
+            atsfs::lun::display_name(path),
             format_size(meta.len()),
             meta.len(),
             format_size(size)
@@ -264,7 +276,7 @@ fn create_or_grow(path: &Path, size: u64) -> Result<(), Failure> {
         Failure::Io(format!(
             "cannot {what} {} to {}: {e}; check the directory, its free space and the \
              largest file its filesystem allows",
-            path.display(),
+            atsfs::lun::display_name(path),
             format_size(size)
         ))
     };
@@ -299,7 +311,7 @@ fn open(path: &Path) -> Result<Arc<dyn Lun>, Failure> {
         let message = format!(
             "cannot open {} for writing: {err}; check the path and that you may write it \
              (block devices usually need root)",
-            path.display()
+            atsfs::lun::display_name(path)
         );
         if refused {
             Failure::Refused(message)
@@ -311,7 +323,7 @@ fn open(path: &Path) -> Result<Arc<dyn Lun>, Failure> {
 
 /// Refuses a device in use (always) or holding data (unless `-f`).
 fn check_existing(lun: &dyn Lun, args: &Args) -> Result<(), Failure> {
-    let device = args.device.display();
+    let device = atsfs::lun::display_name(&args.device);
     match probe(lun)? {
         Probe::Empty => Ok(()),
         Probe::Other(name) if args.force => {

@@ -28,7 +28,7 @@
 //! generation is final; `fence_dead` after the recovery claim of a slot and before
 //! its replay.
 
-use crate::lun::{Lun, ReservationKey, ReservationType};
+use crate::lun::{Lun, LunError, ReservationKey, ReservationType, Reservations};
 use anyhow::{bail, Context, Result};
 
 /// The top 16 bits of every key atsfs registers.
@@ -128,6 +128,11 @@ pub fn join(lun: &dyn Lun) -> Result<Fencing> {
     };
     let device = lun.describe();
     if let Err(e) = pr.capabilities() {
+        // A lost path is no answer: mounting unfenced on a LUN that has reservations
+        // would leave this host's late writes unrefused.
+        if matches!(e, LunError::Transport { .. }) {
+            return Err(e).context("asking the LUN for its persistent reservations");
+        }
         tracing::warn!(
             "{device}: persistent reservations do not work ({e}); a paused host's late \
              writes are fenced by its lease alone"
@@ -201,57 +206,131 @@ pub fn prune(lun: &dyn Lun, own: ReservationKey, live: impl Fn(u32, u32) -> bool
     removed
 }
 
-/// Before a dead host's journal is replayed: removes its key (PREEMPT AND ABORT), so
-/// that the storage refuses whatever it still sends. Ok when the LUN has no
-/// reservations, when we fence by the lease only (`own` None), or when the key is
-/// gone already. An error means the dead host may still write: do not replay.
+/// Makes sure `own` is registered and the LUN reserved before a missing key is taken
+/// to mean "fenced". A target that lost its reservations (restarted without persist
+/// through power loss, or cleared by an admin) lost every key with them: then nobody
+/// is fenced, and the reservation is taken again with our key (every other live host
+/// then finds its writes refused and stops: safe, but each must be mounted again).
+/// Our own key missing under a reservation that still stands means another host
+/// fenced us: an error, and this host must not recover anyone.
+fn ensure_reserved(lun: &dyn Lun, pr: &dyn Reservations, own: ReservationKey) -> Result<()> {
+    let device = lun.describe();
+    let keys = pr
+        .read_keys()
+        .context("reading the LUN's reservation keys")?;
+    let held = pr
+        .read_reservation()
+        .context("reading the LUN's reservation")?;
+    match (keys.contains(&own), held) {
+        (true, Some(_)) => Ok(()),
+        (false, Some(_)) => Err(anyhow::Error::new(LunError::Fenced(format!(
+            "this host's reservation key {own} is no longer registered on {device}: another \
+             host fenced it"
+        )))),
+        (registered, None) => {
+            tracing::warn!(
+                "{device} has no reservation (it never had one, or a target restart or a CLEAR \
+                 dropped it, and with it every host's key): reserving it before fencing; \
+                 hosts still mounted without their key will find their writes refused and stop"
+            );
+            if !registered {
+                pr.register(own)
+                    .with_context(|| format!("registering reservation key {own} on {device}"))?;
+            }
+            pr.reserve(own)
+                .with_context(|| format!("reserving {device} again"))?;
+            Ok(())
+        }
+    }
+}
+
+/// Removes `victim`'s registrations with our registered `own` key (PREEMPT AND ABORT,
+/// or PREEMPT where the target lacks it), after `ensure_reserved`. Ok when the LUN
+/// has no reservations or we fence by the lease only (`own` None), or when the key
+/// is gone already. An error means the victim may still write: do not replay.
+pub fn fence_key(
+    lun: &dyn Lun,
+    own: Option<ReservationKey>,
+    victim: ReservationKey,
+    whose: &str,
+) -> Result<()> {
+    let (Some(pr), Some(own)) = (lun.reservations(), own) else {
+        return Ok(());
+    };
+    ensure_reserved(lun, pr, own)?;
+    if victim == own {
+        return Ok(());
+    }
+    let keys = pr
+        .read_keys()
+        .with_context(|| format!("reading the LUN's reservation keys before fencing {whose}"))?;
+    if !keys.contains(&victim) {
+        return Ok(());
+    }
+    pr.preempt(own, victim, true).with_context(|| {
+        format!("fencing {whose} at the storage (removing its reservation key {victim})")
+    })?;
+    tracing::warn!(key = %victim, "fenced {whose} at the storage");
+    Ok(())
+}
+
+/// Before a dead host's journal is replayed: removes its key, so that the storage
+/// refuses whatever it still sends (`fence_key`).
 pub fn fence_dead(
     lun: &dyn Lun,
     own: Option<ReservationKey>,
     slot: u32,
     generation: u32,
 ) -> Result<()> {
-    let (Some(pr), Some(own)) = (lun.reservations(), own) else {
-        return Ok(());
-    };
-    let victim = host_key(slot, generation);
-    let keys = pr
-        .read_keys()
-        .context("reading the LUN's reservation keys before fencing a dead host")?;
-    if !keys.contains(&victim) {
-        return Ok(());
-    }
-    pr.preempt(own, victim, true).with_context(|| {
-        format!(
-            "fencing the dead host of slot {slot} at the storage (removing its reservation \
-             key {victim}) before replaying its journal"
-        )
-    })?;
-    tracing::warn!(slot, generation, key = %victim, "fenced a dead host at the storage");
+    fence_key(
+        lun,
+        own,
+        host_key(slot, generation),
+        &format!("the dead host of slot {slot} (generation {generation})"),
+    )?;
+    tracing::warn!(slot, generation, "fenced a dead host at the storage");
     Ok(())
 }
 
-/// An offline tool's registration (`atsfs recover`, `fsck --repair`): registered
-/// when the LUN is reserved (else there is nothing to get past), dropped at the end.
+/// The key of a tool whose recovery claim names `uuid` (`ToolRegistration`): its low
+/// bits are the uuid's first four bytes, so a host that takes over an interrupted
+/// recovery can fence the tool that stalled in it.
+pub fn tool_key(uuid: [u8; 16]) -> ReservationKey {
+    let low = u32::from_le_bytes([uuid[0], uuid[1], uuid[2], uuid[3]]);
+    host_key(TOOL_SLOT, low | 1)
+}
+
+/// An offline tool's registration (`atsfs recover`, `fsck --repair`, `ats-selftest`)
+/// for its run: its key (`tool_key` of its uuid, which it writes into the slots it
+/// recovers) is registered; dropped at the end unless the tool ended up holding the
+/// reservation (by fencing a dead host that held it).
 pub struct ToolRegistration<'a> {
     lun: &'a dyn Lun,
+    uuid: [u8; 16],
     key: Option<ReservationKey>,
 }
 
 impl<'a> ToolRegistration<'a> {
     pub fn new(lun: &'a dyn Lun) -> Result<ToolRegistration<'a>> {
-        let mut tool = ToolRegistration { lun, key: None };
+        let uuid = *uuid::Uuid::new_v4().as_bytes();
+        let mut tool = ToolRegistration {
+            lun,
+            uuid,
+            key: None,
+        };
         let Some(pr) = lun.reservations() else {
             return Ok(tool);
         };
-        if pr.capabilities().is_err() {
+        if let Err(e) = pr.capabilities() {
+            if matches!(e, LunError::Transport { .. }) {
+                return Err(e).context("asking the LUN for its persistent reservations");
+            }
             return Ok(tool);
         }
         check_foreign_reservation(lun)?;
-        if pr.read_reservation()?.is_none() {
-            return Ok(tool);
-        }
-        let key = random_key(TOOL_SLOT);
+        // Registered whether or not the LUN is reserved: a fence the tool does
+        // (`fence_key`) reserves it first where nobody has.
+        let key = tool_key(uuid);
         pr.register(key)
             .with_context(|| format!("registering reservation key {key} on {}", lun.describe()))?;
         tool.key = Some(key);
@@ -261,6 +340,11 @@ impl<'a> ToolRegistration<'a> {
     /// The tool's key, when it registered one.
     pub fn key(&self) -> Option<ReservationKey> {
         self.key
+    }
+
+    /// The uuid the tool writes into the slots it recovers.
+    pub fn uuid(&self) -> [u8; 16] {
+        self.uuid
     }
 }
 
@@ -273,7 +357,7 @@ impl Drop for ToolRegistration<'_> {
         // unregistering would drop it, and with it every fence. It stays registered.
         match pr.read_reservation() {
             Ok(Some(held)) if held.key == key => {
-                tracing::info!(key = %key, "the tool holds the LUN's reservation now; its key stays registered");
+                tracing::debug!(key = %key, "the tool holds the LUN's reservation now; its key stays registered");
                 return;
             }
             Ok(_) => {}
@@ -288,53 +372,42 @@ impl Drop for ToolRegistration<'_> {
     }
 }
 
-/// Before mkfs writes a new volume: drops every atsfs registration and the
-/// reservation that the LUN's last volume left (its hosts never unregister), so that
-/// mkfs may write and the new volume starts with none. The caller has made sure no
-/// host is live. Refuses a LUN that another program reserved.
-pub fn release_for_mkfs(lun: &dyn Lun) -> Result<usize> {
+/// Before mkfs writes a new volume: takes the LUN over from the volume it held. Every
+/// atsfs key the old volume left (its hosts never unregister) is removed and the LUN
+/// is reserved under a tool key of mkfs's own, which it keeps: a host of the old
+/// volume that was paused past its lease must not write into the new one. Returns
+/// that key (None where the LUN has no reservations) for mkfs's other sessions (the
+/// ATS self-test) to register too. The caller has made sure no host is live. Refuses
+/// a LUN that another program reserved.
+pub fn take_for_mkfs(lun: &dyn Lun) -> Result<Option<ReservationKey>> {
     let Some(pr) = lun.reservations() else {
-        return Ok(0);
+        return Ok(None);
     };
-    if pr.capabilities().is_err() {
-        return Ok(0);
+    if let Err(e) = pr.capabilities() {
+        if matches!(e, LunError::Transport { .. }) {
+            return Err(e).context("asking the LUN for its persistent reservations");
+        }
+        return Ok(None);
     }
     check_foreign_reservation(lun)?;
     let device = lun.describe();
-    let keys = pr
-        .read_keys()
-        .with_context(|| format!("reading the reservation keys of {device}"))?;
-    let held = pr.read_reservation()?;
-    let ours: Vec<ReservationKey> = keys
-        .into_iter()
-        .filter(|&key| key_owner(key).is_some())
-        .collect();
-    if ours.is_empty() && held.is_none() {
-        return Ok(0);
-    }
     let own = random_key(TOOL_SLOT);
     pr.register(own)
         .with_context(|| format!("registering reservation key {own} on {device}"))?;
-    let mut removed = 0;
+    let keys = pr
+        .read_keys()
+        .with_context(|| format!("reading the reservation keys of {device}"))?;
     let mut seen = std::collections::HashSet::new();
-    for key in ours {
-        if key == own || !seen.insert(key) {
+    for key in keys {
+        if key == own || key_owner(key).is_none() || !seen.insert(key) {
             continue;
         }
-        pr.preempt(own, key, false)
+        pr.preempt(own, key, true)
             .with_context(|| format!("removing the old volume's reservation key {key}"))?;
-        removed += 1;
+        tracing::info!(key = %key, "removed a reservation key of the old volume");
     }
-    // The preempt of the holder made us the holder: unregistering releases it.
-    pr.unregister()
-        .with_context(|| format!("dropping our reservation key from {device}"))?;
-    if let Some(left) = pr.read_reservation()? {
-        bail!(
-            "{device} is still reserved (key {}, {:?}) after its old atsfs keys were removed; \
-             release the reservation on the storage, then run mkfs again",
-            left.key,
-            left.kind
-        );
-    }
-    Ok(removed)
+    // The preempt of the old holder made us the holder; on a LUN nobody had reserved,
+    // this reserves it.
+    ensure_reserved(lun, pr, own)?;
+    Ok(Some(own))
 }

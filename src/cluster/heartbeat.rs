@@ -566,6 +566,16 @@ pub(crate) fn renew_image(
         Caw::Written => Ok(Renewal::Renewed(next)),
         // A false miscompare: our new image is there, only the reply was lost.
         Caw::Miscompare(actual) if actual == next => Ok(Renewal::Renewed(next)),
+        // A miscompare that reports the very image we expected (a device fault, or a
+        // miscompare of bytes outside what it returned): nothing changed; try again.
+        Caw::Miscompare(actual) if actual == current => Err(LunError::Io {
+            device: lun.describe(),
+            op: "heartbeat compare-and-write",
+            offset,
+            source: std::io::Error::other(
+                "the device reported a miscompare but the slot holds what we expected",
+            ),
+        }),
         Caw::Miscompare(_) => Ok(Renewal::Lost(
             "another host changed our heartbeat slot: we were declared dead".into(),
         )),

@@ -140,7 +140,13 @@ pub(crate) fn recover_slot(
         "interrupted recovery of host"
     };
     // The storage refuses the dead host's writes from now on (where it can): a write
-    // it still had on its way must not land on what the replay writes.
+    // it still had on its way must not land on what the replay writes. And a recovery
+    // we take over: the stalled recoverer's too.
+    if h.image.state == SLOT_RECOVERING {
+        if let Some((key, whose)) = stalled_recoverer_key(lun, geo, &h.image) {
+            super::fence::fence_key(lun, fence_key, key, &whose)?;
+        }
+    }
     super::fence::fence_dead(lun, fence_key, h.slot, h.image.generation)?;
     tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
     let hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
@@ -151,6 +157,36 @@ pub(crate) fn recover_slot(
         "journal replayed"
     );
     hold.free()
+}
+
+/// The reservation key of the recoverer a RECOVERING slot names, when it is not the
+/// slot's own host replaying its own journal (that one has the slot's key): a host in
+/// another slot (its key is that slot's current life, if the slot still names it) or
+/// a tool (`atsfs recover`, `fsck --repair`: `fence::tool_key` of its uuid).
+fn stalled_recoverer_key(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    image: &crate::format::HeartbeatSlot,
+) -> Option<(crate::lun::ReservationKey, String)> {
+    if image.recoverer_uuid == image.host_uuid {
+        return None;
+    }
+    if image.recoverer_slot == image.slot {
+        let key = super::fence::tool_key(image.recoverer_uuid);
+        return Some((
+            key,
+            format!("the tool that was recovering slot {}", image.slot),
+        ));
+    }
+    let (_, theirs) = read_slot(lun, geo, image.recoverer_slot).ok()?;
+    let theirs = theirs.filter(|s| s.host_uuid == image.recoverer_uuid)?;
+    Some((
+        super::fence::host_key(image.recoverer_slot, theirs.generation),
+        format!(
+            "the host in slot {} that was recovering slot {}",
+            image.recoverer_slot, image.slot
+        ),
+    ))
 }
 
 /// A recoverer's hold on a RECOVERING slot: renewed every interval while the
@@ -374,14 +410,15 @@ pub enum OfflineOutcome {
 /// Recovers dead slots without mounting (`atsfs recover`): watches every slot in use
 /// (or just `only`) for `lease + interval` on our own clock, and recovers the ones
 /// that did not move, exactly as a surviving host would. The tool holds no slot and no
-/// lease: it is for volumes that no live host will recover (all hosts down). Where
-/// the storage fences, the caller registered `fence_key` (`fence::ToolRegistration`).
+/// lease: it is for volumes that no live host will recover (all hosts down). The
+/// caller's `tool` registration gets the tool past the storage's reservation and names
+/// the tool in the slots it claims.
 #[allow(clippy::too_many_arguments)]
 pub fn recover_offline(
     lun: &dyn Lun,
     geo: &Geometry,
     volume_uuid: [u8; 16],
-    fence_key: Option<crate::lun::ReservationKey>,
+    tool: &super::fence::ToolRegistration<'_>,
     only: Option<u32>,
     interval: Duration,
     lease: Duration,
@@ -418,7 +455,7 @@ pub fn recover_offline(
         }
         held = still;
     }
-    let tool = HostUuid(*uuid::Uuid::new_v4().as_bytes());
+    let (fence_key, tool) = (tool.key(), HostUuid(tool.uuid()));
     let timing = Timing {
         interval,
         lease,

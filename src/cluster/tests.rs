@@ -717,3 +717,68 @@ fn a_write_the_storage_refuses_as_a_reservation_conflict_fences_the_host() {
         Err(crate::lun::LunError::Fenced(_))
     ));
 }
+
+/// A LUN whose next compare-and-write reports a miscompare that names the expected
+/// image itself, and changes nothing (a device fault).
+struct FalseMiscompare {
+    inner: Arc<MemLun>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl Lun for FalseMiscompare {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(Caw::Miscompare(expected.to_vec()));
+        }
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "false miscompare".into()
+    }
+}
+
+#[test]
+fn a_heartbeat_miscompare_that_names_our_own_image_is_retried_not_taken_for_death() {
+    let (mem, geo) = volume();
+    let clock = Arc::new(ManualClock::default());
+    let claim = claim_slot(
+        mem.as_ref(),
+        &geo,
+        HostUuid([1; 16]),
+        INTERVAL,
+        LEASE,
+        clock.as_ref(),
+    )
+    .expect("claim");
+    let offset = geo.slot_offset(claim.slot);
+    let mut current = vec![0u8; geo.ats_sector_size as usize];
+    mem.read_at(&mut current, offset).expect("read");
+    let lun = FalseMiscompare {
+        inner: mem.clone(),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    };
+    let first = super::heartbeat::renew_image(&lun, offset, geo.ats_sector_size, &current);
+    assert!(
+        first.is_err(),
+        "a miscompare naming our own image was taken as our death"
+    );
+    match super::heartbeat::renew_image(&lun, offset, geo.ats_sector_size, &current) {
+        Ok(super::heartbeat::Renewal::Renewed(_)) => {}
+        _ => panic!("the retry did not renew"),
+    }
+}

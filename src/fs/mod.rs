@@ -287,10 +287,9 @@ impl Fs {
         }
     }
 
-    /// The kernel got `attr`'s inode in a reply, as `name` in `parent` (one more
-    /// lookup to forget).
-    pub fn remember(&self, parent: Ino, name: &[u8], attr: &Attr) {
-        self.nodes.remember(parent, name, attr.ino, attr.generation);
+    /// The kernel got `attr`'s inode in a reply (one more lookup to forget).
+    pub fn remember(&self, attr: &Attr) {
+        self.nodes.remember(attr.ino, attr.generation);
     }
 
     /// Connects the kernel's caches (the FUSE adapter's notifier): from now on they
@@ -505,15 +504,11 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write_on(&[parent], |c| c.unlink(parent, name, false))?;
-        self.nodes.unlinked(parent, name);
-        Ok(())
+        self.write_on(&[parent], |c| c.unlink(parent, name, false))
     }
 
     pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        self.write_on(&[parent], |c| c.unlink(parent, name, true))?;
-        self.nodes.unlinked(parent, name);
-        Ok(())
+        self.write_on(&[parent], |c| c.unlink(parent, name, true))
     }
 
     /// Renames; `flags` takes RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -527,11 +522,7 @@ impl Fs {
     ) -> FsResult<()> {
         self.write_on(&[parent, new_parent], |c| {
             c.rename(parent, name, new_parent, new_name, flags)
-        })?;
-        let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        self.nodes
-            .renamed(parent, name, new_parent, new_name, exchange);
-        Ok(())
+        })
     }
 
     /// Opens a file: records this host's open in the file's lock record (VMFS

@@ -155,6 +155,8 @@ impl Fs {
         // The slot is renewed from now on, also while we replay our own journal after a
         // crash: a replay longer than the lease must not look like a dead host.
         let mut membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
+        // The joining key, or after a crash the key of our old life (below).
+        let mut fencing = fencing;
         if after_crash {
             // Our slot is RECOVERING with the old generation: replay our journal, and
             // only then take a new generation (which makes our old locks stale).
@@ -162,6 +164,12 @@ impl Fs {
                 slot,
                 "this host crashed while mounted; replaying its journal"
             );
+            // The old life may be a paused process rather than a dead one: the storage
+            // refuses its writes from now on. And the replay runs under the old life's
+            // key, so that a host that recovers this slot, should we stall in the
+            // replay, fences us by fencing that life.
+            fence::fence_dead(lun.as_ref(), fencing.key(), slot, membership.generation)?;
+            fencing = fence::become_host(lun.as_ref(), &fencing, slot, membership.generation)?;
             Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
                 .with_context(|| format!("replaying the journal of slot {slot}"))?;
             membership.go_live()?;

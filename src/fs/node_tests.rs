@@ -111,7 +111,7 @@ fn a_node_the_kernel_holds_is_stale_once_its_block_holds_another_inode() {
     let a = mount(&lun, 1);
     let root = a.root();
     let d = a.mkdir(root, b"d", 0o755, 0, 0).expect("mkdir");
-    a.remember(root, b"d", &d); // the kernel looked it up: a shell's cwd
+    a.remember(&d); // the kernel looked it up: a shell's cwd
     a.rmdir(root, b"d").expect("rmdir");
     a.sync().expect("sync");
     let f = a.mknod(root, b"f", REG, 0, 0, 0).expect("create");
@@ -147,11 +147,7 @@ fn a_node_the_kernel_holds_is_stale_once_its_block_holds_another_inode() {
         Some(libc::ESTALE)
     );
     // Once the kernel looks the new file up, it knows the node by its generation.
-    a.remember(
-        root,
-        b"f",
-        &a.lookup(root, b"f").expect("lookup of the new file"),
-    );
+    a.remember(&a.lookup(root, b"f").expect("lookup of the new file"));
     let seen = a.getattr(f.ino).expect("stat of the new file");
     assert_eq!((seen.mode, seen.generation), (REG, f.generation));
     a.forget(f.ino, 2);
@@ -195,8 +191,8 @@ fn the_kernel_caches_of_what_another_host_takes_over_are_invalidated() {
     let f = a.mknod(d, b"f", REG, 0, 0, 0).expect("create").ino;
     let hidden = a.mknod(d, b"unknown", REG, 0, 0, 0).expect("create").ino;
     // b's kernel looks up d and d/f (not d/unknown).
-    b.remember(root, b"d", &b.lookup(root, b"d").expect("lookup d"));
-    b.remember(d, b"f", &b.lookup(d, b"f").expect("lookup f"));
+    b.remember(&b.lookup(root, b"d").expect("lookup d"));
+    b.remember(&b.lookup(d, b"f").expect("lookup f"));
     b.getattr(hidden)
         .expect("b stats the file its kernel does not hold");
     kernel.0.lock().expect("lock").clear();
@@ -238,7 +234,7 @@ fn a_fenced_host_drops_the_kernel_attributes_of_its_mount() {
     let root = a.root();
     let f = a.mknod(root, b"f", REG, 0, 0, 0).expect("create").ino;
     a.write_data(f, 0, b"cached by the kernel").expect("write");
-    a.remember(root, b"f", &a.lookup(root, b"f").expect("lookup f"));
+    a.remember(&a.lookup(root, b"f").expect("lookup f"));
     a.getattr(root).expect("stat");
     kernel.0.lock().expect("lock").clear();
     // The lease runs out (as after a pause past it).

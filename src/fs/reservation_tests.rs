@@ -4,7 +4,7 @@
 
 use super::tests::fresh_volume;
 use super::*;
-use crate::cluster::fence::{host_key, key_owner, JOIN_SLOT};
+use crate::cluster::fence::{host_key, key_owner, JOIN_SLOT, TOOL_SLOT};
 use crate::cluster::HostUuid;
 use crate::lun::{
     Lun, LunError, MemLun, PrDevice, PrSession, ReservationKey, ReservationType, Reservations,
@@ -186,13 +186,13 @@ fn a_joining_host_registers_before_it_claims_a_slot() {
 }
 
 #[test]
-fn mkfs_drops_the_reservation_an_old_volume_left() {
+fn mkfs_takes_over_the_reservation_an_old_volume_left() {
     let mem = fresh_volume(64 << 20);
     let device = PrDevice::new(mem.clone());
     let a_lun = Arc::new(device.session());
     mount_as(&a_lun, 1).unmount().expect("unmount");
     // Hosts never unregister: the LUN stays reserved, and a new initiator's writes
-    // (mkfs) are refused until the old keys go.
+    // (mkfs) are refused until it takes the LUN over.
     let tool = device.session();
     assert!(tool.read_reservation().expect("read").is_some());
     let opts = crate::mkfs::MkfsOptions {
@@ -200,17 +200,159 @@ fn mkfs_drops_the_reservation_an_old_volume_left() {
         ..crate::mkfs::MkfsOptions::default()
     };
     assert!(crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).is_err());
-    let removed = crate::cluster::fence::release_for_mkfs(&tool).expect("release");
-    assert_eq!(removed, 1);
-    assert_eq!(tool.read_reservation().expect("read"), None);
-    assert!(keys(&tool).is_empty());
-    crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).expect("mkfs after the release");
+    let key = crate::cluster::fence::take_for_mkfs(&tool)
+        .expect("take over")
+        .expect("a key");
+    assert_eq!(key_owner(key).map(|(slot, _)| slot), Some(TOOL_SLOT));
+    assert_eq!(
+        keys(&tool),
+        vec![key],
+        "the old volume's keys are still registered"
+    );
+    let held = tool
+        .read_reservation()
+        .expect("read")
+        .expect("still reserved");
+    assert_eq!(held.key, key);
+    crate::mkfs::mkfs(&tool, &opts, &mut |_, _| {}).expect("mkfs after the takeover");
+    // The old volume's host, paused past its lease, cannot write into the new one.
+    assert!(matches!(
+        a_lun.write_at(&[0x5a; 512], 0),
+        Err(LunError::Fenced(_))
+    ));
+    // The new volume mounts; its first host joins the reservation mkfs left.
+    let b_lun = Arc::new(device.session());
+    let b = mount_as(&b_lun, 2);
+    b.unmount().expect("unmount");
     // A LUN another program reserved is left alone.
-    let other = device.session();
+    let other_mem = fresh_volume(64 << 20);
+    let other_device = PrDevice::new(other_mem);
+    let other = other_device.session();
     other.register(ReservationKey(0x77)).expect("register");
     other.reserve(ReservationKey(0x77)).expect("reserve");
-    let err =
-        crate::cluster::fence::release_for_mkfs(&tool).expect_err("took a foreign reservation");
+    let mine = other_device.session();
+    let err = crate::cluster::fence::take_for_mkfs(&mine).expect_err("took a foreign reservation");
     assert!(format!("{err:#}").contains("reserved by another initiator"));
-    assert_eq!(keys(&tool), vec![ReservationKey(0x77)]);
+    assert_eq!(keys(&mine), vec![ReservationKey(0x77)]);
+}
+
+#[test]
+fn a_recovery_after_the_target_lost_its_reservations_reserves_again_before_it_trusts_a_missing_key()
+{
+    let mem = fresh_volume(64 << 20);
+    let device = PrDevice::new(mem.clone());
+    let a_lun = Arc::new(device.session());
+    let a = mount_as(&a_lun, 1);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.fsync(f, false).expect("fsync");
+    let b_lun = Arc::new(device.session());
+    let b = mount_as(&b_lun, 2);
+    // The target restarts: no reservation, no keys. Host 1's key is missing now, which
+    // proves nothing about host 1.
+    device.forget_reservations();
+    drop(a);
+    let f_on_b = b.lookup(b.root(), b"f").expect("lookup on b").ino;
+    b.write_data(f_on_b, 0, b"HOST 2").expect("write on b");
+    b.fsync(f_on_b, false).expect("fsync on b");
+    // Host 2 reserved the LUN again before it replayed host 1's journal: host 1's late
+    // write is refused.
+    assert!(b_lun.read_reservation().expect("read").is_some());
+    let err = a_lun
+        .write_at(&[0x5a; 512], 0)
+        .expect_err("a late write landed after the recovery");
+    assert!(matches!(err, LunError::Fenced(_)), "{err}");
+    b.unmount().expect("unmount b");
+    assert_fsck_clean(&mem);
+}
+
+/// A new session that, before each of its writes, tries a write of the old life's
+/// session (still registered unless fenced) and records whether it landed.
+struct OldLifeProbe {
+    new: Arc<PrSession>,
+    old: Arc<PrSession>,
+    old_life_wrote: std::sync::Mutex<Vec<bool>>,
+}
+
+impl Lun for OldLifeProbe {
+    fn sector_size(&self) -> u32 {
+        self.new.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.new.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::lun::LunResult<()> {
+        self.new.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> crate::lun::LunResult<()> {
+        // A sector no replay touches: the last one of the device.
+        let probe = self.new.len_bytes() - 512;
+        let mut sector = vec![0u8; 512];
+        self.new.read_at(&mut sector, probe)?;
+        let landed = self.old.write_at(&sector, probe).is_ok();
+        if let Ok(mut seen) = self.old_life_wrote.lock() {
+            seen.push(landed);
+        }
+        self.new.write_at(buf, offset)
+    }
+    fn compare_and_write(
+        &self,
+        offset: u64,
+        expected: &[u8],
+        new: &[u8],
+    ) -> crate::lun::LunResult<crate::lun::Caw> {
+        self.new.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> crate::lun::LunResult<()> {
+        self.new.flush()
+    }
+    fn describe(&self) -> String {
+        self.new.describe()
+    }
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        Some(self.new.as_ref())
+    }
+}
+
+#[test]
+fn a_host_replaying_its_own_journal_after_a_crash_fences_its_old_life_first() {
+    let mem = fresh_volume(64 << 20);
+    let device = PrDevice::new(mem.clone());
+    let old_lun = Arc::new(device.session());
+    let old = mount_as(&old_lun, 1);
+    let f = old
+        .mknod(old.root(), b"f", REG, 0, 0, 0)
+        .expect("create")
+        .ino;
+    old.fsync(f, false).expect("fsync");
+    let (slot, old_generation) = old.slot().expect("slot");
+    // The old process stalls (it is not dead: its session is still registered), and
+    // the host mounts again as the same host on a new session.
+    drop(old);
+    let new_lun = Arc::new(device.session());
+    let probe = Arc::new(OldLifeProbe {
+        new: new_lun.clone(),
+        old: old_lun.clone(),
+        old_life_wrote: Default::default(),
+    });
+    let lun: Arc<dyn Lun> = probe.clone();
+    let new = Fs::mount(lun, MountOptions::new(HostUuid([1; 16]))).expect("remount");
+    let seen = probe.old_life_wrote.lock().expect("probe").clone();
+    assert!(
+        !seen.is_empty(),
+        "the remount wrote nothing: no replay to watch"
+    );
+    assert!(
+        seen.iter().all(|&landed| !landed),
+        "the old life could still write while the new one replayed its journal: {seen:?}"
+    );
+    let (new_slot, new_generation) = new.slot().expect("slot");
+    assert_eq!(new_slot, slot);
+    assert_ne!(new_generation, old_generation);
+    let err = old_lun
+        .write_at(&[0x5a; 512], 0)
+        .expect_err("the old life's late write landed on the new life's replay");
+    assert!(matches!(err, LunError::Fenced(_)), "{err}");
+    assert_eq!(keys(&new_lun), vec![host_key(slot, new_generation)]);
+    new.unmount().expect("unmount");
+    assert_fsck_clean(&mem);
 }

@@ -757,11 +757,12 @@ fn offline_recovery_replays_a_dead_hosts_journal() {
     let geo = Geometry::from_superblock(&read_superblock(lun.as_ref()).expect("sb"));
     let sb = read_superblock(lun.as_ref()).expect("sb");
     let clock = crate::cluster::SystemClock::default();
+    let tool = crate::cluster::fence::ToolRegistration::new(lun.as_ref()).expect("tool");
     let outcomes = crate::cluster::recover_offline(
         lun.as_ref(),
         &geo,
         sb.volume_uuid,
-        None,
+        &tool,
         None,
         Duration::from_millis(100),
         Duration::from_millis(1000),
@@ -1632,11 +1633,12 @@ fn offline_recovery_reclaims_the_unlinked_open_files_of_dead_hosts() {
     let sb = read_superblock(lun.as_ref()).expect("sb");
     let geo = Geometry::from_superblock(&sb);
     let clock = crate::cluster::SystemClock::default();
+    let tool = crate::cluster::fence::ToolRegistration::new(lun.as_ref()).expect("tool");
     let outcomes = crate::cluster::recover_offline(
         lun.as_ref(),
         &geo,
         sb.volume_uuid,
-        None,
+        &tool,
         None,
         Duration::from_millis(100),
         Duration::from_millis(1000),

@@ -665,10 +665,7 @@ mod tests {
             eprintln!("skipped: no /usr/include/iscsi (apt-get install libiscsi-dev)");
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("layout.c");
-        std::fs::write(
-            &src,
+        let Some(c) = crate::lun::c_program_output(
             r#"#include <stdio.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -691,20 +688,10 @@ int main(void) {
   return 0;
 }
 "#,
-        )
-        .unwrap();
-        let exe = dir.path().join("layout");
-        let built = std::process::Command::new("cc")
-            .arg(&src)
-            .arg("-o")
-            .arg(&exe)
-            .status();
-        if !matches!(built, Ok(s) if s.success()) {
-            eprintln!("skipped: no C compiler to check the layouts with");
+        ) else {
+            eprintln!("skipped: no C compiler to check the layout with");
             return;
-        }
-        let out = std::process::Command::new(&exe).output().unwrap();
-        let c = String::from_utf8(out.stdout).unwrap();
+        };
         use ffi::{Iovec, Iovector, Sense, Task, Url};
         let rust = format!(
             "{} {} {} {} {} {} {} {} {} {} {} {} {} {}\n{} {} {} {} {}\n{} {} {} {} {} {}\n{} {} {}\n",

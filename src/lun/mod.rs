@@ -34,7 +34,9 @@ pub use fault::{
 pub use file::{FileLun, OpenMode};
 pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
-pub use open::{device_kind, open_device, DeviceKind, PlainDisk, ATS_EMULATION_ENV};
+pub use open::{
+    device_kind, display_name, open_device, DeviceKind, PlainDisk, ATS_EMULATION_ENV,
+};
 pub use pr_emu::{PrDevice, PrSession};
 pub use reservations::{
     Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
@@ -342,4 +344,26 @@ pub fn check_caw(
         });
     }
     check_range("compare-and-write", offset, s, size, Some(sector))
+}
+
+/// Compiles `source` (C) with the system's `cc`, runs it and returns what it printed;
+/// None where there is no compiler. For the tests that hold the FFI mirrors of C
+/// structs (libiscsi's, SG_IO's) against the installed headers.
+#[cfg(test)]
+pub(crate) fn c_program_output(source: &str) -> Option<String> {
+    let dir = tempfile::tempdir().ok()?;
+    let src = dir.path().join("layout.c");
+    std::fs::write(&src, source).ok()?;
+    let exe = dir.path().join("layout");
+    let built = std::process::Command::new("cc")
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .status()
+        .ok()?;
+    if !built.success() {
+        return None;
+    }
+    let out = std::process::Command::new(&exe).output().ok()?;
+    String::from_utf8(out.stdout).ok()
 }

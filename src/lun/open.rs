@@ -118,6 +118,17 @@ impl Lun for PlainDisk {
     }
 }
 
+/// `name` as messages, logs and the mount table show it: an `iscsi://` URL without
+/// its password (CHAP secrets never reach /proc/mounts or a log).
+pub fn display_name(name: &Path) -> String {
+    let shown = name.display().to_string();
+    if name.to_str().is_some_and(|s| s.starts_with("iscsi://")) {
+        super::iscsi::redact_url(&shown)
+    } else {
+        shown
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +142,17 @@ mod tests {
         let img = tempfile::NamedTempFile::new().unwrap();
         assert_eq!(device_kind(img.path()), DeviceKind::File);
         assert_eq!(device_kind(Path::new("/nonexistent/x")), DeviceKind::File);
+    }
+
+    #[test]
+    fn a_device_name_is_shown_without_its_chap_password() {
+        let url = Path::new("iscsi://alice%s3cret@10.0.0.1:3260/iqn.2003-01.org.x:t/1");
+        let shown = display_name(url);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("alice@10.0.0.1:3260/iqn.2003-01.org.x:t/1"),
+            "{shown}"
+        );
+        assert_eq!(display_name(Path::new("/srv/a.img")), "/srv/a.img");
     }
 }

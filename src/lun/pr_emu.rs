@@ -76,6 +76,13 @@ impl PrDevice {
         }
     }
 
+    /// What a target restart without persist-through-power-loss (or an admin's
+    /// CLEAR) does: every registration and the reservation are gone.
+    pub fn forget_reservations(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state = PrState::default();
+    }
+
     /// A new initiator of this LUN, registered nowhere.
     pub fn session(&self) -> PrSession {
         PrSession {

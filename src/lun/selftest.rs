@@ -183,7 +183,16 @@ pub fn run(
         problems: Vec::new(),
     };
     // Claim the sector: from here on, it must get its content back.
-    match first.compare_and_write(run.offset, &original, &run.image(0))? {
+    let claimed = match first.compare_and_write(run.offset, &original, &run.image(0)) {
+        Ok(claimed) => claimed,
+        Err(e) => {
+            // The write may have landed with its reply lost: put the sector back if it
+            // holds our image.
+            run.restore(first.as_ref(), &original);
+            return Err(e.into());
+        }
+    };
+    match claimed {
         Caw::Written => {}
         // A miscompare reporting our own image: the write landed, its reply was lost.
         Caw::Miscompare(actual) if actual == run.image(0) => {}

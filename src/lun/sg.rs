@@ -428,10 +428,7 @@ mod tests {
             eprintln!("skipped: no /usr/include/scsi/sg.h");
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("sg.c");
-        std::fs::write(
-            &src,
+        let Some(c) = crate::lun::c_program_output(
             r#"#include <stdio.h>
 #include <stddef.h>
 #include <scsi/sg.h>
@@ -445,20 +442,10 @@ int main(void) {
   return 0;
 }
 "#,
-        )
-        .unwrap();
-        let exe = dir.path().join("sg");
-        let built = std::process::Command::new("cc")
-            .arg(&src)
-            .arg("-o")
-            .arg(&exe)
-            .status();
-        if !matches!(built, Ok(s) if s.success()) {
+        ) else {
             eprintln!("skipped: no C compiler to check the layout with");
             return;
-        }
-        let c =
-            String::from_utf8(std::process::Command::new(&exe).output().unwrap().stdout).unwrap();
+        };
         let rust = format!(
             "{} {} {} {} {} {} {} {} {} {} {} {} {} {} {}\n",
             size_of::<SgIoHdr>(),

@@ -274,15 +274,27 @@ impl Mount {
     pub fn unmount(mut self) -> MountSpec {
         self.mounted = false;
         let spec = self.spec.clone();
-        let status = Command::new("umount")
-            .arg(&spec.mountpoint)
-            .status()
-            .expect("running umount");
-        assert!(
-            status.success(),
-            "umount {} failed ({status})",
-            spec.mountpoint.display()
-        );
+        // "target is busy" can be a moment's: a process another test forked has not
+        // exec'd yet and holds a copy of a descriptor into the mount.
+        let mut tries = 0;
+        loop {
+            let out = Command::new("umount")
+                .arg(&spec.mountpoint)
+                .output()
+                .expect("running umount");
+            if out.status.success() {
+                break;
+            }
+            tries += 1;
+            assert!(
+                tries < 50,
+                "umount {} failed ({}): {}",
+                spec.mountpoint.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         if let Some(pid) = self.daemon_pid {
             assert!(
                 wait_exit(pid, DAEMON_EXIT_WAIT),

@@ -149,13 +149,26 @@ fn bench(quick: bool, fuse: bool) -> anyhow::Result<bool> {
         .prefix("atsfs-bench-")
         .tempdir()
         .context("temp dir")?;
-    let command = format!("cargo run --release --example bench -- DIR {files} {big_dir}");
-    let out = sh::cargo()
+    // A real iSCSI LUN too, where the test bed is built (tgtd on localhost).
+    let target = tgt::bench_target(&scratch.path().join("iscsi-lun.img"), 4 << 30);
+    let command = format!(
+        "{}cargo run --release --example bench -- DIR {files} {big_dir}",
+        if target.is_some() {
+            "ATSFS_BENCH_ISCSI=URL "
+        } else {
+            ""
+        }
+    );
+    let mut run = sh::cargo()
         .args(["run", "--quiet", "--release", "--example", "bench", "--"])
         .arg(scratch.path())
         .arg(files)
-        .arg(big_dir)
-        .output()?;
+        .arg(big_dir);
+    if let Some(target) = &target {
+        run = run.env("ATSFS_BENCH_ISCSI", target.url());
+    }
+    let out = run.output()?;
+    drop(target);
     if !out.status.success() {
         anyhow::bail!(
             "the benchmark failed:\n{}",

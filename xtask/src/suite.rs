@@ -49,6 +49,16 @@ pub fn run() -> Result<bool> {
         if !fuse_ok {
             println!("(not root or no /dev/fuse: the FUSE integration tests will skip themselves)");
         }
+        if sh::is_root() && !in_ci {
+            // The iSCSI tests need the test bed; build it once (about 10 s, and the
+            // packages it needs the first time). CI's .ci/run builds it before.
+            if let Err(e) = crate::tgt::build(false) {
+                println!(
+                    "(the iSCSI tests will skip themselves: building the tgt test bed failed: \
+                     {e:#})"
+                );
+            }
+        }
         steps.push(timed("cargo test --workspace", || {
             cargo_step(
                 sh::cargo()

@@ -157,6 +157,21 @@ impl Target {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The socket file appears at bind(), before tgtd listens on it: a tgtadm sent
+        // in between fails with "Transport endpoint is not connected" (CI saw it).
+        // A read-only query is asked until tgtd answers, so no change is sent twice.
+        let show_targets = ["--mode", "target", "--op", "show"];
+        while let Err(e) = self.tgtadm(bins, &show_targets, false) {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(format!("tgtd exited at once ({status})"));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("tgtd does not answer tgtadm in time: {e}"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let image = self.spec.image.to_string_lossy().into_owned();
         let words = |line: &'static str| line.split(' ').collect::<Vec<&str>>();
         let mut target_new = words("--mode target --op new --tid 1 --targetname");

@@ -139,6 +139,43 @@ fn cache_dir() -> Result<PathBuf> {
     Ok(sh::target_dir()?.join("tgt"))
 }
 
+/// For `cargo xtask bench`: when tgt is built and we are root, serves `image` (made
+/// here, `bytes` long, sparse) on a free port of localhost with one I/O thread; the
+/// target stops when the returned value drops. None (with the reason printed) when
+/// there is no build or no root: the bench then has no iSCSI rows.
+pub fn bench_target(image: &Path, bytes: u64) -> Option<testbed::Target> {
+    if !sh::is_root() {
+        println!("(no iSCSI rows: not root)");
+        return None;
+    }
+    let bins = TgtBinaries::in_cache(&cache_dir().ok()?);
+    if !bins.exist() {
+        println!("(no iSCSI rows: run `cargo xtask tgt build` first)");
+        return None;
+    }
+    let made = std::fs::File::create(image).and_then(|f| f.set_len(bytes));
+    if let Err(e) = made {
+        println!("(no iSCSI rows: making {}: {e})", image.display());
+        return None;
+    }
+    let port = testbed::free_port().ok()?;
+    let run_dir = image.with_extension(format!("tgt-{port}"));
+    let spec = TargetSpec {
+        image: image.to_path_buf(),
+        portal: std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, port),
+        threads: 1,
+        run_dir,
+        allowed: testbed::allowed_default(),
+    };
+    match testbed::Target::start(&bins, &spec, false) {
+        Ok(target) => Some(target),
+        Err(e) => {
+            println!("(no iSCSI rows: starting tgtd: {e})");
+            None
+        }
+    }
+}
+
 fn run_dir(port: u16) -> PathBuf {
     Path::new(RUN_ROOT).join(port.to_string())
 }

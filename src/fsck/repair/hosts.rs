@@ -52,7 +52,7 @@ pub(super) fn settle(
     lun: &dyn Lun,
     sb: &Superblock,
     geo: &Geometry,
-    (force, fence_key): (bool, Option<crate::lun::ReservationKey>),
+    (force, tool): (bool, &crate::cluster::fence::ToolRegistration<'_>),
     tally: &mut Tally,
     notes: &mut Vec<String>,
 ) -> Result<()> {
@@ -78,7 +78,7 @@ pub(super) fn settle(
         lun,
         geo,
         sb.volume_uuid,
-        fence_key,
+        tool,
         None,
         interval,
         lease,

@@ -89,7 +89,7 @@ pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
         lun,
         &sb,
         &geo,
-        (force, registration.key()),
+        (force, &registration),
         &mut tally,
         &mut notes,
     )?;

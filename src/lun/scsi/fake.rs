@@ -27,6 +27,8 @@ pub(crate) struct FakeConfig {
     pub sync16: bool,
     /// PREEMPT AND ABORT is implemented (tgt lacks it).
     pub preempt_abort: bool,
+    /// COMPARE AND WRITE writes without comparing (a broken target).
+    pub compare_broken: bool,
 }
 
 impl Default for FakeConfig {
@@ -41,6 +43,7 @@ impl Default for FakeConfig {
             descriptor_sense: false,
             sync16: true,
             preempt_abort: true,
+            compare_broken: false,
         }
     }
 }
@@ -205,7 +208,8 @@ impl FakeDisk {
                 let (at, len) = self.extent(lba(cdb), blocks, buf.len() / 2)?;
                 let (expected, new) = buf.split_at(len);
                 let current = &st.data[at..at + len];
-                if let Some(first) = current.iter().zip(expected).position(|(a, b)| a != b) {
+                let first = current.iter().zip(expected).position(|(a, b)| a != b);
+                if let Some(first) = first.filter(|_| !self.config.compare_broken) {
                     let sense = self.sense(sense::MISCOMPARE, 0x1D, 0, Some(first as u64));
                     return Err((STATUS_CHECK_CONDITION, sense));
                 }

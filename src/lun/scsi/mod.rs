@@ -63,7 +63,7 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 const SECTOR_MIN_BYTES: u32 = 512;
 const SECTOR_MAX_BYTES: u32 = 64 * 1024;
 /// Bytes asked for in PERSISTENT RESERVE IN (READ KEYS holds (n-8)/8 keys).
-const PR_IN_BYTES: u16 = 8 + 8 * 256;
+const PR_IN_BYTES: u16 = 8 + 8 * 2048;
 
 /// Where a command's data goes.
 pub enum DataDir<'a> {
@@ -294,16 +294,17 @@ impl<T: ScsiTransport> ScsiLun<T> {
     }
 
     /// A compare-and-write of sector 0 that changes nothing: `expected` differs from
-    /// what was just read, and `new` equals `expected`, so it either miscompares or
-    /// (had another host just written exactly that) rewrites the same bytes.
+    /// what was just read, so a device that compares miscompares; and `new` is what
+    /// was just read, so even a device whose compare is broken (writes regardless,
+    /// the fault `ats-selftest` looks for) writes back the bytes that are there.
     fn caw_probe(&self) -> LunResult<(CawSupport, String)> {
         let sector = self.sector_bytes as usize;
         let mut current = vec![0u8; sector];
         self.read_blocks(&mut current, 0)?;
-        let mut probe = current;
+        let mut probe = current.clone();
         probe[0] ^= 0xFF;
-        let mut data = probe.clone();
-        data.extend_from_slice(&probe);
+        let mut data = probe;
+        data.extend_from_slice(&current);
         let blocks = (self.sector_bytes / self.logical_bytes) as u8;
         let reply = self.run(
             "compare-and-write probe",
@@ -450,6 +451,16 @@ impl<T: ScsiTransport> ScsiLun<T> {
     }
 
     fn sense_error(&self, op: &'static str, offset: u64, sense: &Sense) -> LunError {
+        if sense.deferred {
+            // An earlier write the device acknowledged did not land: whatever this
+            // host believes it wrote may be missing. It stops (`GuardedLun` fences on
+            // `Fenced`) so that a survivor replays its journal instead.
+            return LunError::Fenced(format!(
+                "{}: {op} at byte {offset}: {sense}; this host stops writing, and its \
+                 journal is replayed by the next host that recovers it",
+                self.describe()
+            ));
+        }
         self.scsi_error(op, offset, sense.to_string())
     }
 
@@ -778,7 +789,17 @@ impl<T: ScsiTransport> Reservations for ScsiLun<T> {
         let (keys, cut) = cdb::parse_read_keys(&data)
             .ok_or_else(|| self.scsi_error("read keys", 0, "short READ KEYS reply".into()))?;
         if cut {
-            tracing::warn!(device = %self.describe(), listed = keys.len(), "READ KEYS list cut short");
+            // A key missing from a cut list could be the one a caller looks for (a
+            // dead host to fence): never hand out part of the list.
+            return Err(self.scsi_error(
+                "read keys",
+                0,
+                format!(
+                    "more reservation keys than the {} a READ KEYS reply holds; remove \
+                     stale registrations on the storage",
+                    keys.len()
+                ),
+            ));
         }
         Ok(keys)
     }

@@ -351,6 +351,23 @@ fn a_caw_probe_changes_nothing() {
 }
 
 #[test]
+fn a_caw_probe_changes_nothing_even_where_the_compare_is_broken() {
+    let disk = FakeDisk::new(FakeConfig {
+        rsoc: false,
+        compare_broken: true,
+        ..FakeConfig::default()
+    });
+    let writer = ScsiLun::open(disk.connect(), OpenMode::ReadWrite).unwrap();
+    writer.write_at(&[7u8; 512], 0).unwrap();
+    let _lun = open(&disk);
+    assert_eq!(
+        disk.bytes(0, 512),
+        vec![7u8; 512],
+        "the probe wrote into sector 0"
+    );
+}
+
+#[test]
 fn a_caw_limit_below_one_sector_is_no_caw() {
     let disk = FakeDisk::new(FakeConfig {
         physical_exponent: 3,
@@ -635,4 +652,18 @@ fn compare_and_write_counts_exactly_under_contention() {
     }
     let n = u64::from_le_bytes(disk.bytes(4096, 8).try_into().unwrap());
     assert_eq!(n, 800);
+}
+
+#[test]
+fn a_deferred_error_fences_the_host() {
+    let disk = disk();
+    let lun = open(&disk);
+    let nexus = lun.transport().nexus;
+    // A MEDIUM ERROR reported as deferred: an earlier, acknowledged write was lost.
+    let mut deferred = disk.sense(sense::MEDIUM_ERROR, 0x0C, 0, None);
+    deferred[0] = (deferred[0] & 0x80) | 0x71;
+    disk.inject(nexus, Fault::Reply(STATUS_CHECK_CONDITION, deferred));
+    let err = lun.write_at(&[1u8; 512], 0).unwrap_err();
+    assert!(matches!(err, LunError::Fenced(_)), "{err}");
+    assert!(err.to_string().contains("deferred"), "{err}");
 }
