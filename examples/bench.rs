@@ -3,11 +3,12 @@
 //! wrapper. Prints a markdown table. `cargo xtask bench` runs it in release mode.
 //!
 //! Usage: bench IMAGE_DIR [FILES [BIG_DIR_ENTRIES]]; with ATSFS_BENCH_ISCSI=URL also
-//! the iSCSI rows (`iscsi_rows`; the LUN is overwritten).
+//! the iSCSI rows (`iscsi_rows`; the LUN is overwritten). The Disk Paxos rows
+//! (`paxos_rows`) open the image as a plain disk: no compare-and-write below the token.
 
 use atsfs::cluster::HostUuid;
 use atsfs::fs::{Fs, MountOptions};
-use atsfs::lun::{FaultConfig, FaultLun, FileLun, IoStats, Lun, OpenMode};
+use atsfs::lun::{FaultConfig, FaultLun, FileLun, IoStats, Lun, OpenMode, PlainDisk};
 use atsfs::mkfs::{mkfs, MkfsOptions};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,12 +27,26 @@ fn make_image(path: &Path, bytes: u64, opts: &MkfsOptions) {
 }
 
 fn host(path: &Path, id: u8) -> (Arc<Fs>, Counted) {
-    let lun = Arc::new(FaultLun::new(
-        FileLun::open(path, OpenMode::ReadWrite).expect("open"),
-        FaultConfig::default(),
-    ));
+    let lun = counted(path);
     let dynlun: Arc<dyn Lun> = lun.clone();
     let fs = Fs::mount(dynlun, MountOptions::new(HostUuid([id; 16]))).expect("mount");
+    (fs, lun)
+}
+
+fn counted(path: &Path) -> Counted {
+    Arc::new(FaultLun::new(
+        FileLun::open(path, OpenMode::ReadWrite).expect("open"),
+        FaultConfig::default(),
+    ))
+}
+
+/// A host of a Disk Paxos volume on its own open of the image as a plain disk (its
+/// compare-and-write fails, so every test-and-set goes through the token), counted
+/// below the token.
+fn paxos_host(path: &Path, id: u8) -> (Arc<Fs>, Counted) {
+    let lun = counted(path);
+    let plain: Arc<dyn Lun> = Arc::new(PlainDisk(lun.clone()));
+    let fs = Fs::mount(plain, MountOptions::new(HostUuid([id; 16]))).expect("mount");
     (fs, lun)
 }
 
@@ -116,6 +131,7 @@ fn big_directory(dir: &Path, entries: u64, rows: &mut Vec<(String, String)>) {
 
 /// Compare-and-write latency of one sector on `lun`: `n` successful CAWs in a row,
 /// each from the image the last one wrote. Returns (mean µs, 99th percentile µs).
+/// Mean and p99 latency (µs) of `n` uncontended compare-and-writes of one sector.
 fn caw_latency(lun: &dyn Lun, offset: u64, n: usize) -> (f64, f64) {
     let sector = lun.sector_size() as usize;
     let mut current = vec![0u8; sector];
@@ -192,6 +208,100 @@ fn iscsi_rows(url: &str, dir: &Path, files: u64, rows: &mut Vec<(String, String)
     ));
     let _ = b.unmount();
     let _ = a.unmount();
+}
+
+/// `caw_latency` on `lun` with the device I/Os each test-and-set cost on `device`
+/// (below any token): "MEAN µs mean, P99 µs p99, R reads + W writes per test-and-set".
+fn caw_row(lun: &dyn Lun, device: &Counted, offset: u64, n: usize) -> String {
+    let before = device.stats();
+    let (mean, p99) = caw_latency(lun, offset, n);
+    let after = device.stats();
+    let per = |x: u64, y: u64| (y - x) as f64 / n as f64;
+    format!(
+        "{mean:.1} µs mean, {p99:.1} µs p99; {:.2} reads + {:.2} writes + {:.2} device ATS per test-and-set",
+        per(before.reads, after.reads),
+        per(before.writes, after.writes),
+        per(before.caws, after.caws),
+    )
+}
+
+/// Disk Paxos rows: test-and-set latency and device I/Os of the emulation and of the
+/// token (acquired for each test-and-set, and kept between them as a mounted host
+/// keeps it), then the create rates of one host and of two hosts in one directory on
+/// a Disk Paxos volume against one host on the emulation (`rate_emulated`).
+fn paxos_rows(dir: &Path, files: u64, rate_emulated: f64, rows: &mut Vec<(String, String)>) {
+    use atsfs::cluster::paxos::{Owner, PaxosLun, PaxosRegion, TokenTiming};
+    use atsfs::cluster::{Clock, SystemClock};
+    use atsfs::format::Geometry;
+
+    let image = dir.join("atsfs-bench-paxos.img");
+    let opts = MkfsOptions {
+        ats_mode: atsfs::format::ATS_MODE_DISK_PAXOS,
+        ..MkfsOptions::default()
+    };
+    make_image(&image, 2 << 30, &opts);
+    // A sector past the superblock that nothing reads while no host is mounted.
+    let probe = 1 << 20;
+    {
+        let device = counted(&image);
+        rows.push((
+            "ATS: emulated (OFD lock on an image file, one kernel only)".into(),
+            caw_row(device.as_ref(), &device, probe, 2000),
+        ));
+        let sb = atsfs::fs::read_superblock(device.as_ref()).expect("superblock");
+        let region = PaxosRegion::of(&Geometry::from_superblock(&sb)).expect("a Disk Paxos region");
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+        let timing = TokenTiming::for_token(u64::from(sb.paxos_token_ms));
+        let me = Owner {
+            slot: 0,
+            generation: 1,
+        };
+        let plain: Arc<dyn Lun> = Arc::new(PlainDisk(device.clone()));
+        let cold = PaxosLun::new(plain.clone(), region, me, clock.clone(), timing);
+        rows.push((
+            "ATS: Disk Paxos, token taken and given back for each test-and-set".into(),
+            caw_row(&cold, &device, probe, 500),
+        ));
+        drop(cold);
+        let kept = Arc::new(PaxosLun::new(plain, region, me, clock, timing));
+        kept.start_releaser();
+        rows.push((
+            "ATS: Disk Paxos, token kept between test-and-sets (a busy mounted host)".into(),
+            caw_row(kept.as_ref(), &device, probe, 2000),
+        ));
+    }
+    // Create rates; mkfs again so that the probe's writes leave nothing behind.
+    make_image(&image, 2 << 30, &opts);
+    let (a, _lun_a) = paxos_host(&image, 21);
+    let n = files / 2;
+    let d1 = a.mkdir(a.root(), b"one", 0o755, 0, 0).expect("mkdir").ino;
+    let one = create_files(&a, d1, "f", n);
+    rows.push((
+        format!("Disk Paxos: 1 host, create + 100 B write of {n} files"),
+        format!(
+            "{one:.0} files/s = {:.2}x one host on the emulation",
+            one / rate_emulated
+        ),
+    ));
+    let (b, _lun_b) = paxos_host(&image, 22);
+    let same = a.mkdir(a.root(), b"same", 0o755, 0, 0).expect("mkdir").ino;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| create_files(&a, same, "a", n / 4));
+        s.spawn(|| create_files(&b, same, "b", n / 4));
+    });
+    let two = (n / 2) as f64 / started.elapsed().as_secs_f64();
+    rows.push((
+        "Disk Paxos: 2 hosts, one directory".into(),
+        format!(
+            "{two:.0} files/s = {:.2}x one Disk Paxos host, {:.2}x one host on the emulation (target >= 0.5x)",
+            two / one,
+            two / rate_emulated
+        ),
+    ));
+    let _ = b.unmount();
+    let _ = a.unmount();
+    let _ = std::fs::remove_file(&image);
 }
 
 /// Creates `n` files with 100 bytes each in `dir`, then syncs; returns files/s.
@@ -343,6 +453,8 @@ fn main() {
     let _ = std::fs::remove_file(&image);
 
     big_directory(&dir, big_dir, &mut rows);
+
+    paxos_rows(&dir, files, rate_one, &mut rows);
 
     if let Ok(url) = std::env::var("ATSFS_BENCH_ISCSI") {
         iscsi_rows(&url, &dir, files, &mut rows);
