@@ -172,3 +172,27 @@ fn two_hosts_share_a_disk_paxos_volume_on_a_disk_without_compare_and_write() {
     let text = crate::inspect::render_status(&status);
     assert!(text.contains("Disk Paxos"), "{text}");
 }
+
+#[test]
+fn emulated_and_hardware_volumes_refuse_a_disk_without_compare_and_write() {
+    for mode in [ATS_MODE_EMULATED, ATS_MODE_HARDWARE] {
+        let mem = volume(mode);
+        let before = mem.snapshot();
+        let plain: Arc<dyn Lun> = Arc::new(crate::lun::PlainDisk(mem.clone()));
+        assert_eq!(plain.ats_kind(), AtsKind::Plain);
+        let err = mount(plain.clone()).err().expect("a plain disk is refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("has no compare-and-write at all")
+                && text.contains("only a Disk Paxos volume works on a plain disk"),
+            "mode {mode}: {text}"
+        );
+        assert!(
+            mem.snapshot() == before,
+            "a refused opener wrote to the volume"
+        );
+        let status = crate::inspect::status(plain.as_ref(), Some(Duration::ZERO)).expect("status");
+        assert_eq!(status.volume.opener_ats, "none");
+        assert!(!status.volume.opener_matches);
+    }
+}

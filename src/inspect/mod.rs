@@ -42,9 +42,12 @@ pub struct VolumeInfo {
     pub device: String,
     pub label: String,
     pub volume_uuid: String,
-    /// `emulated` (file locks, one kernel) or `hardware` (SCSI COMPARE AND WRITE).
+    /// `emulated` (file locks, one kernel), `hardware` (SCSI COMPARE AND WRITE) or
+    /// `disk-paxos` (the volume's token over plain reads and writes).
     pub ats_mode: String,
-    /// The ATS kind of the device this tool opened: `emulated` or `hardware`.
+    /// The ATS kind of the device this tool opened: `emulated`, `hardware`, `none`
+    /// (a plain disk), or `disk-paxos` on a Disk Paxos volume (every opener takes
+    /// the token).
     pub opener_ats: String,
     /// Whether a host opening the volume this way could mount it (`check_ats_mode`).
     pub opener_matches: bool,
@@ -144,8 +147,8 @@ impl VolumeInfo {
             device: lun.describe(),
             label: get_str(&sb.label),
             volume_uuid: uuid::Uuid::from_bytes(sb.volume_uuid).to_string(),
-            ats_mode: kind_name(volume).into(),
-            opener_ats: kind_name(opener).into(),
+            ats_mode: volume.name().into(),
+            opener_ats: opener.name().into(),
             opener_matches,
             ats_sector_size: sb.ats_sector_size,
             heartbeat_interval_ms: sb.heartbeat_interval_ms,
@@ -153,14 +156,6 @@ impl VolumeInfo {
             max_hosts: sb.max_hosts,
             fencing: Fencing::read(lun),
         }
-    }
-}
-
-fn kind_name(kind: AtsKind) -> &'static str {
-    match kind {
-        AtsKind::Hardware => "hardware",
-        AtsKind::Emulated => "emulated",
-        AtsKind::DiskPaxos => "disk-paxos",
     }
 }
 

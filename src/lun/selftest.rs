@@ -27,7 +27,7 @@
 //! the sector: the run stops with `SelftestError::Interfered` rather than blame the
 //! device. Every loop is bounded (`ATTEMPTS_MAX` per increment).
 
-use super::{AtsKind, Caw, Lun, LunError, LunResult};
+use super::{Caw, Lun, LunError, LunResult};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -168,7 +168,7 @@ pub fn run(
     };
     let mut report = SelftestReport {
         device: first.describe(),
-        ats_kind: kind_name(first.ats_kind()).into(),
+        ats_kind: first.ats_kind().name().into(),
         offset: opts.offset,
         sector_size: first.sector_size(),
         sessions: opts.sessions,
@@ -209,14 +209,6 @@ pub fn run(
     let outcome = run.checks_and_race(first.as_ref(), open, opts, &mut report, progress);
     report.restored = run.restore(first.as_ref(), &original);
     outcome.map(|()| report)
-}
-
-fn kind_name(kind: AtsKind) -> &'static str {
-    match kind {
-        AtsKind::Hardware => "hardware",
-        AtsKind::Emulated => "emulated",
-        AtsKind::DiskPaxos => "disk-paxos",
-    }
 }
 
 fn not_usable() -> &'static str {

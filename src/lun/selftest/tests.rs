@@ -1,5 +1,5 @@
 use super::*;
-use crate::lun::{check_caw, FileLun, MemLun, OpenMode};
+use crate::lun::{check_caw, AtsKind, FileLun, MemLun, OpenMode};
 use std::sync::atomic::Ordering;
 
 const SECTOR: u32 = 512;
