@@ -170,6 +170,9 @@ pub struct MountSpec {
     pub mountpoint: PathBuf,
     pub log: PathBuf,
     pub host_id: String,
+    /// Open the image as a plain disk, without compare-and-write
+    /// (`ATSFS_ATS_EMULATION=off` for this daemon only): for Disk Paxos volumes.
+    pub plain_disk: bool,
 }
 
 impl MountSpec {
@@ -181,7 +184,14 @@ impl MountSpec {
             mountpoint: scratch.mountpoint(&format!("{name}.mnt")),
             log: scratch.join(&format!("{name}.log")),
             host_id: new_host_id(),
+            plain_disk: false,
         }
+    }
+
+    /// This mount without compare-and-write (`plain_disk`).
+    pub fn on_plain_disk(mut self) -> MountSpec {
+        self.plain_disk = true;
+        self
     }
 
     /// The `atsfs mount` command line (background mode).
@@ -195,6 +205,9 @@ impl MountSpec {
             .arg(&self.log)
             .arg(&self.image)
             .arg(&self.mountpoint);
+        if self.plain_disk {
+            command.env(atsfs::lun::ATS_EMULATION_ENV, "off");
+        }
         command
     }
 
