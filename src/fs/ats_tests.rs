@@ -91,6 +91,7 @@ fn a_hardware_volume_refuses_an_emulated_opener_and_writes_nothing() {
     assert_eq!(status.volume.ats_mode, "hardware");
     assert_eq!(status.volume.opener_ats, "emulated");
     assert!(!status.volume.opener_matches);
+    assert!(status.volume.token.is_none(), "no token without Disk Paxos");
     let text = crate::inspect::render_status(&status);
     assert!(
         text.contains("ATS: hardware (SCSI COMPARE AND WRITE), 512-byte sectors; this device: emulated ATS, does NOT match"),
@@ -171,6 +172,18 @@ fn two_hosts_share_a_disk_paxos_volume_on_a_disk_without_compare_and_write() {
     assert!(status.volume.opener_matches);
     let text = crate::inspect::render_status(&status);
     assert!(text.contains("Disk Paxos"), "{text}");
+    // The token: taken many times by the two hosts, by one of their slots.
+    let token = status
+        .volume
+        .token
+        .expect("a Disk Paxos volume shows its token");
+    assert!(token.error.is_none(), "{:?}", token.error);
+    assert!(token.instance > 1, "{token:?}");
+    assert!(token.owner_slot.is_some_and(|s| s < 2), "{token:?}");
+    assert!(
+        text.contains(&format!("token: instance {}, ", token.instance)),
+        "{text}"
+    );
 }
 
 #[test]
