@@ -212,8 +212,8 @@ pub fn run(
 }
 
 fn not_usable() -> &'static str {
-    "atsfs cannot use this device's COMPARE AND WRITE (use --ats emulated, with every host \
-     on one kernel, or fix the storage)"
+    "atsfs cannot use this device's COMPARE AND WRITE (fix the storage, or make the volume \
+     with Disk Paxos, which needs none: mkfs.atsfs --ats auto or --ats paxos)"
 }
 
 /// Refuses options `run` would refuse, before anything is opened.
