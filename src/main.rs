@@ -495,31 +495,42 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
 }
 
 fn recover(device: &Path, only: Option<u32>) -> Result<()> {
-    use atsfs::cluster::{recover_offline, OfflineOutcome, SystemClock};
+    use atsfs::cluster::{recover_offline, Clock, OfflineOutcome, SystemClock, ToolSession};
     let lun = open_device(device, OpenMode::ReadWrite)
         .with_context(|| format!("opening {}", atsfs::lun::display_name(device)))?;
     let sb = atsfs::fs::read_superblock(&lun)?;
-    // Recovery replays journals and frees slots by ATS: one kind of ATS per volume.
-    atsfs::cluster::check_ats_mode(lun.as_ref(), &sb)?;
     let geo = atsfs::format::Geometry::from_superblock(&sb);
     let interval = std::time::Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
     let lease = std::time::Duration::from_millis(u64::from(sb.lease_ms));
+    // Past the storage's reservation, where the LUN has one, for the replays' writes.
+    let registration = atsfs::cluster::fence::ToolRegistration::new(lun.as_ref())?;
+    // Recovery replays journals and frees slots by ATS: one kind of ATS per volume
+    // (checked here), and on a Disk Paxos volume a slot of our own to take the
+    // token with.
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    if sb.ats_mode == atsfs::format::ATS_MODE_DISK_PAXOS {
+        println!(
+            "claiming a slot for this tool (Disk Paxos: test-and-set takes the volume's token; \
+             the claim settles for half a lease)..."
+        );
+    }
+    let session = ToolSession::join(&lun, &sb, &registration, clock.clone())?;
     println!(
         "watching the slots in use for {} ms (lease + heartbeat interval) to tell live hosts from dead ones...",
         (lease + interval).as_millis()
     );
-    // Past the storage's reservation, where the LUN has one, for the replays' writes.
-    let registration = atsfs::cluster::fence::ToolRegistration::new(lun.as_ref())?;
     let outcomes = recover_offline(
-        &lun,
+        session.lun().as_ref(),
         &geo,
         sb.volume_uuid,
         &registration,
         only,
         interval,
         lease,
-        &SystemClock::default(),
+        clock.as_ref(),
     )?;
+    // Before the mount below, which claims a slot of its own.
+    session.leave()?;
     let mut recovered = 0;
     for (slot, outcome) in outcomes {
         match outcome {
@@ -587,7 +598,7 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
             return ExitCode::from(8);
         }
     };
-    match atsfs::fsck::repair(&lun, force) {
+    match atsfs::fsck::repair_device(&lun, force) {
         Ok(done) => {
             for note in &done.notes {
                 eprintln!("atsfs fsck --repair: warning: {note}");

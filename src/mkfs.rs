@@ -53,7 +53,9 @@ pub struct MkfsOptions {
     pub journal_bytes: Option<u64>,
     pub heartbeat_interval: Duration,
     pub lease: Duration,
-    /// `ATS_MODE_EMULATED`, `ATS_MODE_HARDWARE` or `ATS_MODE_DISK_PAXOS`.
+    /// `ATS_MODE_EMULATED`, `ATS_MODE_HARDWARE` or `ATS_MODE_DISK_PAXOS`. The
+    /// library's default is emulated, for in-process tests on one kernel;
+    /// `mkfs.atsfs` chooses from the device (`--ats auto`: hardware or Disk Paxos).
     pub ats_mode: u32,
     /// `None` draws a random (v4) UUID.
     pub volume_uuid: Option<[u8; 16]>,

@@ -7,7 +7,10 @@
 //!   recovery also replays over the first.
 //! - a 64 MiB image of random bytes is refused by mount and by fsck, with a message
 //!   and no panic;
-//! - a volume whose primary superblock was zeroed still mounts, from the backup.
+//! - a volume whose primary superblock was zeroed still mounts, from the backup;
+//! - on a Disk Paxos volume opened as a plain disk (no compare-and-write at all), a
+//!   killed host is taken over by `atsfs recover`, and again by `atsfs fsck
+//!   --repair`: both claim a slot of their own for the token.
 //!
 //! Needs root and /dev/fuse; without them each test prints "skipped" and passes.
 
@@ -257,4 +260,96 @@ fn zeroed_primary_superblock_mounts_from_backup() {
         b"written with the backup superblock\n"
     );
     mount.unmount();
+}
+
+/// `atsfs` with the image opened as a plain disk (`ATSFS_ATS_EMULATION=off`).
+fn atsfs_on_plain_disk(args: &[&str], image: &Path) -> std::process::Output {
+    Command::new(common::atsfs_bin())
+        .args(args)
+        .arg(image)
+        .env(atsfs::lun::ATS_EMULATION_ENV, "off")
+        .output()
+        .expect("running atsfs")
+}
+
+/// Mounts `spec`, writes and fsyncs `name`, and kills the daemon.
+fn crash_with_a_file(spec: &MountSpec, name: &str) {
+    let mount = spec.mount();
+    let mut f = File::create(mount.join(name)).expect("create");
+    f.write_all(name.as_bytes()).expect("write");
+    f.sync_all().expect("fsync");
+    drop(f);
+    mount.kill9();
+}
+
+/// A Disk Paxos volume in the scratch directory, and a host of it that opens the
+/// image as a plain disk (no compare-and-write at all).
+fn disk_paxos_volume(scratch: &Scratch) -> (PathBuf, MountSpec) {
+    // A recoverer's claim of the dead slot may wait out the killed host's token
+    // (token 1 s + margin 250 ms) and then settles for half a lease (2 s), and its
+    // hold on the slot counts from before both: it must fit in lease - interval
+    // (3.75 s). With a 2 s lease and 500 ms interval it does not (1.625 s > 1.5 s):
+    // docs/review/paxos-2026-12-05.md, finding 7.
+    let opts = atsfs::mkfs::MkfsOptions {
+        ats_mode: atsfs::format::ATS_MODE_DISK_PAXOS,
+        heartbeat_interval: Duration::from_millis(250),
+        lease: Duration::from_secs(4),
+        ..atsfs::mkfs::MkfsOptions::default()
+    };
+    let image = scratch.image_with("volume.img", 256 * MIB, &opts);
+    let spec = MountSpec::in_scratch(scratch, &image, "host").on_plain_disk();
+    (image, spec)
+}
+
+fn show(out: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The killed host's fsynced file reads back through a new mount; fsck is clean.
+fn assert_file_survived(image: &Path, spec: &MountSpec, name: &str) {
+    assert_fsck_clean(image);
+    let mount = spec.mount();
+    assert_eq!(fs::read(mount.join(name)).expect("read"), name.as_bytes());
+    mount.unmount();
+    assert_fsck_clean(image);
+}
+
+#[test]
+fn atsfs_recover_takes_over_a_killed_host_on_a_disk_paxos_plain_disk() {
+    require_fuse!();
+    let scratch = Scratch::new("paxos-recover");
+    let (image, spec) = disk_paxos_volume(&scratch);
+    crash_with_a_file(&spec, "before-recover");
+    // No host left: `atsfs recover` claims a slot of its own for the token and
+    // replays the killed host's journal.
+    let out = atsfs_on_plain_disk(&["recover"], &image);
+    let text = show(&out);
+    assert!(out.status.success(), "atsfs recover: {text}");
+    assert!(
+        text.contains("slot 0: recovered") && text.contains("1 slot(s) recovered"),
+        "{text}"
+    );
+    assert_file_survived(&image, &spec, "before-recover");
+}
+
+#[test]
+fn atsfs_fsck_repair_takes_over_a_killed_host_on_a_disk_paxos_plain_disk() {
+    require_fuse!();
+    let scratch = Scratch::new("paxos-repair");
+    let (image, spec) = disk_paxos_volume(&scratch);
+    crash_with_a_file(&spec, "before-repair");
+    let out = atsfs_on_plain_disk(&["fsck", "--repair"], &image);
+    let text = show(&out);
+    assert_eq!(out.status.code(), Some(1), "errors corrected: {text}");
+    assert!(text.contains("dead hosts recovered"), "{text}");
+    assert!(
+        !text.contains("marked live"),
+        "the repair's own slot is not reported: {text}"
+    );
+    assert_file_survived(&image, &spec, "before-repair");
 }

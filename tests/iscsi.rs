@@ -216,7 +216,7 @@ fn two_hosts_share_a_volume_over_iscsi_and_a_paused_host_is_fenced() {
             .arg(&local),
     );
     assert!(
-        made.contains("hardware"),
+        made.contains("ATS: hardware"),
         "mkfs did not choose hardware ATS:\n{made}"
     );
     let status = output_of(Command::new(common::atsfs_bin()).arg("status").arg(&local));

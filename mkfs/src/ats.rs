@@ -1,11 +1,14 @@
 //! `--ats`: which test-and-set the volume records. Hardware ATS is recorded only
 //! after the device passed the ATS self-test (`atsfs::lun::selftest`), run over
-//! sessions of its own (`open_device` once per session).
+//! sessions of its own (`open_device` once per session). `auto` (the default) takes
+//! hardware then, and Disk Paxos on every other device (image files, block devices
+//! without SG_IO, SCSI disks without COMPARE AND WRITE, plain disks, and a device
+//! that failed the self-test); the emulation (one kernel only) only when asked for.
 
 use crate::{say, Args, Failure};
 use atsfs::format::{ATS_MODE_DISK_PAXOS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE};
-use atsfs::lun::selftest::{self, SelftestOptions, SelftestReport, SessionFactory};
-use atsfs::lun::{AtsKind, Lun};
+use atsfs::lun::selftest::{self, SelftestError, SelftestOptions, SelftestReport, SessionFactory};
+use atsfs::lun::{AtsKind, Lun, LunError};
 use atsfs::mkfs::selftest_sector;
 
 /// Increments per session of the ATS self-test mkfs runs before it trusts a device's
@@ -30,17 +33,25 @@ pub enum AtsChoice {
 pub fn check_ats_request(lun: &dyn Lun, args: &Args) -> Result<(), Failure> {
     let device = lun.describe();
     match (args.ats, lun.ats_kind()) {
-        (AtsChoice::Hardware, AtsKind::Emulated) => Err(Failure::Refused(format!(
-            "--ats hardware: {device} has no hardware ATS (SCSI COMPARE AND WRITE); image \
-             files and block devices without SG_IO have none. Give the device by a name that \
-             reaches the storage's COMPARE AND WRITE (an iscsi:// URL, or a SCSI disk), or use \
-             --ats emulated with every host on this machine"
-        ))),
+        (AtsChoice::Hardware, AtsKind::Emulated | AtsKind::Plain) => {
+            Err(Failure::Refused(format!(
+                "--ats hardware: {device} has no hardware ATS (SCSI COMPARE AND WRITE); image \
+                 files, block devices without SG_IO and SCSI disks that refuse the command have \
+                 none. Give the device by a name that reaches the storage's COMPARE AND WRITE \
+                 (an iscsi:// URL, or a SCSI disk), or leave --ats out: mkfs.atsfs then makes \
+                 a Disk Paxos volume, which needs no COMPARE AND WRITE"
+            )))
+        }
         (AtsChoice::Emulated, AtsKind::Hardware) => Err(Failure::Refused(format!(
             "--ats emulated: {device} does hardware ATS, and a host that opens an emulated \
              volume through it is refused (the two kinds are not atomic against each other). \
              Make the volume through the name the hosts will use (the image file or block \
-             device), or use --ats hardware"
+             device), or leave --ats out (hardware, once the self-test passed)"
+        ))),
+        (AtsChoice::Emulated, AtsKind::Plain) => Err(Failure::Refused(format!(
+            "--ats emulated: {device} has no compare-and-write at all (a plain disk), so no \
+             host could use an emulated volume through it. Leave --ats out: mkfs.atsfs then \
+             makes a Disk Paxos volume, which needs none"
         ))),
         _ => Ok(()),
     }
@@ -48,37 +59,75 @@ pub fn check_ats_request(lun: &dyn Lun, args: &Args) -> Result<(), Failure> {
 
 /// The volume's ATS mode (`--ats`), with the self-test's report when it ran. A
 /// device with hardware ATS is trusted only once the self-test passed on it, run
-/// over sessions from `open`.
+/// over sessions from `open`. `auto` takes hardware then, and Disk Paxos on every
+/// other device (no COMPARE AND WRITE, or one that failed the self-test); the
+/// emulation only when asked for.
 pub fn choose_ats(
     lun: &dyn Lun,
     args: &Args,
     open: &SessionFactory<'_>,
 ) -> Result<(u32, Option<SelftestReport>), Failure> {
     check_ats_request(lun, args)?;
-    if args.ats == AtsChoice::Paxos {
-        say(
-            args,
-            "ATS: Disk Paxos: test-and-set takes the volume's token with plain sector reads \
-             and writes (no COMPARE AND WRITE needed, hosts on any machine); a mount waits \
-             half a lease for its slot",
-        );
-        return Ok((ATS_MODE_DISK_PAXOS, None));
-    }
-    if lun.ats_kind() == AtsKind::Emulated {
-        if args.ats == AtsChoice::Auto {
+    match (args.ats, lun.ats_kind()) {
+        (AtsChoice::Paxos, _) => {
+            say_paxos(args, "asked for with --ats paxos");
+            Ok((ATS_MODE_DISK_PAXOS, None))
+        }
+        (AtsChoice::Emulated, _) => {
             say(
                 args,
+                "ATS: emulated (asked for with --ats emulated): test-and-set is a file lock of \
+                 this kernel, so every host must run on this machine (one kernel)",
+            );
+            Ok((ATS_MODE_EMULATED, None))
+        }
+        (AtsChoice::Hardware, _) => {
+            let report = run_selftest(lun, args, open)?.map_err(Failure::Refused)?;
+            say_hardware(args, &report);
+            Ok((ATS_MODE_HARDWARE, Some(report)))
+        }
+        (AtsChoice::Auto, AtsKind::Hardware) => match run_selftest(lun, args, open)? {
+            Ok(report) => {
+                say_hardware(args, &report);
+                Ok((ATS_MODE_HARDWARE, Some(report)))
+            }
+            Err(why) => {
+                // Disk Paxos uses nothing but the device's reads and writes: a broken
+                // COMPARE AND WRITE does not matter to it.
+                say_paxos(
+                    args,
+                    &format!("its COMPARE AND WRITE cannot be trusted: {why}"),
+                );
+                Ok((ATS_MODE_DISK_PAXOS, None))
+            }
+        },
+        (AtsChoice::Auto, _) => {
+            say_paxos(
+                args,
                 &format!(
-                    "ATS: emulated, because {} has no hardware COMPARE AND WRITE (image files \
-                     and block devices without SG_IO have none): test-and-set is a file lock \
-                     of this kernel, so every host must run on this machine (one kernel)",
+                    "{} has no hardware COMPARE AND WRITE (image files and block devices \
+                     without SG_IO have none; --ats emulated is faster, for hosts on this \
+                     machine only)",
                     lun.describe()
                 ),
             );
+            Ok((ATS_MODE_DISK_PAXOS, None))
         }
-        return Ok((ATS_MODE_EMULATED, None));
     }
-    let report = run_selftest(lun, args, open)?;
+}
+
+fn say_paxos(args: &Args, why: &str) {
+    say(
+        args,
+        &format!(
+            "ATS: Disk Paxos, because {why}: test-and-set takes the volume's token with plain \
+             sector reads and writes (no COMPARE AND WRITE needed, hosts on any machine that \
+             share the disk); a mount waits half a lease for its slot"
+        ),
+    );
+}
+
+fn say_hardware(args: &Args, report: &SelftestReport) {
     say(
         args,
         &format!(
@@ -87,16 +136,16 @@ pub fn choose_ats(
             report.sessions, report.increments_per_session, report.caws_per_s
         ),
     );
-    Ok((ATS_MODE_HARDWARE, Some(report)))
 }
 
-/// The ATS self-test on the sector mkfs is about to overwrite; refuses a device that
-/// fails it.
+/// The ATS self-test on the sector mkfs is about to overwrite: the report when the
+/// device passed, `Ok(Err(why))` when it failed (or has no COMPARE AND WRITE after
+/// all), `Err` when the test could not judge it.
 fn run_selftest(
     lun: &dyn Lun,
     args: &Args,
     open: &SessionFactory<'_>,
-) -> Result<SelftestReport, Failure> {
+) -> Result<Result<SelftestReport, String>, Failure> {
     let device = lun.describe();
     let opts = SelftestOptions {
         offset: selftest_sector(lun, true)?,
@@ -110,24 +159,39 @@ fn run_selftest(
             opts.sessions, opts.increments
         ),
     );
-    let report = selftest::run(open, &opts, &mut |_, _| {}).map_err(|e| {
-        let message = format!("the ATS self-test of {device} could not finish: {e}");
-        if e.blames_device() {
-            Failure::Refused(message)
-        } else {
-            Failure::Io(message)
+    let report = match selftest::run(open, &opts, &mut |_, _| {}) {
+        Ok(report) => report,
+        Err(e) if e.blames_device() || lacks_caw(&e) => {
+            return Ok(Err(format!(
+                "the ATS self-test of {device} could not finish: {e}"
+            )))
         }
-    })?;
+        Err(e) => {
+            return Err(Failure::Io(format!(
+                "the ATS self-test of {device} could not finish: {e}"
+            )))
+        }
+    };
     if report.passed() {
-        return Ok(report);
+        return Ok(Ok(report));
     }
-    Err(Failure::Refused(format!(
+    Ok(Err(format!(
         "{device} failed the ATS self-test, so mkfs.atsfs will not make a hardware-ATS volume \
          on it: {}. Fix the storage and run mkfs.atsfs again (`atsfs ats-selftest` repeats \
-         the test); or make the volume with --ats emulated through the image file or block \
-         device, with every host on one machine",
+         the test), or leave --ats out: mkfs.atsfs then makes a Disk Paxos volume, which \
+         needs no COMPARE AND WRITE",
         report.problems.join("; ")
     )))
+}
+
+/// True when the self-test stopped because the device refused COMPARE AND WRITE
+/// (a SCSI disk that did not say so before the first one).
+fn lacks_caw(e: &SelftestError) -> bool {
+    matches!(
+        e,
+        SelftestError::Io(LunError::NoCompareAndWrite { .. })
+            | SelftestError::Open(LunError::NoCompareAndWrite { .. })
+    )
 }
 
 /// The summary line of a self-test mkfs ran.
@@ -141,7 +205,7 @@ pub fn print_selftest(report: &SelftestReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use atsfs::lun::{check_caw, Caw, LunResult, MemLun};
+    use atsfs::lun::{check_caw, Caw, LunResult, MemLun, PlainDisk};
     use clap::Parser;
     use std::sync::Arc;
     use std::time::Duration;
@@ -214,16 +278,37 @@ mod tests {
     }
 
     #[test]
-    fn auto_takes_emulated_on_an_emulated_device_and_hardware_is_refused_there() {
+    fn auto_takes_disk_paxos_on_an_emulated_device_and_emulated_only_when_asked() {
         let mem = Arc::new(MemLun::new(1 << 20, 512));
         let open = || -> LunResult<Arc<dyn Lun>> { Ok(mem.clone()) };
         let (mode, tested) = choose_ats(mem.as_ref(), &args(&[]), &open).expect("auto");
-        assert_eq!((mode, tested.is_none()), (ATS_MODE_EMULATED, true));
+        assert_eq!((mode, tested.is_none()), (ATS_MODE_DISK_PAXOS, true));
+        let (mode, _) =
+            choose_ats(mem.as_ref(), &args(&["--ats", "emulated"]), &open).expect("emulated");
+        assert_eq!(mode, ATS_MODE_EMULATED);
+        let (mode, _) = choose_ats(mem.as_ref(), &args(&["--ats", "paxos"]), &open).expect("paxos");
+        assert_eq!(mode, ATS_MODE_DISK_PAXOS);
         let text = refusal(choose_ats(
             mem.as_ref(),
             &args(&["--ats", "hardware"]),
             &open,
         ));
+        assert!(text.contains("has no hardware ATS"), "{text}");
+    }
+
+    #[test]
+    fn a_plain_disk_gets_disk_paxos_and_refuses_emulated_and_hardware() {
+        let mem: Arc<dyn Lun> = Arc::new(MemLun::new(1 << 20, 512));
+        let plain = PlainDisk(mem.clone());
+        assert_eq!(plain.ats_kind(), AtsKind::Plain);
+        let open = || -> LunResult<Arc<dyn Lun>> { Ok(Arc::new(PlainDisk(mem.clone()))) };
+        for choice in [&[][..], &["--ats", "auto"][..], &["--ats", "paxos"][..]] {
+            let (mode, tested) = choose_ats(&plain, &args(choice), &open).expect("disk paxos");
+            assert_eq!((mode, tested.is_none()), (ATS_MODE_DISK_PAXOS, true));
+        }
+        let text = refusal(choose_ats(&plain, &args(&["--ats", "emulated"]), &open));
+        assert!(text.contains("no compare-and-write at all"), "{text}");
+        let text = refusal(choose_ats(&plain, &args(&["--ats", "hardware"]), &open));
         assert!(text.contains("has no hardware ATS"), "{text}");
     }
 
@@ -241,7 +326,7 @@ mod tests {
     }
 
     #[test]
-    fn hardware_needs_the_self_test_to_pass() {
+    fn hardware_needs_the_self_test_to_pass_and_auto_falls_back_to_disk_paxos() {
         let mem = Arc::new(MemLun::new(1 << 20, 512));
         let lun = hardware(&mem, false);
         let open = || -> LunResult<Arc<dyn Lun>> { Ok(hardware(&mem, false)) };
@@ -251,14 +336,19 @@ mod tests {
             assert!(tested.is_some_and(|r| r.passed()));
         }
         let racy = || -> LunResult<Arc<dyn Lun>> { Ok(hardware(&mem, true)) };
-        for choice in [&[][..], &["--ats", "hardware"][..]] {
-            let text = refusal(choose_ats(lun.as_ref(), &args(choice), &racy));
-            assert!(
-                text.contains("failed the ATS self-test")
-                    && text.contains("COMPARE AND WRITE is not atomic on this device"),
-                "{text}"
-            );
-        }
+        let text = refusal(choose_ats(
+            lun.as_ref(),
+            &args(&["--ats", "hardware"]),
+            &racy,
+        ));
+        assert!(
+            text.contains("failed the ATS self-test")
+                && text.contains("COMPARE AND WRITE is not atomic on this device"),
+            "{text}"
+        );
+        // `auto` does not trust the broken COMPARE AND WRITE, and needs none.
+        let (mode, tested) = choose_ats(lun.as_ref(), &args(&[]), &racy).expect("auto");
+        assert_eq!((mode, tested.is_none()), (ATS_MODE_DISK_PAXOS, true));
         // The borrowed sector got its content back.
         let mut sector = vec![1u8; 512];
         mem.read_at(&mut sector, 512).expect("read");

@@ -60,11 +60,11 @@ struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "8s")]
     lease: Duration,
     /// Which test-and-set the volume uses: `hardware` (the storage's SCSI COMPARE AND
-    /// WRITE, hosts on any machine), `emulated` (file locks: every host on this
-    /// machine), `paxos` (Disk Paxos: a token taken with plain sector reads and
-    /// writes, hosts on any machine, no COMPARE AND WRITE needed) or `auto`
-    /// (hardware when the device has it and passes the ATS self-test, else
-    /// emulated).
+    /// WRITE, hosts on any machine), `paxos` (Disk Paxos: a token taken with plain
+    /// sector reads and writes, hosts on any machine, no COMPARE AND WRITE needed),
+    /// `emulated` (file locks: every host on this machine; for tests) or `auto`
+    /// (hardware when the device has it and passes the ATS self-test, else Disk
+    /// Paxos).
     #[arg(long, value_enum, default_value_t = ats::AtsChoice::Auto)]
     ats: ats::AtsChoice,
     /// Overwrite an existing atsfs volume or another filesystem.
@@ -171,8 +171,8 @@ fn run(args: &Args) -> Result<(), Failure> {
         // Refused before the file is made: a new image file has no hardware ATS.
         return Err(Failure::Refused(format!(
             "--ats hardware: {} would be a new image file, which has no hardware ATS (SCSI \
-             COMPARE AND WRITE); use --ats emulated, or give a device that reaches the \
-             storage's COMPARE AND WRITE",
+             COMPARE AND WRITE); leave --ats out (Disk Paxos, which needs none), or give a \
+             device that reaches the storage's COMPARE AND WRITE",
             atsfs::lun::display_name(path)
         )));
     }

@@ -12,6 +12,10 @@
 //! of other kernels), but one kernel can open the same storage both ways (its image
 //! file and an iSCSI session to a target serving it), so both are refused.
 //!
+//! A device with no compare-and-write at all (`AtsKind::Plain`: a plain disk) can
+//! serve a Disk Paxos volume only; on such a volume every host takes the token over
+//! plain reads and writes whatever its device does (`cluster::paxos::mounted_lun`).
+//!
 //! `check_ats_mode` is the one check. Everything that writes the volume or takes its
 //! locks calls it: mount (`Fs::mount`), `atsfs recover` and `atsfs fsck --repair`.
 //! Read-only tools (fsck, status, locks) do not refuse; `status` shows whether the
@@ -39,6 +43,7 @@ pub fn describe_ats_kind(kind: AtsKind) -> &'static str {
         AtsKind::Hardware => "hardware (SCSI COMPARE AND WRITE)",
         AtsKind::Emulated => "emulated (one kernel only)",
         AtsKind::DiskPaxos => "Disk Paxos (a token over plain sector reads and writes)",
+        AtsKind::Plain => "none (no compare-and-write: a plain disk)",
     }
 }
 
@@ -70,6 +75,16 @@ pub enum AtsMismatch {
          atsfs that takes the Disk Paxos token"
     )]
     DiskPaxosVolume { device: String },
+    #[error(
+        "{device} holds a volume made for {volume} ATS, but this device has no \
+         compare-and-write at all (a plain disk: a SCSI disk without COMPARE AND WRITE, or \
+         an image file or block device opened with ATSFS_ATS_EMULATION=off). Open the \
+         volume the way its other hosts do; only a Disk Paxos volume works on a plain disk"
+    )]
+    NoCompareAndWrite {
+        device: String,
+        volume: &'static str,
+    },
     #[error("{device}: the volume's ATS mode {mode} is unknown; use a newer atsfs")]
     Unknown { device: String, mode: u32 },
 }
@@ -80,10 +95,17 @@ pub fn check_ats_mode(lun: &dyn Lun, sb: &Superblock) -> Result<(), AtsMismatch>
     let device = lun.describe();
     match (volume_ats_kind(sb), lun.ats_kind()) {
         (Some(volume), opener) if volume == opener => Ok(()),
+        (Some(volume), AtsKind::Plain) if volume != AtsKind::DiskPaxos => {
+            Err(AtsMismatch::NoCompareAndWrite {
+                device,
+                volume: volume.name(),
+            })
+        }
         (Some(AtsKind::Hardware), _) => Err(AtsMismatch::HardwareVolume { device }),
         (Some(AtsKind::Emulated), _) => Err(AtsMismatch::EmulatedVolume { device }),
         (Some(AtsKind::DiskPaxos), _) => Err(AtsMismatch::DiskPaxosVolume { device }),
-        (None, _) => Err(AtsMismatch::Unknown {
+        // A volume never records "no compare-and-write" (`volume_ats_kind`).
+        (Some(AtsKind::Plain), _) | (None, _) => Err(AtsMismatch::Unknown {
             device,
             mode: sb.ats_mode,
         }),

@@ -23,6 +23,7 @@ pub mod mailbox;
 mod node;
 pub mod paxos;
 mod recovery;
+mod tool;
 pub mod view;
 
 pub use ats::{check_ats_mode, describe_ats_kind, volume_ats_kind, AtsMismatch};
@@ -30,6 +31,7 @@ use heartbeat::SlotWatch;
 pub use heartbeat::{claim_slot, go_live, read_slot, Membership, SlotClaim};
 pub use node::Node;
 pub use recovery::{recover_offline, settle_foreign_slots, OfflineOutcome};
+pub use tool::ToolSession;
 
 use crate::lun::{Caw, IoCounters, Lun, LunError, LunResult};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -407,12 +407,14 @@ pub enum OfflineOutcome {
     Free,
 }
 
-/// Recovers dead slots without mounting (`atsfs recover`): watches every slot in use
-/// (or just `only`) for `lease + interval` on our own clock, and recovers the ones
-/// that did not move, exactly as a surviving host would. The tool holds no slot and no
-/// lease: it is for volumes that no live host will recover (all hosts down). The
-/// caller's `tool` registration gets the tool past the storage's reservation and names
-/// the tool in the slots it claims.
+/// Recovers dead slots without mounting (`atsfs recover`), for volumes that no live
+/// host will recover (all hosts down): watches every slot in use (or just `only`) for
+/// `lease + interval` on our own clock, and recovers the ones that did not move,
+/// exactly as a surviving host would. The tool holds no slot and no lease of its own,
+/// except on a Disk Paxos volume: there `lun` is its `ToolSession`'s, and the slot
+/// that session holds (named by the tool's uuid) is left alone. The caller's `tool`
+/// registration gets the tool past the storage's reservation and names the tool in
+/// the slots it claims.
 #[allow(clippy::too_many_arguments)]
 pub fn recover_offline(
     lun: &dyn Lun,
@@ -436,7 +438,9 @@ pub fn recover_offline(
     let mut held = Vec::new();
     for slot in slots {
         let (raw, image) = read_slot(lun, geo, slot)?;
-        match image.filter(|i| i.state != SLOT_FREE) {
+        // The tool's own slot (a `ToolSession` on a Disk Paxos volume) was free
+        // before the tool took it.
+        match image.filter(|i| i.state != SLOT_FREE && i.host_uuid != tool.uuid()) {
             Some(image) => held.push(Held { slot, raw, image }),
             None => outcomes.push((slot, OfflineOutcome::Free)),
         }

@@ -91,6 +91,7 @@ fn a_hardware_volume_refuses_an_emulated_opener_and_writes_nothing() {
     assert_eq!(status.volume.ats_mode, "hardware");
     assert_eq!(status.volume.opener_ats, "emulated");
     assert!(!status.volume.opener_matches);
+    assert!(status.volume.token.is_none(), "no token without Disk Paxos");
     let text = crate::inspect::render_status(&status);
     assert!(
         text.contains("ATS: hardware (SCSI COMPARE AND WRITE), 512-byte sectors; this device: emulated ATS, does NOT match"),
@@ -171,4 +172,119 @@ fn two_hosts_share_a_disk_paxos_volume_on_a_disk_without_compare_and_write() {
     assert!(status.volume.opener_matches);
     let text = crate::inspect::render_status(&status);
     assert!(text.contains("Disk Paxos"), "{text}");
+    // The token: taken many times by the two hosts, by one of their slots.
+    let token = status
+        .volume
+        .token
+        .expect("a Disk Paxos volume shows its token");
+    assert!(token.error.is_none(), "{:?}", token.error);
+    assert!(token.instance > 1, "{token:?}");
+    assert!(token.owner_slot.is_some_and(|s| s < 2), "{token:?}");
+    assert!(
+        text.contains(&format!("token: instance {}, ", token.instance)),
+        "{text}"
+    );
+}
+
+#[test]
+fn emulated_and_hardware_volumes_refuse_a_disk_without_compare_and_write() {
+    for mode in [ATS_MODE_EMULATED, ATS_MODE_HARDWARE] {
+        let mem = volume(mode);
+        let before = mem.snapshot();
+        let plain: Arc<dyn Lun> = Arc::new(crate::lun::PlainDisk(mem.clone()));
+        assert_eq!(plain.ats_kind(), AtsKind::Plain);
+        let err = mount(plain.clone()).err().expect("a plain disk is refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("has no compare-and-write at all")
+                && text.contains("only a Disk Paxos volume works on a plain disk"),
+            "mode {mode}: {text}"
+        );
+        assert!(
+            mem.snapshot() == before,
+            "a refused opener wrote to the volume"
+        );
+        let status = crate::inspect::status(plain.as_ref(), Some(Duration::ZERO)).expect("status");
+        assert_eq!(status.volume.opener_ats, "none");
+        assert!(!status.volume.opener_matches);
+    }
+}
+
+/// A host that crashed with an fsynced file on a Disk Paxos volume, seen through a
+/// disk without compare-and-write; returns the file's name.
+fn crash_a_host_on_disk_paxos(plain: &Arc<dyn Lun>, host: u8) -> Vec<u8> {
+    let fs = Fs::mount(plain.clone(), MountOptions::new(HostUuid([host; 16]))).expect("mount");
+    let name = format!("from-{host}").into_bytes();
+    let ino = fs
+        .mknod(fs.root, &name, libc::S_IFREG | 0o644, 0, 0, 0)
+        .expect("create")
+        .ino;
+    fs.write_data(ino, 0, &name).expect("write");
+    fs.fsync(ino, false).expect("fsync");
+    drop(fs); // a crash: the slot stays live, the journal unreplayed
+    name
+}
+
+#[test]
+fn recover_and_repair_take_the_token_on_a_disk_paxos_volume_without_compare_and_write() {
+    use crate::cluster::{fence::ToolRegistration, recover_offline, OfflineOutcome, ToolSession};
+    let mem = volume(crate::format::ATS_MODE_DISK_PAXOS);
+    let plain: Arc<dyn Lun> = Arc::new(crate::lun::PlainDisk(mem.clone()));
+    let sb = read_superblock(plain.as_ref()).expect("superblock");
+    let geo = crate::format::Geometry::from_superblock(&sb);
+    let first = crash_a_host_on_disk_paxos(&plain, 1);
+
+    // `atsfs recover`: the tool claims a slot of its own for the token.
+    let clock: Arc<dyn crate::cluster::Clock> = Arc::new(crate::cluster::SystemClock::default());
+    let tool = ToolRegistration::new(plain.as_ref()).expect("registration");
+    let session = ToolSession::join(&plain, &sb, &tool, clock.clone()).expect("join");
+    let own = session.slot().expect("a Disk Paxos tool holds a slot");
+    assert_ne!(own, 0, "slot 0 is the crashed host's");
+    let outcomes = recover_offline(
+        session.lun().as_ref(),
+        &geo,
+        sb.volume_uuid,
+        &tool,
+        None,
+        Duration::from_millis(100),
+        Duration::from_millis(1000),
+        clock.as_ref(),
+    )
+    .expect("recover");
+    assert!(
+        outcomes.contains(&(0, OfflineOutcome::Recovered)),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.contains(&(own, OfflineOutcome::Free)),
+        "{outcomes:?}"
+    );
+    session.leave().expect("leave");
+    drop(tool);
+    let report = crate::fsck::check(mem.as_ref()).expect("fsck");
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert_eq!(report.counts.slots_live, 0, "{:?}", report.notes);
+
+    // `atsfs fsck --repair`: the device alone cannot (it has no compare-and-write),
+    // the repair as a tool with a slot can.
+    let second = crash_a_host_on_disk_paxos(&plain, 2);
+    let err = crate::fsck::repair(plain.as_ref(), false).expect_err("no token, no repair");
+    assert!(format!("{err:#}").contains("Disk Paxos"), "{err:#}");
+    let done = crate::fsck::repair_device(&plain, false).expect("repair");
+    assert!(
+        done.fixed
+            .iter()
+            .any(|l| l.starts_with("dead hosts recovered")),
+        "{:?}",
+        done.fixed
+    );
+    assert!(done.after.is_clean(), "{}", done.after.render());
+    assert_eq!(done.after.counts.slots_live, 0, "{:?}", done.after.notes);
+
+    let fs = Fs::mount(plain.clone(), MountOptions::new(HostUuid([3; 16]))).expect("mount");
+    for name in [first, second] {
+        let ino = fs.lookup(fs.root, &name).expect("lookup").ino;
+        assert_eq!(fs.read_data(ino, 0, 64).expect("read"), name);
+    }
+    fs.unmount().expect("unmount");
 }

@@ -51,7 +51,7 @@ mod repair;
 mod report;
 pub(crate) mod slots;
 mod superblock;
-pub use repair::{repair, Repair};
+pub use repair::{repair, repair_device, Repair};
 pub(crate) mod tree;
 pub(crate) mod volume;
 

@@ -42,9 +42,12 @@ pub struct VolumeInfo {
     pub device: String,
     pub label: String,
     pub volume_uuid: String,
-    /// `emulated` (file locks, one kernel) or `hardware` (SCSI COMPARE AND WRITE).
+    /// `emulated` (file locks, one kernel), `hardware` (SCSI COMPARE AND WRITE) or
+    /// `disk-paxos` (the volume's token over plain reads and writes).
     pub ats_mode: String,
-    /// The ATS kind of the device this tool opened: `emulated` or `hardware`.
+    /// The ATS kind of the device this tool opened: `emulated`, `hardware`, `none`
+    /// (a plain disk), or `disk-paxos` on a Disk Paxos volume (every opener takes
+    /// the token).
     pub opener_ats: String,
     /// Whether a host opening the volume this way could mount it (`check_ats_mode`).
     pub opener_matches: bool,
@@ -54,6 +57,69 @@ pub struct VolumeInfo {
     pub max_hosts: u32,
     /// How the storage fences hosts: the LUN's persistent reservation and keys.
     pub fencing: Fencing,
+    /// On a Disk Paxos volume: the token as its region shows it.
+    pub token: Option<Token>,
+}
+
+/// The Disk Paxos token as one read of its region shows it (`cluster::paxos`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Token {
+    /// The last decided instance (`lver`): how many times the token was taken.
+    pub instance: u64,
+    /// The slot and generation the leader record names for that instance (0 and
+    /// `None` before the first).
+    pub owner_slot: Option<u32>,
+    pub owner_generation: Option<u32>,
+    /// True when that owner gave the token back; otherwise it holds it, or held it
+    /// until its token lease (`lease_ms`) ran out.
+    pub released: bool,
+    /// `Superblock::paxos_token_ms`.
+    pub lease_ms: u32,
+    /// Slots whose dblock is about a later instance: taking the token now, or
+    /// waiting for it.
+    pub wanted_by: Vec<u32>,
+    /// Why the region could not be read or decoded, if so.
+    pub error: Option<String>,
+}
+
+impl Token {
+    fn read(lun: &dyn Lun, sb: &Superblock) -> Option<Token> {
+        use crate::cluster::paxos::{read_region, PaxosRegion};
+        use crate::format::{PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER};
+        let region = PaxosRegion::of(&crate::format::Geometry::from_superblock(sb))?;
+        let mut token = Token {
+            instance: 0,
+            owner_slot: None,
+            owner_generation: None,
+            released: true,
+            lease_ms: sb.paxos_token_ms,
+            wanted_by: Vec::new(),
+            error: None,
+        };
+        let view = match read_region(lun, &region) {
+            Ok(view) => view,
+            Err(e) => {
+                token.error = Some(e.to_string());
+                return Some(token);
+            }
+        };
+        let leader = &view.leader;
+        token.instance = leader.lver;
+        if leader.owner_slot != PAXOS_NO_OWNER {
+            token.owner_slot = Some(leader.owner_slot);
+            token.owner_generation = Some(leader.owner_gen);
+        }
+        token.released = leader.flags & PAXOS_LEADER_RELEASED != 0;
+        token.wanted_by = (0..region.hosts)
+            .filter(|&slot| {
+                view.dblocks
+                    .get(slot as usize)
+                    .and_then(|d| d.as_ref())
+                    .is_some_and(|d| d.lver > leader.lver)
+            })
+            .collect();
+        Some(token)
+    }
 }
 
 /// The storage side of fencing, as the LUN reports it (`cluster::fence`).
@@ -144,23 +210,16 @@ impl VolumeInfo {
             device: lun.describe(),
             label: get_str(&sb.label),
             volume_uuid: uuid::Uuid::from_bytes(sb.volume_uuid).to_string(),
-            ats_mode: kind_name(volume).into(),
-            opener_ats: kind_name(opener).into(),
+            ats_mode: volume.name().into(),
+            opener_ats: opener.name().into(),
             opener_matches,
             ats_sector_size: sb.ats_sector_size,
             heartbeat_interval_ms: sb.heartbeat_interval_ms,
             lease_ms: sb.lease_ms,
             max_hosts: sb.max_hosts,
             fencing: Fencing::read(lun),
+            token: Token::read(lun, sb),
         }
-    }
-}
-
-fn kind_name(kind: AtsKind) -> &'static str {
-    match kind {
-        AtsKind::Hardware => "hardware",
-        AtsKind::Emulated => "emulated",
-        AtsKind::DiskPaxos => "disk-paxos",
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::locks::{LockReport, LockRow, Owner, ResourceKind};
 use super::status::{SlotRow, Status};
-use super::VolumeInfo;
+use super::{Token, VolumeInfo};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
@@ -65,6 +65,9 @@ fn volume_lines(out: &mut String, v: &VolumeInfo, watched_ms: u64) {
         v.ats_sector_size,
         opener_words(v)
     );
+    if let Some(token) = &v.token {
+        let _ = writeln!(out, "token: {}", token_words(token));
+    }
     let _ = writeln!(
         out,
         "heartbeat every {} ms, lease {} ms, {} host slots; watched {} ms",
@@ -80,6 +83,33 @@ fn volume_lines(out: &mut String, v: &VolumeInfo, watched_ms: u64) {
         };
         let _ = writeln!(out, "  key {}  {}{holder}", k.key, k.owner);
     }
+}
+
+/// "instance 42, held by slot 1 (generation 3) ...", "never taken", ...
+fn token_words(t: &Token) -> String {
+    if let Some(e) = &t.error {
+        return format!("the Disk Paxos region is unreadable: {e}; run `atsfs fsck`");
+    }
+    let mut words = match (t.owner_slot, t.released) {
+        (None, _) => "never taken".to_string(),
+        (Some(slot), true) => format!(
+            "instance {}, free (given back by slot {slot}, generation {})",
+            t.instance,
+            t.owner_generation.unwrap_or(0)
+        ),
+        (Some(slot), false) => format!(
+            "instance {}, held by slot {slot} (generation {}), or until its {} ms token \
+             lease ran out",
+            t.instance,
+            t.owner_generation.unwrap_or(0),
+            t.lease_ms
+        ),
+    };
+    if !t.wanted_by.is_empty() {
+        let slots: Vec<String> = t.wanted_by.iter().map(u32::to_string).collect();
+        words += &format!("; wanted by slots {}", slots.join(", "));
+    }
+    words
 }
 
 fn ats_words(kind: &str) -> &'static str {

@@ -110,6 +110,23 @@ pub enum AtsKind {
     /// plain sector reads and writes (`cluster::paxos::PaxosLun`): atomic among all
     /// hosts that take the token, on any shared disk.
     DiskPaxos,
+    /// No compare-and-write at all: a plain shared disk (`PlainDisk`, a SCSI disk
+    /// that refuses COMPARE AND WRITE). Only a Disk Paxos volume can be used
+    /// through it (every host then takes the token over plain reads and writes).
+    Plain,
+}
+
+impl AtsKind {
+    /// The kind's name in messages and JSON: `hardware`, `emulated`, `disk-paxos`
+    /// or `none`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AtsKind::Hardware => "hardware",
+            AtsKind::Emulated => "emulated",
+            AtsKind::DiskPaxos => "disk-paxos",
+            AtsKind::Plain => "none",
+        }
+    }
 }
 
 /// The result of an atomic compare-and-write of one sector.
@@ -185,8 +202,8 @@ pub enum LunError {
     #[error(
         "{device} has no usable SCSI COMPARE AND WRITE ({detail}); atsfs needs the storage's \
          own atomic test-and-set to share a LUN between machines: use a target or array that \
-         supports COMPARE AND WRITE (VAAI ATS), or emulated ATS for hosts of one kernel (an \
-         image file or block device); Disk Paxos for plain shared disks is planned"
+         supports COMPARE AND WRITE (VAAI ATS), or a Disk Paxos volume, which needs none \
+         (mkfs.atsfs picks it on such a device: --ats auto or --ats paxos)"
     )]
     NoCompareAndWrite { device: String, detail: String },
     /// The device cannot be opened as asked (a missing library, a name that is not a

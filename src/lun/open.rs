@@ -111,7 +111,7 @@ impl Lun for PlainDisk {
         format!("{} (no compare-and-write)", self.0.describe())
     }
     fn ats_kind(&self) -> AtsKind {
-        AtsKind::Emulated
+        AtsKind::Plain
     }
     fn reservations(&self) -> Option<&dyn Reservations> {
         self.0.reservations()

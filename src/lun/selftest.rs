@@ -27,7 +27,7 @@
 //! the sector: the run stops with `SelftestError::Interfered` rather than blame the
 //! device. Every loop is bounded (`ATTEMPTS_MAX` per increment).
 
-use super::{AtsKind, Caw, Lun, LunError, LunResult};
+use super::{Caw, Lun, LunError, LunResult};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -168,7 +168,7 @@ pub fn run(
     };
     let mut report = SelftestReport {
         device: first.describe(),
-        ats_kind: kind_name(first.ats_kind()).into(),
+        ats_kind: first.ats_kind().name().into(),
         offset: opts.offset,
         sector_size: first.sector_size(),
         sessions: opts.sessions,
@@ -211,17 +211,9 @@ pub fn run(
     outcome.map(|()| report)
 }
 
-fn kind_name(kind: AtsKind) -> &'static str {
-    match kind {
-        AtsKind::Hardware => "hardware",
-        AtsKind::Emulated => "emulated",
-        AtsKind::DiskPaxos => "disk-paxos",
-    }
-}
-
 fn not_usable() -> &'static str {
-    "atsfs cannot use this device's COMPARE AND WRITE (use --ats emulated, with every host \
-     on one kernel, or fix the storage)"
+    "atsfs cannot use this device's COMPARE AND WRITE (fix the storage, or make the volume \
+     with Disk Paxos, which needs none: mkfs.atsfs --ats auto or --ats paxos)"
 }
 
 /// Refuses options `run` would refuse, before anything is opened.

@@ -188,7 +188,8 @@ fn need(program: &str, package: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn run(quick: bool) -> Result<String> {
+/// `ats`: the volume's test-and-set, as `mkfs.atsfs --ats` takes it.
+pub fn run(quick: bool, ats: &str) -> Result<String> {
     crate::require_root_and_fuse("bench --fuse")?;
     need("bindfs", "bindfs")?;
     need("fio", "fio")?;
@@ -206,7 +207,7 @@ pub fn run(quick: bool) -> Result<String> {
     // atsfs, one host.
     let image = dir.join("atsfs.img");
     Cmd::new(&mkfs)
-        .args(["-q", "--size", "4G"])
+        .args(["-q", "--size", "4G", "--ats", ats])
         .arg(&image)
         .run()?;
     let mnt_atsfs = dir.join("atsfs");

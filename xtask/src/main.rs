@@ -59,6 +59,11 @@ enum Task {
         /// Also run the FUSE-level comparison with ext4, bindfs and fio (root).
         #[arg(long)]
         fuse: bool,
+        /// The FUSE comparison's volume test-and-set, as `mkfs.atsfs --ats` takes it.
+        /// `emulated` by default, as every run recorded in docs/perf.md so far;
+        /// `auto` (Disk Paxos on the image file) measures what a user gets.
+        #[arg(long, default_value = "emulated")]
+        ats: String,
     },
     /// The real-iSCSI test bed: tgtd (built from Debian's source with COMPARE AND
     /// WRITE enabled) serving an image as LUN 1, and hosts in network namespaces.
@@ -92,7 +97,7 @@ fn main() -> ExitCode {
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
         Task::Tgt(task) => tgt::run(&task),
-        Task::Bench { quick, fuse } => bench(quick, fuse),
+        Task::Bench { quick, fuse, ats } => bench(quick, fuse, &ats),
         Task::Sim {
             hosts,
             seeds,
@@ -141,7 +146,7 @@ fn require_root_and_fuse(task: &str) -> anyhow::Result<()> {
 }
 
 /// Runs examples/bench.rs in release mode and records its table in docs/perf.md.
-fn bench(quick: bool, fuse: bool) -> anyhow::Result<bool> {
+fn bench(quick: bool, fuse: bool, ats: &str) -> anyhow::Result<bool> {
     use anyhow::Context;
     let files = if quick { "2000" } else { "10000" };
     let big_dir = if quick { "100000" } else { "1000000" };
@@ -195,14 +200,18 @@ fn bench(quick: bool, fuse: bool) -> anyhow::Result<bool> {
     let flags = format!(
         "{}{}",
         if quick { " --quick" } else { "" },
-        if fuse { " --fuse" } else { "" }
+        if fuse {
+            format!(" --fuse --ats {ats}")
+        } else {
+            String::new()
+        }
     );
     record(
         "bench",
         &format!("Last run: `cargo xtask bench{flags}` ({command}), {machine}.\n\n{table}"),
     )?;
     if fuse {
-        let fuse_table = fusebench::run(quick)?;
+        let fuse_table = fusebench::run(quick, ats)?;
         print!("{fuse_table}");
         record(
             "fusebench",

@@ -1,7 +1,8 @@
 //! `cargo xtask pjdfstest`: the POSIX suite on a fresh atsfs mount.
 //!
-//! Makes an image, mounts it in background mode, writes pjdfstest's configuration,
-//! runs `pjdfstest -c CONF -p MOUNTPOINT`, and reads its per-test lines
+//! Makes an image (`mkfs.atsfs` defaults: Disk Paxos on an image file, as a user
+//! gets it; `--ats` to choose), mounts it in background mode, writes pjdfstest's
+//! configuration, runs `pjdfstest -c CONF -p MOUNTPOINT`, and reads its per-test lines
 //! (`NAME <spaces> ok|FAILED|skipped`). A failure counts unless
 //! `docs/pjdfstest-exclusions.txt` lists the test with a reason. The full output is
 //! kept in TARGET/pjdfstest.log.
@@ -38,6 +39,10 @@ pub struct PjdArgs {
     /// Keep the temporary directory (image, configuration, daemon log).
     #[arg(long)]
     keep: bool,
+    /// The volume's test-and-set, as `mkfs.atsfs --ats` takes it. The default is
+    /// what a user gets on an image file: Disk Paxos (`auto`).
+    #[arg(long, default_value = "auto")]
+    ats: String,
     /// Only tests whose names contain one of these (pjdfstest's own filter).
     patterns: Vec<String>,
 }
@@ -49,6 +54,7 @@ impl Default for PjdArgs {
             release: false,
             timeout_secs: 600,
             keep: false,
+            ats: "auto".into(),
             patterns: Vec::new(),
         }
     }
@@ -116,7 +122,7 @@ pub fn run(args: &PjdArgs) -> Result<Outcome> {
     let dir = temp.path();
     let image = dir.join("volume.img");
     Cmd::new(bin.join("mkfs-atsfs"))
-        .args(["-q", "--size", &args.image_size])
+        .args(["-q", "--size", &args.image_size, "--ats", &args.ats])
         .arg(&image)
         .run()?;
     let host = Host::new("A", &random_uuid()?, dir);

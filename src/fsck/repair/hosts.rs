@@ -2,7 +2,8 @@
 //! home, so that the repair works on the state every host would see.
 //!
 //! A slot is in use when its sector is not all zeros and it is not FREE (or does not
-//! decode). Such slots are watched for `lease + heartbeat interval` on our own clock,
+//! decode), and it is not the repair's own (on a Disk Paxos volume the repair holds a
+//! slot for its run: `cluster::ToolSession`). Such slots are watched for `lease + heartbeat interval` on our own clock,
 //! as a surviving host judges liveness: a sector that changes belongs to a live host
 //! and the repair is refused. `--force` skips the watch and treats every slot in use
 //! as a dead host. Then damaged slots have their journals replayed and are reset to
@@ -58,7 +59,7 @@ pub(super) fn settle(
 ) -> Result<()> {
     let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
     let lease = Duration::from_millis(u64::from(sb.lease_ms));
-    let in_use = slots_in_use(lun, geo)?;
+    let in_use = slots_in_use(lun, geo, tool.uuid())?;
     if !in_use.is_empty() && force {
         let named: Vec<String> = in_use.iter().map(InUse::describe).collect();
         notes.push(format!(
@@ -105,8 +106,10 @@ pub(super) fn settle(
     replay_free_journals(lun, geo, sb, tally)
 }
 
-/// The slots whose sector is neither all zeros nor a FREE slot of the right index.
-fn slots_in_use(lun: &dyn Lun, geo: &Geometry) -> Result<Vec<InUse>> {
+/// The slots whose sector is neither all zeros nor a FREE slot of the right index,
+/// but the tool's own (named by its uuid `tool`: a `ToolSession` holds one on a Disk
+/// Paxos volume).
+fn slots_in_use(lun: &dyn Lun, geo: &Geometry, tool: [u8; 16]) -> Result<Vec<InUse>> {
     let mut out = Vec::new();
     for slot in 0..geo.max_hosts {
         let raw = read_sector(lun, geo, slot)?;
@@ -116,7 +119,7 @@ fn slots_in_use(lun: &dyn Lun, geo: &Geometry) -> Result<Vec<InUse>> {
         let image = HeartbeatSlot::decode(&raw, geo.hb_start)
             .ok()
             .filter(|i| i.slot == slot);
-        if image.is_some_and(|i| i.state == SLOT_FREE) {
+        if image.is_some_and(|i| i.state == SLOT_FREE || i.host_uuid == tool) {
             continue;
         }
         out.push(InUse { slot, raw, image });

@@ -32,10 +32,13 @@ mod write;
 
 use super::report::FsckReport;
 use super::{check, superblock, ProblemKind};
+use crate::cluster::fence::ToolRegistration;
+use crate::cluster::{Clock, SystemClock, ToolSession};
 use crate::format::{Geometry, Superblock};
 use crate::lun::Lun;
 use anyhow::{bail, Result};
 use serde::Serialize;
+use std::sync::Arc;
 
 /// Check-then-fix passes at most. One pass fixes what the check saw; the next the
 /// counts that follow (a parent's link count after a subdirectory's entry went).
@@ -65,11 +68,42 @@ impl Repair {
     }
 }
 
-/// Repairs the volume on `lun`. Refuses while a host is live unless `force` (which
-/// skips the watch: repairing under a live host corrupts the volume).
+/// Repairs the volume on `lun`, a device that does the volume's kind of ATS itself
+/// (hardware or emulated volumes; a Disk Paxos volume is refused: `repair_device`
+/// takes its token). Refuses while a host is live unless `force` (which skips the
+/// watch: repairing under a live host corrupts the volume).
 pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
-    let mut tally = Tally::default();
-    let mut notes = Vec::new();
+    let sb = load_for_repair(lun)?;
+    // Repair writes and takes the volume's locks: one kind of ATS per volume.
+    crate::cluster::check_ats_mode(lun, &sb)?;
+    // Past the storage's reservation, where the LUN has one, for the repair's writes.
+    let registration = crate::cluster::fence::ToolRegistration::new(lun)?;
+    repair_as(lun, &sb, &registration, force)
+}
+
+/// Repairs the volume on `device` whatever its ATS mode (`atsfs fsck --repair`): on
+/// a Disk Paxos volume the repair holds a slot of its own for its run and takes the
+/// token for its compare-and-writes (`cluster::ToolSession`); the check it reports
+/// is made after it freed that slot again.
+pub fn repair_device(device: &Arc<dyn Lun>, force: bool) -> Result<Repair> {
+    let sb = load_for_repair(device.as_ref())?;
+    let registration = crate::cluster::fence::ToolRegistration::new(device.as_ref())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    let session = ToolSession::join(device, &sb, &registration, clock)?;
+    let had_slot = session.slot().is_some();
+    let repaired = repair_as(session.lun().as_ref(), &sb, &registration, force);
+    let left = session.leave();
+    let mut done = repaired?;
+    left?;
+    if had_slot {
+        // The last check saw the tool's own slot live.
+        done.after = check(device.as_ref())?;
+    }
+    Ok(done)
+}
+
+/// The superblock, once the device's sector size is the volume's.
+fn load_for_repair(lun: &dyn Lun) -> Result<Superblock> {
     let sb = superblock::load(lun, &mut FsckReport::default())?;
     if sb.ats_sector_size != lun.sector_size() {
         bail!(
@@ -80,19 +114,21 @@ pub fn repair(lun: &dyn Lun, force: bool) -> Result<Repair> {
             sb.ats_sector_size
         );
     }
-    // Repair writes and takes the volume's locks: one kind of ATS per volume.
-    crate::cluster::check_ats_mode(lun, &sb)?;
-    // Past the storage's reservation, where the LUN has one, for the repair's writes.
-    let registration = crate::cluster::fence::ToolRegistration::new(lun)?;
-    let geo = Geometry::from_superblock(&sb);
-    hosts::settle(
-        lun,
-        &sb,
-        &geo,
-        (force, &registration),
-        &mut tally,
-        &mut notes,
-    )?;
+    Ok(sb)
+}
+
+/// The repair proper, through `lun` (the device, or a `ToolSession`'s LUN), as the
+/// tool `registration`.
+fn repair_as(
+    lun: &dyn Lun,
+    sb: &Superblock,
+    registration: &ToolRegistration<'_>,
+    force: bool,
+) -> Result<Repair> {
+    let mut tally = Tally::default();
+    let mut notes = Vec::new();
+    let geo = Geometry::from_superblock(sb);
+    hosts::settle(lun, sb, &geo, (force, registration), &mut tally, &mut notes)?;
     fix_superblocks(lun, &mut tally)?;
     if write::empty_orphan_tables(lun, &geo, &mut tally)? {
         lun.flush()?;

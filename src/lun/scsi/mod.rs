@@ -700,10 +700,15 @@ impl<T: ScsiTransport> Lun for ScsiLun<T> {
         self.transport.describe()
     }
 
-    /// Always the device's own COMPARE AND WRITE: a `ScsiLun` never emulates it. On a
-    /// device without it every compare-and-write fails with `NoCompareAndWrite`.
+    /// The device's own COMPARE AND WRITE: a `ScsiLun` never emulates it. A device
+    /// known to lack it (it said so, or refused the opcode) is a plain disk, where
+    /// every compare-and-write fails with `NoCompareAndWrite`; one not known yet (a
+    /// read-only open of a device that does not answer RSOC) counts as hardware.
     fn ats_kind(&self) -> AtsKind {
-        AtsKind::Hardware
+        match self.caw_support() {
+            CawSupport::NotSupported => AtsKind::Plain,
+            CawSupport::Supported | CawSupport::Unknown => AtsKind::Hardware,
+        }
     }
 
     fn reservations(&self) -> Option<&dyn Reservations> {

@@ -302,6 +302,8 @@ fn a_device_without_compare_and_write_gives_a_clear_error() {
         });
         let lun = open(&disk);
         assert_eq!(lun.caw_support(), CawSupport::NotSupported, "rsoc {rsoc}");
+        // A plain disk to mkfs (Disk Paxos) and to the volume's ATS check.
+        assert_eq!(lun.ats_kind(), crate::lun::AtsKind::Plain, "rsoc {rsoc}");
         let zero = vec![0u8; 512];
         let err = lun.compare_and_write(0, &zero, &zero).unwrap_err();
         assert!(matches!(err, LunError::NoCompareAndWrite { .. }), "{err}");
