@@ -3,7 +3,10 @@
 //! 1. `cargo build --workspace`
 //! 2. `cargo test --workspace --no-fail-fast` (unit, property and integration tests;
 //!    the FUSE integration tests skip themselves without root and /dev/fuse)
-//! 3. pjdfstest on a fresh mount (`cargo xtask pjdfstest`)
+//! 3. the cluster tests again on Disk Paxos volumes opened as plain disks
+//!    (`ATSFS_ATS_EMULATION=off cargo test --test cluster`: two and three daemons,
+//!    kill -9, SIGSTOP past the lease, create storms, with no compare-and-write at all)
+//! 4. pjdfstest on a fresh mount (`cargo xtask pjdfstest`)
 //!
 //! A failed step does not stop the later ones (except a failed build), so one run
 //! shows everything that is wrong. The output ends with a summary table and the line
@@ -33,7 +36,7 @@ pub fn run() -> Result<bool> {
     let fuse_ok = sh::is_root() && std::path::Path::new("/dev/fuse").exists();
     let mut steps = Vec::new();
 
-    sh::heading("Step 1/3: cargo build --workspace");
+    sh::heading("Step 1/4: cargo build --workspace");
     let build = timed("cargo build --workspace", || {
         cargo_step(
             sh::cargo()
@@ -45,7 +48,7 @@ pub fn run() -> Result<bool> {
     steps.push(build);
 
     if built {
-        sh::heading("Step 2/3: cargo test --workspace");
+        sh::heading("Step 2/4: cargo test --workspace");
         if !fuse_ok {
             println!("(not root or no /dev/fuse: the FUSE integration tests will skip themselves)");
         }
@@ -67,12 +70,26 @@ pub fn run() -> Result<bool> {
             )
         }));
 
-        sh::heading("Step 3/3: pjdfstest");
+        sh::heading("Step 3/4: the cluster tests on Disk Paxos (no compare-and-write)");
+        steps.push(timed("cluster tests on Disk Paxos", || {
+            cargo_step(
+                sh::cargo()
+                    .args(["test", "-p", "atsfs", "--test", "cluster"])
+                    .env("ATSFS_ATS_EMULATION", "off")
+                    .current_dir(&root),
+            )
+        }));
+
+        sh::heading("Step 4/4: pjdfstest");
         steps.push(timed("cargo xtask pjdfstest", || {
             pjdfstest_step(fuse_ok, in_ci)
         }));
     } else {
-        for name in ["cargo test --workspace", "cargo xtask pjdfstest"] {
+        for name in [
+            "cargo test --workspace",
+            "cluster tests on Disk Paxos",
+            "cargo xtask pjdfstest",
+        ] {
             steps.push(Step {
                 name,
                 result: StepResult::Skipped("not run: the build failed".into()),
