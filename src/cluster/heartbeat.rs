@@ -425,6 +425,17 @@ pub(crate) struct SlotWatch {
 }
 
 impl SlotWatch {
+    /// A watch of `image` at `offset`, without a heartbeat thread (tests).
+    #[cfg(test)]
+    pub(crate) fn new(lun: Arc<dyn Lun>, offset: u64, sector: u32, image: Vec<u8>) -> SlotWatch {
+        SlotWatch {
+            lun,
+            offset,
+            sector,
+            current: Arc::new(Mutex::new(image)),
+        }
+    }
+
     /// Re-reads the slot; `Some(reason)` when another host changed who holds it (its
     /// owner, generation, state or recoverer). A counter ahead of ours is our own
     /// renewal whose reply was lost, not a takeover.

@@ -665,6 +665,18 @@ impl PaxosLun {
         }
     }
 
+    /// The host lease right before a write of a compare-and-write's sector
+    /// (`Lease::confirm`: when the last renewal is older than an interval, our slot is
+    /// re-read, and a slot another host took fences us). Never called with our
+    /// heartbeat's state locked: the renewer locks it only around our own slot's
+    /// compare-and-write, which takes no token.
+    fn lease_confirmed(&self) -> LunResult<()> {
+        match &self.lease {
+            Some(lease) => lease.confirm(),
+            None => Ok(()),
+        }
+    }
+
     /// True while `held` may still be written under, by our clock.
     fn valid(&self, held: &Held) -> bool {
         let end = held.since_ms + self.timing.token_ms;
@@ -897,6 +909,9 @@ impl PaxosLun {
         if actual != expected {
             return Ok(Some(Caw::Miscompare(actual)));
         }
+        // The host lease again: `GuardedLun` checked it before a token wait that may
+        // have been long (and after a late renewal this re-reads our slot).
+        self.lease_confirmed()?;
         let stale = self
             .delta_at(offset)
             .is_some_and(|t| self.clock.now_ms().saturating_sub(read_ms) >= t.fresh_ms);

@@ -964,3 +964,66 @@ fn a_late_leader_write_and_a_request_ahead_of_it_do_not_give_two_holders() {
         "two hosts hold the token: {held2:?} {held_y:?}"
     );
 }
+
+#[test]
+fn a_long_token_wait_is_followed_by_a_lease_confirm_before_the_write() {
+    // B holds the token (crashed: never released). A's compare-and-write passes
+    // GuardedLun's lease check (a fresh renewal: no re-read of A's slot), then waits
+    // out B's token. Meanwhile A's renewal grew older than an interval and another
+    // host declared A dead and took its slot: A must find that out before it writes,
+    // as any write after a late renewal does.
+    let geo = Geometry::plan(&MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: SECTOR,
+        max_hosts: 2,
+        journal_blocks: Some(256),
+        disk_paxos: true,
+    })
+    .expect("plan");
+    let (mem, region) = region(2);
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    let mut b = proposer(mem.as_ref(), region, 1);
+    finish(&mut b, mem.as_ref());
+    let clock = Arc::new(ManualClock::default());
+    let lease = Arc::new(Lease::new(
+        clock.clone(),
+        Duration::from_millis(8000),
+        Duration::from_millis(100),
+    ));
+    let slot0 = geo.slot_offset(0);
+    let mine = counter_image(5, 0);
+    mem.write_at(&mine, slot0).expect("our slot");
+    lease.watch_slot(crate::cluster::heartbeat::SlotWatch::new(
+        mem.clone(),
+        slot0,
+        SECTOR,
+        mine,
+    ));
+    // The takeover (not a heartbeat image: any other content counts as taken).
+    mem.write_at(&counter_image(6, 1), slot0).expect("takeover");
+    let paxos = Arc::new(
+        PaxosLun::new(
+            mem.clone(),
+            region,
+            owner(0),
+            clock.clone(),
+            TokenTiming::for_token(200),
+        )
+        .with_lease(lease.clone()),
+    );
+    let guarded = crate::cluster::GuardedLun::new(paxos, lease.clone());
+    let result = guarded.compare_and_write(TARGET, &counter_image(0, 99), &counter_image(1, 0));
+    assert!(clock.now_ms() > 100, "no token wait");
+    assert!(
+        matches!(result, Err(LunError::Fenced(_))),
+        "{result:?} after waiting {} ms",
+        clock.now_ms()
+    );
+    let mut now = vec![0u8; SECTOR as usize];
+    mem.read_at(&mut now, TARGET).expect("read");
+    assert_eq!(
+        now,
+        counter_image(0, 99),
+        "written after the slot was taken"
+    );
+}
