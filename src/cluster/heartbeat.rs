@@ -530,7 +530,9 @@ impl Renewer {
 /// Compare-and-write of a slot that looks when the call fails: the write may have
 /// landed with its reply lost. Then the sector no longer holds `expected`, and what it
 /// holds comes back as a miscompare (our own `new` image if the write landed, which
-/// callers count as written). A failure with the sector unchanged is returned.
+/// callers count as written). A failure with the sector unchanged is returned, and so
+/// is `Fenced` at once (a refused write, or one the LUN does not trust: its image in
+/// the sector proves nothing).
 pub(crate) fn caw_looked(
     lun: &dyn Lun,
     offset: u64,
@@ -539,6 +541,9 @@ pub(crate) fn caw_looked(
 ) -> Result<Caw, LunError> {
     match lun.compare_and_write(offset, expected, new) {
         Ok(outcome) => Ok(outcome),
+        // Refused (lease, storage), or a write that is not trusted: what the sector
+        // holds proves nothing.
+        Err(e @ LunError::Fenced(_)) => Err(e),
         Err(e) => {
             let mut actual = vec![0u8; expected.len()];
             lun.read_at(&mut actual, offset)?;

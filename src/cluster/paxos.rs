@@ -28,7 +28,7 @@
 //!   it is idle for `LINGER_MS`, half its lease old, or asked for.
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
-use super::delta::{DeltaLun, DeltaTiming};
+use super::delta::{untrusted_write, DeltaLun, DeltaTiming};
 use super::{Clock, Lease, SlotClaim};
 use crate::format::{
     encode_padded, BlockNo, Geometry, OnDisk, PaxosDblock, PaxosLeader, Superblock,
@@ -99,11 +99,18 @@ pub struct Owner {
     pub generation: u32,
 }
 
-/// The delta-lease timing of a volume (its heartbeat interval and lease).
+/// The volume's io_timeout: the longest a host's write may take, issue to reply, and
+/// be trusted. Everything else derives from it (`TokenTiming::for_token`,
+/// `DeltaTiming::for_volume`); the superblock records the token's lease, twice it.
+pub fn io_timeout_ms(sb: &Superblock) -> u64 {
+    u64::from(sb.paxos_token_ms) / 2
+}
+
+/// The delta-lease timing of a volume (its heartbeat interval and io_timeout).
 pub fn delta_timing(sb: &Superblock) -> DeltaTiming {
     DeltaTiming::for_volume(
         Duration::from_millis(u64::from(sb.heartbeat_interval_ms)),
-        Duration::from_millis(u64::from(sb.lease_ms)),
+        Duration::from_millis(io_timeout_ms(sb)),
     )
 }
 
@@ -184,22 +191,30 @@ impl DeltaSectors {
     }
 }
 
-/// How long a token is valid, and the guard bands around it.
+/// How long a token is valid, and the guard bands around it, all from one io_timeout
+/// (as sanlock derives its timeouts from its `io_timeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct TokenTiming {
-    /// `Superblock::paxos_token_ms`.
+    /// `Superblock::paxos_token_ms`: twice the io_timeout.
     pub token_ms: u64,
     /// The holder stops writing `margin_ms` before its token ends, and a taker waits
-    /// `margin_ms` longer: room for clock drift and for a write in the I/O path.
+    /// `margin_ms` longer: a write issued at the last moment and landing within
+    /// io_timeout lands before any taker starts, with as much again to spare.
     pub margin_ms: u64,
+    /// A write under the token whose reply took longer is not trusted (the host
+    /// fences itself): it may have landed after the token ran out.
+    pub io_timeout_ms: u64,
 }
 
 impl TokenTiming {
-    /// The timing for a volume's recorded token lease: a quarter of it as margin.
+    /// The timing for a volume's recorded token lease (`2 * io_timeout`): a margin of
+    /// one io_timeout, so half the token is usable.
     pub fn for_token(token_ms: u64) -> TokenTiming {
+        let io_timeout_ms = token_ms / 2;
         TokenTiming {
             token_ms,
-            margin_ms: token_ms / 4,
+            margin_ms: io_timeout_ms,
+            io_timeout_ms,
         }
     }
 }
@@ -920,7 +935,16 @@ impl PaxosLun {
             st.held = None;
             return Ok(None);
         }
-        if let Err(e) = self.inner.write_at(new, offset) {
+        let issued_ms = self.clock.now_ms();
+        let wrote = self.inner.write_at(new, offset);
+        let took_ms = self.clock.now_ms().saturating_sub(issued_ms);
+        if took_ms > self.timing.io_timeout_ms {
+            // It may have landed after our token ran out, over another host's write:
+            // the token is lost (never released) and the host trusts nothing more.
+            st.held = None;
+            return Err(self.untrusted(offset, took_ms, self.timing.io_timeout_ms));
+        }
+        if let Err(e) = wrote {
             // The write may still land: keep the token unreleased, so that takers
             // wait out its lease.
             st.held = None;
@@ -1020,7 +1044,15 @@ impl PaxosLun {
                 return Ok(Caw::Miscompare(actual));
             }
             if self.clock.now_ms().saturating_sub(read_ms) < timing.fresh_ms {
-                self.inner.write_at(new, offset)?;
+                let issued_ms = self.clock.now_ms();
+                let wrote = self.inner.write_at(new, offset);
+                let took_ms = self.clock.now_ms().saturating_sub(issued_ms);
+                if took_ms > timing.io_timeout_ms {
+                    // A takeover's settle covers a renewal that lands within io_max of
+                    // its issue only.
+                    return Err(self.untrusted(offset, took_ms, timing.io_timeout_ms));
+                }
+                wrote?;
                 return Ok(Caw::Written);
             }
         }
@@ -1029,6 +1061,15 @@ impl PaxosLun {
             offset,
             waited_ms: timing.fresh_ms * u64::from(CAW_ATTEMPTS_MAX),
         })
+    }
+
+    /// A write that took longer than io_timeout: the host fences itself.
+    fn untrusted(&self, offset: u64, took_ms: u64, io_timeout_ms: u64) -> LunError {
+        let e = untrusted_write(&self.inner.describe(), offset, took_ms, io_timeout_ms);
+        if let (Some(lease), LunError::Fenced(why)) = (&self.lease, &e) {
+            lease.fence(why);
+        }
+        e
     }
 
     /// The delta rule's second read, without the token: our image must still be

@@ -66,6 +66,8 @@ pub struct Superblock {
     pub dir_hash_seed: u64,
     pub orphan_start: u64,
     pub paxos_start: u64,
+    /// The Disk Paxos token's lease: twice the volume's io_timeout, from which the
+    /// token's margin and the delta rule's settle derive (cluster::paxos).
     pub paxos_token_ms: u32,
     pub paxos_pad: u32,
     pub reserved: [u8; 256],
@@ -909,9 +911,6 @@ impl OnDisk for JournalCommit {
 // Disk Paxos region: the leader record, then one dblock per slot, one ATS sector each.
 // ---------------------------------------------------------------------------------
 
-/// The Disk Paxos token's lease that mkfs records (`Superblock::paxos_token_ms`),
-/// unless a quarter of the host lease is shorter.
-pub const PAXOS_TOKEN_MS_DEFAULT: u32 = 1000;
 /// `PaxosLeader::owner_slot` of a leader that names no owner (mkfs's first record).
 pub const PAXOS_NO_OWNER: u32 = u32::MAX;
 /// `PaxosLeader::flags`: the owner gave the token back; a taker need not wait.
