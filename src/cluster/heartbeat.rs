@@ -239,6 +239,20 @@ pub fn claim_slot(
     bail!("could not claim a heartbeat slot after {CLAIM_ATTEMPTS_MAX} attempts: too many hosts are mounting at once")
 }
 
+/// Whether a delta-lease claim (`claim_slot` over `cluster::delta::DeltaLun`) may
+/// write a slot that holds `image`, racing another writer. A claimer writes only a
+/// slot it read FREE or never used, or its own slot (LIVE, or RECOVERING by itself
+/// after a crash in its own replay); a slot RECOVERING under another host's recovery
+/// it only waits for. So a change from such an image races only writers that hold
+/// the Disk Paxos token (or, with a clock that stood still, a late write of its old
+/// owner, which no settle bounds: see the recovery's mailbox mark).
+pub(crate) fn claim_may_race(image: &[u8]) -> bool {
+    match HeartbeatSlot::decode(image, 0) {
+        Ok(slot) => !(slot.state == SLOT_RECOVERING && slot.recoverer_uuid != slot.host_uuid),
+        Err(_) => true,
+    }
+}
+
 /// Turns a slot claimed for our own crash recovery (RECOVERING, old generation) into
 /// a live one with a new generation, once our journal is replayed.
 pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotClaim> {

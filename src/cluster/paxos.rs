@@ -658,9 +658,15 @@ impl PaxosLun {
         self
     }
 
-    /// The delta rule's timing when `offset` is one of its sectors.
-    fn delta_at(&self, offset: u64) -> Option<DeltaTiming> {
-        self.delta.filter(|d| d.covers(offset)).map(|d| d.timing)
+    /// The delta rule's timing when a compare-and-write of `offset` from `expected`
+    /// may race a delta-lease claim: another slot's heartbeat sector, unless it holds
+    /// a slot under another host's recovery, which no claimer writes
+    /// (`heartbeat::claim_may_race`): a recoverer's renewals and its free then take
+    /// only the token, and do not settle.
+    fn delta_at(&self, offset: u64, expected: &[u8]) -> Option<DeltaTiming> {
+        self.delta
+            .filter(|d| d.covers(offset) && super::heartbeat::claim_may_race(expected))
+            .map(|d| d.timing)
     }
 
     pub fn stats(&self) -> PaxosStats {
@@ -928,7 +934,7 @@ impl PaxosLun {
         // have been long (and after a late renewal this re-reads our slot).
         self.lease_confirmed()?;
         let stale = self
-            .delta_at(offset)
+            .delta_at(offset, expected)
             .is_some_and(|t| self.clock.now_ms().saturating_sub(read_ms) >= t.fresh_ms);
         // The token is checked right before the write, as the host lease is.
         if !self.valid(&held) || stale {
@@ -948,7 +954,7 @@ impl PaxosLun {
             // The write may still land: keep the token unreleased, so that takers
             // wait out its lease.
             st.held = None;
-            if self.delta_at(offset).is_some() {
+            if self.delta_at(offset, expected).is_some() {
                 // A heartbeat sector: issued is what counts; the read after `settle`
                 // decides (`confirm`), never a read-back at once (a lost reply must not
                 // win a slot that a later writer also wins).
@@ -1110,7 +1116,7 @@ impl Lun for PaxosLun {
             if let Some(result) = self.caw_once(&mut st, offset, expected, new)? {
                 let after = self.after_caw(&mut st);
                 drop(st);
-                return match (result, self.delta_at(offset)) {
+                return match (result, self.delta_at(offset, expected)) {
                     // Issued to a heartbeat sector: only the read after `settle` decides.
                     (Caw::Written, Some(timing)) => {
                         if let Err(e) = after {

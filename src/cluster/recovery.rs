@@ -469,3 +469,6 @@ pub fn recover_offline(
     outcomes.sort_by_key(|o| o.0);
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests;
