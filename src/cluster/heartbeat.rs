@@ -1,10 +1,11 @@
 //! Claiming, renewing and releasing this host's heartbeat slot.
 
+use super::mailbox::{recovery_mark, RecoveryMark};
 use super::{boot_id, hostname, Clock, HostUuid, Lease};
 use crate::format::{
     encode_padded, put_str, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
 };
-use crate::lun::{Caw, Lun, LunError};
+use crate::lun::{AtsKind, Caw, Lun, LunError};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -253,11 +254,75 @@ pub(crate) fn claim_may_race(image: &[u8]) -> bool {
     }
 }
 
+/// Whether two images of a slot name the same holder (owner, generation, state and
+/// recoverer). A counter ahead is a renewal of the same holder, not a takeover.
+pub(crate) fn same_holder(a: &[u8], b: &[u8]) -> bool {
+    let holder = |raw: &[u8]| {
+        HeartbeatSlot::decode(raw, 0).ok().map(|s| {
+            (
+                s.host_uuid,
+                s.generation,
+                s.state,
+                s.recoverer_uuid,
+                s.recoverer_slot,
+            )
+        })
+    };
+    a == b || matches!((holder(a), holder(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Where a recovery of a slot leaves its mark, on a Disk Paxos volume: the slot's
+/// mailbox (`mailbox::mark_recovered`). A writer of the slot's heartbeat sector without
+/// the token (its owner's renewals) or with it (a recoverer's) reads it after each
+/// write: with a clock that stood still between its read and its write (a paused VM),
+/// its write may have landed over a takeover confirmed meanwhile, and erased it; the
+/// recoverer marked the mailbox before it replayed anything, so the late writer finds
+/// the mark and gives the slot up (docs/locking.md, "Recovery of a Disk Paxos slot").
+#[derive(Clone, Copy)]
+pub(crate) struct MarkWatch {
+    geo: Geometry,
+    slot: u32,
+}
+
+impl MarkWatch {
+    /// The watch of `slot` when `lun` takes the Disk Paxos token; `None` otherwise (a
+    /// hardware or emulated compare-and-write cannot land over a takeover).
+    pub(crate) fn for_lun(lun: &dyn Lun, geo: &Geometry, slot: u32) -> Option<MarkWatch> {
+        (lun.ats_kind() == AtsKind::DiskPaxos).then_some(MarkWatch { geo: *geo, slot })
+    }
+
+    /// Why we no longer hold the slot at `generation`: a recovery other than `ours`
+    /// marked it.
+    pub(crate) fn taken(
+        &self,
+        lun: &dyn Lun,
+        generation: u32,
+        ours: Option<RecoveryMark>,
+    ) -> Result<Option<String>, LunError> {
+        let mark = recovery_mark(lun, &self.geo, self.slot)?;
+        Ok(mark
+            .filter(|m| m.generation == generation && Some(*m) != ours)
+            .map(|_| {
+                format!(
+                    "another host recovered slot {} (generation {generation}) while our write \
+                     of it was on its way: we were declared dead",
+                    self.slot
+                )
+            }))
+    }
+}
+
 /// Turns a slot claimed for our own crash recovery (RECOVERING, old generation) into
 /// a live one with a new generation, once our journal is replayed.
 pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotClaim> {
-    let Some((generation, image)) =
-        go_live_from(lun, geo.slot_offset(claim.slot), claim.slot, &claim.image)?
+    let marks = MarkWatch::for_lun(lun, geo, claim.slot);
+    let Some((generation, image)) = go_live_from(
+        lun,
+        geo.slot_offset(claim.slot),
+        claim.slot,
+        &claim.image,
+        marks,
+    )?
     else {
         return Ok(claim);
     };
@@ -275,6 +340,7 @@ fn go_live_from(
     offset: u64,
     slot: u32,
     current: &[u8],
+    marks: Option<MarkWatch>,
 ) -> Result<Option<(u32, Vec<u8>)>> {
     let old = HeartbeatSlot::decode(current, 0).context("our own slot image")?;
     if old.state == SLOT_LIVE {
@@ -295,6 +361,13 @@ fn go_live_from(
             "another host took over slot {slot} while this host was replaying its own journal; mount again"
         ),
     }
+    if let Some(reason) = marks
+        .map(|m| m.taken(lun, old.generation, None))
+        .transpose()?
+        .flatten()
+    {
+        bail!("{reason}; mount again");
+    }
     Ok(Some((next.generation, image)))
 }
 
@@ -303,6 +376,7 @@ pub struct Membership {
     lun: Arc<dyn Lun>,
     offset: u64,
     sector: u32,
+    marks: Option<MarkWatch>,
     pub slot: u32,
     pub generation: u32,
     lease: Arc<Lease>,
@@ -321,6 +395,7 @@ impl Membership {
         interval: Duration,
     ) -> Membership {
         let offset = geo.slot_offset(claim.slot);
+        let marks = MarkWatch::for_lun(lun.as_ref(), geo, claim.slot);
         let current = Arc::new(Mutex::new(claim.image));
         let stop = Arc::new(AtomicBool::new(false));
         lease.watch_slot(SlotWatch {
@@ -333,6 +408,7 @@ impl Membership {
             lun: lun.clone(),
             offset,
             sector: geo.ats_sector_size,
+            marks,
             lease: lease.clone(),
             current: current.clone(),
             stop: stop.clone(),
@@ -349,6 +425,7 @@ impl Membership {
             lun,
             offset,
             sector: geo.ats_sector_size,
+            marks,
             slot: claim.slot,
             generation: claim.generation,
             lease,
@@ -374,7 +451,13 @@ impl Membership {
             .lock()
             .map_err(|_| anyhow!("heartbeat state poisoned"))?;
         let issued = self.lease.clock().now_ms();
-        let went = go_live_from(self.lun.as_ref(), self.offset, self.slot, &current);
+        let went = go_live_from(
+            self.lun.as_ref(),
+            self.offset,
+            self.slot,
+            &current,
+            self.marks,
+        );
         let Some((generation, image)) =
             went.inspect_err(|e| self.lease.fence(&format!("{e:#}")))?
         else {
@@ -460,28 +543,14 @@ impl SlotWatch {
         };
         let mut actual = vec![0u8; self.sector as usize];
         self.lun.read_at(&mut actual, self.offset)?;
-        if actual == *current {
+        if same_holder(&current, &actual) {
             return Ok(None);
         }
-        let holder = |raw: &[u8]| {
-            HeartbeatSlot::decode(raw, 0).ok().map(|s| {
-                (
-                    s.host_uuid,
-                    s.generation,
-                    s.state,
-                    s.recoverer_uuid,
-                    s.recoverer_slot,
-                )
-            })
-        };
-        match (holder(&current), holder(&actual)) {
-            (Some(mine), Some(now)) if mine == now => Ok(None),
-            _ => Ok(Some(
-                "another host changed our heartbeat slot while our renewal was late: \
-                 we were declared dead"
-                    .into(),
-            )),
-        }
+        Ok(Some(
+            "another host changed our heartbeat slot while our renewal was late: \
+             we were declared dead"
+                .into(),
+        ))
     }
 }
 
@@ -489,6 +558,7 @@ struct Renewer {
     lun: Arc<dyn Lun>,
     offset: u64,
     sector: u32,
+    marks: Option<MarkWatch>,
     lease: Arc<Lease>,
     current: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
@@ -532,12 +602,30 @@ impl Renewer {
         }
         match renewal? {
             Renewal::Renewed(next) => {
+                // Without the token our renewal may have landed over a takeover
+                // (a clock that stood still between its read and its write).
+                if let Some(reason) = self.taken_while_renewing(&current)? {
+                    self.lease.fence(&reason);
+                    return Ok(());
+                }
                 *current = next;
                 self.lease.renewed(issued);
             }
             Renewal::Lost(reason) => self.lease.fence(&reason),
         }
         Ok(())
+    }
+
+    /// On a Disk Paxos volume: the mark of a recovery of our generation, read after
+    /// our renewal landed (`MarkWatch`).
+    fn taken_while_renewing(&self, before: &[u8]) -> Result<Option<String>, LunError> {
+        let Some(marks) = self.marks else {
+            return Ok(None);
+        };
+        let Ok(slot) = HeartbeatSlot::decode(before, 0) else {
+            return Ok(Some("our heartbeat image does not decode".into()));
+        };
+        marks.taken(self.lun.as_ref(), slot.generation, None)
     }
 }
 

@@ -1032,9 +1032,11 @@ impl PaxosLun {
     /// interval: through the token, 16 hosts kept it busy enough that renewals ran
     /// late). Only we write it while we own the slot; anyone else who may (a
     /// recoverer, a claimer) follows the delta rule and re-reads after settling, so a
-    /// renewal that lands over a takeover makes the takeover fail, and a takeover
-    /// that lands after a renewal is found by our next one, which fences us. So a
-    /// fresh read, the compare and the write are enough.
+    /// renewal that lands over a takeover within io_max makes the takeover fail, and
+    /// a takeover that lands after a renewal is found by our next one, which fences
+    /// us. A renewal that stood still (its clock too) between the read and the write
+    /// can land over a confirmed takeover: the renewer reads the recoverer's mark
+    /// after it (`heartbeat::MarkWatch`).
     fn own_heartbeat_caw(
         &self,
         offset: u64,

@@ -238,7 +238,12 @@ pub struct Mailbox {
     pub slot: u32,
     pub count: u32,
     pub change_seq: u64,
-    pub reserved: [u8; 8],
+    /// Disk Paxos volumes: the generation of this slot a recoverer took over and
+    /// `recovery_mark`, the random nonce of that recovery (0: none). A host whose
+    /// renewal, written without the token, may have landed over the takeover reads
+    /// it after each renewal (docs/locking.md, "Recovery of a Disk Paxos slot").
+    pub recovered_gen: u32,
+    pub recovery_mark: u32,
     pub requests: [MailRequest; MAILBOX_REQUESTS_MAX],
 }
 const _: () = assert!(size_of::<Mailbox>() == 512);
@@ -1140,7 +1145,8 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 slot,
                 count,
                 change_seq,
-                reserved,
+                recovered_gen,
+                recovery_mark,
                 requests
             }),
         ),

@@ -277,3 +277,229 @@ fn a_claim_right_after_the_free_does_not_fail_the_recovery() {
     assert!(recovered.is_ok(), "{recovered:?}");
     assert_eq!(vol.slot_image(1).map(|s| s.generation), Some(2));
 }
+
+/// A clock that stands still (a VM paused with its clock: it resumes as if no time
+/// had passed) but whose sleeps take real time, so a heartbeat thread runs.
+struct FrozenClock;
+
+impl Clock for FrozenClock {
+    fn now_ms(&self) -> u64 {
+        0
+    }
+    fn sleep(&self, duration: Duration) {
+        std::thread::sleep(duration);
+    }
+}
+
+/// A LUN that runs `before` once, right before a write of `offset` lands: "this host
+/// stands still here while the others work".
+struct BeforeWriteOf {
+    inner: Arc<MemLun>,
+    offset: u64,
+    before: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Lun for BeforeWriteOf {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        if offset == self.offset {
+            if let Some(before) = self.before.lock().ok().and_then(|mut b| b.take()) {
+                before();
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "before write".into()
+    }
+}
+
+/// Polls `done` for up to `secs` seconds.
+fn within(secs: u64, done: impl Fn() -> bool) -> bool {
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
+}
+
+#[test]
+fn a_renewal_that_lands_over_a_confirmed_takeover_fences_its_host() {
+    // R renews its heartbeat without the token: a fresh read, then the write. Between
+    // the two its VM is paused, clock and all. Meanwhile X finds R's slot dead, takes
+    // it over through the token, confirms it after settling and recovers R. Then R's
+    // write lands, over X's work: R's clock says nothing happened, and its slot shows
+    // its own renewal. R must still find out (X's mark in its mailbox) and fence
+    // itself, never go on as the slot's owner after X replayed its journal.
+    let vol = volume(400, 2000);
+    let held = vol.live(1, R);
+    let slot1 = vol.geo.slot_offset(1);
+    let recovered = Arc::new(Mutex::new(None));
+    let x_recovers = {
+        let (mem, geo, sb) = (vol.mem.clone(), vol.geo, vol.sb);
+        let recovered = recovered.clone();
+        let held = Held {
+            slot: 1,
+            raw: held.raw.clone(),
+            image: held.image,
+        };
+        Box::new(move || {
+            let vol = Volume { mem, geo, sb };
+            let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+            let x = vol.host(vol.mem.clone(), 0, clock.clone());
+            let result = recover_slot(
+                x.as_ref(),
+                &vol.geo,
+                vol.sb.volume_uuid,
+                held,
+                (0, X),
+                None,
+                vol.timing(clock.as_ref()),
+            );
+            if let Ok(mut r) = recovered.lock() {
+                *r = Some(result.map_err(|e| format!("{e:#}")));
+            }
+        }) as Box<dyn FnOnce() + Send>
+    };
+    let paused = Arc::new(BeforeWriteOf {
+        inner: vol.mem.clone(),
+        offset: slot1,
+        before: Mutex::new(Some(x_recovers)),
+    });
+    let clock: Arc<dyn Clock> = Arc::new(FrozenClock);
+    let r_lun: Arc<dyn Lun> = Arc::new(
+        PaxosLun::new(
+            paused,
+            vol.region(),
+            Owner {
+                slot: 1,
+                generation: 1,
+            },
+            clock.clone(),
+            TokenTiming::for_token(u64::from(vol.sb.paxos_token_ms)),
+        )
+        .with_delta_sectors(DeltaSectors::heartbeats(
+            &vol.geo,
+            1,
+            paxos::delta_timing(&vol.sb),
+        )),
+    );
+    let claim = crate::cluster::SlotClaim {
+        slot: 1,
+        generation: 1,
+        after_crash: false,
+        image: held.raw.clone(),
+        issued_ms: 0,
+    };
+    let (interval, lease_time) = (Duration::from_millis(400), Duration::from_millis(2000));
+    let lease = Arc::new(Lease::for_claim(clock, &claim, lease_time, interval));
+    let member = crate::cluster::Membership::start(r_lun, &vol.geo, claim, lease.clone(), interval);
+    assert!(
+        within(10, || recovered.lock().is_ok_and(|r| r.is_some())),
+        "X did not recover R"
+    );
+    let outcome = recovered.lock().ok().and_then(|mut r| r.take());
+    assert!(matches!(outcome, Some(Ok(()))), "X: {outcome:?}");
+    assert!(
+        within(3, || lease.is_fenced()),
+        "R's renewal landed over X's recovery and R still holds its slot"
+    );
+    drop(member);
+}
+
+/// A LUN on which, right before the first write to the data area lands, the dead
+/// host's late renewal lands on its slot; counts the data writes from then on.
+struct LateRenewal {
+    inner: Arc<MemLun>,
+    data_from: u64,
+    slot_offset: u64,
+    renewal: Vec<u8>,
+    landed: std::sync::atomic::AtomicBool,
+    data_writes_after: std::sync::atomic::AtomicU32,
+}
+
+impl Lun for LateRenewal {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        if offset >= self.data_from {
+            if !self.landed.swap(true, Ordering::SeqCst) {
+                self.inner.write_at(&self.renewal, self.slot_offset)?;
+            }
+            self.data_writes_after.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "late renewal".into()
+    }
+}
+
+#[test]
+fn a_replay_stops_at_once_when_its_slot_changes_under_it() {
+    // The dead host's late renewal lands on its slot while X replays its journal: X
+    // must stop at its next write (the one already past the check lands), not replay
+    // the rest over a host that goes on, nor free the slot.
+    let vol = volume(400, 2000);
+    let held = vol.live(1, R);
+    vol.journal(1, 60);
+    let mut renewed = held.image;
+    renewed.counter += 1;
+    renewed.seal();
+    let lun = Arc::new(LateRenewal {
+        inner: vol.mem.clone(),
+        data_from: vol.geo.ag_start * BLOCK_SIZE_U64,
+        slot_offset: vol.geo.slot_offset(1),
+        renewal: encode_padded(&renewed, SECTOR),
+        landed: Default::default(),
+        data_writes_after: Default::default(),
+    });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
+    let x = vol.host(lun.clone(), 0, clock.clone());
+    let recovered = recover_slot(
+        x.as_ref(),
+        &vol.geo,
+        vol.sb.volume_uuid,
+        held,
+        (0, X),
+        None,
+        vol.timing(clock.as_ref()),
+    );
+    assert!(recovered.is_err(), "the recovery went on");
+    assert_eq!(
+        lun.data_writes_after.load(Ordering::SeqCst),
+        1,
+        "replay writes after the slot changed"
+    );
+    assert_eq!(vol.slot_image(1).map(|s| s.state), Some(SLOT_LIVE));
+}
