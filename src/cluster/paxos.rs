@@ -454,8 +454,18 @@ impl Proposer {
             }
             Stage::Accepted => {
                 if let Some(view) = self.read_piece(lun)? {
+                    let decided = Outcome::Decided {
+                        lver: self.lver,
+                        owner: self.value,
+                    };
                     self.stage = match view.conflict(self.lver, self.mbal) {
                         Some(abort) => Stage::Done(Outcome::Aborted(abort)),
+                        // Another host's instance that the leader names already (its
+                        // owner published it, perhaps used and released it): our
+                        // publish would only re-arm it.
+                        None if self.value != self.me && view.leader.lver >= self.lver => {
+                            Stage::Done(decided)
+                        }
                         None => Stage::Publish,
                     };
                 }
@@ -583,6 +593,10 @@ struct TokenState {
     /// record is late or was overwritten by a late write), and our clock when we
     /// first saw it so.
     ahead: Option<(u64, u64)>,
+    /// The highest instance we saw released (or released ourselves): an unreleased
+    /// leader of an instance up to it is a late write (a finisher's publish) and
+    /// names nobody who holds the token.
+    released_lver: u64,
 }
 
 /// Counts of what a `PaxosLun` did (for the bench and tests).
@@ -706,7 +720,7 @@ impl PaxosLun {
 
     /// How long a taker must still wait before it may start instance `lver`.
     fn wait_ms(&self, st: &TokenState, view: &RegionView, lver: u64, now: u64) -> Option<u64> {
-        if lver != view.leader.lver + 1 {
+        if lver != view.leader.lver + 1 || view.leader.lver <= st.released_lver {
             return None;
         }
         view.holder()?;
@@ -727,12 +741,16 @@ impl PaxosLun {
                 st.seen_leader = view.leader_raw.clone();
                 st.seen_at_ms = now;
             }
+            if view.holder().is_none() && view.leader.owner_slot != PAXOS_NO_OWNER {
+                st.released_lver = st.released_lver.max(view.leader.lver);
+            }
             let lver = view.instance_to_decide();
             // Ahead of the leader's next instance: the one before it may be held by a
             // host whose leader write is late or was overwritten (a late write of an
             // older leader). That holder's token began before anything we see of the
-            // later instance, so it has ended one token + margin after we first saw it.
-            if lver > view.leader.lver + 1 {
+            // later instance, so it has ended one token + margin after we first saw it
+            // (unless we saw it released: then it ended then).
+            if lver > view.leader.lver + 1 && lver - 1 > st.released_lver {
                 let since = match st.ahead {
                     Some((k, at)) if k == lver => at,
                     _ => {
@@ -889,6 +907,7 @@ impl PaxosLun {
             PAXOS_LEADER_RELEASED,
             self.me.slot,
         )?;
+        st.released_lver = st.released_lver.max(held.lver);
         self.count(|s| s.releases += 1);
         Ok(())
     }

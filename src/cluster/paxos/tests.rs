@@ -1158,3 +1158,70 @@ fn the_token_and_the_delta_rule_derive_from_one_io_timeout() {
     let takeover = token.token_ms + token.margin_ms + delta.settle_ms;
     assert!(takeover + 100 < budget * 4 / 5, "{takeover} of {budget}");
 }
+
+#[test]
+fn a_finisher_does_not_publish_over_a_leader_that_names_the_instance() {
+    // F finishes instance 1 for C (C's value was accepted). By F's phase-2 read, C has
+    // published, used and released its token: F's publish would re-arm it, and every
+    // taker would wait a token + margin for nobody.
+    let (mem, region) = region(3);
+    let mut c = proposer(mem.as_ref(), region, 1);
+    assert_eq!(steps(&mut c, mem.as_ref(), 4), None);
+    let mut f = proposer(mem.as_ref(), region, 2);
+    assert_eq!(f.lver(), 1);
+    assert_eq!(steps(&mut f, mem.as_ref(), 2), None); // phase 1: adopts C
+    assert!(steps(&mut c, mem.as_ref(), 1).is_some()); // C publishes
+    write_leader(mem.as_ref(), &region, 1, owner(1), PAXOS_LEADER_RELEASED, 1).expect("release");
+    assert_eq!(
+        finish(&mut f, mem.as_ref()),
+        Outcome::Decided {
+            lver: 1,
+            owner: owner(1)
+        }
+    );
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    assert_eq!(view.holder(), None, "F re-armed C's released token");
+}
+
+#[test]
+fn a_late_publish_does_not_re_arm_a_token_seen_released() {
+    // F finished instance 1 for C before C published, and stalls before its own
+    // publish. C publishes, uses and releases instance 1; Y takes and releases
+    // instance 2. Then F's publish {1, C} lands. Y saw instance 2 released: an
+    // unreleased leader of an instance up to 2 names nobody who holds the token.
+    let (mem, region) = region(3);
+    let mut c = proposer(mem.as_ref(), region, 1);
+    assert_eq!(steps(&mut c, mem.as_ref(), 4), None);
+    let mut f = proposer(mem.as_ref(), region, 2);
+    assert_eq!(steps(&mut f, mem.as_ref(), 4), None); // decided C, publish pending
+    assert!(steps(&mut c, mem.as_ref(), 1).is_some());
+    write_leader(mem.as_ref(), &region, 1, owner(1), PAXOS_LEADER_RELEASED, 1).expect("release");
+    let clock = Arc::new(ManualClock::default());
+    let y = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    );
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        y.compare_and_write(TARGET, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert!(finish(&mut f, mem.as_ref()) != Outcome::Aborted(Abort::HigherBallot));
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        Some(owner(1)),
+        "F's late publish"
+    );
+    let before = clock.now_ms();
+    assert_eq!(
+        y.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    let waited = clock.now_ms() - before;
+    assert!(waited < 200, "Y waited {waited} ms for a released token");
+}
