@@ -476,6 +476,10 @@ impl Membership {
         self.lease
             .confirm()
             .map_err(|e| anyhow!("not releasing the heartbeat slot: {e}"))?;
+        // The Disk Paxos token goes back before the slot (its dblock is the slot's).
+        if let Err(e) = self.lun.retire() {
+            tracing::warn!("giving the Disk Paxos token back at unmount: {e}");
+        }
         let current = self
             .current
             .lock()

@@ -628,6 +628,8 @@ pub struct PaxosLun {
     /// True once a releaser thread gives idle tokens back: then a token is kept
     /// between compare-and-writes (while nobody else asks for it).
     linger: std::sync::atomic::AtomicBool,
+    /// Set by `retire`: the releaser thread ends, no token is kept any more.
+    retired: std::sync::atomic::AtomicBool,
     stats: Mutex<PaxosStats>,
 }
 
@@ -656,6 +658,7 @@ impl PaxosLun {
             state: Mutex::new(TokenState::default()),
             waiting: AtomicUsize::new(0),
             linger: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
             stats: Mutex::new(PaxosStats::default()),
         }
     }
@@ -1025,12 +1028,24 @@ impl PaxosLun {
                 let Some(lun) = weak.upgrade() else {
                     return;
                 };
+                if lun.retired.load(Ordering::SeqCst) {
+                    return;
+                }
                 lun.release_if_idle();
             });
         if spawned.is_err() {
             // Without the thread a kept token would never be given back.
             self.linger.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// The host leaves: the token goes back now (if we hold a valid one), none is
+    /// kept from now on, and the releaser thread ends.
+    fn retire_token(&self) -> LunResult<()> {
+        self.retired.store(true, Ordering::SeqCst);
+        self.linger.store(false, Ordering::SeqCst);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.release(&mut st)
     }
 
     fn release_if_idle(&self) {
@@ -1167,6 +1182,9 @@ impl Lun for PaxosLun {
     fn may_write(&self) -> LunResult<()> {
         self.inner.may_write()
     }
+    fn retire(&self) -> LunResult<()> {
+        self.retire_token()
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -1175,6 +1193,21 @@ impl Lun for PaxosLun {
     }
     fn reservations(&self) -> Option<&dyn Reservations> {
         self.inner.reservations()
+    }
+}
+
+impl Drop for PaxosLun {
+    /// A token still kept when the last user lets go (a host dropped without an
+    /// unmount) goes back, while it and the host lease are valid, rather than make
+    /// the others wait it out.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if st.held.is_some() {
+            let mut st = std::mem::take(st);
+            if let Err(e) = self.release(&mut st) {
+                tracing::debug!("giving the Disk Paxos token back at the end: {e}");
+            }
+        }
     }
 }
 

@@ -1225,3 +1225,40 @@ fn a_late_publish_does_not_re_arm_a_token_seen_released() {
     let waited = clock.now_ms() - before;
     assert!(waited < 200, "Y waited {waited} ms for a released token");
 }
+
+#[test]
+fn retiring_gives_the_token_back_and_ends_the_releaser() {
+    let (mem, region) = region(2);
+    // A clock that never moves: the releaser never finds the token idle.
+    let lun = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    ));
+    lun.start_releaser();
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        lun.compare_and_write(TARGET, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        Some(owner(0))
+    );
+    lun.retire().expect("retire");
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+    // The releaser thread holds the only weak reference; it lets go when it ends.
+    for _ in 0..200 {
+        if Arc::weak_count(&lun) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(Arc::weak_count(&lun), 0, "the releaser thread still runs");
+}
