@@ -1262,3 +1262,52 @@ fn retiring_gives_the_token_back_and_ends_the_releaser() {
     }
     assert_eq!(Arc::weak_count(&lun), 0, "the releaser thread still runs");
 }
+
+#[test]
+fn a_dead_hosts_request_costs_one_step_back_once() {
+    // D asked for instance 2 and died. A host that takes instance 2 steps back for
+    // it (YIELDS_MAX polls) once; the next instances are past D's request and cost
+    // nothing. (Review finding 7 feared every host stepping back for ever.)
+    let (mem, region) = region(3);
+    let clock = Arc::new(ManualClock::default());
+    let a = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    );
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        a.compare_and_write(TARGET, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    let d = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(2),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    );
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    d.request(&view, 2).expect("request");
+    drop(d);
+    let mut current = counter_image(1, 0);
+    let mut waits = Vec::new();
+    for n in 2..6 {
+        let before = clock.now_ms();
+        let next = counter_image(n, 0);
+        assert_eq!(
+            a.compare_and_write(TARGET, &current, &next).expect("caw"),
+            Caw::Written
+        );
+        current = next;
+        waits.push(clock.now_ms() - before);
+    }
+    assert!(
+        waits[0] <= u64::from(YIELDS_MAX) * WAIT_POLL_MS,
+        "{waits:?}"
+    );
+    assert!(waits[1..].iter().all(|&w| w == 0), "{waits:?}");
+}
