@@ -503,3 +503,59 @@ fn a_replay_stops_at_once_when_its_slot_changes_under_it() {
     );
     assert_eq!(vol.slot_image(1).map(|s| s.state), Some(SLOT_LIVE));
 }
+
+#[test]
+fn a_hold_renewal_that_lands_over_a_later_takeover_stops_the_recovery() {
+    // X recovers slot 1 and stands still (clock too) inside a renewal of its hold.
+    // Meanwhile Z takes the recovery over (X looked dead) and marks the mailbox. X's
+    // renewal lands over Z's takeover: X must find Z's mark and stop, not replay on
+    // beside Z nor free the slot under it.
+    let vol = volume(400, 2000);
+    let held = vol.live(1, R);
+    let mut claimed = held.image;
+    claimed.state = SLOT_RECOVERING;
+    claimed.recoverer_uuid = X.0;
+    claimed.recoverer_slot = 0;
+    claimed.counter += 1;
+    claimed.seal();
+    let claimed_raw = encode_padded(&claimed, SECTOR);
+    let slot1 = vol.geo.slot_offset(1);
+    vol.mem.write_at(&claimed_raw, slot1).expect("X's takeover");
+    let z_takes_over = {
+        let (mem, geo) = (vol.mem.clone(), vol.geo);
+        let mut z = claimed;
+        z.recoverer_uuid = [0xc2; 16];
+        z.recoverer_slot = 2;
+        z.counter += 1;
+        z.seal();
+        Box::new(move || {
+            mem.write_at(&encode_padded(&z, SECTOR), slot1)
+                .expect("Z's takeover");
+            mark_recovered(mem.as_ref(), &geo, 1, RecoveryMark::new(1)).expect("Z's mark");
+        }) as Box<dyn FnOnce() + Send>
+    };
+    let paused = Arc::new(BeforeWriteOf {
+        inner: vol.mem.clone(),
+        offset: slot1,
+        before: Mutex::new(Some(z_takes_over)),
+    });
+    let clock: Arc<dyn Clock> = Arc::new(FrozenClock);
+    let x = vol.host(paused, 0, clock.clone());
+    let mut hold = RecoveryHold::new(
+        x.as_ref(),
+        &vol.geo,
+        1,
+        claimed_raw,
+        0,
+        vol.timing(clock.as_ref()),
+    );
+    let marks = MarkWatch::for_lun(x.as_ref(), &vol.geo, 1).expect("Disk Paxos");
+    let ours = RecoveryMark::new(1);
+    mark_recovered(x.as_ref(), &vol.geo, 1, ours).expect("X's mark");
+    hold.marks = Some((marks, ours));
+    hold.renew_once().expect("renewal");
+    assert!(
+        hold.check().is_err(),
+        "X's renewal landed over Z's takeover and X still holds the recovery"
+    );
+}
