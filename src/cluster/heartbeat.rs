@@ -606,14 +606,15 @@ impl Renewer {
         }
         match renewal? {
             Renewal::Renewed(next) => {
+                let before = std::mem::replace(&mut *current, next);
                 // Without the token our renewal may have landed over a takeover
-                // (a clock that stood still between its read and its write).
-                if let Some(reason) = self.taken_while_renewing(&current)? {
-                    self.lease.fence(&reason);
-                    return Ok(());
+                // (a clock that stood still between its read and its write). Until
+                // the mark is read, the renewal does not count (the next one, from
+                // the image now on disk, reads it again).
+                match self.taken_while_renewing(&before)? {
+                    Some(reason) => self.lease.fence(&reason),
+                    None => self.lease.renewed(issued),
                 }
-                *current = next;
-                self.lease.renewed(issued);
             }
             Renewal::Lost(reason) => self.lease.fence(&reason),
         }

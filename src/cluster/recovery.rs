@@ -299,10 +299,12 @@ impl<'a> RecoveryHold<'a> {
         let offset = self.geo.slot_offset(self.slot);
         match renew_image(self.lun, offset, self.geo.ats_sector_size, &current)? {
             Renewal::Renewed(next) => {
+                let before = std::mem::replace(&mut *current, next);
                 // A renewal that stood still (its clock too) may have landed over a
-                // later recoverer's takeover: its mark says so.
+                // later recoverer's takeover: its mark says so. Until the mark is
+                // read, the renewal does not count.
                 if let Some((marks, ours)) = self.marks {
-                    let generation = HeartbeatSlot::decode(&current, 0)
+                    let generation = HeartbeatSlot::decode(&before, 0)
                         .map(|s| s.generation)
                         .unwrap_or_default();
                     if let Some(reason) = marks.taken(self.lun, generation, Some(ours))? {
@@ -310,7 +312,6 @@ impl<'a> RecoveryHold<'a> {
                         return Ok(());
                     }
                 }
-                *current = next;
                 self.renewed_at_ms.fetch_max(issued_ms, Ordering::SeqCst);
             }
             Renewal::Lost(_) => {
