@@ -22,7 +22,7 @@ use crate::format::{
     HeartbeatSlot, InodeBody, JournalHeader, MkfsParams, OnDisk, OrphanTable, PaxosLeader,
     Superblock, AG_BLOCKS, ATS_MODE_DISK_PAXOS, ATS_MODE_EMULATED, ATS_MODE_HARDWARE, BLOCK_SIZE,
     BLOCK_SIZE_U64, FEATURE_INCOMPAT_DISK_PAXOS, FEATURE_RO_COMPAT_ORPHAN_TABLES, FORMAT_VERSION,
-    PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER, PAXOS_TOKEN_MS_DEFAULT, SLOT_FREE, SLOT_LIVE,
+    PAXOS_LEADER_RELEASED, PAXOS_NO_OWNER, SLOT_FREE, SLOT_LIVE,
 };
 use crate::lun::{Lun, LunError};
 use crate::units::format_size;
@@ -276,11 +276,11 @@ fn build_superblock(geo: &Geometry, opts: &MkfsOptions, created_unix_s: u64) -> 
     sb
 }
 
-/// The Disk Paxos token's lease: `PAXOS_TOKEN_MS_DEFAULT`, or a quarter of a short
-/// host lease, so that a dead holder's token always runs out well before its slot
-/// counts as dead.
+/// The Disk Paxos token's lease: twice the volume's io_timeout, which is an eighth of
+/// the host lease (sanlock's `host_dead_seconds` is 8 io_timeouts): 2 s with the
+/// default 8 s lease. docs/locking.md, "Timing: one io_timeout".
 fn paxos_token_ms(lease_ms: u32) -> u32 {
-    PAXOS_TOKEN_MS_DEFAULT.min(lease_ms / 4).max(1)
+    (lease_ms / 4).max(2)
 }
 
 /// The Disk Paxos region: a leader record that names no owner and is released, and

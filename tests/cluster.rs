@@ -232,9 +232,10 @@ fn a_killed_host_is_recovered_by_the_survivor() {
     let (mut on_b, _) = open_for_writing_within(&b.join("held"), Duration::from_secs(10));
     let took = killed.elapsed();
     eprintln!("B opened A's file for writing {took:?} after the kill");
-    // On Disk Paxos the recoverer also confirms its takeover of the slot after half a
-    // lease (the delta rule) and may wait out the token the killed host kept (a
-    // quarter lease + margin): docs/locking.md, "Disk Paxos test-and-set".
+    // On Disk Paxos the recoverer also confirms its takeover of the slot after
+    // fresh + 2 io_timeouts (the delta rule: 625 ms here) and may wait out the token
+    // the killed host kept (token + margin, 3 io_timeouts: 750 ms here; io_timeout is
+    // an eighth of the lease): docs/locking.md, "Disk Paxos test-and-set".
     let bound = if common::disk_paxos() {
         Duration::from_millis(4000 + 1000 + 625)
     } else {

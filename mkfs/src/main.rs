@@ -484,9 +484,10 @@ fn print_summary(lun: &dyn Lun, sb: &Superblock) {
     } else if sb.ats_mode == ATS_MODE_DISK_PAXOS {
         println!(
             "  ATS                Disk Paxos (a token over plain sector reads and writes), \
-             {}-byte sectors, token lease {} ms; region of {} KiB",
+             {}-byte sectors, token lease {} ms (io_timeout {} ms); region of {} KiB",
             sb.ats_sector_size,
             sb.paxos_token_ms,
+            sb.paxos_token_ms / 2,
             paxos_blocks_for(sb.max_hosts, sb.ats_sector_size) * 4
         );
     } else {

@@ -19,7 +19,9 @@
 //! the read that justified it (at most `fresh_ms` earlier) would have come after that
 //! write and seen the slot taken. So it holds while `settle_ms > fresh_ms + io_max`,
 //! where `io_max` is the longest a write may sit in the I/O path: a timing
-//! assumption, as sanlock's `io_timeout`.
+//! assumption, as sanlock's `io_timeout`. Each writer holds itself to it: a write
+//! whose reply took longer than the volume's io_timeout (half of `io_max`) is not
+//! trusted, and the host fences itself (`untrusted_write`).
 //!
 //! Every writer of a sector that a delta claim may race (another claimer, a
 //! recoverer taking a dead slot) must follow the same rule, or hold the Disk Paxos
@@ -42,19 +44,43 @@ pub struct DeltaTiming {
     pub fresh_ms: u64,
     /// How long after its write a claimer reads again.
     pub settle_ms: u64,
+    /// The longest a write of ours may take, issue to reply, and still be trusted to
+    /// have landed within `io_max` of its issue (`untrusted_write`).
+    pub io_timeout_ms: u64,
 }
 
 impl DeltaTiming {
-    /// For a volume's heartbeat: reads a quarter interval fresh, settles half a lease
-    /// (observers still see the slot alive: the claim write counts as a heartbeat,
-    /// and the lease is more than two intervals). The room left for a write in the
-    /// I/O path is `lease / 2 - interval / 4` (3.75 s with the defaults).
-    pub fn for_volume(interval: Duration, lease: Duration) -> DeltaTiming {
+    /// For a volume's heartbeat: reads a quarter interval fresh, and settles for
+    /// `fresh + 2 * io_timeout`, so `io_max`, the longest a write may sit in the I/O
+    /// path, is twice the io_timeout every writer holds itself to (2 s with the
+    /// defaults: settle 2.25 s). The claim write counts as the slot's first heartbeat;
+    /// the settle is well under the lease, so observers still see the slot alive.
+    pub fn for_volume(interval: Duration, io_timeout: Duration) -> DeltaTiming {
+        let fresh_ms = interval.as_millis() as u64 / 4;
+        let io_timeout_ms = io_timeout.as_millis() as u64;
         DeltaTiming {
-            fresh_ms: interval.as_millis() as u64 / 4,
-            settle_ms: lease.as_millis() as u64 / 2,
+            fresh_ms,
+            settle_ms: fresh_ms + 2 * io_timeout_ms,
+            io_timeout_ms,
         }
     }
+}
+
+/// The error for a write of ours that took `took_ms`, more than `io_timeout_ms`,
+/// issue to reply: it may have landed later than the rule it was issued under allows
+/// (after our token ran out, after a rival's settle), so the host does not trust it
+/// and fences itself, as sanlock's watchdog would.
+pub(crate) fn untrusted_write(
+    device: &str,
+    offset: u64,
+    took_ms: u64,
+    io_timeout_ms: u64,
+) -> crate::lun::LunError {
+    crate::lun::LunError::Fenced(format!(
+        "a write to {device} at byte {offset} took {took_ms} ms, more than the volume's \
+         io_timeout of {io_timeout_ms} ms: it may have landed after another host acted on \
+         the sector, so this host does not trust it"
+    ))
 }
 
 /// The device as `claim_slot` sees it on a Disk Paxos volume.
@@ -109,8 +135,20 @@ impl Lun for DeltaLun {
             // Once the write is issued it may land, whatever its reply says: a lost
             // reply must not let the caller's read-back count it won before `settle`
             // (a later claimer could still write over it and win too). So the write's
-            // error is not returned: settle, then the read decides.
-            if let Err(e) = self.inner.write_at(new, offset) {
+            // error is not returned: settle, then the read decides. Unless the write
+            // took longer than io_timeout: then it may land after anything we read.
+            let issued_ms = self.clock.now_ms();
+            let wrote = self.inner.write_at(new, offset);
+            let took_ms = self.clock.now_ms().saturating_sub(issued_ms);
+            if took_ms > self.timing.io_timeout_ms {
+                return Err(untrusted_write(
+                    &self.inner.describe(),
+                    offset,
+                    took_ms,
+                    self.timing.io_timeout_ms,
+                ));
+            }
+            if let Err(e) = wrote {
                 tracing::debug!(
                     offset,
                     "delta-lease write failed ({e}); settling before the read decides"
@@ -196,6 +234,7 @@ mod tests {
         DeltaTiming {
             fresh_ms: 25,
             settle_ms: 100,
+            io_timeout_ms: 1000,
         }
     }
 
@@ -290,6 +329,72 @@ mod tests {
         );
     }
 
+    /// A LUN whose writes take `ms` on a manual clock.
+    struct SlowWrites {
+        inner: Arc<MemLun>,
+        clock: Arc<ManualClock>,
+        ms: u64,
+    }
+
+    impl Lun for SlowWrites {
+        fn sector_size(&self) -> u32 {
+            self.inner.sector_size()
+        }
+        fn len_bytes(&self) -> u64 {
+            self.inner.len_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+            self.clock.advance(Duration::from_millis(self.ms));
+            self.inner.write_at(buf, offset)
+        }
+        fn compare_and_write(&self, o: u64, e: &[u8], n: &[u8]) -> LunResult<Caw> {
+            self.inner.compare_and_write(o, e, n)
+        }
+        fn flush(&self) -> LunResult<()> {
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "slow-writes".into()
+        }
+    }
+
+    #[test]
+    fn a_claim_write_slower_than_io_timeout_does_not_win() {
+        // `settle` covers a rival's write that lands within io_max of its issue; our
+        // own write, if slower than io_timeout, may have landed after a rival's
+        // settle and confirming read: the claim is not trusted, whatever we read.
+        let mem = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
+        let clock = Arc::new(ManualClock::default());
+        let slow = Arc::new(SlowWrites {
+            inner: mem.clone(),
+            clock: clock.clone(),
+            ms: timing().io_timeout_ms + 1,
+        });
+        let a = DeltaLun::new(slow, clock, timing());
+        let outcome = a.compare_and_write(AT, &image(0), &image(1));
+        assert!(
+            matches!(outcome, Err(crate::lun::LunError::Fenced(_))),
+            "{outcome:?}"
+        );
+        // claim_slot's call does not take our image for a won claim either.
+        let mem2 = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
+        let clock2 = Arc::new(ManualClock::default());
+        let slow2 = Arc::new(SlowWrites {
+            inner: mem2,
+            clock: clock2.clone(),
+            ms: timing().io_timeout_ms + 1,
+        });
+        let b = DeltaLun::new(slow2, clock2, timing());
+        let looked = crate::cluster::heartbeat::caw_looked(&b, AT, &image(0), &image(1));
+        assert!(
+            matches!(looked, Err(crate::lun::LunError::Fenced(_))),
+            "{looked:?}"
+        );
+    }
+
     #[test]
     fn hosts_claiming_at_once_through_delta_leases_get_distinct_slots() {
         let geo = Geometry::plan(&MkfsParams {
@@ -301,14 +406,14 @@ mod tests {
         })
         .expect("plan");
         let mem = Arc::new(MemLun::new(64 << 20, SECTOR as u32));
-        let (interval, lease) = (Duration::from_millis(20), Duration::from_millis(200));
+        let (interval, io_timeout) = (Duration::from_millis(20), Duration::from_millis(100));
         let slots: Vec<u32> = std::thread::scope(|scope| {
             let runs: Vec<_> = (1..=4u8)
                 .map(|host| {
                     let mem = mem.clone();
                     scope.spawn(move || {
                         let clock: Arc<dyn Clock> = Arc::new(SystemClock::default());
-                        let timing = DeltaTiming::for_volume(interval, lease);
+                        let timing = DeltaTiming::for_volume(interval, io_timeout);
                         // I/Os take up to 2 ms, so that claims interleave.
                         let faults = FaultConfig {
                             seed: u64::from(host),
@@ -318,7 +423,7 @@ mod tests {
                         let slow = Arc::new(FaultLun::new(mem, faults));
                         let lun = DeltaLun::new(slow, clock.clone(), timing);
                         let me = HostUuid([host; 16]);
-                        claim_slot(&lun, &geo, me, interval, lease, clock.as_ref())
+                        claim_slot(&lun, &geo, me, interval, 8 * io_timeout, clock.as_ref())
                             .expect("claim")
                             .slot
                     })
@@ -413,6 +518,7 @@ mod lost_reply_tests {
         let timing = DeltaTiming {
             fresh_ms: 25,
             settle_ms: 100,
+            io_timeout_ms: 1000,
         };
         let mem = Arc::new(MemLun::new(1 << 20, SECTOR as u32));
         // One clock for both hosts (time passes for everyone; a clock that stands still

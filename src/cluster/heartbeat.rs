@@ -1,10 +1,11 @@
 //! Claiming, renewing and releasing this host's heartbeat slot.
 
+use super::mailbox::{recovery_mark, RecoveryMark};
 use super::{boot_id, hostname, Clock, HostUuid, Lease};
 use crate::format::{
     encode_padded, put_str, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
 };
-use crate::lun::{Caw, Lun, LunError};
+use crate::lun::{AtsKind, Caw, Lun, LunError};
 use anyhow::{anyhow, bail, Context, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -239,11 +240,89 @@ pub fn claim_slot(
     bail!("could not claim a heartbeat slot after {CLAIM_ATTEMPTS_MAX} attempts: too many hosts are mounting at once")
 }
 
+/// Whether a delta-lease claim (`claim_slot` over `cluster::delta::DeltaLun`) may
+/// write a slot that holds `image`, racing another writer. A claimer writes only a
+/// slot it read FREE or never used, or its own slot (LIVE, or RECOVERING by itself
+/// after a crash in its own replay); a slot RECOVERING under another host's recovery
+/// it only waits for. So a change from such an image races only writers that hold
+/// the Disk Paxos token (or, with a clock that stood still, a late write of its old
+/// owner, which no settle bounds: see the recovery's mailbox mark).
+pub(crate) fn claim_may_race(image: &[u8]) -> bool {
+    match HeartbeatSlot::decode(image, 0) {
+        Ok(slot) => !(slot.state == SLOT_RECOVERING && slot.recoverer_uuid != slot.host_uuid),
+        Err(_) => true,
+    }
+}
+
+/// Whether two images of a slot name the same holder (owner, generation, state and
+/// recoverer). A counter ahead is a renewal of the same holder, not a takeover.
+pub(crate) fn same_holder(a: &[u8], b: &[u8]) -> bool {
+    let holder = |raw: &[u8]| {
+        HeartbeatSlot::decode(raw, 0).ok().map(|s| {
+            (
+                s.host_uuid,
+                s.generation,
+                s.state,
+                s.recoverer_uuid,
+                s.recoverer_slot,
+            )
+        })
+    };
+    a == b || matches!((holder(a), holder(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// Where a recovery of a slot leaves its mark, on a Disk Paxos volume: the slot's
+/// mailbox (`mailbox::mark_recovered`). A writer of the slot's heartbeat sector without
+/// the token (its owner's renewals) or with it (a recoverer's) reads it after each
+/// write: with a clock that stood still between its read and its write (a paused VM),
+/// its write may have landed over a takeover confirmed meanwhile, and erased it; the
+/// recoverer marked the mailbox before it replayed anything, so the late writer finds
+/// the mark and gives the slot up (docs/locking.md, "Recovery of a Disk Paxos slot").
+#[derive(Clone, Copy)]
+pub(crate) struct MarkWatch {
+    geo: Geometry,
+    slot: u32,
+}
+
+impl MarkWatch {
+    /// The watch of `slot` when `lun` takes the Disk Paxos token; `None` otherwise (a
+    /// hardware or emulated compare-and-write cannot land over a takeover).
+    pub(crate) fn for_lun(lun: &dyn Lun, geo: &Geometry, slot: u32) -> Option<MarkWatch> {
+        (lun.ats_kind() == AtsKind::DiskPaxos).then_some(MarkWatch { geo: *geo, slot })
+    }
+
+    /// Why we no longer hold the slot at `generation`: a recovery other than `ours`
+    /// marked it.
+    pub(crate) fn taken(
+        &self,
+        lun: &dyn Lun,
+        generation: u32,
+        ours: Option<RecoveryMark>,
+    ) -> Result<Option<String>, LunError> {
+        let mark = recovery_mark(lun, &self.geo, self.slot)?;
+        Ok(mark
+            .filter(|m| m.generation == generation && Some(*m) != ours)
+            .map(|_| {
+                format!(
+                    "another host recovered slot {} (generation {generation}) while our write \
+                     of it was on its way: we were declared dead",
+                    self.slot
+                )
+            }))
+    }
+}
+
 /// Turns a slot claimed for our own crash recovery (RECOVERING, old generation) into
 /// a live one with a new generation, once our journal is replayed.
 pub fn go_live(lun: &dyn Lun, geo: &Geometry, claim: SlotClaim) -> Result<SlotClaim> {
-    let Some((generation, image)) =
-        go_live_from(lun, geo.slot_offset(claim.slot), claim.slot, &claim.image)?
+    let marks = MarkWatch::for_lun(lun, geo, claim.slot);
+    let Some((generation, image)) = go_live_from(
+        lun,
+        geo.slot_offset(claim.slot),
+        claim.slot,
+        &claim.image,
+        marks,
+    )?
     else {
         return Ok(claim);
     };
@@ -261,6 +340,7 @@ fn go_live_from(
     offset: u64,
     slot: u32,
     current: &[u8],
+    marks: Option<MarkWatch>,
 ) -> Result<Option<(u32, Vec<u8>)>> {
     let old = HeartbeatSlot::decode(current, 0).context("our own slot image")?;
     if old.state == SLOT_LIVE {
@@ -281,6 +361,13 @@ fn go_live_from(
             "another host took over slot {slot} while this host was replaying its own journal; mount again"
         ),
     }
+    if let Some(reason) = marks
+        .map(|m| m.taken(lun, old.generation, None))
+        .transpose()?
+        .flatten()
+    {
+        bail!("{reason}; mount again");
+    }
     Ok(Some((next.generation, image)))
 }
 
@@ -289,6 +376,7 @@ pub struct Membership {
     lun: Arc<dyn Lun>,
     offset: u64,
     sector: u32,
+    marks: Option<MarkWatch>,
     pub slot: u32,
     pub generation: u32,
     lease: Arc<Lease>,
@@ -307,6 +395,7 @@ impl Membership {
         interval: Duration,
     ) -> Membership {
         let offset = geo.slot_offset(claim.slot);
+        let marks = MarkWatch::for_lun(lun.as_ref(), geo, claim.slot);
         let current = Arc::new(Mutex::new(claim.image));
         let stop = Arc::new(AtomicBool::new(false));
         lease.watch_slot(SlotWatch {
@@ -319,6 +408,7 @@ impl Membership {
             lun: lun.clone(),
             offset,
             sector: geo.ats_sector_size,
+            marks,
             lease: lease.clone(),
             current: current.clone(),
             stop: stop.clone(),
@@ -335,6 +425,7 @@ impl Membership {
             lun,
             offset,
             sector: geo.ats_sector_size,
+            marks,
             slot: claim.slot,
             generation: claim.generation,
             lease,
@@ -360,7 +451,13 @@ impl Membership {
             .lock()
             .map_err(|_| anyhow!("heartbeat state poisoned"))?;
         let issued = self.lease.clock().now_ms();
-        let went = go_live_from(self.lun.as_ref(), self.offset, self.slot, &current);
+        let went = go_live_from(
+            self.lun.as_ref(),
+            self.offset,
+            self.slot,
+            &current,
+            self.marks,
+        );
         let Some((generation, image)) =
             went.inspect_err(|e| self.lease.fence(&format!("{e:#}")))?
         else {
@@ -379,6 +476,10 @@ impl Membership {
         self.lease
             .confirm()
             .map_err(|e| anyhow!("not releasing the heartbeat slot: {e}"))?;
+        // The Disk Paxos token goes back before the slot (its dblock is the slot's).
+        if let Err(e) = self.lun.retire() {
+            tracing::warn!("giving the Disk Paxos token back at unmount: {e}");
+        }
         let current = self
             .current
             .lock()
@@ -425,6 +526,17 @@ pub(crate) struct SlotWatch {
 }
 
 impl SlotWatch {
+    /// A watch of `image` at `offset`, without a heartbeat thread (tests).
+    #[cfg(test)]
+    pub(crate) fn new(lun: Arc<dyn Lun>, offset: u64, sector: u32, image: Vec<u8>) -> SlotWatch {
+        SlotWatch {
+            lun,
+            offset,
+            sector,
+            current: Arc::new(Mutex::new(image)),
+        }
+    }
+
     /// Re-reads the slot; `Some(reason)` when another host changed who holds it (its
     /// owner, generation, state or recoverer). A counter ahead of ours is our own
     /// renewal whose reply was lost, not a takeover.
@@ -435,28 +547,14 @@ impl SlotWatch {
         };
         let mut actual = vec![0u8; self.sector as usize];
         self.lun.read_at(&mut actual, self.offset)?;
-        if actual == *current {
+        if same_holder(&current, &actual) {
             return Ok(None);
         }
-        let holder = |raw: &[u8]| {
-            HeartbeatSlot::decode(raw, 0).ok().map(|s| {
-                (
-                    s.host_uuid,
-                    s.generation,
-                    s.state,
-                    s.recoverer_uuid,
-                    s.recoverer_slot,
-                )
-            })
-        };
-        match (holder(&current), holder(&actual)) {
-            (Some(mine), Some(now)) if mine == now => Ok(None),
-            _ => Ok(Some(
-                "another host changed our heartbeat slot while our renewal was late: \
-                 we were declared dead"
-                    .into(),
-            )),
-        }
+        Ok(Some(
+            "another host changed our heartbeat slot while our renewal was late: \
+             we were declared dead"
+                .into(),
+        ))
     }
 }
 
@@ -464,6 +562,7 @@ struct Renewer {
     lun: Arc<dyn Lun>,
     offset: u64,
     sector: u32,
+    marks: Option<MarkWatch>,
     lease: Arc<Lease>,
     current: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
@@ -507,19 +606,40 @@ impl Renewer {
         }
         match renewal? {
             Renewal::Renewed(next) => {
-                *current = next;
-                self.lease.renewed(issued);
+                let before = std::mem::replace(&mut *current, next);
+                // Without the token our renewal may have landed over a takeover
+                // (a clock that stood still between its read and its write). Until
+                // the mark is read, the renewal does not count (the next one, from
+                // the image now on disk, reads it again).
+                match self.taken_while_renewing(&before)? {
+                    Some(reason) => self.lease.fence(&reason),
+                    None => self.lease.renewed(issued),
+                }
             }
             Renewal::Lost(reason) => self.lease.fence(&reason),
         }
         Ok(())
+    }
+
+    /// On a Disk Paxos volume: the mark of a recovery of our generation, read after
+    /// our renewal landed (`MarkWatch`).
+    fn taken_while_renewing(&self, before: &[u8]) -> Result<Option<String>, LunError> {
+        let Some(marks) = self.marks else {
+            return Ok(None);
+        };
+        let Ok(slot) = HeartbeatSlot::decode(before, 0) else {
+            return Ok(Some("our heartbeat image does not decode".into()));
+        };
+        marks.taken(self.lun.as_ref(), slot.generation, None)
     }
 }
 
 /// Compare-and-write of a slot that looks when the call fails: the write may have
 /// landed with its reply lost. Then the sector no longer holds `expected`, and what it
 /// holds comes back as a miscompare (our own `new` image if the write landed, which
-/// callers count as written). A failure with the sector unchanged is returned.
+/// callers count as written). A failure with the sector unchanged is returned, and so
+/// is `Fenced` at once (a refused write, or one the LUN does not trust: its image in
+/// the sector proves nothing).
 pub(crate) fn caw_looked(
     lun: &dyn Lun,
     offset: u64,
@@ -528,6 +648,9 @@ pub(crate) fn caw_looked(
 ) -> Result<Caw, LunError> {
     match lun.compare_and_write(offset, expected, new) {
         Ok(outcome) => Ok(outcome),
+        // Refused (lease, storage), or a write that is not trusted: what the sector
+        // holds proves nothing.
+        Err(e @ LunError::Fenced(_)) => Err(e),
         Err(e) => {
             let mut actual = vec![0u8; expected.len()];
             lun.read_at(&mut actual, offset)?;

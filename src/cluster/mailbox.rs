@@ -77,6 +77,64 @@ fn update(
     Ok(false)
 }
 
+/// A recovery's mark in a slot's mailbox (Disk Paxos volumes): the generation of the
+/// slot it took over, and its random nonce (never 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecoveryMark {
+    pub generation: u32,
+    pub nonce: u32,
+}
+
+impl RecoveryMark {
+    /// A mark for a recovery of `generation` starting now.
+    pub fn new(generation: u32) -> RecoveryMark {
+        RecoveryMark {
+            generation,
+            nonce: rand::random::<u32>().max(1),
+        }
+    }
+}
+
+/// Marks `slot`'s mailbox with `mark` (replacing an older recovery's), keeping its
+/// requests. Fails when the mailbox could not be written.
+pub fn mark_recovered(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+    mark: RecoveryMark,
+) -> Result<(), LunError> {
+    update(lun, geo, slot, &|m| {
+        if (m.recovered_gen, m.recovery_mark) == (mark.generation, mark.nonce) {
+            return false;
+        }
+        m.recovered_gen = mark.generation;
+        m.recovery_mark = mark.nonce;
+        true
+    })?;
+    if recovery_mark(lun, geo, slot)? == Some(mark) {
+        return Ok(());
+    }
+    Err(LunError::Io {
+        device: lun.describe(),
+        op: "recovery mark",
+        offset: geo.mailbox_offset(slot),
+        source: std::io::Error::other("the mailbox kept changing; it was not marked"),
+    })
+}
+
+/// The mark of the last recovery of `slot`, if any.
+pub fn recovery_mark(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+) -> Result<Option<RecoveryMark>, LunError> {
+    let m = read_mailbox(lun, geo, slot)?.mailbox;
+    Ok((m.recovery_mark != 0).then_some(RecoveryMark {
+        generation: m.recovered_gen,
+        nonce: m.recovery_mark,
+    }))
+}
+
 /// Asks the host in `holder_slot` to release `resource`. Returns false when its
 /// mailbox is full or too busy (the caller just waits and asks again).
 pub fn post_request(

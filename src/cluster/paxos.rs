@@ -28,7 +28,7 @@
 //!   it is idle for `LINGER_MS`, half its lease old, or asked for.
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
-use super::delta::{DeltaLun, DeltaTiming};
+use super::delta::{untrusted_write, DeltaLun, DeltaTiming};
 use super::{Clock, Lease, SlotClaim};
 use crate::format::{
     encode_padded, BlockNo, Geometry, OnDisk, PaxosDblock, PaxosLeader, Superblock,
@@ -99,11 +99,18 @@ pub struct Owner {
     pub generation: u32,
 }
 
-/// The delta-lease timing of a volume (its heartbeat interval and lease).
+/// The volume's io_timeout: the longest a host's write may take, issue to reply, and
+/// be trusted. Everything else derives from it (`TokenTiming::for_token`,
+/// `DeltaTiming::for_volume`); the superblock records the token's lease, twice it.
+pub fn io_timeout_ms(sb: &Superblock) -> u64 {
+    u64::from(sb.paxos_token_ms) / 2
+}
+
+/// The delta-lease timing of a volume (its heartbeat interval and io_timeout).
 pub fn delta_timing(sb: &Superblock) -> DeltaTiming {
     DeltaTiming::for_volume(
         Duration::from_millis(u64::from(sb.heartbeat_interval_ms)),
-        Duration::from_millis(u64::from(sb.lease_ms)),
+        Duration::from_millis(io_timeout_ms(sb)),
     )
 }
 
@@ -184,22 +191,30 @@ impl DeltaSectors {
     }
 }
 
-/// How long a token is valid, and the guard bands around it.
+/// How long a token is valid, and the guard bands around it, all from one io_timeout
+/// (as sanlock derives its timeouts from its `io_timeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct TokenTiming {
-    /// `Superblock::paxos_token_ms`.
+    /// `Superblock::paxos_token_ms`: twice the io_timeout.
     pub token_ms: u64,
     /// The holder stops writing `margin_ms` before its token ends, and a taker waits
-    /// `margin_ms` longer: room for clock drift and for a write in the I/O path.
+    /// `margin_ms` longer: a write issued at the last moment and landing within
+    /// io_timeout lands before any taker starts, with as much again to spare.
     pub margin_ms: u64,
+    /// A write under the token whose reply took longer is not trusted (the host
+    /// fences itself): it may have landed after the token ran out.
+    pub io_timeout_ms: u64,
 }
 
 impl TokenTiming {
-    /// The timing for a volume's recorded token lease: a quarter of it as margin.
+    /// The timing for a volume's recorded token lease (`2 * io_timeout`): a margin of
+    /// one io_timeout, so half the token is usable.
     pub fn for_token(token_ms: u64) -> TokenTiming {
+        let io_timeout_ms = token_ms / 2;
         TokenTiming {
             token_ms,
-            margin_ms: token_ms / 4,
+            margin_ms: io_timeout_ms,
+            io_timeout_ms,
         }
     }
 }
@@ -439,8 +454,18 @@ impl Proposer {
             }
             Stage::Accepted => {
                 if let Some(view) = self.read_piece(lun)? {
+                    let decided = Outcome::Decided {
+                        lver: self.lver,
+                        owner: self.value,
+                    };
                     self.stage = match view.conflict(self.lver, self.mbal) {
                         Some(abort) => Stage::Done(Outcome::Aborted(abort)),
+                        // Another host's instance that the leader names already (its
+                        // owner published it, perhaps used and released it): our
+                        // publish would only re-arm it.
+                        None if self.value != self.me && view.leader.lver >= self.lver => {
+                            Stage::Done(decided)
+                        }
                         None => Stage::Publish,
                     };
                 }
@@ -568,6 +593,10 @@ struct TokenState {
     /// record is late or was overwritten by a late write), and our clock when we
     /// first saw it so.
     ahead: Option<(u64, u64)>,
+    /// The highest instance we saw released (or released ourselves): an unreleased
+    /// leader of an instance up to it is a late write (a finisher's publish) and
+    /// names nobody who holds the token.
+    released_lver: u64,
 }
 
 /// Counts of what a `PaxosLun` did (for the bench and tests).
@@ -599,6 +628,8 @@ pub struct PaxosLun {
     /// True once a releaser thread gives idle tokens back: then a token is kept
     /// between compare-and-writes (while nobody else asks for it).
     linger: std::sync::atomic::AtomicBool,
+    /// Set by `retire`: the releaser thread ends, no token is kept any more.
+    retired: std::sync::atomic::AtomicBool,
     stats: Mutex<PaxosStats>,
 }
 
@@ -627,6 +658,7 @@ impl PaxosLun {
             state: Mutex::new(TokenState::default()),
             waiting: AtomicUsize::new(0),
             linger: std::sync::atomic::AtomicBool::new(false),
+            retired: std::sync::atomic::AtomicBool::new(false),
             stats: Mutex::new(PaxosStats::default()),
         }
     }
@@ -643,9 +675,15 @@ impl PaxosLun {
         self
     }
 
-    /// The delta rule's timing when `offset` is one of its sectors.
-    fn delta_at(&self, offset: u64) -> Option<DeltaTiming> {
-        self.delta.filter(|d| d.covers(offset)).map(|d| d.timing)
+    /// The delta rule's timing when a compare-and-write of `offset` from `expected`
+    /// may race a delta-lease claim: another slot's heartbeat sector, unless it holds
+    /// a slot under another host's recovery, which no claimer writes
+    /// (`heartbeat::claim_may_race`): a recoverer's renewals and its free then take
+    /// only the token, and do not settle.
+    fn delta_at(&self, offset: u64, expected: &[u8]) -> Option<DeltaTiming> {
+        self.delta
+            .filter(|d| d.covers(offset) && super::heartbeat::claim_may_race(expected))
+            .map(|d| d.timing)
     }
 
     pub fn stats(&self) -> PaxosStats {
@@ -665,6 +703,18 @@ impl PaxosLun {
         }
     }
 
+    /// The host lease right before a write of a compare-and-write's sector
+    /// (`Lease::confirm`: when the last renewal is older than an interval, our slot is
+    /// re-read, and a slot another host took fences us). Never called with our
+    /// heartbeat's state locked: the renewer locks it only around our own slot's
+    /// compare-and-write, which takes no token.
+    fn lease_confirmed(&self) -> LunResult<()> {
+        match &self.lease {
+            Some(lease) => lease.confirm(),
+            None => Ok(()),
+        }
+    }
+
     /// True while `held` may still be written under, by our clock.
     fn valid(&self, held: &Held) -> bool {
         let end = held.since_ms + self.timing.token_ms;
@@ -673,7 +723,7 @@ impl PaxosLun {
 
     /// How long a taker must still wait before it may start instance `lver`.
     fn wait_ms(&self, st: &TokenState, view: &RegionView, lver: u64, now: u64) -> Option<u64> {
-        if lver != view.leader.lver + 1 {
+        if lver != view.leader.lver + 1 || view.leader.lver <= st.released_lver {
             return None;
         }
         view.holder()?;
@@ -694,12 +744,16 @@ impl PaxosLun {
                 st.seen_leader = view.leader_raw.clone();
                 st.seen_at_ms = now;
             }
+            if view.holder().is_none() && view.leader.owner_slot != PAXOS_NO_OWNER {
+                st.released_lver = st.released_lver.max(view.leader.lver);
+            }
             let lver = view.instance_to_decide();
             // Ahead of the leader's next instance: the one before it may be held by a
             // host whose leader write is late or was overwritten (a late write of an
             // older leader). That holder's token began before anything we see of the
-            // later instance, so it has ended one token + margin after we first saw it.
-            if lver > view.leader.lver + 1 {
+            // later instance, so it has ended one token + margin after we first saw it
+            // (unless we saw it released: then it ended then).
+            if lver > view.leader.lver + 1 && lver - 1 > st.released_lver {
                 let since = match st.ahead {
                     Some((k, at)) if k == lver => at,
                     _ => {
@@ -856,6 +910,7 @@ impl PaxosLun {
             PAXOS_LEADER_RELEASED,
             self.me.slot,
         )?;
+        st.released_lver = st.released_lver.max(held.lver);
         self.count(|s| s.releases += 1);
         Ok(())
     }
@@ -897,19 +952,31 @@ impl PaxosLun {
         if actual != expected {
             return Ok(Some(Caw::Miscompare(actual)));
         }
+        // The host lease again: `GuardedLun` checked it before a token wait that may
+        // have been long (and after a late renewal this re-reads our slot).
+        self.lease_confirmed()?;
         let stale = self
-            .delta_at(offset)
+            .delta_at(offset, expected)
             .is_some_and(|t| self.clock.now_ms().saturating_sub(read_ms) >= t.fresh_ms);
         // The token is checked right before the write, as the host lease is.
         if !self.valid(&held) || stale {
             st.held = None;
             return Ok(None);
         }
-        if let Err(e) = self.inner.write_at(new, offset) {
+        let issued_ms = self.clock.now_ms();
+        let wrote = self.inner.write_at(new, offset);
+        let took_ms = self.clock.now_ms().saturating_sub(issued_ms);
+        if took_ms > self.timing.io_timeout_ms {
+            // It may have landed after our token ran out, over another host's write:
+            // the token is lost (never released) and the host trusts nothing more.
+            st.held = None;
+            return Err(self.untrusted(offset, took_ms, self.timing.io_timeout_ms));
+        }
+        if let Err(e) = wrote {
             // The write may still land: keep the token unreleased, so that takers
             // wait out its lease.
             st.held = None;
-            if self.delta_at(offset).is_some() {
+            if self.delta_at(offset, expected).is_some() {
                 // A heartbeat sector: issued is what counts; the read after `settle`
                 // decides (`confirm`), never a read-back at once (a lost reply must not
                 // win a slot that a later writer also wins).
@@ -961,12 +1028,24 @@ impl PaxosLun {
                 let Some(lun) = weak.upgrade() else {
                     return;
                 };
+                if lun.retired.load(Ordering::SeqCst) {
+                    return;
+                }
                 lun.release_if_idle();
             });
         if spawned.is_err() {
             // Without the thread a kept token would never be given back.
             self.linger.store(false, Ordering::SeqCst);
         }
+    }
+
+    /// The host leaves: the token goes back now (if we hold a valid one), none is
+    /// kept from now on, and the releaser thread ends.
+    fn retire_token(&self) -> LunResult<()> {
+        self.retired.store(true, Ordering::SeqCst);
+        self.linger.store(false, Ordering::SeqCst);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.release(&mut st)
     }
 
     fn release_if_idle(&self) {
@@ -987,9 +1066,11 @@ impl PaxosLun {
     /// interval: through the token, 16 hosts kept it busy enough that renewals ran
     /// late). Only we write it while we own the slot; anyone else who may (a
     /// recoverer, a claimer) follows the delta rule and re-reads after settling, so a
-    /// renewal that lands over a takeover makes the takeover fail, and a takeover
-    /// that lands after a renewal is found by our next one, which fences us. So a
-    /// fresh read, the compare and the write are enough.
+    /// renewal that lands over a takeover within io_max makes the takeover fail, and
+    /// a takeover that lands after a renewal is found by our next one, which fences
+    /// us. A renewal that stood still (its clock too) between the read and the write
+    /// can land over a confirmed takeover: the renewer reads the recoverer's mark
+    /// after it (`heartbeat::MarkWatch`).
     fn own_heartbeat_caw(
         &self,
         offset: u64,
@@ -1005,7 +1086,15 @@ impl PaxosLun {
                 return Ok(Caw::Miscompare(actual));
             }
             if self.clock.now_ms().saturating_sub(read_ms) < timing.fresh_ms {
-                self.inner.write_at(new, offset)?;
+                let issued_ms = self.clock.now_ms();
+                let wrote = self.inner.write_at(new, offset);
+                let took_ms = self.clock.now_ms().saturating_sub(issued_ms);
+                if took_ms > timing.io_timeout_ms {
+                    // A takeover's settle covers a renewal that lands within io_max of
+                    // its issue only.
+                    return Err(self.untrusted(offset, took_ms, timing.io_timeout_ms));
+                }
+                wrote?;
                 return Ok(Caw::Written);
             }
         }
@@ -1014,6 +1103,15 @@ impl PaxosLun {
             offset,
             waited_ms: timing.fresh_ms * u64::from(CAW_ATTEMPTS_MAX),
         })
+    }
+
+    /// A write that took longer than io_timeout: the host fences itself.
+    fn untrusted(&self, offset: u64, took_ms: u64, io_timeout_ms: u64) -> LunError {
+        let e = untrusted_write(&self.inner.describe(), offset, took_ms, io_timeout_ms);
+        if let (Some(lease), LunError::Fenced(why)) = (&self.lease, &e) {
+            lease.fence(why);
+        }
+        e
     }
 
     /// The delta rule's second read, without the token: our image must still be
@@ -1054,7 +1152,7 @@ impl Lun for PaxosLun {
             if let Some(result) = self.caw_once(&mut st, offset, expected, new)? {
                 let after = self.after_caw(&mut st);
                 drop(st);
-                return match (result, self.delta_at(offset)) {
+                return match (result, self.delta_at(offset, expected)) {
                     // Issued to a heartbeat sector: only the read after `settle` decides.
                     (Caw::Written, Some(timing)) => {
                         if let Err(e) = after {
@@ -1084,6 +1182,9 @@ impl Lun for PaxosLun {
     fn may_write(&self) -> LunResult<()> {
         self.inner.may_write()
     }
+    fn retire(&self) -> LunResult<()> {
+        self.retire_token()
+    }
     fn describe(&self) -> String {
         self.inner.describe()
     }
@@ -1092,6 +1193,21 @@ impl Lun for PaxosLun {
     }
     fn reservations(&self) -> Option<&dyn Reservations> {
         self.inner.reservations()
+    }
+}
+
+impl Drop for PaxosLun {
+    /// A token still kept when the last user lets go (a host dropped without an
+    /// unmount) goes back, while it and the host lease are valid, rather than make
+    /// the others wait it out.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if st.held.is_some() {
+            let mut st = std::mem::take(st);
+            if let Err(e) = self.release(&mut st) {
+                tracing::debug!("giving the Disk Paxos token back at the end: {e}");
+            }
+        }
     }
 }
 

@@ -11,8 +11,14 @@
 //!   the slot is not freed. Another host recovers the silent slot again.
 //! - A host recovers other slots through its own lease-guarded LUN, so its recovery
 //!   stops with its own lease too.
+//! - Every replay write and flush re-reads the slot first (`RecoveryHold::confirm`):
+//!   a slot that no longer names us as its recoverer stops the replay at once.
+//! - On a Disk Paxos volume the recoverer marks the slot's mailbox before it replays
+//!   anything, so that the slot's owner, whose renewal without the token may land
+//!   over the takeover, finds the mark and fences itself (`heartbeat::MarkWatch`).
 
-use super::heartbeat::{caw_looked, read_slot, renew_image, Renewal};
+use super::heartbeat::{caw_looked, read_slot, renew_image, same_holder, MarkWatch, Renewal};
+use super::mailbox::{mark_recovered, RecoveryMark};
 use super::{Clock, HostUuid};
 use crate::format::{
     encode_padded, Geometry, HeartbeatSlot, OnDisk, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING,
@@ -148,8 +154,20 @@ pub(crate) fn recover_slot(
         }
     }
     super::fence::fence_dead(lun, fence_key, h.slot, h.image.generation)?;
+    // On a Disk Paxos volume the dead host renews without the token: a renewal it
+    // began before a pause of its clock can still land over our takeover and erase
+    // it. Our mark, written before anything is replayed, makes it give the slot up
+    // when it reads the mark after that renewal (`MarkWatch`); and every replay write
+    // re-reads the slot first (`RecoveryHold::confirm`).
+    let marks = MarkWatch::for_lun(lun, geo, h.slot);
+    let mark = RecoveryMark::new(h.image.generation);
+    if marks.is_some() {
+        mark_recovered(lun, geo, h.slot, mark)
+            .with_context(|| format!("marking slot {} as recovered", h.slot))?;
+    }
     tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
-    let hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
+    let mut hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
+    hold.marks = marks.map(|m| (m, mark));
     let report = hold.replay(volume_uuid)?;
     tracing::info!(
         slot = h.slot,
@@ -198,6 +216,10 @@ struct RecoveryHold<'a> {
     timing: Timing<'a>,
     /// The slot's image as we last wrote it.
     current: Mutex<Vec<u8>>,
+    /// The image of our takeover: every later image of ours names the same holder.
+    claimed: Vec<u8>,
+    /// Disk Paxos: where a recovery leaves its mark, and ours.
+    marks: Option<(MarkWatch, RecoveryMark)>,
     /// Clock time at which the last successful renewal (or the claim) was issued.
     renewed_at_ms: AtomicU64,
     /// Why the hold was lost, once it is.
@@ -219,7 +241,9 @@ impl<'a> RecoveryHold<'a> {
             geo,
             slot,
             timing,
-            current: Mutex::new(claimed),
+            current: Mutex::new(claimed.clone()),
+            claimed,
+            marks: None,
             renewed_at_ms: AtomicU64::new(issued_ms),
             lost: Mutex::new(None),
             done: AtomicBool::new(false),
@@ -275,7 +299,19 @@ impl<'a> RecoveryHold<'a> {
         let offset = self.geo.slot_offset(self.slot);
         match renew_image(self.lun, offset, self.geo.ats_sector_size, &current)? {
             Renewal::Renewed(next) => {
-                *current = next;
+                let before = std::mem::replace(&mut *current, next);
+                // A renewal that stood still (its clock too) may have landed over a
+                // later recoverer's takeover: its mark says so. Until the mark is
+                // read, the renewal does not count.
+                if let Some((marks, ours)) = self.marks {
+                    let generation = HeartbeatSlot::decode(&before, 0)
+                        .map(|s| s.generation)
+                        .unwrap_or_default();
+                    if let Some(reason) = marks.taken(self.lun, generation, Some(ours))? {
+                        self.lose(&reason);
+                        return Ok(());
+                    }
+                }
                 self.renewed_at_ms.fetch_max(issued_ms, Ordering::SeqCst);
             }
             Renewal::Lost(_) => {
@@ -321,6 +357,22 @@ impl<'a> RecoveryHold<'a> {
         Ok(())
     }
 
+    /// `check`, and a read of the slot: it must still name us as its recoverer. Before
+    /// every replay write, so that a late write of the slot's own host (a renewal it
+    /// began before its clock stood still, landing over our takeover) stops the replay
+    /// at once, not at our next renewal.
+    fn confirm(&self) -> LunResult<()> {
+        self.check()?;
+        let mut actual = vec![0u8; self.claimed.len()];
+        self.lun
+            .read_at(&mut actual, self.geo.slot_offset(self.slot))?;
+        if !same_holder(&self.claimed, &actual) {
+            self.lose("the slot changed under the recovery (its host wrote it late, or another host took it over)");
+            return self.check();
+        }
+        Ok(())
+    }
+
     /// Frees the slot: CAW from the image we last renewed, while the hold is valid.
     fn free(&self) -> Result<()> {
         self.check()
@@ -347,7 +399,8 @@ impl<'a> RecoveryHold<'a> {
 }
 
 /// The LUN as a replay sees it: every write, compare-and-write and flush first checks
-/// the recovery's hold, as `GuardedLun` checks a host's lease.
+/// the recovery's hold, as `GuardedLun` checks a host's lease, and re-reads the slot
+/// (`RecoveryHold::confirm`).
 struct HeldLun<'a, 'b> {
     hold: &'b RecoveryHold<'a>,
 }
@@ -363,22 +416,22 @@ impl Lun for HeldLun<'_, '_> {
         self.hold.lun.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
-        self.hold.check()?;
+        self.hold.confirm()?;
         self.hold.lun.write_at(buf, offset)
     }
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
-        self.hold.check()?;
+        self.hold.confirm()?;
         self.hold.lun.compare_and_write(offset, expected, new)
     }
     fn flush(&self) -> LunResult<()> {
-        self.hold.check()?;
+        self.hold.confirm()?;
         self.hold.lun.flush()
     }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         self.hold.lun.read_uncached(buf, offset)
     }
     fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
-        self.hold.check()?;
+        self.hold.confirm()?;
         self.hold.lun.write_uncached(buf, offset)
     }
     fn may_write(&self) -> LunResult<()> {
@@ -473,3 +526,6 @@ pub fn recover_offline(
     outcomes.sort_by_key(|o| o.0);
     Ok(outcomes)
 }
+
+#[cfg(test)]
+mod tests;

@@ -66,6 +66,8 @@ pub struct Superblock {
     pub dir_hash_seed: u64,
     pub orphan_start: u64,
     pub paxos_start: u64,
+    /// The Disk Paxos token's lease: twice the volume's io_timeout, from which the
+    /// token's margin and the delta rule's settle derive (cluster::paxos).
     pub paxos_token_ms: u32,
     pub paxos_pad: u32,
     pub reserved: [u8; 256],
@@ -236,7 +238,12 @@ pub struct Mailbox {
     pub slot: u32,
     pub count: u32,
     pub change_seq: u64,
-    pub reserved: [u8; 8],
+    /// Disk Paxos volumes: the generation of this slot a recoverer took over and
+    /// `recovery_mark`, the random nonce of that recovery (0: none). A host whose
+    /// renewal, written without the token, may have landed over the takeover reads
+    /// it after each renewal (docs/locking.md, "Recovery of a Disk Paxos slot").
+    pub recovered_gen: u32,
+    pub recovery_mark: u32,
     pub requests: [MailRequest; MAILBOX_REQUESTS_MAX],
 }
 const _: () = assert!(size_of::<Mailbox>() == 512);
@@ -909,9 +916,6 @@ impl OnDisk for JournalCommit {
 // Disk Paxos region: the leader record, then one dblock per slot, one ATS sector each.
 // ---------------------------------------------------------------------------------
 
-/// The Disk Paxos token's lease that mkfs records (`Superblock::paxos_token_ms`),
-/// unless a quarter of the host lease is shorter.
-pub const PAXOS_TOKEN_MS_DEFAULT: u32 = 1000;
 /// `PaxosLeader::owner_slot` of a leader that names no owner (mkfs's first record).
 pub const PAXOS_NO_OWNER: u32 = u32::MAX;
 /// `PaxosLeader::flags`: the owner gave the token back; a taker need not wait.
@@ -1141,7 +1145,8 @@ pub fn layout_tables() -> Vec<(&'static str, usize, Vec<LayoutRow>)> {
                 slot,
                 count,
                 change_seq,
-                reserved,
+                recovered_gen,
+                recovery_mark,
                 requests
             }),
         ),

@@ -805,6 +805,8 @@ mod fence_tests;
 #[cfg(test)]
 mod node_tests;
 #[cfg(test)]
+mod paxos_mount_tests;
+#[cfg(test)]
 mod recovery_tests;
 #[cfg(test)]
 mod reservation_tests;

@@ -154,122 +154,144 @@ impl Fs {
         let after_crash = claim.after_crash;
         // The slot is renewed from now on, also while we replay our own journal after a
         // crash: a replay longer than the lease must not look like a dead host.
-        let mut membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
-        // The joining key, or after a crash the key of our old life (below).
-        let mut fencing = fencing;
-        if after_crash {
-            // Our slot is RECOVERING with the old generation: replay our journal, and
-            // only then take a new generation (which makes our old locks stale).
+        let mut membership = Some(Membership::start(
+            lun.clone(),
+            &geo,
+            claim,
+            lease.clone(),
+            interval,
+        ));
+        // Our own journal needs no replay (any more): from then on a mount that fails
+        // frees the slot again instead of leaving it to be recovered a lease later.
+        // Before (a replay after our crash not done), freeing it would make our old
+        // locks stale with our journal unreplayed.
+        let mut replayed = !after_crash;
+        let mounted = (|| -> Result<Arc<Fs>> {
+            let Some(member) = membership.as_mut() else {
+                bail!("the heartbeat of slot {slot} is gone");
+            };
+            // The joining key, or after a crash the key of our old life (below).
+            let mut fencing = fencing;
+            if after_crash {
+                // Our slot is RECOVERING with the old generation: replay our journal, and
+                // only then take a new generation (which makes our old locks stale).
+                tracing::info!(
+                    slot,
+                    "this host crashed while mounted; replaying its journal"
+                );
+                // The old life may be a paused process rather than a dead one: the storage
+                // refuses its writes from now on. And the replay runs under the old life's
+                // key, so that a host that recovers this slot, should we stall in the
+                // replay, fences us by fencing that life.
+                fence::fence_dead(lun.as_ref(), fencing.key(), slot, member.generation)?;
+                fencing = fence::become_host(lun.as_ref(), &fencing, slot, member.generation)?;
+                Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
+                    .with_context(|| format!("replaying the journal of slot {slot}"))?;
+                member.go_live()?;
+                replayed = true;
+            }
+            let me = Holder {
+                uuid: options.host_uuid,
+                slot,
+                generation: member.generation,
+            };
+            let fencing = fence::become_host(guarded.as_ref(), &fencing, slot, member.generation)?;
             tracing::info!(
                 slot,
-                "this host crashed while mounted; replaying its journal"
+                generation = member.generation,
+                "writes fenced {fencing}"
             );
-            // The old life may be a paused process rather than a dead one: the storage
-            // refuses its writes from now on. And the replay runs under the old life's
-            // key, so that a host that recovers this slot, should we stall in the
-            // replay, fences us by fencing that life.
-            fence::fence_dead(lun.as_ref(), fencing.key(), slot, membership.generation)?;
-            fencing = fence::become_host(lun.as_ref(), &fencing, slot, membership.generation)?;
-            Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
-                .with_context(|| format!("replaying the journal of slot {slot}"))?;
-            membership.go_live()?;
-        }
-        let me = Holder {
-            uuid: options.host_uuid,
-            slot,
-            generation: membership.generation,
-        };
-        let fencing = fence::become_host(guarded.as_ref(), &fencing, slot, membership.generation)?;
-        tracing::info!(
-            slot,
-            generation = membership.generation,
-            "writes fenced {fencing}"
-        );
-        let mut node = Node::new(
-            guarded.clone(),
-            geo,
-            sb.volume_uuid,
-            me,
-            options.clock.clone(),
-            interval,
-            lease_time,
-        );
-        node.fence_key = fencing.key();
-        let node = Arc::new(node);
-        node.refresh()?;
-        if let Some(key) = fencing.key() {
-            // Keys of lives that are over: a slot freed or mounted again since.
-            fence::prune(guarded.as_ref(), key, |s, g| !node.stale(s, g));
-        }
-        if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
-            let settled = settle_foreign_slots(
-                guarded.as_ref(),
-                &geo,
+            let mut node = Node::new(
+                guarded.clone(),
+                geo,
                 sb.volume_uuid,
-                slot,
-                options.host_uuid,
+                me,
+                options.clock.clone(),
                 interval,
                 lease_time,
-                options.clock.as_ref(),
             );
-            if let Err(e) = settled {
-                if let Err(release) = membership.release() {
-                    tracing::warn!("could not free our slot again: {release:#}");
-                }
-                return Err(e);
+            node.fence_key = fencing.key();
+            let node = Arc::new(node);
+            node.refresh()?;
+            if let Some(key) = fencing.key() {
+                // Keys of lives that are over: a slot freed or mounted again since.
+                fence::prune(guarded.as_ref(), key, |s, g| !node.stale(s, g));
+            }
+            if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
+                let settled = settle_foreign_slots(
+                    guarded.as_ref(),
+                    &geo,
+                    sb.volume_uuid,
+                    slot,
+                    options.host_uuid,
+                    interval,
+                    lease_time,
+                    options.clock.as_ref(),
+                );
+                settled?;
+            }
+            let (journal, report) =
+                Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
+                    .with_context(|| format!("replaying the journal of slot {slot}"))?;
+            if report.transactions > 0 {
+                tracing::info!(
+                    slot,
+                    transactions = report.transactions,
+                    "replayed the journal"
+                );
+            }
+            // Large data writes are queued behind (see lun/behind.rs); everything else of
+            // the fs waits for the queued writes it overlaps, and every flush for all.
+            let behind: Arc<dyn Lun> = Arc::new(WriteBehind::new(guarded));
+            let mut meta = Meta::new(behind, geo, sb.volume_uuid, journal, node.clone());
+            meta.set_lease(lease.clone());
+            let root = sb.root_ino;
+            meta.locks.root = root;
+            let core = Core {
+                meta,
+                sb,
+                open_counts: HashMap::new(),
+                last_generation: 0,
+            };
+            let data_io = core.meta.data_io.clone();
+            let mailbox = super::MailboxRef {
+                lun: core.meta.lun.clone(),
+                geo: core.meta.geo,
+                slot: core.meta.node.me.slot,
+            };
+            let fs = Arc::new(Fs {
+                core: Mutex::new(core),
+                data_io,
+                readahead: Default::default(),
+                io_counters,
+                root,
+                lease,
+                membership: Mutex::new(membership.take()),
+                orphans_pending: Mutex::new(Vec::new()),
+                mailbox,
+                yield_wanted: Mutex::new(Vec::new()),
+                options,
+                nodes: Default::default(),
+                kernel_cache: Default::default(),
+            });
+            spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
+            if let Err(e) = fs.getattr(root) {
+                let _ = fs.unmount();
+                bail!("the root directory (inode {root}) is unreadable: {e}");
+            }
+            fs.reclaim_orphans_at_mount();
+            Ok(fs)
+        })();
+        if let (Err(e), true, Some(member)) = (&mounted, replayed, membership.take()) {
+            tracing::warn!(
+                slot,
+                "the mount failed after claiming its slot ({e:#}); freeing the slot"
+            );
+            if let Err(release) = member.release() {
+                tracing::warn!("could not free our slot again: {release:#}");
             }
         }
-        let (journal, report) =
-            Journal::open_and_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)
-                .with_context(|| format!("replaying the journal of slot {slot}"))?;
-        if report.transactions > 0 {
-            tracing::info!(
-                slot,
-                transactions = report.transactions,
-                "replayed the journal"
-            );
-        }
-        // Large data writes are queued behind (see lun/behind.rs); everything else of
-        // the fs waits for the queued writes it overlaps, and every flush for all.
-        let behind: Arc<dyn Lun> = Arc::new(WriteBehind::new(guarded));
-        let mut meta = Meta::new(behind, geo, sb.volume_uuid, journal, node.clone());
-        meta.set_lease(lease.clone());
-        let root = sb.root_ino;
-        meta.locks.root = root;
-        let core = Core {
-            meta,
-            sb,
-            open_counts: HashMap::new(),
-            last_generation: 0,
-        };
-        let data_io = core.meta.data_io.clone();
-        let mailbox = super::MailboxRef {
-            lun: core.meta.lun.clone(),
-            geo: core.meta.geo,
-            slot: core.meta.node.me.slot,
-        };
-        let fs = Arc::new(Fs {
-            core: Mutex::new(core),
-            data_io,
-            readahead: Default::default(),
-            io_counters,
-            root,
-            lease,
-            membership: Mutex::new(Some(membership)),
-            orphans_pending: Mutex::new(Vec::new()),
-            mailbox,
-            yield_wanted: Mutex::new(Vec::new()),
-            options,
-            nodes: Default::default(),
-            kernel_cache: Default::default(),
-        });
-        spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
-        if let Err(e) = fs.getattr(root) {
-            let _ = fs.unmount();
-            bail!("the root directory (inode {root}) is unreadable: {e}");
-        }
-        fs.reclaim_orphans_at_mount();
-        Ok(fs)
+        mounted
     }
 
     /// Commits everything, marks the journal empty and frees the heartbeat slot.

@@ -260,6 +260,12 @@ pub trait Lun: Send + Sync {
     fn may_write(&self) -> LunResult<()> {
         Ok(())
     }
+    /// The host leaves the volume (unmount, or a mount that failed after its claim):
+    /// give back what the LUN holds for it between calls (the Disk Paxos token) and
+    /// stop its background work. Called while the host may still write.
+    fn retire(&self) -> LunResult<()> {
+        Ok(())
+    }
     /// A short description for messages ("image file /tmp/a.img").
     fn describe(&self) -> String;
     /// How `compare_and_write` is made atomic.
@@ -299,6 +305,9 @@ impl<T: Lun + ?Sized> Lun for Arc<T> {
     }
     fn may_write(&self) -> LunResult<()> {
         (**self).may_write()
+    }
+    fn retire(&self) -> LunResult<()> {
+        (**self).retire()
     }
     fn describe(&self) -> String {
         (**self).describe()

@@ -79,7 +79,7 @@ fn mkfs_lays_out_a_region_that_reads_as_free() {
     let geo = mkfs(&lun, &opts, &mut |_, _| {}).expect("mkfs");
     let sb = Superblock::decode(&lun.snapshot()[..512], 0).expect("superblock");
     assert_eq!(sb.paxos_start, geo.paxos_start);
-    assert_eq!(sb.paxos_token_ms, 1000);
+    assert_eq!(sb.paxos_token_ms, 2000);
     assert_eq!(geo.paxos_blocks(), 9);
     let region = PaxosRegion::of(&geo).expect("region");
     let view = read_region(&lun, &region).expect("view");
@@ -555,6 +555,7 @@ fn a_caw_of_another_slots_heartbeat_is_confirmed_after_settling() {
     let timing = DeltaTiming {
         fresh_ms: 25,
         settle_ms: 100,
+        io_timeout_ms: 1000,
     };
     let a = PaxosLun::new(
         lun,
@@ -885,6 +886,7 @@ fn a_recoverers_takeover_whose_reply_is_lost_settles_before_it_wins() {
     let timing = DeltaTiming {
         fresh_ms: 25,
         settle_ms: 100,
+        io_timeout_ms: 1000,
     };
     // Slot 1's host read its slot just before and takes it back by the delta rule:
     // its write lands while the recoverer settles.
@@ -963,4 +965,349 @@ fn a_late_leader_write_and_a_request_ahead_of_it_do_not_give_two_holders() {
         !(h2.valid(&held2) && y.valid(&held_y)),
         "two hosts hold the token: {held2:?} {held_y:?}"
     );
+}
+
+#[test]
+fn a_long_token_wait_is_followed_by_a_lease_confirm_before_the_write() {
+    // B holds the token (crashed: never released). A's compare-and-write passes
+    // GuardedLun's lease check (a fresh renewal: no re-read of A's slot), then waits
+    // out B's token. Meanwhile A's renewal grew older than an interval and another
+    // host declared A dead and took its slot: A must find that out before it writes,
+    // as any write after a late renewal does.
+    let geo = Geometry::plan(&MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: SECTOR,
+        max_hosts: 2,
+        journal_blocks: Some(256),
+        disk_paxos: true,
+    })
+    .expect("plan");
+    let (mem, region) = region(2);
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    let mut b = proposer(mem.as_ref(), region, 1);
+    finish(&mut b, mem.as_ref());
+    let clock = Arc::new(ManualClock::default());
+    let lease = Arc::new(Lease::new(
+        clock.clone(),
+        Duration::from_millis(8000),
+        Duration::from_millis(100),
+    ));
+    let slot0 = geo.slot_offset(0);
+    let mine = counter_image(5, 0);
+    mem.write_at(&mine, slot0).expect("our slot");
+    lease.watch_slot(crate::cluster::heartbeat::SlotWatch::new(
+        mem.clone(),
+        slot0,
+        SECTOR,
+        mine,
+    ));
+    // The takeover (not a heartbeat image: any other content counts as taken).
+    mem.write_at(&counter_image(6, 1), slot0).expect("takeover");
+    let paxos = Arc::new(
+        PaxosLun::new(
+            mem.clone(),
+            region,
+            owner(0),
+            clock.clone(),
+            TokenTiming::for_token(200),
+        )
+        .with_lease(lease.clone()),
+    );
+    let guarded = crate::cluster::GuardedLun::new(paxos, lease.clone());
+    let result = guarded.compare_and_write(TARGET, &counter_image(0, 99), &counter_image(1, 0));
+    assert!(clock.now_ms() > 100, "no token wait");
+    assert!(
+        matches!(result, Err(LunError::Fenced(_))),
+        "{result:?} after waiting {} ms",
+        clock.now_ms()
+    );
+    let mut now = vec![0u8; SECTOR as usize];
+    mem.read_at(&mut now, TARGET).expect("read");
+    assert_eq!(
+        now,
+        counter_image(0, 99),
+        "written after the slot was taken"
+    );
+}
+
+/// A LUN whose writes of `offset` take `ms` on a manual clock (a write that sits in
+/// the I/O path).
+struct SlowWritesOf {
+    inner: Arc<MemLun>,
+    offset: u64,
+    clock: Arc<ManualClock>,
+    ms: u64,
+}
+
+impl Lun for SlowWritesOf {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        if offset == self.offset {
+            self.clock.advance(Duration::from_millis(self.ms));
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "slow writes".into()
+    }
+}
+
+#[test]
+fn a_write_under_the_token_slower_than_io_timeout_is_not_trusted() {
+    // The margin covers a write that takes up to io_timeout; a slower one may have
+    // landed after our token ran out and another host wrote the sector: the host
+    // fences itself rather than believe it won (and never releases that token).
+    let (mem, region) = region(2);
+    mem.write_at(&counter_image(0, 99), TARGET).expect("init");
+    let clock = Arc::new(ManualClock::default());
+    let lease = Arc::new(Lease::new(
+        clock.clone(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    ));
+    let timing = TokenTiming::for_token(200);
+    let slow = Arc::new(SlowWritesOf {
+        inner: mem.clone(),
+        offset: TARGET,
+        clock: clock.clone(),
+        ms: timing.io_timeout_ms + 1,
+    });
+    let paxos =
+        PaxosLun::new(slow, region, owner(0), clock.clone(), timing).with_lease(lease.clone());
+    let result = paxos.compare_and_write(TARGET, &counter_image(0, 99), &counter_image(1, 0));
+    assert!(matches!(result, Err(LunError::Fenced(_))), "{result:?}");
+    assert!(lease.is_fenced());
+    assert_eq!(paxos.stats().releases, 0);
+}
+
+#[test]
+fn a_renewal_slower_than_io_timeout_is_not_trusted() {
+    // Our own heartbeat, renewed without the token: a recoverer's takeover confirmed
+    // itself `settle` after its write, which covers a renewal that lands within
+    // io_timeout of its issue, not a slower one.
+    let geo = Geometry::plan(&MkfsParams {
+        total_bytes: 64 << 20,
+        ats_sector_size: SECTOR,
+        max_hosts: 2,
+        journal_blocks: Some(256),
+        disk_paxos: true,
+    })
+    .expect("plan");
+    let (mem, region) = region(2);
+    let ours = geo.slot_offset(0);
+    mem.write_at(&counter_image(5, 0), ours).expect("init");
+    let clock = Arc::new(ManualClock::default());
+    let timing = DeltaTiming::for_volume(Duration::from_millis(100), Duration::from_millis(50));
+    let slow = Arc::new(SlowWritesOf {
+        inner: mem.clone(),
+        offset: ours,
+        clock: clock.clone(),
+        ms: 51,
+    });
+    let paxos = PaxosLun::new(slow, region, owner(0), clock, TokenTiming::for_token(100))
+        .with_delta_sectors(DeltaSectors::heartbeats(&geo, 0, timing));
+    let result = paxos.compare_and_write(ours, &counter_image(5, 0), &counter_image(6, 0));
+    assert!(matches!(result, Err(LunError::Fenced(_))), "{result:?}");
+}
+
+#[test]
+fn the_token_and_the_delta_rule_derive_from_one_io_timeout() {
+    let lun = MemLun::new(128 << 20, SECTOR);
+    let opts = MkfsOptions {
+        ats_mode: crate::format::ATS_MODE_DISK_PAXOS,
+        ..MkfsOptions::default()
+    };
+    mkfs(&lun, &opts, &mut |_, _| {}).expect("mkfs");
+    let sb = Superblock::decode(&lun.snapshot()[..512], 0).expect("superblock");
+    let io = io_timeout_ms(&sb);
+    // sanlock's host_dead_seconds is 8 io_timeouts: the lease is 8 s by default.
+    assert_eq!((sb.lease_ms, sb.heartbeat_interval_ms), (8000, 1000));
+    assert_eq!(io, 1000);
+    let token = TokenTiming::for_token(u64::from(sb.paxos_token_ms));
+    assert_eq!(
+        (token.token_ms, token.margin_ms, token.io_timeout_ms),
+        (2000, 1000, 1000)
+    );
+    let delta = delta_timing(&sb);
+    assert_eq!(
+        (delta.fresh_ms, delta.settle_ms, delta.io_timeout_ms),
+        (250, 2250, 1000)
+    );
+    // A holder's last write is issued `margin` before its token ends and lands within
+    // io_timeout; a taker starts `margin` after it ends: twice the room needed.
+    assert!(2 * token.margin_ms >= 2 * io);
+    // The delta rule holds while settle > fresh + io_max; io_max is twice io_timeout.
+    assert!(delta.settle_ms > delta.fresh_ms + io);
+    // A recoverer may write for lease - interval after its takeover's issue: the wait
+    // for a dead holder's token, the settle and one renewal fit with room to spare.
+    let budget = u64::from(sb.lease_ms - sb.heartbeat_interval_ms);
+    let takeover = token.token_ms + token.margin_ms + delta.settle_ms;
+    assert!(takeover + 100 < budget * 4 / 5, "{takeover} of {budget}");
+}
+
+#[test]
+fn a_finisher_does_not_publish_over_a_leader_that_names_the_instance() {
+    // F finishes instance 1 for C (C's value was accepted). By F's phase-2 read, C has
+    // published, used and released its token: F's publish would re-arm it, and every
+    // taker would wait a token + margin for nobody.
+    let (mem, region) = region(3);
+    let mut c = proposer(mem.as_ref(), region, 1);
+    assert_eq!(steps(&mut c, mem.as_ref(), 4), None);
+    let mut f = proposer(mem.as_ref(), region, 2);
+    assert_eq!(f.lver(), 1);
+    assert_eq!(steps(&mut f, mem.as_ref(), 2), None); // phase 1: adopts C
+    assert!(steps(&mut c, mem.as_ref(), 1).is_some()); // C publishes
+    write_leader(mem.as_ref(), &region, 1, owner(1), PAXOS_LEADER_RELEASED, 1).expect("release");
+    assert_eq!(
+        finish(&mut f, mem.as_ref()),
+        Outcome::Decided {
+            lver: 1,
+            owner: owner(1)
+        }
+    );
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    assert_eq!(view.holder(), None, "F re-armed C's released token");
+}
+
+#[test]
+fn a_late_publish_does_not_re_arm_a_token_seen_released() {
+    // F finished instance 1 for C before C published, and stalls before its own
+    // publish. C publishes, uses and releases instance 1; Y takes and releases
+    // instance 2. Then F's publish {1, C} lands. Y saw instance 2 released: an
+    // unreleased leader of an instance up to 2 names nobody who holds the token.
+    let (mem, region) = region(3);
+    let mut c = proposer(mem.as_ref(), region, 1);
+    assert_eq!(steps(&mut c, mem.as_ref(), 4), None);
+    let mut f = proposer(mem.as_ref(), region, 2);
+    assert_eq!(steps(&mut f, mem.as_ref(), 4), None); // decided C, publish pending
+    assert!(steps(&mut c, mem.as_ref(), 1).is_some());
+    write_leader(mem.as_ref(), &region, 1, owner(1), PAXOS_LEADER_RELEASED, 1).expect("release");
+    let clock = Arc::new(ManualClock::default());
+    let y = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    );
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        y.compare_and_write(TARGET, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert!(finish(&mut f, mem.as_ref()) != Outcome::Aborted(Abort::HigherBallot));
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        Some(owner(1)),
+        "F's late publish"
+    );
+    let before = clock.now_ms();
+    assert_eq!(
+        y.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    let waited = clock.now_ms() - before;
+    assert!(waited < 200, "Y waited {waited} ms for a released token");
+}
+
+#[test]
+fn retiring_gives_the_token_back_and_ends_the_releaser() {
+    let (mem, region) = region(2);
+    // A clock that never moves: the releaser never finds the token idle.
+    let lun = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    ));
+    lun.start_releaser();
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        lun.compare_and_write(TARGET, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        Some(owner(0))
+    );
+    lun.retire().expect("retire");
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+    // The releaser thread holds the only weak reference; it lets go when it ends.
+    for _ in 0..200 {
+        if Arc::weak_count(&lun) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(Arc::weak_count(&lun), 0, "the releaser thread still runs");
+}
+
+#[test]
+fn a_dead_hosts_request_costs_one_step_back_once() {
+    // D asked for instance 2 and died. A host that takes instance 2 steps back for
+    // it (YIELDS_MAX polls) once; the next instances are past D's request and cost
+    // nothing. (Review finding 7 feared every host stepping back for ever.)
+    let (mem, region) = region(3);
+    let clock = Arc::new(ManualClock::default());
+    let a = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    );
+    let zero = vec![0u8; SECTOR as usize];
+    assert_eq!(
+        a.compare_and_write(TARGET, &zero, &counter_image(1, 0))
+            .expect("caw"),
+        Caw::Written
+    );
+    let d = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(2),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    );
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    d.request(&view, 2).expect("request");
+    drop(d);
+    let mut current = counter_image(1, 0);
+    let mut waits = Vec::new();
+    for n in 2..6 {
+        let before = clock.now_ms();
+        let next = counter_image(n, 0);
+        assert_eq!(
+            a.compare_and_write(TARGET, &current, &next).expect("caw"),
+            Caw::Written
+        );
+        current = next;
+        waits.push(clock.now_ms() - before);
+    }
+    assert!(
+        waits[0] <= u64::from(YIELDS_MAX) * WAIT_POLL_MS,
+        "{waits:?}"
+    );
+    assert!(waits[1..].iter().all(|&w| w == 0), "{waits:?}");
 }
