@@ -9,6 +9,8 @@
 # console is ttyS0, which QEMU writes to a file.
 /bin/busybox --install -s /bin
 export PATH=/sbin:/bin
+# The tools' stderr reaches the host's terminal as plain text.
+export NO_COLOR=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
