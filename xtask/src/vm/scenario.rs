@@ -290,9 +290,16 @@ fn mount(run: &mut Run<'_>) -> Result<String> {
             bail!("atsfs status on vm1 does not say {expected:?}");
         }
     }
+    let keys = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("key 0x"))
+        .count();
+    if run.variant.fences && keys < indexes.len() {
+        bail!("the storage holds {keys} reservation keys, not one per guest");
+    }
     let device = status.lines().next().unwrap_or_default();
     Ok(format!(
-        "{} guests mounted; atsfs status on vm1: {live} live hosts, {device:?}",
+        "{} guests mounted; atsfs status on vm1: {live} live hosts, {keys} reservation keys, {device:?}",
         indexes.len()
     ))
 }
