@@ -58,6 +58,11 @@ list_dir() {
     echo "entries $(ls "$M/$1" | wc -l) names-sha256 $(ls "$M/$1" | sort | sha256sum | cut -d' ' -f1)"
 }
 
+# ats_count: the COMPARE AND WRITEs (ATS) this host's filesystem sent since mount.
+ats_count() {
+    atsfs stats "$M" | sed -n 's/^ *ATS *//p'
+}
+
 # hold_open NAME TEXT: opens NAME for writing on fd 4 of /init's shell, which keeps
 # it open after the step; writes TEXT through a second open and fsyncs it.
 hold_open() {

@@ -222,7 +222,16 @@ fn run_variant(
     let run = scenario::run(variant, image, &disk, vms, work);
     let seconds = began.elapsed().as_secs_f64();
     drop(target);
-    let run = run?;
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            println!("{}: the guests did not boot: {e:#}", variant.name);
+            return Ok(Outcome::Failed {
+                failed: "boot".into(),
+                passed: 0,
+            });
+        }
+    };
     stages.rows.push((
         format!("{}: boot {vms} guests", variant.name),
         run.boot_seconds,

@@ -141,12 +141,16 @@ pub fn run<'a>(
     for index in 1..=count {
         guests.push(Guest::start(index, image, disk, work)?);
     }
-    for guest in &mut guests {
-        guest.wait_ready(started)?;
-        let set = guest.run(&format!("DEV={}", disk.guest_device()), STEP_WAIT)?;
-        if !set.ok() {
-            bail!("{}: setting DEV failed", guest.name);
+    if let Err(e) = boot(&mut guests, started, disk.guest_device()) {
+        for guest in &guests {
+            println!(
+                "--- {}: the console (tail of {})",
+                guest.name,
+                guest.console.display()
+            );
+            println!("{}", guest.console_tail(30));
         }
+        return Err(e);
     }
     let mut run = Run {
         variant,
@@ -194,6 +198,18 @@ pub fn run<'a>(
         guest.power_off(Duration::from_secs(30));
     }
     Ok(run)
+}
+
+/// Waits until every guest's /init answers, and tells each its shared disk.
+fn boot(guests: &mut [Guest], started: Instant, device: &str) -> Result<()> {
+    for guest in guests {
+        guest.wait_ready(started)?;
+        let set = guest.run(&format!("DEV={device}"), STEP_WAIT)?;
+        if !set.ok() {
+            bail!("{}: setting DEV failed", guest.name);
+        }
+    }
+    Ok(())
 }
 
 impl Run<'_> {
@@ -349,9 +365,20 @@ fn creates(run: &mut Run<'_>) -> Result<String> {
     if listings.windows(2).any(|w| w[0] != w[1]) {
         bail!("the guests list different names: {listings:?}");
     }
+    let mut caws = Vec::new();
+    for &index in &indexes {
+        let reply = run.must(index, "ats_count", STEP_WAIT)?;
+        let count: u64 = reply.text().trim().parse().unwrap_or(0);
+        if count == 0 {
+            bail!("vm{index}'s filesystem sent no ATS (atsfs stats)");
+        }
+        caws.push(format!("vm{index} {count}"));
+    }
     Ok(format!(
-        "{} guests created {CREATES_PER_GUEST} files each at once; every guest lists the same {expected}",
-        indexes.len()
+        "{} guests created {CREATES_PER_GUEST} files each at once; every guest lists the same \
+         {expected}; ATS sent since mount (atsfs stats): {}",
+        indexes.len(),
+        caws.join(", ")
     ))
 }
 
