@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 /// The modules the guests load, by name: virtio PCI and SCSI (the LUN through
 /// `scsi-block`), sd and sg (/dev/sda, /dev/sg0), virtio-blk (a plain shared virtio
 /// disk), FUSE, and virtio-rng: a PVH boot gets no random seed from QEMU, and
-/// without a source the kernel's random pool stays uninitialised for minutes under
-/// TCG, blocking getrandom() (atsfs's host UUID, mkfs's volume UUID).
+/// without a source the kernel's random pool stayed uninitialised under TCG: an idle
+/// guest's `atsfs mount` blocked in getrandom() (its host UUID) for over a minute.
 pub const MODULES: [&str; 7] = [
     "virtio_pci",
     "virtio_scsi",
