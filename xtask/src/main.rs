@@ -6,6 +6,7 @@
 //! - `test`: everything CI runs: build, unit and integration tests, pjdfstest.
 //! - `tgt`: the real-iSCSI test bed (a tgtd with COMPARE AND WRITE, hosts in network
 //!   namespaces).
+//! - `vm`: the cluster inside QEMU guests that share one disk.
 //!
 //! Modules: `sh` runs and prints commands, `mount` holds hosts and their mounts
 //! (a guard that always unmounts), one module per task.
@@ -19,6 +20,7 @@ mod sh;
 mod suite;
 mod testbed;
 mod tgt;
+mod vm;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -69,6 +71,10 @@ enum Task {
     /// WRITE enabled) serving an image as LUN 1, and hosts in network namespaces.
     #[command(subcommand)]
     Tgt(tgt::TgtTask),
+    /// The cluster inside QEMU guests (TCG) sharing the test bed's LUN through
+    /// scsi-block: mkfs, mount, share, concurrent creates, EBUSY, kill -9 of a guest
+    /// and its recovery. Builds the guest image from Debian packages. Root.
+    Vm(vm::VmArgs),
     /// The cluster simulator: N in-process hosts over one simulated LUN, random
     /// operations from K seeds, checkers after every step (release build).
     Sim {
@@ -97,6 +103,7 @@ fn main() -> ExitCode {
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
         Task::Tgt(task) => tgt::run(&task),
+        Task::Vm(args) => vm::run(&args),
         Task::Bench { quick, fuse, ats } => bench(quick, fuse, &ats),
         Task::Sim {
             hosts,
