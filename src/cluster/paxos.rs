@@ -25,7 +25,8 @@
 //! - A waiter says so in its dblock (`request`); a host steps back for another
 //!   dblock that wants the same instance (`YIELDS_MAX`), and a mounted host, which
 //!   keeps its token between compare-and-writes (`start_releaser`), gives it up when
-//!   it is idle for `LINGER_MS`, half its lease old, or asked for.
+//!   it is idle for `LINGER_MS`, half its lease old, or asked for (after the
+//!   compare-and-write in progress, or within `RELEASER_TICK_MS` when idle).
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
 use super::delta::{DeltaLun, DeltaTiming};
@@ -46,16 +47,28 @@ pub const ACQUIRE_ATTEMPTS_MAX: u32 = 10_000;
 /// Times one compare-and-write takes the token anew because it ran out between the
 /// read and the write.
 const CAW_ATTEMPTS_MAX: u32 = 8;
-/// Longest sleep while waiting for another host's token, between two reads (each
-/// one read of the region): a hand-off between busy hosts costs about this much.
+/// Sleep between two reads of the region (one read each) while waiting for another
+/// host's token that it took or last changed less than `FAST_POLL_FOR_MS` ago: a
+/// live holder asked for the token gives it back within about a millisecond
+/// (`start_releaser`), so a hand-off between busy hosts costs about this much.
+const FAST_POLL_MS: u64 = 1;
+/// How long after the leader record last changed a waiter polls every
+/// `FAST_POLL_MS`; after that (a holder that keeps the token: busy without being
+/// asked, paused, or dead), every `WAIT_POLL_MS`.
+const FAST_POLL_FOR_MS: u64 = 50;
+/// Longest sleep while waiting for another host's token, between two reads.
 const WAIT_POLL_MS: u64 = 5;
-/// Times one acquisition steps back (`WAIT_POLL_MS` each) for another host whose
-/// dblock shows it wants the same instance: long enough for a waiter that polls to
-/// see a release and win, so that a busy host cannot starve the others.
-const YIELDS_MAX: u32 = 3;
+/// Times one acquisition steps back (`FAST_POLL_MS` each, re-reading the region
+/// after each) for another host whose dblock shows it wants the same instance: long
+/// enough for a waiter that polls fast to see a release and win, so that a busy host
+/// cannot starve the others.
+const YIELDS_MAX: u32 = 6;
 /// With a releaser (`start_releaser`): how long a token is kept after its last
 /// compare-and-write, for the next one, before it is given back.
 const LINGER_MS: u64 = 3;
+/// The releaser's tick, and how long a kept token must have been idle before the
+/// releaser reads the region to see whether another host asks for it.
+const RELEASER_TICK_MS: u64 = 1;
 
 /// Where the Disk Paxos region is: the leader record, then one dblock per slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -561,6 +574,9 @@ struct TokenState {
     held: Option<Held>,
     /// Our clock at the end of the last compare-and-write under `held`.
     used_at_ms: u64,
+    /// Another host asked for `held` (seen by `ensure`): it goes back after the
+    /// compare-and-write in progress.
+    asked: bool,
     /// The leader sector as last read, and our clock when it last changed.
     seen_leader: Vec<u8>,
     seen_at_ms: u64,
@@ -719,13 +735,17 @@ impl PaxosLun {
             }
             if let Some(wait) = self.wait_ms(st, &view, lver, now) {
                 self.request(&view, lver)?;
-                self.clock
-                    .sleep(Duration::from_millis(wait.min(WAIT_POLL_MS)));
+                let poll = if now.saturating_sub(st.seen_at_ms) < FAST_POLL_FOR_MS {
+                    FAST_POLL_MS
+                } else {
+                    WAIT_POLL_MS
+                };
+                self.clock.sleep(Duration::from_millis(wait.min(poll)));
                 continue;
             }
             if yields < YIELDS_MAX && self.others_want(&view, lver) {
                 yields += 1;
-                self.clock.sleep(Duration::from_millis(WAIT_POLL_MS));
+                self.clock.sleep(Duration::from_millis(FAST_POLL_MS));
                 continue;
             }
             if tried.map(|t| t.lver) != Some(lver) {
@@ -860,19 +880,22 @@ impl PaxosLun {
         Ok(())
     }
 
-    /// A valid token, taking one if we hold none.
+    /// A valid token, taking one if we hold none. A kept token that another host
+    /// asks for serves this compare-and-write still, and goes back right after it
+    /// (`after_caw`): giving it back first would make us step back and wait for it.
     fn ensure(&self, st: &mut TokenState) -> LunResult<Held> {
         match st.held {
-            Some(held) if self.valid(&held) && !self.asked_for(&held)? => Ok(held),
-            Some(_) => {
-                self.release(st)?;
-                let held = self.acquire(st)?;
-                self.count(|s| s.acquisitions += 1);
-                st.held = Some(held);
+            Some(held) if self.valid(&held) => {
+                if self.asked_for(&held)? {
+                    st.asked = true;
+                }
                 Ok(held)
             }
-            None => {
+            // None, or one that ran out: it is not given back (it may not be written
+            // under any more, and takers wait it out).
+            _ => {
                 st.held = None;
+                st.asked = false;
                 let held = self.acquire(st)?;
                 self.count(|s| s.acquisitions += 1);
                 st.held = Some(held);
@@ -922,8 +945,9 @@ impl PaxosLun {
     }
 
     /// Keeps the token while other threads of this host queue for it and it is
-    /// young; otherwise gives it back.
+    /// young and no other host asked for it; otherwise gives it back.
     fn after_caw(&self, st: &mut TokenState) -> LunResult<()> {
+        let asked = std::mem::take(&mut st.asked);
         let Some(held) = st.held else {
             return Ok(());
         };
@@ -931,7 +955,7 @@ impl PaxosLun {
         st.used_at_ms = now;
         let young = now.saturating_sub(held.since_ms) < self.timing.token_ms / 2;
         let wanted = self.waiting.load(Ordering::SeqCst) > 0;
-        if young && (wanted || self.linger.load(Ordering::SeqCst)) {
+        if young && !asked && (wanted || self.linger.load(Ordering::SeqCst)) {
             return Ok(());
         }
         self.release(st)
@@ -948,16 +972,18 @@ impl PaxosLun {
     }
 
     /// Starts a thread that gives the token back once it has been idle for
-    /// `LINGER_MS`; from then on, a token is kept between compare-and-writes while no
-    /// other host asks for it (each then costs a region read, a read and a write
-    /// instead of a whole acquisition). The thread ends with the last `Arc`.
+    /// `LINGER_MS`, or sooner when another host asks for it (idle for
+    /// `RELEASER_TICK_MS`, one read of the region per tick); from then on, a token is
+    /// kept between compare-and-writes while no other host asks for it (each then
+    /// costs a region read, a read and a write instead of a whole acquisition). The
+    /// thread ends with the last `Arc`.
     pub fn start_releaser(self: &Arc<Self>) {
         self.linger.store(true, Ordering::SeqCst);
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("paxos-release".into())
             .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(LINGER_MS));
+                std::thread::sleep(Duration::from_millis(RELEASER_TICK_MS));
                 let Some(lun) = weak.upgrade() else {
                     return;
                 };
@@ -973,8 +999,20 @@ impl PaxosLun {
         let Ok(mut st) = self.state.try_lock() else {
             return;
         };
-        let idle = self.clock.now_ms().saturating_sub(st.used_at_ms) >= LINGER_MS;
-        if st.held.is_some() && idle {
+        let Some(held) = st.held else {
+            return;
+        };
+        let idle = self.clock.now_ms().saturating_sub(st.used_at_ms);
+        let give_back = idle >= LINGER_MS
+            || idle >= RELEASER_TICK_MS
+                && match self.asked_for(&held) {
+                    Ok(asked) => asked,
+                    Err(e) => {
+                        tracing::debug!("reading the Disk Paxos region: {e}");
+                        false
+                    }
+                };
+        if give_back {
             if let Err(e) = self.release(&mut st) {
                 tracing::warn!("giving the Disk Paxos token back: {e}");
             }

@@ -732,6 +732,90 @@ fn a_host_that_keeps_the_token_gives_it_up_when_another_asks() {
     assert!(waited < Duration::from_millis(500), "B waited {waited:?}");
 }
 
+/// Host `slot` says in its dblock that it wants the instance after the leader's (as
+/// a waiter does).
+fn ask_for_token(mem: &Arc<MemLun>, region: PaxosRegion, slot: u32) {
+    let asker = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(slot),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    asker.request(&view, view.leader.lver + 1).expect("request");
+}
+
+/// Polls `done` for up to a second of real time.
+fn eventually(done: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done()
+}
+
+#[test]
+fn an_asked_for_token_serves_the_caw_in_progress_then_goes_back() {
+    // A keeps the token between its compare-and-writes; B asks for it. A's next
+    // compare-and-write still runs under the token it holds (no release and new
+    // ballot first, which would make A step back and wait), and gives it back after.
+    let (mem, region) = region(2);
+    let clock = Arc::new(ManualClock::default());
+    let a = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    ));
+    a.start_releaser();
+    let zero = vec![0u8; SECTOR as usize];
+    let first = a.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    assert_eq!((a.stats().acquisitions, a.stats().releases), (1, 0));
+    ask_for_token(&mem, region, 1);
+    let second = a.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 0));
+    assert_eq!(second.expect("caw"), Caw::Written);
+    let stats = a.stats();
+    assert_eq!((stats.acquisitions, stats.releases), (1, 1), "{stats:?}");
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+}
+
+#[test]
+fn an_idle_kept_token_goes_back_within_a_tick_when_asked() {
+    // Idle for one releaser tick but less than the linger: kept while nobody asks,
+    // given back as soon as another host asks (not only once the linger is over).
+    let (mem, region) = region(2);
+    let clock = Arc::new(ManualClock::default());
+    let a = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    ));
+    a.start_releaser();
+    let zero = vec![0u8; SECTOR as usize];
+    let first = a.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    clock.advance(Duration::from_millis(RELEASER_TICK_MS));
+    const { assert!(RELEASER_TICK_MS < LINGER_MS) };
+    std::thread::sleep(Duration::from_millis(20 * RELEASER_TICK_MS));
+    assert_eq!(a.stats().releases, 0, "given back while nobody asked");
+    ask_for_token(&mem, region, 1);
+    assert!(eventually(|| a.stats().releases == 1), "{:?}", a.stats());
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+}
+
 /// A LUN that pauses its host past its lease (advances the host's clock) right after
 /// the host's first write of its own dblock, and counts the dblock writes.
 struct PausesAfterFirstDblockWrite {
