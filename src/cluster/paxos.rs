@@ -705,13 +705,52 @@ impl PaxosLun {
         (now < free_at).then(|| free_at - now)
     }
 
+    /// While we wait for the holder the leader record names (`wait_ms`): reads the
+    /// leader sector alone (one sector, not the region) and says how long we must
+    /// still wait if it has not changed. `None`: it changed (released, or a new
+    /// holder), or its token is over: read everybody and decide from that. Waiting
+    /// longer than the region would tell is always safe; every decision is made from
+    /// a read of the whole region.
+    fn holder_wait_ms(&self, st: &TokenState) -> LunResult<Option<u64>> {
+        let mut leader = vec![0u8; self.region.sector];
+        self.inner.read_at(&mut leader, self.region.leader_offset)?;
+        if leader != st.seen_leader {
+            return Ok(None);
+        }
+        let free_at = st.seen_at_ms + self.timing.token_ms + self.timing.margin_ms;
+        let now = self.clock.now_ms();
+        Ok((now < free_at).then(|| free_at - now))
+    }
+
+    /// The sleep before the next read while waiting `wait` ms more for a holder:
+    /// short while the leader record changed recently (a live holder that is asked
+    /// gives the token back within about a millisecond), longer after that.
+    fn poll(&self, st: &TokenState, wait: u64) -> Duration {
+        let seen_for = self.clock.now_ms().saturating_sub(st.seen_at_ms);
+        let poll = if seen_for < FAST_POLL_FOR_MS {
+            FAST_POLL_MS
+        } else {
+            WAIT_POLL_MS
+        };
+        Duration::from_millis(wait.min(poll))
+    }
+
     /// Takes the token: waits out another holder, runs ballots until one decides us.
     fn acquire(&self, st: &mut TokenState) -> LunResult<Held> {
         // Our first phase-1 issue for the instance we are working on, in this call.
         let mut tried: Option<Held> = None;
         let mut stale: Option<u64> = None;
         let mut yields = 0;
+        // While we wait for a holder, the next read may be of the leader sector alone.
+        let mut leader_only = false;
         for attempt in 0..ACQUIRE_ATTEMPTS_MAX {
+            if std::mem::take(&mut leader_only) {
+                if let Some(wait) = self.holder_wait_ms(st)? {
+                    self.clock.sleep(self.poll(st, wait));
+                    leader_only = true;
+                    continue;
+                }
+            }
             let view = read_region(self.inner.as_ref(), &self.region)?;
             let now = self.clock.now_ms();
             if view.leader_raw != st.seen_leader {
@@ -743,12 +782,8 @@ impl PaxosLun {
             }
             if let Some(wait) = self.wait_ms(st, &view, lver, now) {
                 self.request(&view, lver)?;
-                let poll = if now.saturating_sub(st.seen_at_ms) < FAST_POLL_FOR_MS {
-                    FAST_POLL_MS
-                } else {
-                    WAIT_POLL_MS
-                };
-                self.clock.sleep(Duration::from_millis(wait.min(poll)));
+                self.clock.sleep(self.poll(st, wait));
+                leader_only = true;
                 continue;
             }
             if yields < YIELDS_MAX && self.others_want(&view, lver) {

@@ -821,6 +821,89 @@ fn an_idle_kept_token_goes_back_within_a_tick_when_asked() {
     );
 }
 
+/// A LUN that counts reads at the Disk Paxos leader's offset: of the whole region,
+/// and of the leader sector alone.
+struct CountsRegionReads {
+    inner: Arc<MemLun>,
+    region: PaxosRegion,
+    whole: std::sync::atomic::AtomicU32,
+    leader: std::sync::atomic::AtomicU32,
+}
+
+impl Lun for CountsRegionReads {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        if offset == self.region.leader_offset {
+            let count = if buf.len() == self.region.len() {
+                &self.whole
+            } else {
+                &self.leader
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        "counts-region-reads".into()
+    }
+}
+
+#[test]
+fn a_waiter_polls_the_leader_sector_alone_while_the_holder_keeps_the_token() {
+    // A takes the token and keeps it (never gives it back). B waits it out on its
+    // own clock, polling: each poll reads the leader sector alone (one sector, not
+    // the whole region, which is 65 sectors at 64 hosts); B reads everybody again
+    // only to decide (the wait is over), then takes the token.
+    let (mem, region) = region(8);
+    let a = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    a.linger.store(true, Ordering::SeqCst);
+    let zero = vec![0u8; SECTOR as usize];
+    let first = a.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    let counted = Arc::new(CountsRegionReads {
+        inner: mem.clone(),
+        region,
+        whole: Default::default(),
+        leader: Default::default(),
+    });
+    let b = PaxosLun::new(
+        counted.clone(),
+        region,
+        owner(1),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    let second = b.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 1));
+    assert_eq!(second.expect("caw"), Caw::Written);
+    let whole = counted.whole.load(Ordering::SeqCst);
+    let leader = counted.leader.load(Ordering::SeqCst);
+    // 250 ms of waiting: 50 polls of 1 ms, then 40 of 5 ms.
+    assert!(leader >= 80, "{leader} polls of the leader sector");
+    // The first read, the one after the wait, and the ballot's two.
+    assert!(whole <= 5, "{whole} reads of the whole region");
+    assert_eq!(a.stats().releases, 0);
+}
+
 /// A LUN that pauses its host past its lease (advances the host's clock) right after
 /// the host's first write of its own dblock, and counts the dblock writes.
 struct PausesAfterFirstDblockWrite {
