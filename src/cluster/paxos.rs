@@ -69,6 +69,10 @@ const LINGER_MS: u64 = 3;
 /// The releaser's tick, and how long a kept token must have been idle before the
 /// releaser reads the region to see whether another host asks for it.
 const RELEASER_TICK_MS: u64 = 1;
+/// The releaser sleeps this long while no token is held (it is woken when one is
+/// taken), so that a mounted host that is not using the token is not woken every
+/// `RELEASER_TICK_MS`.
+const RELEASER_IDLE_MS: u64 = 100;
 /// A busy holder of a kept token reads the region for requests (`asked_for`) before
 /// a compare-and-write when it last did so this long ago or more: at most one extra
 /// I/O per millisecond instead of one per compare-and-write, while a waiter, which
@@ -623,6 +627,8 @@ pub struct PaxosLun {
     /// True once a releaser thread gives idle tokens back: then a token is kept
     /// between compare-and-writes (while nobody else asks for it).
     linger: std::sync::atomic::AtomicBool,
+    /// The releaser thread, woken when a token is taken.
+    releaser: std::sync::OnceLock<std::thread::Thread>,
     stats: Mutex<PaxosStats>,
 }
 
@@ -651,6 +657,7 @@ impl PaxosLun {
             state: Mutex::new(TokenState::default()),
             waiting: AtomicUsize::new(0),
             linger: std::sync::atomic::AtomicBool::new(false),
+            releaser: std::sync::OnceLock::new(),
             stats: Mutex::new(PaxosStats::default()),
         }
     }
@@ -945,6 +952,9 @@ impl PaxosLun {
                 st.held = Some(held);
                 // The ballot's last read of the region was just now.
                 st.asked_checked_ms = self.clock.now_ms();
+                if let Some(releaser) = self.releaser.get() {
+                    releaser.unpark();
+                }
                 Ok(held)
             }
         }
@@ -1030,12 +1040,24 @@ impl PaxosLun {
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("paxos-release".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(RELEASER_TICK_MS));
-                let Some(lun) = weak.upgrade() else {
-                    return;
-                };
-                lun.release_if_idle();
+            .spawn(move || {
+                // Before the first look at the token: a token taken from now on wakes
+                // us (`ensure`); one taken before is seen by that look.
+                if let Some(lun) = weak.upgrade() {
+                    let _ = lun.releaser.set(std::thread::current());
+                }
+                loop {
+                    let Some(lun) = weak.upgrade() else {
+                        return;
+                    };
+                    let holding = lun.release_if_idle();
+                    drop(lun);
+                    if holding {
+                        std::thread::sleep(Duration::from_millis(RELEASER_TICK_MS));
+                    } else {
+                        std::thread::park_timeout(Duration::from_millis(RELEASER_IDLE_MS));
+                    }
+                }
             });
         if spawned.is_err() {
             // Without the thread a kept token would never be given back.
@@ -1043,12 +1065,15 @@ impl PaxosLun {
         }
     }
 
-    fn release_if_idle(&self) {
+    /// Gives the token back if it is idle for `LINGER_MS`, or for a tick and asked
+    /// for. False when no token is held (any more).
+    fn release_if_idle(&self) -> bool {
         let Ok(mut st) = self.state.try_lock() else {
-            return;
+            // A compare-and-write is under way: it may be holding a token.
+            return true;
         };
         let Some(held) = st.held else {
-            return;
+            return false;
         };
         let idle = self.clock.now_ms().saturating_sub(st.used_at_ms);
         let give_back = idle >= LINGER_MS
@@ -1065,6 +1090,7 @@ impl PaxosLun {
                 tracing::warn!("giving the Disk Paxos token back: {e}");
             }
         }
+        st.held.is_some()
     }
 }
 
