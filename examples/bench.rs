@@ -330,6 +330,12 @@ fn main() {
     let opts = MkfsOptions::default();
     let mut rows: Vec<(String, String)> = Vec::new();
 
+    if std::env::var("ATSFS_BENCH_ONLY").as_deref() == Ok("paxos") {
+        paxos_only(&dir, &image, files, &opts, &mut rows);
+        print_rows(rows);
+        return;
+    }
+
     // mkfs of a sparse 1 TiB image.
     let big = dir.join("atsfs-bench-1t.img");
     let started = Instant::now();
@@ -460,8 +466,48 @@ fn main() {
         iscsi_rows(&url, &dir, files, &mut rows);
     }
 
+    print_rows(rows);
+}
+
+fn print_rows(rows: Vec<(String, String)>) {
     println!("| measure | result |\n|---|---|");
     for (k, v) in rows {
         println!("| {k} | {v} |");
     }
+}
+
+/// `ATSFS_BENCH_ONLY=paxos`: the Disk Paxos rows alone, with the references they
+/// are compared with (one host on the emulation; two emulated hosts in one
+/// directory).
+fn paxos_only(
+    dir: &Path,
+    image: &Path,
+    files: u64,
+    opts: &MkfsOptions,
+    rows: &mut Vec<(String, String)>,
+) {
+    make_image(image, 2 << 30, opts);
+    let (a, _) = host(image, 1);
+    let d1 = a.mkdir(a.root(), b"one", 0o755, 0, 0).expect("mkdir").ino;
+    let rate_one = create_files(&a, d1, "f", files);
+    rows.push((
+        format!("1 host: create + 100 B write of {files} files"),
+        format!("{rate_one:.0} files/s"),
+    ));
+    let (b, _) = host(image, 2);
+    let same = a.mkdir(a.root(), b"same", 0o755, 0, 0).expect("mkdir").ino;
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(|| create_files(&a, same, "a", files / 8));
+        s.spawn(|| create_files(&b, same, "b", files / 8));
+    });
+    let two = (files / 4) as f64 / started.elapsed().as_secs_f64();
+    rows.push((
+        "emulated: 2 hosts, one directory".into(),
+        format!("{two:.0} files/s = {:.2}x one host", two / rate_one),
+    ));
+    let _ = b.unmount();
+    let _ = a.unmount();
+    let _ = std::fs::remove_file(image);
+    paxos_rows(dir, files, rate_one, rows);
 }

@@ -25,7 +25,8 @@
 //! - A waiter says so in its dblock (`request`); a host steps back for another
 //!   dblock that wants the same instance (`YIELDS_MAX`), and a mounted host, which
 //!   keeps its token between compare-and-writes (`start_releaser`), gives it up when
-//!   it is idle for `LINGER_MS`, half its lease old, or asked for.
+//!   it is idle for `LINGER_MS`, half its lease old, or asked for (after the
+//!   compare-and-write in progress, or within `RELEASER_TICK_MS` when idle).
 //! - Every loop is bounded (`ACQUIRE_ATTEMPTS_MAX`, `CAW_ATTEMPTS_MAX`).
 
 use super::delta::{untrusted_write, DeltaLun, DeltaTiming};
@@ -46,16 +47,37 @@ pub const ACQUIRE_ATTEMPTS_MAX: u32 = 10_000;
 /// Times one compare-and-write takes the token anew because it ran out between the
 /// read and the write.
 const CAW_ATTEMPTS_MAX: u32 = 8;
-/// Longest sleep while waiting for another host's token, between two reads (each
-/// one read of the region): a hand-off between busy hosts costs about this much.
+/// Sleep between two reads of the region (one read each) while waiting for another
+/// host's token that it took or last changed less than `FAST_POLL_FOR_MS` ago: a
+/// live holder asked for the token gives it back within about a millisecond
+/// (`start_releaser`), so a hand-off between busy hosts costs about this much.
+const FAST_POLL_MS: u64 = 1;
+/// How long after the leader record last changed a waiter polls every
+/// `FAST_POLL_MS`; after that (a holder that keeps the token: busy without being
+/// asked, paused, or dead), every `WAIT_POLL_MS`.
+const FAST_POLL_FOR_MS: u64 = 50;
+/// Longest sleep while waiting for another host's token, between two reads.
 const WAIT_POLL_MS: u64 = 5;
-/// Times one acquisition steps back (`WAIT_POLL_MS` each) for another host whose
-/// dblock shows it wants the same instance: long enough for a waiter that polls to
-/// see a release and win, so that a busy host cannot starve the others.
-const YIELDS_MAX: u32 = 3;
+/// Times one acquisition steps back (`FAST_POLL_MS` each, re-reading the region
+/// after each) for another host whose dblock shows it wants the same instance: long
+/// enough for a waiter that polls fast to see a release and win, so that a busy host
+/// cannot starve the others.
+const YIELDS_MAX: u32 = 6;
 /// With a releaser (`start_releaser`): how long a token is kept after its last
 /// compare-and-write, for the next one, before it is given back.
 const LINGER_MS: u64 = 3;
+/// The releaser's tick, and how long a kept token must have been idle before the
+/// releaser reads the region to see whether another host asks for it.
+const RELEASER_TICK_MS: u64 = 1;
+/// The releaser sleeps this long while no token is held (it is woken when one is
+/// taken), so that a mounted host that is not using the token is not woken every
+/// `RELEASER_TICK_MS`.
+const RELEASER_IDLE_MS: u64 = 100;
+/// A busy holder of a kept token reads the region for requests (`asked_for`) before
+/// a compare-and-write when it last did so this long ago or more: at most one extra
+/// I/O per millisecond instead of one per compare-and-write, while a waiter, which
+/// polls every `FAST_POLL_MS`, is kept waiting hardly longer.
+const ASKED_CHECK_MS: u64 = 1;
 
 /// Where the Disk Paxos region is: the leader record, then one dblock per slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -586,6 +608,12 @@ struct TokenState {
     held: Option<Held>,
     /// Our clock at the end of the last compare-and-write under `held`.
     used_at_ms: u64,
+    /// Another host asked for `held` (seen by `ensure`): it goes back after the
+    /// compare-and-write in progress.
+    asked: bool,
+    /// Our clock when we last read the region (for requests, or in a ballot) while
+    /// holding `held`.
+    asked_checked_ms: u64,
     /// The leader sector as last read, and our clock when it last changed.
     seen_leader: Vec<u8>,
     seen_at_ms: u64,
@@ -630,6 +658,8 @@ pub struct PaxosLun {
     linger: std::sync::atomic::AtomicBool,
     /// Set by `retire`: the releaser thread ends, no token is kept any more.
     retired: std::sync::atomic::AtomicBool,
+    /// The releaser thread, woken when a token is taken.
+    releaser: std::sync::OnceLock<std::thread::Thread>,
     stats: Mutex<PaxosStats>,
 }
 
@@ -659,6 +689,7 @@ impl PaxosLun {
             waiting: AtomicUsize::new(0),
             linger: std::sync::atomic::AtomicBool::new(false),
             retired: std::sync::atomic::AtomicBool::new(false),
+            releaser: std::sync::OnceLock::new(),
             stats: Mutex::new(PaxosStats::default()),
         }
     }
@@ -731,13 +762,52 @@ impl PaxosLun {
         (now < free_at).then(|| free_at - now)
     }
 
+    /// While we wait for the holder the leader record names (`wait_ms`): reads the
+    /// leader sector alone (one sector, not the region) and says how long we must
+    /// still wait if it has not changed. `None`: it changed (released, or a new
+    /// holder), or its token is over: read everybody and decide from that. Waiting
+    /// longer than the region would tell is always safe; every decision is made from
+    /// a read of the whole region.
+    fn holder_wait_ms(&self, st: &TokenState) -> LunResult<Option<u64>> {
+        let mut leader = vec![0u8; self.region.sector];
+        self.inner.read_at(&mut leader, self.region.leader_offset)?;
+        if leader != st.seen_leader {
+            return Ok(None);
+        }
+        let free_at = st.seen_at_ms + self.timing.token_ms + self.timing.margin_ms;
+        let now = self.clock.now_ms();
+        Ok((now < free_at).then(|| free_at - now))
+    }
+
+    /// The sleep before the next read while waiting `wait` ms more for a holder:
+    /// short while the leader record changed recently (a live holder that is asked
+    /// gives the token back within about a millisecond), longer after that.
+    fn poll(&self, st: &TokenState, wait: u64) -> Duration {
+        let seen_for = self.clock.now_ms().saturating_sub(st.seen_at_ms);
+        let poll = if seen_for < FAST_POLL_FOR_MS {
+            FAST_POLL_MS
+        } else {
+            WAIT_POLL_MS
+        };
+        Duration::from_millis(wait.min(poll))
+    }
+
     /// Takes the token: waits out another holder, runs ballots until one decides us.
     fn acquire(&self, st: &mut TokenState) -> LunResult<Held> {
         // Our first phase-1 issue for the instance we are working on, in this call.
         let mut tried: Option<Held> = None;
         let mut stale: Option<u64> = None;
         let mut yields = 0;
+        // While we wait for a holder, the next read may be of the leader sector alone.
+        let mut leader_only = false;
         for attempt in 0..ACQUIRE_ATTEMPTS_MAX {
+            if std::mem::take(&mut leader_only) {
+                if let Some(wait) = self.holder_wait_ms(st)? {
+                    self.clock.sleep(self.poll(st, wait));
+                    leader_only = true;
+                    continue;
+                }
+            }
             let view = read_region(self.inner.as_ref(), &self.region)?;
             let now = self.clock.now_ms();
             if view.leader_raw != st.seen_leader {
@@ -773,13 +843,13 @@ impl PaxosLun {
             }
             if let Some(wait) = self.wait_ms(st, &view, lver, now) {
                 self.request(&view, lver)?;
-                self.clock
-                    .sleep(Duration::from_millis(wait.min(WAIT_POLL_MS)));
+                self.clock.sleep(self.poll(st, wait));
+                leader_only = true;
                 continue;
             }
             if yields < YIELDS_MAX && self.others_want(&view, lver) {
                 yields += 1;
-                self.clock.sleep(Duration::from_millis(WAIT_POLL_MS));
+                self.clock.sleep(Duration::from_millis(FAST_POLL_MS));
                 continue;
             }
             if tried.map(|t| t.lver) != Some(lver) {
@@ -915,22 +985,31 @@ impl PaxosLun {
         Ok(())
     }
 
-    /// A valid token, taking one if we hold none.
+    /// A valid token, taking one if we hold none. A kept token that another host
+    /// asks for serves this compare-and-write still, and goes back right after it
+    /// (`after_caw`): giving it back first would make us step back and wait for it.
     fn ensure(&self, st: &mut TokenState) -> LunResult<Held> {
         match st.held {
-            Some(held) if self.valid(&held) && !self.asked_for(&held)? => Ok(held),
-            Some(_) => {
-                self.release(st)?;
-                let held = self.acquire(st)?;
-                self.count(|s| s.acquisitions += 1);
-                st.held = Some(held);
+            Some(held) if self.valid(&held) => {
+                let since = self.clock.now_ms().saturating_sub(st.asked_checked_ms);
+                if since >= ASKED_CHECK_MS && self.asked_for(st, &held)? {
+                    st.asked = true;
+                }
                 Ok(held)
             }
-            None => {
+            // None, or one that ran out: it is not given back (it may not be written
+            // under any more, and takers wait it out).
+            _ => {
                 st.held = None;
+                st.asked = false;
                 let held = self.acquire(st)?;
                 self.count(|s| s.acquisitions += 1);
                 st.held = Some(held);
+                // The ballot's last read of the region was just now.
+                st.asked_checked_ms = self.clock.now_ms();
+                if let Some(releaser) = self.releaser.get() {
+                    releaser.unpark();
+                }
                 Ok(held)
             }
         }
@@ -989,8 +1068,9 @@ impl PaxosLun {
     }
 
     /// Keeps the token while other threads of this host queue for it and it is
-    /// young; otherwise gives it back.
+    /// young and no other host asked for it; otherwise gives it back.
     fn after_caw(&self, st: &mut TokenState) -> LunResult<()> {
+        let asked = std::mem::take(&mut st.asked);
         let Some(held) = st.held else {
             return Ok(());
         };
@@ -998,7 +1078,7 @@ impl PaxosLun {
         st.used_at_ms = now;
         let young = now.saturating_sub(held.since_ms) < self.timing.token_ms / 2;
         let wanted = self.waiting.load(Ordering::SeqCst) > 0;
-        if young && (wanted || self.linger.load(Ordering::SeqCst)) {
+        if young && !asked && (wanted || self.linger.load(Ordering::SeqCst)) {
             return Ok(());
         }
         self.release(st)
@@ -1006,32 +1086,48 @@ impl PaxosLun {
 
     /// Whether another host asks for the token we keep between compare-and-writes
     /// (one read of the region; only while lingering).
-    fn asked_for(&self, held: &Held) -> LunResult<bool> {
+    fn asked_for(&self, st: &mut TokenState, held: &Held) -> LunResult<bool> {
         if !self.linger.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        st.asked_checked_ms = self.clock.now_ms();
         let view = read_region(self.inner.as_ref(), &self.region)?;
         Ok(self.others_want(&view, held.lver + 1))
     }
 
     /// Starts a thread that gives the token back once it has been idle for
-    /// `LINGER_MS`; from then on, a token is kept between compare-and-writes while no
-    /// other host asks for it (each then costs a region read, a read and a write
-    /// instead of a whole acquisition). The thread ends with the last `Arc`.
+    /// `LINGER_MS`, or sooner when another host asks for it (idle for
+    /// `RELEASER_TICK_MS`, one read of the region per tick); from then on, a token is
+    /// kept between compare-and-writes while no other host asks for it (each then
+    /// costs a read and a write, and a region read once a millisecond, instead of a
+    /// whole acquisition). The
+    /// thread ends with the last `Arc`.
     pub fn start_releaser(self: &Arc<Self>) {
         self.linger.store(true, Ordering::SeqCst);
         let weak = Arc::downgrade(self);
         let spawned = std::thread::Builder::new()
             .name("paxos-release".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(LINGER_MS));
-                let Some(lun) = weak.upgrade() else {
-                    return;
-                };
-                if lun.retired.load(Ordering::SeqCst) {
-                    return;
+            .spawn(move || {
+                // Before the first look at the token: a token taken from now on wakes
+                // us (`ensure`); one taken before is seen by that look.
+                if let Some(lun) = weak.upgrade() {
+                    let _ = lun.releaser.set(std::thread::current());
                 }
-                lun.release_if_idle();
+                loop {
+                    let Some(lun) = weak.upgrade() else {
+                        return;
+                    };
+                    if lun.retired.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let holding = lun.release_if_idle();
+                    drop(lun);
+                    if holding {
+                        std::thread::sleep(Duration::from_millis(RELEASER_TICK_MS));
+                    } else {
+                        std::thread::park_timeout(Duration::from_millis(RELEASER_IDLE_MS));
+                    }
+                }
             });
         if spawned.is_err() {
             // Without the thread a kept token would never be given back.
@@ -1045,19 +1141,39 @@ impl PaxosLun {
         self.retired.store(true, Ordering::SeqCst);
         self.linger.store(false, Ordering::SeqCst);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.release(&mut st)
+        let released = self.release(&mut st);
+        if let Some(thread) = self.releaser.get() {
+            thread.unpark();
+        }
+        released
     }
 
-    fn release_if_idle(&self) {
+    /// Gives the token back if it is idle for `LINGER_MS`, or for a tick and asked
+    /// for. False when no token is held (any more).
+    fn release_if_idle(&self) -> bool {
         let Ok(mut st) = self.state.try_lock() else {
-            return;
+            // A compare-and-write is under way: it may be holding a token.
+            return true;
         };
-        let idle = self.clock.now_ms().saturating_sub(st.used_at_ms) >= LINGER_MS;
-        if st.held.is_some() && idle {
+        let Some(held) = st.held else {
+            return false;
+        };
+        let idle = self.clock.now_ms().saturating_sub(st.used_at_ms);
+        let give_back = idle >= LINGER_MS
+            || idle >= RELEASER_TICK_MS
+                && match self.asked_for(&mut st, &held) {
+                    Ok(asked) => asked,
+                    Err(e) => {
+                        tracing::debug!("reading the Disk Paxos region: {e}");
+                        false
+                    }
+                };
+        if give_back {
             if let Err(e) = self.release(&mut st) {
                 tracing::warn!("giving the Disk Paxos token back: {e}");
             }
         }
+        st.held.is_some()
     }
 }
 

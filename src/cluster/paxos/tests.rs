@@ -640,7 +640,7 @@ fn a_busy_host_does_not_starve_a_waiting_one() {
 }
 
 #[test]
-fn a_kept_token_costs_three_ios_a_test_and_set_and_goes_back_when_idle() {
+fn a_kept_token_costs_two_ios_a_test_and_set_and_goes_back_when_idle() {
     let (mem, region) = region(2);
     let faulty = Arc::new(FaultLun::new(mem.clone(), FaultConfig::default()));
     let clock = Arc::new(ManualClock::default());
@@ -665,8 +665,9 @@ fn a_kept_token_costs_three_ios_a_test_and_set_and_goes_back_when_idle() {
             after_second.reads - after_first.reads,
             after_second.writes - after_first.writes
         ),
-        (2, 1),
-        "a test-and-set under a kept token: region read, sector read, sector write"
+        (1, 1),
+        "a test-and-set under a kept token, within a millisecond of the last region \
+         read: sector read, sector write"
     );
     assert_eq!(lun.stats().releases, 0);
     // Idle past the linger (our clock), the releaser gives the token back.
@@ -731,6 +732,177 @@ fn a_host_that_keeps_the_token_gives_it_up_when_another_asks() {
         waited
     });
     assert!(waited < Duration::from_millis(500), "B waited {waited:?}");
+}
+
+/// Host `slot` says in its dblock that it wants the instance after the leader's (as
+/// a waiter does).
+fn ask_for_token(mem: &Arc<MemLun>, region: PaxosRegion, slot: u32) {
+    let asker = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(slot),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    let view = read_region(mem.as_ref(), &region).expect("view");
+    asker.request(&view, view.leader.lver + 1).expect("request");
+}
+
+/// Polls `done` for up to a second of real time.
+fn eventually(done: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    done()
+}
+
+#[test]
+fn an_asked_for_token_serves_the_caw_in_progress_then_goes_back() {
+    // A keeps the token between its compare-and-writes; B asks for it. A's next
+    // compare-and-write (a millisecond later: A reads the region for requests at most
+    // once a millisecond) still runs under the token it holds (no release and new
+    // ballot first, which would make A step back and wait), and gives it back after.
+    let (mem, region) = region(2);
+    let clock = Arc::new(ManualClock::default());
+    let a = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    ));
+    // Keeps its token as with a releaser, without the thread (which could give it
+    // back first, once the clock moves).
+    a.linger.store(true, Ordering::SeqCst);
+    let zero = vec![0u8; SECTOR as usize];
+    let first = a.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    assert_eq!((a.stats().acquisitions, a.stats().releases), (1, 0));
+    ask_for_token(&mem, region, 1);
+    clock.advance(Duration::from_millis(ASKED_CHECK_MS));
+    let second = a.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 0));
+    assert_eq!(second.expect("caw"), Caw::Written);
+    let stats = a.stats();
+    assert_eq!((stats.acquisitions, stats.releases), (1, 1), "{stats:?}");
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+}
+
+#[test]
+fn an_idle_kept_token_goes_back_within_a_tick_when_asked() {
+    // Idle for one releaser tick but less than the linger: kept while nobody asks,
+    // given back as soon as another host asks (not only once the linger is over).
+    let (mem, region) = region(2);
+    let clock = Arc::new(ManualClock::default());
+    let a = Arc::new(PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        clock.clone(),
+        TokenTiming::for_token(200),
+    ));
+    a.start_releaser();
+    let zero = vec![0u8; SECTOR as usize];
+    let first = a.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    clock.advance(Duration::from_millis(RELEASER_TICK_MS));
+    const { assert!(RELEASER_TICK_MS < LINGER_MS) };
+    std::thread::sleep(Duration::from_millis(20 * RELEASER_TICK_MS));
+    assert_eq!(a.stats().releases, 0, "given back while nobody asked");
+    ask_for_token(&mem, region, 1);
+    assert!(eventually(|| a.stats().releases == 1), "{:?}", a.stats());
+    assert_eq!(
+        read_region(mem.as_ref(), &region).expect("view").holder(),
+        None
+    );
+}
+
+/// A LUN that counts reads at the Disk Paxos leader's offset: of the whole region,
+/// and of the leader sector alone.
+struct CountsRegionReads {
+    inner: Arc<MemLun>,
+    region: PaxosRegion,
+    whole: std::sync::atomic::AtomicU32,
+    leader: std::sync::atomic::AtomicU32,
+}
+
+impl Lun for CountsRegionReads {
+    fn sector_size(&self) -> u32 {
+        self.inner.sector_size()
+    }
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
+        if offset == self.region.leader_offset {
+            let count = if buf.len() == self.region.len() {
+                &self.whole
+            } else {
+                &self.leader
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
+        self.inner.compare_and_write(offset, expected, new)
+    }
+    fn flush(&self) -> LunResult<()> {
+        self.inner.flush()
+    }
+    fn describe(&self) -> String {
+        "counts-region-reads".into()
+    }
+}
+
+#[test]
+fn a_waiter_polls_the_leader_sector_alone_while_the_holder_keeps_the_token() {
+    // A takes the token and keeps it (never gives it back). B waits it out on its
+    // own clock, polling: each poll reads the leader sector alone (one sector, not
+    // the whole region, which is 65 sectors at 64 hosts); B reads everybody again
+    // only to decide (the wait is over), then takes the token.
+    let (mem, region) = region(8);
+    let a = PaxosLun::new(
+        mem.clone(),
+        region,
+        owner(0),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    a.linger.store(true, Ordering::SeqCst);
+    let zero = vec![0u8; SECTOR as usize];
+    let first = a.compare_and_write(TARGET, &zero, &counter_image(1, 0));
+    assert_eq!(first.expect("caw"), Caw::Written);
+    let counted = Arc::new(CountsRegionReads {
+        inner: mem.clone(),
+        region,
+        whole: Default::default(),
+        leader: Default::default(),
+    });
+    let b = PaxosLun::new(
+        counted.clone(),
+        region,
+        owner(1),
+        Arc::new(ManualClock::default()),
+        TokenTiming::for_token(200),
+    );
+    let second = b.compare_and_write(TARGET, &counter_image(1, 0), &counter_image(2, 1));
+    assert_eq!(second.expect("caw"), Caw::Written);
+    let whole = counted.whole.load(Ordering::SeqCst);
+    let leader = counted.leader.load(Ordering::SeqCst);
+    // 250 ms of waiting: 50 polls of 1 ms, then 40 of 5 ms.
+    assert!(leader >= 80, "{leader} polls of the leader sector");
+    // The first read, the one after the wait, and the ballot's two.
+    assert!(whole <= 5, "{whole} reads of the whole region");
+    assert_eq!(a.stats().releases, 0);
 }
 
 /// A LUN that pauses its host past its lease (advances the host's clock) right after
