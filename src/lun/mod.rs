@@ -34,9 +34,7 @@ pub use fault::{
 pub use file::{FileLun, OpenMode};
 pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
-pub use open::{
-    device_kind, display_name, open_device, DeviceKind, PlainDisk, ATS_EMULATION_ENV,
-};
+pub use open::{device_kind, display_name, open_device, DeviceKind, PlainDisk, ATS_EMULATION_ENV};
 pub use pr_emu::{PrDevice, PrSession};
 pub use reservations::{
     Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
