@@ -48,6 +48,7 @@ fn main() -> ExitCode {
                 total.pause_points += s.pause_points;
                 total.pause_points_missed += s.pause_points_missed;
                 total.lease_lapses += s.lease_lapses;
+                total.unsynced_lost += s.unsynced_lost;
             }
             Err(e) => {
                 println!("sim: FAILED {e}");
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     }
     println!(
         "sim: {seeds} seeds x {hosts} hosts x {steps} steps: ok (ops {}, succeeded {}, clean errors {}, crashes {}, \
-         restarts {}, lock beliefs checked {}, pauses {} (at a protocol point {}, missed {}), fenced answers checked {}, lease lapses retried {}) in {:.1} s",
+         restarts {}, lock beliefs checked {}, pauses {} (at a protocol point {}, missed {}), fenced answers checked {}, lease lapses retried {}, unsynced writes lost with their host {}) in {:.1} s",
         total.ops,
         total.ok,
         total.clean_errors,
@@ -69,6 +70,7 @@ fn main() -> ExitCode {
         total.pause_points_missed,
         total.fenced_checked,
         total.lease_lapses,
+        total.unsynced_lost,
         started.elapsed().as_secs_f64()
     );
     ExitCode::SUCCESS

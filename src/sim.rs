@@ -45,6 +45,7 @@
 //!   fsck finds no problem.
 
 use crate::cluster::{Clock, HostUuid, SystemClock};
+use crate::format::{LockRecord, OnDisk};
 use crate::fs::{Fs, FsError, MountOptions};
 use crate::lun::{Caw, FaultConfig, FaultLun, Lun, LunError, LunResult, MemLun};
 use crate::mkfs::{mkfs, MkfsOptions};
@@ -93,6 +94,9 @@ pub struct SimSummary {
     /// Mounts and unmounts that failed because the host fenced itself after its lease
     /// lapsed (renewals late under load) and were tried again, as after a fault.
     pub lease_lapses: u64,
+    /// Writes not made durable whose host failed before another host read them
+    /// (the read may show the file as before).
+    pub unsynced_lost: u64,
 }
 
 struct Host {
@@ -227,7 +231,15 @@ impl Sim {
     }
 
     fn fail(&self, what: &str) -> String {
-        format!("seed={} step={}: {what}", self.cfg.seed, self.step)
+        let mut out = format!("seed={} step={}: {what}", self.cfg.seed, self.step);
+        if std::env::var_os("ATSFS_SIM_TRACE").is_some() {
+            let log = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+            out.push_str(&format!(
+                "\nthe simulator's last steps:\n{}",
+                log.events(60)
+            ));
+        }
+        out
     }
 
     /// Mounts host `i`. A mount that fails on an injected fault (a lost reply during
@@ -239,6 +251,7 @@ impl Sim {
         for attempt in 0..MOUNT_TRIES {
             match self.mount_once(i, attempt) {
                 Err(e) if restartable(&e) && attempt + 1 < MOUNT_TRIES => {
+                    self.event(format!("mount of host {i} failed: {e}"));
                     self.summary.clean_errors += 1;
                     self.note_lapse(&e);
                 }
@@ -316,11 +329,20 @@ impl Sim {
         fs.lease().is_fenced() || self.clock.now_ms() >= fs.lease().expires_at_ms()
     }
 
+    /// Stops host `i`'s I/O for good: it crashed (its `Fs` may live on a little in
+    /// threads that still hold it, which must not renew its slot nor write).
+    fn kill(&self, i: usize) {
+        if let Some(lun) = &self.hosts[i].lun {
+            lun.host_pause().kill();
+        }
+    }
+
     /// Drops a host that was fenced (it is restarted later with a new generation),
     /// after checking what its reads returned against its lease.
     fn drop_fenced(&mut self, host: usize) -> Result<(), String> {
         self.check_seen(host)?;
         if self.hosts[host].fs.take().is_some() {
+            self.kill(host);
             self.event(format!("host {host} fenced: dropped"));
             self.summary.crashes += 1;
         }
@@ -394,6 +416,7 @@ impl Sim {
     fn crash_one(&mut self) {
         let i = self.rng.gen_range(0..self.hosts.len());
         if self.hosts[i].fs.take().is_some() {
+            self.kill(i);
             self.event(format!("crash of host {i}"));
             self.summary.crashes += 1;
         }
@@ -443,7 +466,8 @@ impl Sim {
         // refuse).
         if let (Some(expected), Some((j, other))) = (written, self.random_live()) {
             if j != i {
-                self.check_read(j, &other, &op, &expected)?;
+                let unsynced = (!op.synced()).then_some(Unsynced(fs.as_ref()));
+                self.check_read(j, &other, &op, &expected, unsynced)?;
             }
         }
         Ok(())
@@ -629,7 +653,8 @@ impl Sim {
         // Nothing the paused host had in flight landed over the other host's write.
         if overwritten && self.hosts[j].fs.is_some() {
             if let Some(expected) = op.written() {
-                self.check_read(j, other, &op, &expected)?;
+                // `overwrite` does not truncate: a longer old content keeps its tail.
+                self.check_read(j, other, &op, &expected, Some(Overwrite))?;
             }
         }
         self.drop_fenced(h)
@@ -739,6 +764,22 @@ impl Sim {
     }
 
     fn check_locks(&mut self) -> Result<(), String> {
+        let anomalies = {
+            let mut log = self.trace.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut log.anomalies)
+        };
+        if let Some(first) = anomalies.first() {
+            let block = first
+                .split("lock record of ")
+                .nth(1)
+                .and_then(|s| s.split(' ').next())
+                .unwrap_or("?");
+            return Err(self.fail(&format!(
+                "lock safety: {}{}",
+                anomalies.join("; "),
+                self.history_of(&format!("resource {block}"))
+            )));
+        }
         for (i, host) in self.hosts.iter().enumerate() {
             if let Some(fs) = &host.fs {
                 let n = fs.verify_locks().map_err(|e| {
@@ -781,9 +822,30 @@ impl Sim {
         out
     }
 
-    fn check_read(&mut self, host: usize, fs: &Fs, op: &Op, expected: &[u8]) -> Result<(), String> {
+    /// Host `host` reads what `op` wrote: it must read `expected` (followed by the
+    /// old content's tail after an `Overwrite`). Unless the write was not made durable
+    /// (no fsync) and its host (`Unsynced`) failed since (an injected fault fenced it,
+    /// or its lease lapsed): then the write is lost with it, as on any filesystem
+    /// after a crash, and the read may show the file as before (counted in
+    /// `unsynced_lost`).
+    fn check_read(
+        &mut self,
+        host: usize,
+        fs: &Fs,
+        op: &Op,
+        expected: &[u8],
+        how: Option<Written<'_>>,
+    ) -> Result<(), String> {
+        let (unsynced, overwrite) = match how {
+            Some(Unsynced(writer)) => (Some(writer), false),
+            Some(Overwrite) => (None, true),
+            None => (None, false),
+        };
         let gone = self.lease_gone(fs);
-        let found = lookup(fs, op.dir, &op.name).and_then(|ino| fs.read_data(ino, 0, 64));
+        let (ino, found) = match lookup(fs, op.dir, &op.name) {
+            Ok(ino) => (Some(ino), fs.read_data(ino, 0, 64)),
+            Err(e) => (None, Err(e)),
+        };
         if gone {
             // A fenced host refuses: it may not say what it had cached.
             self.summary.fenced_checked += 1;
@@ -800,14 +862,32 @@ impl Sim {
                 .seen
                 .push((data.clone(), "a coherence read".into()));
         }
+        let writer_failed = unsynced.is_some_and(|w| self.lease_gone(w));
         match found {
-            Ok(data) if data == expected => Ok(()),
+            Ok(data) if data == expected || (overwrite && data.starts_with(expected)) => Ok(()),
+            Ok(data) if writer_failed => {
+                let why = unsynced
+                    .and_then(|w| w.lease().check().err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                self.event(format!(
+                    "host {host} reads {:?} in {}/{}: the unsynced write of {:?} was lost with its host ({why})",
+                    String::from_utf8_lossy(&data),
+                    String::from_utf8_lossy(DIRS[op.dir]),
+                    String::from_utf8_lossy(&op.name),
+                    String::from_utf8_lossy(expected),
+                ));
+                self.summary.unsynced_lost += 1;
+                Ok(())
+            }
             Ok(data) => Err(self.fail(&format!(
-                "another host reads {:?} in {}/{} after a write of {:?}",
+                "host {host} reads {:?} in {}/{} after a write of {:?}{}",
                 String::from_utf8_lossy(&data),
                 String::from_utf8_lossy(DIRS[op.dir]),
                 String::from_utf8_lossy(&op.name),
-                String::from_utf8_lossy(expected)
+                String::from_utf8_lossy(expected),
+                ino.map(|ino| self.history_of(&format!("resource {ino}")))
+                    .unwrap_or_default()
             ))),
             // Gone meanwhile (a restart replayed nothing wrong; a concurrent host is
             // not running here) would be a bug too, except for transient lock waits.
@@ -848,6 +928,7 @@ impl Sim {
                 Err(e) if restartable(&format!("{e:#}")) => {
                     self.note_lapse(&format!("{e:#}"));
                     drop(fs);
+                    self.kill(i);
                     self.summary.crashes += 1;
                     self.mount(i)?;
                 }
@@ -972,6 +1053,9 @@ pub struct HostPause {
 
 #[derive(Default)]
 struct PauseState {
+    /// The host crashed: every later I/O of it fails (a dropped `Fs` whose threads
+    /// still run, finishing an operation, must not renew or write any more).
+    dead: bool,
     paused: bool,
     armed: Option<PausePoint>,
     fired: bool,
@@ -997,6 +1081,20 @@ impl HostPause {
 
     pub fn pause(&self) {
         self.state().paused = true;
+    }
+
+    /// The host is gone: its I/O fails from now on, for good.
+    pub fn kill(&self) {
+        let mut st = self.state();
+        st.dead = true;
+        st.paused = false;
+        st.armed = None;
+        drop(st);
+        self.resumed.notify_all();
+    }
+
+    fn is_dead(&self) -> bool {
+        self.state().dead
     }
 
     pub fn resume(&self) {
@@ -1145,8 +1243,22 @@ impl PausableLun {
         self.pause.resume();
     }
 
+    /// The error of an I/O issued after the host crashed.
+    fn crashed(&self, op: &'static str, offset: u64) -> LunResult<()> {
+        if !self.pause.is_dead() {
+            return Ok(());
+        }
+        Err(LunError::Io {
+            device: self.inner.describe(),
+            op,
+            offset,
+            source: std::io::Error::other("the host crashed"),
+        })
+    }
+
     /// Holds a write while paused; fails it if it had to wait.
     fn hold_write(&self, op: &'static str, offset: u64) -> LunResult<()> {
+        self.crashed(op, offset)?;
         if self.pause.hold() {
             return Err(LunError::Io {
                 device: self.inner.describe(),
@@ -1175,6 +1287,7 @@ impl Lun for PausableLun {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         self.pause.hold();
+        self.crashed("read", offset)?;
         let result = self.inner.read_at(buf, offset);
         self.after(result, false, offset, buf.len())
     }
@@ -1193,6 +1306,7 @@ impl Lun for PausableLun {
     }
     fn read_uncached(&self, buf: &mut [u8], offset: u64) -> LunResult<()> {
         self.pause.hold();
+        self.crashed("read", offset)?;
         self.inner.read_uncached(buf, offset)
     }
     fn write_uncached(&self, buf: &[u8], offset: u64) -> LunResult<()> {
@@ -1206,6 +1320,16 @@ impl Lun for PausableLun {
         format!("pausable {}", self.inner.describe())
     }
 }
+
+/// How the content a coherence read expects was written (`Sim::check_read`).
+#[derive(Clone, Copy)]
+enum Written<'a> {
+    /// Without fsync, by this host: lost if the host fails before it is read.
+    Unsynced(&'a Fs),
+    /// By `Op::overwrite` (fsynced, not truncated first).
+    Overwrite,
+}
+use Written::{Overwrite, Unsynced};
 
 /// An operation on a paused host: (fs, directory index, name).
 type Probe = fn(&Fs, usize, &[u8]) -> Result<(), FsError>;
@@ -1260,6 +1384,11 @@ impl Op {
         fs.fsync(ino, false)
     }
 
+    /// Whether the write (if it writes) is made durable before the call returns.
+    fn synced(&self) -> bool {
+        self.value % 3 == 0
+    }
+
     /// The bytes this operation writes at offset 0, if it writes.
     fn written(&self) -> Option<Vec<u8>> {
         (30..55).contains(&self.kind).then(|| self.content())
@@ -1289,7 +1418,7 @@ impl Op {
                     },
                 )?;
                 fs.write_data(ino, 0, &self.content())?;
-                if self.value % 3 == 0 {
+                if self.synced() {
                     fs.fsync(ino, false)?;
                 }
                 Ok(())
@@ -1358,6 +1487,9 @@ mod tests {
 #[derive(Default)]
 pub struct TraceLog {
     entries: Vec<TraceEntry>,
+    /// Lock records replaced by one whose `change_seq` is not the next: two
+    /// test-and-sets that overlapped (checked after every step).
+    anomalies: Vec<String>,
 }
 
 pub struct TraceEntry {
@@ -1414,8 +1546,44 @@ impl TraceLun {
         let backtrace = (self.backtraces && (foreign || !heads.is_empty()))
             .then(std::backtrace::Backtrace::force_capture);
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        // Under the log's lock no other host lands a write: what the disk holds now is
+        // what this write replaces.
+        let before: Vec<(u64, Option<LockRecord>)> = heads
+            .iter()
+            .filter(|(_, head)| head[..4] == LockRecord::MAGIC.to_le_bytes())
+            .map(|&(block, _)| {
+                let mut raw = vec![0u8; self.inner.sector_size() as usize];
+                let old = self
+                    .inner
+                    .read_at(&mut raw, block * BLOCK)
+                    .ok()
+                    .and_then(|()| lock_record(&raw, block));
+                (block, old)
+            })
+            .collect();
         let result = land()?;
         if logged(&result) {
+            for (block, old) in before {
+                let at = (block * BLOCK - offset) as usize;
+                let (Some(old), Some(new)) = (old, lock_record(&buf[at..], block)) else {
+                    continue;
+                };
+                if new.change_seq != old.change_seq.wrapping_add(1) {
+                    log.anomalies.push(format!(
+                        "host {} (mount {}) wrote the lock record of {block} with change_seq {} \
+                         over change_seq {} (mode {} owner ({},{}) shared {:#x}): not one \
+                         test-and-set after the other",
+                        self.host,
+                        self.mount,
+                        new.change_seq,
+                        old.change_seq,
+                        old.mode,
+                        old.owner_slot,
+                        old.owner_gen,
+                        old.shared_slots
+                    ));
+                }
+            }
             log.entries.push(TraceEntry {
                 host: self.host,
                 mount: self.mount,
@@ -1430,6 +1598,13 @@ impl TraceLun {
         }
         Ok(result)
     }
+}
+
+/// The lock record of `block` in `raw` (a sector at least), if it holds one.
+fn lock_record(raw: &[u8], block: u64) -> Option<LockRecord> {
+    let size = std::mem::size_of::<LockRecord>();
+    let record = bytemuck::try_pod_read_unaligned::<LockRecord>(raw.get(..size)?).ok()?;
+    (record.magic == LockRecord::MAGIC && record.resource == block).then_some(record)
 }
 
 /// A lock record or inode body a write carries, decoded, for the trace.
@@ -1454,8 +1629,14 @@ fn describe_write(buf: &[u8], offset: u64) -> String {
     if within == 512 && buf.len() >= 3584 && buf[..4] == ino_magic {
         if let Ok(i) = bytemuck::try_pod_read_unaligned::<InodeBody>(&buf[..3584]) {
             return format!(
-                "inode {} gen {} mode {:o} nlink {} size {} parent {}",
-                i.blockno, i.generation, i.mode, i.nlink, i.size, i.parent
+                "inode {} gen {} mode {:o} nlink {} size {} flags {:#x} area {:?}",
+                i.blockno,
+                i.generation,
+                i.mode,
+                i.nlink,
+                i.size,
+                i.flags,
+                String::from_utf8_lossy(&i.area[..16])
             );
         }
     }
@@ -1477,6 +1658,17 @@ impl TraceLog {
             what,
             backtrace: None,
         });
+    }
+
+    /// The last `n` things the simulator did, oldest first.
+    pub fn events(&self, n: usize) -> String {
+        let events: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|e| e.len == 0)
+            .map(|e| format!("t={} {}", e.at_ms, e.what))
+            .collect();
+        events[events.len().saturating_sub(n)..].join("\n")
     }
 
     /// The writes that touched block `block`, oldest first.
