@@ -45,6 +45,10 @@ fn main() -> ExitCode {
                 total.locks_checked += s.locks_checked;
                 total.pauses += s.pauses;
                 total.fenced_checked += s.fenced_checked;
+                total.pause_points += s.pause_points;
+                total.pause_points_missed += s.pause_points_missed;
+                total.lease_lapses += s.lease_lapses;
+                total.unsynced_lost += s.unsynced_lost;
             }
             Err(e) => {
                 println!("sim: FAILED {e}");
@@ -54,7 +58,7 @@ fn main() -> ExitCode {
     }
     println!(
         "sim: {seeds} seeds x {hosts} hosts x {steps} steps: ok (ops {}, succeeded {}, clean errors {}, crashes {}, \
-         restarts {}, lock beliefs checked {}, pauses {}, fenced answers checked {}) in {:.1} s",
+         restarts {}, lock beliefs checked {}, pauses {} (at a protocol point {}, missed {}), fenced answers checked {}, lease lapses retried {}, unsynced writes lost with their host {}) in {:.1} s",
         total.ops,
         total.ok,
         total.clean_errors,
@@ -62,7 +66,11 @@ fn main() -> ExitCode {
         total.restarts,
         total.locks_checked,
         total.pauses,
+        total.pause_points,
+        total.pause_points_missed,
         total.fenced_checked,
+        total.lease_lapses,
+        total.unsynced_lost,
         started.elapsed().as_secs_f64()
     );
     ExitCode::SUCCESS

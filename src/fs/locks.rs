@@ -353,16 +353,18 @@ impl Meta {
                 .collect();
             targets.extend(extra);
         }
-        let kept: std::collections::HashSet<BlockNo> = targets
-            .iter()
-            .copied()
-            .filter(|r| self.locks.freed_held.remove(r))
-            .collect();
+        // Groups last: a kept lock is let go while its group still covers it, so a
+        // release that fails part way (an I/O error, a token not taken) never leaves
+        // a kept lock believed held without its group's, whose block another host
+        // could then allocate and overwrite (the simulator's "damaged" lock record).
+        let geo = self.geo;
+        targets.sort_by_key(|&r| geo.ag_of(r).is_some_and(|ag| geo.ag_header(ag) == r));
         for &resource in &targets {
+            let kept = self.locks.freed_held.remove(&resource);
             let Some((state, _)) = self.locks.held.remove(&resource) else {
                 continue;
             };
-            self.release_one(state, kept.contains(&resource))?;
+            self.release_one(state, kept)?;
         }
         Ok(targets)
     }

@@ -12,6 +12,15 @@
 //! - Crash: after `fail_all_writes(true)` or a `fail_after_writes` countdown, every
 //!   write, compare-and-write and flush fails; reads still work so a test can look.
 //! - Latency: each I/O sleeps a random time up to `latency_max_us`.
+//! - Sector by sector (`sector_by_sector`): a read or write of several sectors is
+//!   carried out one sector at a time, a write's sectors in a random order, so that
+//!   another host's I/O can come between two sectors of one command; only a sector is
+//!   atomic, as on a shared disk with nothing between the hosts but the disk. A torn
+//!   write then keeps a random subset of its sectors instead of a prefix.
+//! - Delayed write: a write (or compare-and-write) stays in the I/O path a random time
+//!   up to `delay_max_us` and lands at a random point of it; the reply comes at its
+//!   end. Another host's write issued later may land first: writes are reordered
+//!   between hosts, within the bound a protocol must allow for (`io_max`).
 //!
 //! Requests outside the device or misaligned fail as the inner LUN would, before any
 //! fault is drawn.
@@ -25,6 +34,7 @@
 
 use super::{check_caw, check_range, Caw, Lun, LunError, LunResult};
 use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +56,11 @@ pub struct FaultConfig {
     pub eio_flush_prob: f64,
     /// Each I/O first sleeps a uniform random time in `0..=latency_max_us`.
     pub latency_max_us: u64,
+    /// Multi-sector I/O one sector at a time (a write's sectors in a random order).
+    pub sector_by_sector: bool,
+    /// A write stays in flight up to `delay_max_us` and lands at a random point of it.
+    pub delayed_write_prob: f64,
+    pub delay_max_us: u64,
 }
 
 impl Default for FaultConfig {
@@ -59,6 +74,9 @@ impl Default for FaultConfig {
             torn_write_prob: 0.0,
             eio_flush_prob: 0.0,
             latency_max_us: 0,
+            sector_by_sector: false,
+            delayed_write_prob: 0.0,
+            delay_max_us: 0,
         }
     }
 }
@@ -109,6 +127,17 @@ struct Faults {
 struct Log {
     records: Vec<WriteRecord>,
     flushes: u64,
+}
+
+/// When and in which order one write's sectors land.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Landing {
+    /// In flight before the write lands, and after it until the reply.
+    before: Duration,
+    after: Duration,
+    /// The sectors in landing order, when they land one at a time
+    /// (`sector_by_sector`); empty: all at once.
+    order: Vec<usize>,
 }
 
 /// What happens to one write or compare-and-write.
@@ -221,19 +250,20 @@ impl<L: Lun> FaultLun<L> {
         }
     }
 
-    /// Draws the fate of a write of `sectors` sectors. Always draws the same number
-    /// of values for a given outcome, so the stream does not depend on probabilities
-    /// that did not fire.
-    fn decide_write(&self, sectors: usize) -> WriteFault {
-        let (fault, latency) = {
+    /// Draws the fate of a write of `sectors` sectors, and sleeps until it lands.
+    /// Always draws the same number of values for a given outcome, so the stream does
+    /// not depend on probabilities that did not fire (and draws nothing for the
+    /// options that are off, so older configurations replay as before).
+    fn decide_write(&self, sectors: usize) -> (WriteFault, Landing) {
+        let (fault, landing) = {
             let mut f = self.faults();
             if f.crashed {
-                return WriteFault::Crashed;
+                return (WriteFault::Crashed, Landing::default());
             }
             if let Some(left) = f.writes_left {
                 if left == 0 {
                     f.crashed = true;
-                    return WriteFault::Crashed;
+                    return (WriteFault::Crashed, Landing::default());
                 }
                 f.writes_left = Some(left - 1);
             }
@@ -252,10 +282,54 @@ impl<L: Lun> FaultLun<L> {
             } else {
                 WriteFault::None
             };
-            (fault, latency)
+            let mut landing = Landing {
+                before: latency,
+                ..Landing::default()
+            };
+            if f.config.delayed_write_prob > 0.0 && draw(&mut f, |c| c.delayed_write_prob) {
+                let max = f.config.delay_max_us;
+                let delay = f.rng.gen_range(0..=max);
+                let lands = f.rng.gen_range(0..=delay);
+                landing.before += Duration::from_micros(lands);
+                landing.after = Duration::from_micros(delay - lands);
+            }
+            if f.config.sector_by_sector && sectors >= 2 {
+                let mut order: Vec<usize> = (0..sectors).collect();
+                order.shuffle(&mut f.rng);
+                landing.order = order;
+            }
+            (fault, landing)
         };
-        sleep(latency);
-        fault
+        sleep(landing.before);
+        (fault, landing)
+    }
+
+    /// Lands the first `count` sectors of `buf` in landing order: all at once, or one
+    /// at a time in `landing.order` (giving other threads a chance in between).
+    fn land_sectors(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        landing: &Landing,
+        count: usize,
+    ) -> LunResult<()> {
+        let sector = self.inner.sector_size() as usize;
+        if landing.order.is_empty() {
+            let kept = (count * sector).min(buf.len());
+            return match kept {
+                0 => Ok(()),
+                _ => self.land_write(&buf[..kept], offset),
+            };
+        }
+        for (i, &at) in landing.order.iter().take(count).enumerate() {
+            if i > 0 {
+                std::thread::yield_now();
+            }
+            let from = at * sector;
+            let to = (from + sector).min(buf.len());
+            self.land_write(&buf[from..to], offset + from as u64)?;
+        }
+        Ok(())
     }
 
     /// Writes to the inner LUN and, when recording, logs the write in device order.
@@ -344,29 +418,40 @@ impl<L: Lun> Lun for FaultLun<L> {
         if eio {
             return Err(self.injected("read", offset, "EIO"));
         }
-        self.inner.read_at(buf, offset)
+        let sector = self.inner.sector_size() as usize;
+        if !self.faults().config.sector_by_sector || buf.len() <= sector {
+            return self.inner.read_at(buf, offset);
+        }
+        for (i, piece) in buf.chunks_mut(sector).enumerate() {
+            if i > 0 {
+                std::thread::yield_now();
+            }
+            self.inner.read_at(piece, offset + (i * sector) as u64)?;
+        }
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> LunResult<()> {
         self.counters.write(buf.len());
         check_range("write", offset, buf.len(), self.inner.len_bytes(), None)?;
         let sector = self.inner.sector_size() as usize;
-        match self.decide_write(buf.len().div_ceil(sector)) {
-            WriteFault::None => self.land_write(buf, offset),
-            WriteFault::Crashed => Err(self.injected("write", offset, "device crashed")),
+        let sectors = buf.len().div_ceil(sector);
+        let (fault, landing) = self.decide_write(sectors);
+        let result = match fault {
+            WriteFault::None => self.land_sectors(buf, offset, &landing, sectors),
+            WriteFault::Crashed => return Err(self.injected("write", offset, "device crashed")),
             WriteFault::Eio => Err(self.injected("write", offset, "EIO")),
             WriteFault::Torn { sectors_kept } => {
-                let kept = (sectors_kept * sector).min(buf.len());
-                if kept > 0 {
-                    self.land_write(&buf[..kept], offset)?;
-                }
+                self.land_sectors(buf, offset, &landing, sectors_kept)?;
                 Err(self.injected("write", offset, "torn write"))
             }
             WriteFault::LostReply => {
-                self.land_write(buf, offset)?;
+                self.land_sectors(buf, offset, &landing, sectors)?;
                 Err(self.injected("write", offset, "lost reply (the write landed)"))
             }
-        }
+        };
+        sleep(landing.after);
+        result
     }
 
     fn compare_and_write(&self, offset: u64, expected: &[u8], new: &[u8]) -> LunResult<Caw> {
@@ -374,15 +459,17 @@ impl<L: Lun> Lun for FaultLun<L> {
         let (sector, size) = (self.inner.sector_size(), self.inner.len_bytes());
         check_caw(offset, expected, new, sector, size)?;
         let op = "compare-and-write";
-        match self.decide_write(1) {
+        let (fault, landing) = self.decide_write(1);
+        let result = match fault {
             WriteFault::None | WriteFault::Torn { .. } => self.land_caw(offset, expected, new),
-            WriteFault::Crashed => Err(self.injected(op, offset, "device crashed")),
+            WriteFault::Crashed => return Err(self.injected(op, offset, "device crashed")),
             WriteFault::Eio => Err(self.injected(op, offset, "EIO")),
-            WriteFault::LostReply => {
-                self.land_caw(offset, expected, new)?;
-                Err(self.injected(op, offset, "lost reply (the command completed)"))
-            }
-        }
+            WriteFault::LostReply => self
+                .land_caw(offset, expected, new)
+                .and_then(|_| Err(self.injected(op, offset, "lost reply (the command completed)"))),
+        };
+        sleep(landing.after);
+        result
     }
 
     fn flush(&self) -> LunResult<()> {
@@ -632,6 +719,88 @@ mod tests {
     }
 
     #[test]
+    fn sector_by_sector_writes_land_one_sector_at_a_time_in_any_order() {
+        let mut non_prefix = 0;
+        for seed in 0..40 {
+            let f = lun(FaultConfig {
+                seed,
+                torn_write_prob: 1.0,
+                sector_by_sector: true,
+                ..FaultConfig::default()
+            });
+            f.start_recording();
+            let data: Vec<u8> = (0..8 * 512u32).map(|i| (i / 512 + 1) as u8).collect();
+            assert!(is_injected(f.write_at(&data, 4096)));
+            let image = sectors_of(f.inner(), 4096, data.len());
+            let kept: Vec<bool> = image.chunks(512).map(|s| s[0] != 0).collect();
+            for (i, sector) in image.chunks(512).enumerate() {
+                let want = if kept[i] { (i + 1) as u8 } else { 0 };
+                assert!(
+                    sector.iter().all(|&b| b == want),
+                    "seed {seed}: sector {i} mixed"
+                );
+            }
+            // One record per landed sector, each one sector long.
+            let records = f.records();
+            assert_eq!(records.len(), kept.iter().filter(|&&k| k).count());
+            assert!(records.iter().all(|r| r.data.len() == 512));
+            let landed = kept.iter().filter(|&&k| k).count();
+            if kept.iter().take(landed).any(|&k| !k) {
+                non_prefix += 1;
+            }
+        }
+        assert!(
+            non_prefix > 5,
+            "torn writes kept only prefixes: {non_prefix}"
+        );
+        // Whole writes and reads still carry every sector.
+        let f = lun(FaultConfig {
+            seed: 3,
+            sector_by_sector: true,
+            ..FaultConfig::default()
+        });
+        let data: Vec<u8> = (0..4 * 512u32).map(|i| (i % 251) as u8).collect();
+        f.write_at(&data, 8192).unwrap();
+        let mut back = vec![0u8; data.len()];
+        f.read_at(&mut back, 8192).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn delayed_writes_land_inside_their_delay_and_replay_from_the_seed() {
+        let config = FaultConfig {
+            seed: 5,
+            delayed_write_prob: 0.5,
+            delay_max_us: 20_000,
+            ..FaultConfig::default()
+        };
+        let plans = |config: &FaultConfig| -> Vec<Landing> {
+            let f = lun(config.clone());
+            (0..40).map(|_| f.decide_write(1).1).collect()
+        };
+        let a = plans(&config);
+        assert_eq!(a, plans(&config));
+        let delayed = a
+            .iter()
+            .filter(|l| l.before + l.after > Duration::ZERO)
+            .count();
+        assert!(delayed > 5 && delayed < 35, "{delayed} of 40 delayed");
+        assert!(a
+            .iter()
+            .all(|l| l.before + l.after <= Duration::from_micros(20_000)));
+        assert!(
+            a.iter().any(|l| l.after > Duration::ZERO),
+            "none lands early"
+        );
+        // The write has landed when the call returns.
+        let f = lun(config);
+        for i in 0..4u8 {
+            f.write_at(&[i + 1; 512], 0).unwrap();
+            assert_eq!(sectors_of(f.inner(), 0, 512), vec![i + 1; 512]);
+        }
+    }
+
+    #[test]
     fn single_sector_writes_never_tear() {
         let f = lun(always(|c| c.torn_write_prob = 1.0));
         f.write_at(&[5u8; 512], 0).unwrap();
@@ -759,6 +928,7 @@ mod tests {
             torn_write_prob: 0.2,
             eio_flush_prob: 0.2,
             latency_max_us: 0,
+            ..FaultConfig::default()
         });
         let mut outcomes = Vec::new();
         for i in 0..200u64 {
