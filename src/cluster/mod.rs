@@ -164,8 +164,13 @@ impl Lease {
         }
     }
 
-    /// Records a renewal that was issued at `issued_ms`.
+    /// Records a renewal that was issued at `issued_ms`. One that completes after the
+    /// lease ran out does not bring it back (past the lease the host is fenced for
+    /// good, whether or not anything asked the lease meanwhile): it fences instead.
     pub fn renewed(&self, issued_ms: u64) {
+        if self.check().is_err() {
+            return;
+        }
         self.renewed_at_ms.fetch_max(issued_ms, Ordering::SeqCst);
     }
 

@@ -304,6 +304,27 @@ fn the_lease_expires_by_the_hosts_own_clock() {
 }
 
 #[test]
+fn a_renewal_that_completes_after_the_lease_ran_out_does_not_bring_it_back() {
+    // The renewer checked the lease, issued its renewal, and was held up (a paused
+    // host: its read waited, its write went out on resume) until past the lease.
+    // Nobody asked the lease meanwhile, so nothing fenced the host yet; the renewal,
+    // issued while the lease ran, must not make the host valid again (the simulator's
+    // Disk Paxos mode: a host paused past its lease answered a stat on resume).
+    let clock = Arc::new(ManualClock::default());
+    let lease = Lease::new(
+        clock.clone(),
+        Duration::from_secs(8),
+        Duration::from_secs(1),
+    );
+    clock.advance(Duration::from_millis(6900));
+    let issued = clock.now_ms();
+    clock.advance(Duration::from_millis(200)); // past renewal + 7 s
+    lease.renewed(issued);
+    assert!(lease.check().is_err(), "the lease came back");
+    assert!(lease.is_fenced());
+}
+
+#[test]
 fn a_file_opener_is_judged_stale_only_from_what_the_view_proves() {
     use crate::format::{encode_padded, HeartbeatSlot, SLOT_LIVE};
     let (lun, geo) = volume();
