@@ -196,6 +196,24 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// True when this process runs as root.
+/// A field of /etc/os-release (`key` without the `=`), unquoted.
+pub fn os_release(key: &str) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/os-release").ok()?;
+    let prefix = format!("{key}=");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(|v| v.trim_matches('"').to_string())
+}
+
+/// Whether `apt-cache ARGS` runs and its output contains `needle`.
+pub fn apt_cache_says(args: &[&str], needle: &str) -> bool {
+    Cmd::new("apt-cache")
+        .args(args)
+        .quiet()
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(needle))
+}
+
 pub fn is_root() -> bool {
     // /proc/self/status names the effective uid second on its "Uid:" line; reading it
     // spares a libc dependency.

@@ -281,14 +281,8 @@ fn ensure_deb_src() -> Result<()> {
     if knows_tgt_source() {
         return Ok(());
     }
-    let os_release = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
-    let field = |key: &str| {
-        os_release
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map(|v| v.trim_matches('"').to_string())
-    };
-    let (Some(id), Some(codename)) = (field("ID="), field("VERSION_CODENAME=")) else {
+    let (Some(id), Some(codename)) = (sh::os_release("ID"), sh::os_release("VERSION_CODENAME"))
+    else {
         bail!("cannot tell the Debian release from /etc/os-release: add a deb-src line by hand");
     };
     if id != "debian" {
@@ -313,12 +307,7 @@ fn ensure_deb_src() -> Result<()> {
 }
 
 fn knows_tgt_source() -> bool {
-    Cmd::new("apt-cache")
-        .args(["showsrc", "tgt"])
-        .quiet()
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("Package: tgt"))
-        .unwrap_or(false)
+    sh::apt_cache_says(&["showsrc", "tgt"], "Package: tgt")
 }
 
 /// The one `tgt-*` directory `apt-get source` unpacked in `src`.

@@ -45,7 +45,7 @@ fn busybox_is_static() -> bool {
 
 fn install_qemu() -> Result<()> {
     let packages = ["qemu-system-x86", "qemu-block-extra"];
-    if codename().as_deref() != Some("bookworm") {
+    if sh::os_release("VERSION_CODENAME").as_deref() != Some("bookworm") {
         return apt_install(&packages);
     }
     if !knows_backports() {
@@ -72,19 +72,7 @@ fn install_qemu() -> Result<()> {
 }
 
 fn knows_backports() -> bool {
-    Cmd::new("apt-cache")
-        .args(["policy", "qemu-system-x86"])
-        .quiet()
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("bookworm-backports"))
-}
-
-/// This Debian release's code name, from /etc/os-release.
-fn codename() -> Option<String> {
-    let text = std::fs::read_to_string("/etc/os-release").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
-        .map(|v| v.trim_matches('"').to_string())
+    sh::apt_cache_says(&["policy", "qemu-system-x86"], "bookworm-backports")
 }
 
 /// An unpacked kernel package: its vmlinuz and its modules directory.
