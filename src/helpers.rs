@@ -161,6 +161,22 @@ pub(crate) fn mount_main() -> ExitCode {
         eprintln!("mount.atsfs: -N (mount in another namespace) is not supported");
         return ExitCode::from(MOUNT_USAGE);
     }
+    // mount(8) runs mount.fuse.atsfs for `mount -o remount,... DIR` (the type in
+    // mountinfo is fuse.atsfs), with the live mount's kernel options added
+    // (user_id=, group_id=, ...). Starting a daemon for it would be wrong.
+    if args
+        .options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .any(|o| o == "remount")
+    {
+        eprintln!(
+            "mount.atsfs: remount is not supported; unmount (umount {0}) and mount again \
+             with the options wanted",
+            args.dir.display()
+        );
+        return ExitCode::from(MOUNT_FAILED);
+    }
     let request = match mount_request(&args) {
         Ok(request) => request,
         Err(e) => {
