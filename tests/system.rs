@@ -307,3 +307,49 @@ fn fsck_p_skips_a_volume_a_live_host_has_mounted() {
     assert_eq!(out.status.code(), Some(8));
     mount.unmount();
 }
+
+/// systemd's fstab generator, as at boot: an atsfs line with `_netdev` becomes a
+/// mount unit of type atsfs wanted by remote-fs.target, and with fsck.atsfs in PATH
+/// and pass 2 it requires systemd-fsck@ (which runs `fsck -a`, i.e. fsck.atsfs -a).
+#[test]
+fn systemds_fstab_generator_makes_a_remote_mount_unit_with_fsck() {
+    let generator = Path::new("/usr/lib/systemd/system-generators/systemd-fstab-generator");
+    if !generator.exists() {
+        eprintln!("skipped: no {}", generator.display());
+        return;
+    }
+    let scratch = Scratch::new("system-generator");
+    let bin_dir = scratch.mountpoint("bin");
+    std::os::unix::fs::symlink(atsfs_bin(), bin_dir.join("fsck.atsfs")).unwrap();
+    let out_dir = scratch.mountpoint("units");
+    let fstab = scratch.join("fstab");
+    std::fs::write(
+        &fstab,
+        "/dev/disk/by-id/wwn-0x6001405a1b2c3d4e  /mnt/shared  atsfs  _netdev,nofail  0  2\n",
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(Command::new(generator)
+        .env("SYSTEMD_FSTAB", &fstab)
+        .env("PATH", path)
+        .args([&out_dir, &out_dir, &out_dir]));
+    assert!(out.status.success());
+    let unit = std::fs::read_to_string(out_dir.join("mnt-shared.mount"))
+        .expect("the generator made no mnt-shared.mount");
+    for line in [
+        "Type=atsfs",
+        "What=/dev/disk/by-id/wwn-0x6001405a1b2c3d4e",
+        "Options=_netdev,nofail",
+        "Requires=systemd-fsck@dev-disk-by\\x2did-wwn\\x2d0x6001405a1b2c3d4e.service",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no {line} in:\n{unit}");
+    }
+    assert!(
+        std::fs::symlink_metadata(out_dir.join("remote-fs.target.wants/mnt-shared.mount")).is_ok(),
+        "_netdev did not make it a remote mount"
+    );
+}
