@@ -802,8 +802,13 @@ impl Mounted {
     /// mount point is live.
     pub fn mount(fs: Arc<Fs>, mountpoint: &Path, opts: FuseOptions) -> Result<Mounted> {
         let mut mount_options = vec![
+            // The source column of /proc/self/mountinfo: the device, as mount(8) shows it.
             MountOption::FSName(opts.fsname.clone()),
-            MountOption::Subtype("atsfs".into()),
+            // The type `fuse.atsfs`. fuser's own mount(2) as root drops
+            // `MountOption::Subtype` (the type stays `fuse`), so the subtype goes to the
+            // kernel as a mount parameter, which it takes since Linux 5.4 (and
+            // fusermount3, for a non-root mount, reads it as its own subtype option).
+            MountOption::CUSTOM("subtype=atsfs".into()),
             MountOption::Dev,
             MountOption::Suid,
         ];

@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod docs;
+mod helpers;
+
 /// Where a host keeps its UUID when `--host-id` is not given.
 const HOST_ID_FILE: &str = "/var/lib/atsfs/host-id";
 /// Where a background daemon logs when `--log` is not given.
@@ -21,7 +24,13 @@ const DEFAULT_LOG: &str = "/var/log/atsfs.log";
 #[command(
     name = "atsfs",
     version,
-    about = "atsfs: one shared LUN, many hosts, coordination by atomic test-and-set"
+    about = "atsfs: one shared LUN, many hosts, coordination by atomic test-and-set",
+    after_long_help = "The volume is made by mkfs.atsfs(8); mount(8) and /etc/fstab mount it \
+                       through mount.atsfs(8), fsck(8) checks it through fsck.atsfs(8). \
+                       Each subcommand has its page: atsfs-mount(8), atsfs-status(8), \
+                       atsfs-locks(8), atsfs-stats(8), atsfs-recover(8), \
+                       atsfs-ats-selftest(8), atsfs-fsck(8). The administrator's guide is \
+                       docs/operations.md in the source."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -233,15 +242,51 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn main() -> ExitCode {
+/// Logs to stderr at `default_level` unless RUST_LOG says otherwise.
+pub(crate) fn init_tracing(default_level: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// The name this program was started by (the file name of argv[0]).
+fn invoked_as() -> String {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_default()
+}
+
+fn main() -> ExitCode {
+    // One program, three names: mount(8) and fsck(8) run `mount.atsfs` and
+    // `fsck.atsfs` (links to this binary) with their own conventions.
+    match invoked_as().as_str() {
+        "mount.atsfs" | "mount.fuse.atsfs" => return helpers::mount_main(),
+        "fsck.atsfs" => return helpers::fsck_main(),
+        _ => {}
+    }
+    init_tracing("info");
+    // Internal, and no subcommand: clap_complete would offer a hidden one too.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == docs::GENERATE) {
+        let [_, _, out] = &args[..] else {
+            eprintln!("usage: atsfs {} OUT", docs::GENERATE);
+            return ExitCode::from(2);
+        };
+        return match docs::generate(Path::new(out)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("atsfs: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount {
@@ -256,7 +301,13 @@ fn main() -> ExitCode {
             if foreground || ready_fd.is_some() {
                 mount_foreground(&device, &mountpoint, host_id.as_deref(), &options, ready_fd)
             } else {
-                mount_background(log.as_deref())
+                mount_background(&MountRequest {
+                    device,
+                    mountpoint,
+                    host_id,
+                    options,
+                    log,
+                })
             }
         }
         Command::Fsck {
@@ -264,8 +315,8 @@ fn main() -> ExitCode {
             repair: true,
             force,
             device,
-        } => return fsck_repair(&device, json, force),
-        Command::Fsck { json, device, .. } => return fsck(&device, json),
+        } => return ExitCode::from(fsck_repair(&device, json, force)),
+        Command::Fsck { json, device, .. } => return ExitCode::from(fsck(&device, json)),
         Command::AtsSelftest {
             sessions,
             increments,
@@ -324,10 +375,40 @@ fn host_uuid(given: Option<&str>) -> Result<HostUuid> {
     Ok(HostUuid(*uuid.as_bytes()))
 }
 
-/// Re-runs this program in the foreground as a daemon, and waits until it says the
-/// mount is live (or why not).
-fn mount_background(log: Option<&Path>) -> Result<()> {
-    let log_path = log.unwrap_or(Path::new(DEFAULT_LOG));
+/// What `atsfs mount` (and `mount.atsfs`) hands the mount daemon.
+pub(crate) struct MountRequest {
+    pub device: PathBuf,
+    pub mountpoint: PathBuf,
+    pub host_id: Option<String>,
+    pub options: Vec<String>,
+    pub log: Option<PathBuf>,
+}
+
+impl MountRequest {
+    /// The daemon's arguments after `atsfs`: `mount [--host-id ID] [-o OPTS] DEVICE
+    /// DIR`, without `--ready-fd`.
+    fn daemon_args(&self) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["mount".into()];
+        if let Some(id) = &self.host_id {
+            args.push("--host-id".into());
+            args.push(id.into());
+        }
+        for o in &self.options {
+            args.push("-o".into());
+            args.push(o.into());
+        }
+        // `--` so that a device or mount point whose name starts with `-` stays one.
+        args.push("--".into());
+        args.push(self.device.clone().into_os_string());
+        args.push(self.mountpoint.clone().into_os_string());
+        args
+    }
+}
+
+/// Runs this program again in the foreground as a daemon (`atsfs mount --ready-fd N
+/// ...`), and waits until it says the mount is live (or why not).
+pub(crate) fn mount_background(request: &MountRequest) -> Result<()> {
+    let log_path = request.log.as_deref().unwrap_or(Path::new(DEFAULT_LOG));
     if let Some(dir) = log_path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -338,10 +419,13 @@ fn mount_background(log: Option<&Path>) -> Result<()> {
         .with_context(|| format!("opening the log {}", log_path.display()))?;
     let (read_end, write_end) = nix::unistd::pipe().context("making a pipe")?;
     let exe = std::env::current_exe().context("finding this program")?;
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    args.push("--ready-fd".into());
-    args.push(write_end_raw(&write_end).to_string());
+    let mut args = request.daemon_args();
+    // Options go before `--`.
+    args.insert(1, write_end_raw(&write_end).to_string().into());
+    args.insert(1, "--ready-fd".into());
     let mut command = std::process::Command::new(exe);
+    // Named `atsfs` whatever name started us (`mount.atsfs` is the same program).
+    std::os::unix::process::CommandExt::arg0(&mut command, "atsfs");
     command
         .args(&args)
         .stdin(std::process::Stdio::null())
@@ -405,6 +489,17 @@ fn mount_foreground(
     result
 }
 
+/// The mount's source as /proc/self/mountinfo shows it: the device by an absolute
+/// path (a relative name would mean nothing to a reader elsewhere), an iSCSI URL
+/// without its password.
+fn source_name(device: &Path) -> String {
+    if atsfs::lun::device_kind(device) == atsfs::lun::DeviceKind::Iscsi {
+        return atsfs::lun::display_name(device);
+    }
+    let absolute = std::path::absolute(device).unwrap_or_else(|_| device.to_path_buf());
+    atsfs::lun::display_name(&absolute)
+}
+
 fn mount_and_serve(
     device: &Path,
     mountpoint: &Path,
@@ -413,7 +508,7 @@ fn mount_and_serve(
     ready_fd: Option<i32>,
 ) -> Result<()> {
     let mut fuse_opts = FuseOptions {
-        fsname: atsfs::lun::display_name(device),
+        fsname: source_name(device),
         ..FuseOptions::default()
     };
     let host = host_uuid(host_id)?;
@@ -464,7 +559,8 @@ fn mount_and_serve(
     served.and(unmounted)
 }
 
-fn fsck(device: &Path, json: bool) -> ExitCode {
+/// `atsfs fsck`: 0 clean, 4 problems found, 8 could not check.
+fn fsck(device: &Path, json: bool) -> u8 {
     let lun = match open_device(device, OpenMode::ReadOnly) {
         Ok(lun) => lun,
         Err(e) => {
@@ -472,7 +568,7 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
                 "atsfs fsck: cannot open {}: {e}",
                 atsfs::lun::display_name(device)
             );
-            return ExitCode::from(8);
+            return 8;
         }
     };
     match atsfs::fsck::check(&lun) {
@@ -485,11 +581,15 @@ fn fsck(device: &Path, json: bool) -> ExitCode {
             } else {
                 report.print();
             }
-            ExitCode::from(if report.problems.is_empty() { 0 } else { 4 })
+            if report.problems.is_empty() {
+                0
+            } else {
+                4
+            }
         }
         Err(e) => {
             eprintln!("atsfs fsck: {}: {e:#}", atsfs::lun::display_name(device));
-            ExitCode::from(8)
+            8
         }
     }
 }
@@ -587,7 +687,9 @@ fn show_locks(device: &Path, json: bool, query: &atsfs::inspect::LockQuery) -> R
     Ok(())
 }
 
-fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
+/// `atsfs fsck --repair`: 0 nothing to repair, 1 repaired, 4 problems left, 8 could
+/// not repair.
+fn fsck_repair(device: &Path, json: bool, force: bool) -> u8 {
     let lun = match open_device(device, OpenMode::ReadWrite) {
         Ok(lun) => lun,
         Err(e) => {
@@ -595,7 +697,7 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
                 "atsfs fsck: cannot open {}: {e}",
                 atsfs::lun::display_name(device)
             );
-            return ExitCode::from(8);
+            return 8;
         }
     };
     match atsfs::fsck::repair_device(&lun, force) {
@@ -614,14 +716,14 @@ fn fsck_repair(device: &Path, json: bool, force: bool) -> ExitCode {
                 }
                 done.after.print();
             }
-            ExitCode::from(done.exit_code())
+            done.exit_code()
         }
         Err(e) => {
             eprintln!(
                 "atsfs fsck --repair: {}: {e:#}",
                 atsfs::lun::display_name(device)
             );
-            ExitCode::from(8)
+            8
         }
     }
 }

@@ -19,15 +19,7 @@ use atsfs::mkfs::selftest_sector;
 /// and 8 x 2,000 takes about 2 s there.
 const SELFTEST_INCREMENTS: u64 = selftest::INCREMENTS_DEFAULT;
 
-/// `--ats`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AtsChoice {
-    Auto,
-    Hardware,
-    Emulated,
-    /// Disk Paxos: a token over plain sector reads and writes, on any shared disk.
-    Paxos,
-}
+pub use crate::cli::AtsChoice;
 
 /// Refuses an `--ats` the device cannot do, before anything else is looked at.
 pub fn check_ats_request(lun: &dyn Lun, args: &Args) -> Result<(), Failure> {

@@ -13,15 +13,18 @@ use atsfs::mkfs::{
     live_hosts, mkfs, plan_for, probe, slots_marked_live, validate_options, MkfsError, MkfsOptions,
     Probe, LEASE_MAX,
 };
-use atsfs::units::{format_size, parse_duration, parse_size};
+use atsfs::units::format_size;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod ats;
+mod cli;
+
+pub(crate) use cli::Args;
 
 /// Volumes with at least this many allocation groups get a progress bar.
 const PROGRESS_AGS_MIN: u64 = 1024;
@@ -29,53 +32,6 @@ const PROGRESS_AGS_MIN: u64 = 1024;
 const IMAGE_SECTOR_BYTES: u32 = 512;
 /// Extra time to watch heartbeats beyond two intervals, for I/O latency.
 const WATCH_MARGIN: Duration = Duration::from_millis(200);
-
-#[derive(Parser, Debug)]
-#[command(
-    name = "mkfs.atsfs",
-    bin_name = "mkfs.atsfs",
-    version,
-    about = "Make an atsfs shared-disk filesystem on a LUN or an image file",
-    after_help = "Exit status: 0 done, 1 refused or bad input, 2 I/O error.\n\
-                  mkfs.atsfs never formats a volume that hosts are using, not even with -f."
-)]
-struct Args {
-    /// Volume label (at most 63 bytes).
-    #[arg(short = 'L', long, default_value = "")]
-    label: String,
-    /// Most hosts that can mount the volume at once (1..=64).
-    #[arg(short = 'N', long = "max-hosts", default_value_t = 32)]
-    max_hosts: u32,
-    /// Create the image file with this size if it is missing, or grow it (sparse) if
-    /// it is smaller. Never shrinks. E.g. 10G.
-    #[arg(long, value_parser = parse_size)]
-    size: Option<u64>,
-    /// Journal size per host, e.g. 64M (default: from the volume size, 1-64 MiB).
-    #[arg(long = "journal-size", value_parser = parse_size)]
-    journal_size: Option<u64>,
-    /// How often each host renews its heartbeat, e.g. 1s or 500ms.
-    #[arg(long = "heartbeat-interval", value_parser = parse_duration, default_value = "1s")]
-    heartbeat_interval: Duration,
-    /// How long a silent host keeps its locks before peers recover it (> 2 intervals).
-    #[arg(long, value_parser = parse_duration, default_value = "8s")]
-    lease: Duration,
-    /// Which test-and-set the volume uses: `hardware` (the storage's SCSI COMPARE AND
-    /// WRITE, hosts on any machine), `paxos` (Disk Paxos: a token taken with plain
-    /// sector reads and writes, hosts on any machine, no COMPARE AND WRITE needed),
-    /// `emulated` (file locks: every host on this machine; for tests) or `auto`
-    /// (hardware when the device has it and passes the ATS self-test, else Disk
-    /// Paxos).
-    #[arg(long, value_enum, default_value_t = ats::AtsChoice::Auto)]
-    ats: ats::AtsChoice,
-    /// Overwrite an existing atsfs volume or another filesystem.
-    #[arg(short, long)]
-    force: bool,
-    /// Print nothing but errors.
-    #[arg(short, long)]
-    quiet: bool,
-    /// The block device or image file.
-    device: PathBuf,
-}
 
 /// Why mkfs.atsfs stopped; each message says what to do next.
 #[derive(Debug)]

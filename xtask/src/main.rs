@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's tasks, in Rust so that they run wherever cargo does.
 //!
 //! - `demo`: build, make a volume, mount it, use it, mount it again, check it.
-//! - `install`: build release binaries and install them into PREFIX/sbin.
+//! - `install`: build release binaries and install them into PREFIX/sbin, with man
+//!   pages and shell completions.
+//! - `package`: the Debian package (cargo-deb); `--check` installs it in a scratch
+//!   root and uses it as a new user would.
 //! - `pjdfstest`: run the POSIX suite on a fresh mount, against the exclusion list.
 //! - `test`: everything CI runs: build, unit and integration tests, pjdfstest.
 //! - `tgt`: the real-iSCSI test bed (a tgtd with COMPARE AND WRITE, hosts in network
@@ -15,6 +18,7 @@ mod demo;
 mod fusebench;
 mod install;
 mod mount;
+mod package;
 mod pjdfstest;
 mod sh;
 mod suite;
@@ -42,10 +46,22 @@ enum Task {
     /// Build atsfs, make a 512 MiB volume in a temporary directory, mount it, use it,
     /// mount it again, check it with fsck, clean up. Needs root and /dev/fuse.
     Demo(demo::DemoArgs),
-    /// Build release binaries and install `atsfs` and `mkfs.atsfs` into PREFIX/sbin.
+    /// Build release binaries and install `atsfs`, `mkfs.atsfs` and the links
+    /// `mount.atsfs`, `mount.fuse.atsfs`, `fsck.atsfs` into PREFIX/sbin, man pages into
+    /// PREFIX/share/man/man8, bash, zsh and fish completions under PREFIX/share. With a
+    /// PREFIX other than /, links /sbin/mount.atsfs (mount(8) looks only there).
     Install {
         #[arg(long, default_value = "/usr/local")]
         prefix: PathBuf,
+    },
+    /// Make the Debian package with cargo-deb (release build; installs cargo-deb when
+    /// missing) and print its path.
+    Package {
+        /// Then install it into a scratch root and use it as a new user would: an
+        /// fstab line, mount, write, umount, fsck -t atsfs, man. Needs root and
+        /// /dev/fuse.
+        #[arg(long)]
+        check: bool,
     },
     /// Run pjdfstest (the POSIX suite) on a fresh mount; fail on any failure that
     /// docs/pjdfstest-exclusions.txt does not list. Needs root and /dev/fuse.
@@ -100,6 +116,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Demo(args) => demo::run(&args),
         Task::Install { prefix } => install::run(&prefix),
+        Task::Package { check } => package::run(check),
         Task::Pjdfstest(args) => pjdfstest::run_task(&args),
         Task::Test => suite::run(),
         Task::Tgt(task) => tgt::run(&task),

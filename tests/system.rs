@@ -1,0 +1,355 @@
+//! atsfs as the system's tools see it: `mount -t atsfs`, an fstab line, `umount`,
+//! `fsck -t atsfs` with fsck's -n / -y / -p, through the real mount(8) and fsck(8).
+//!
+//! mount(8) looks for its helper in /sbin only (util-linux's FS_SEARCH_PATH
+//! "/sbin:/sbin/fs.d:/sbin/fs"), so these tests link /sbin/mount.atsfs (and
+//! /sbin/mount.fuse.atsfs) to the binary
+//! cargo built for as long as they run (`SbinHelper`, removed on drop, also after a
+//! panic; a link left by a killed run is recognised and replaced). They never replace
+//! a mount.atsfs that is not such a link (an installed atsfs): they skip instead.
+//! fsck(8) also searches PATH, so fsck.atsfs comes from a scratch directory in PATH.
+
+mod common;
+
+use common::{atsfs_bin, find_daemon, new_host_id, read_log, wait_exit, Scratch};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One test at a time owns /sbin/mount.atsfs.
+static SBIN: Mutex<()> = Mutex::new(());
+
+/// The names mount(8) looks for: `mount.atsfs` (type atsfs) and `mount.fuse.atsfs`
+/// (type fuse.atsfs, as the kernel shows it: remount).
+const HELPERS: [&str; 2] = ["/sbin/mount.atsfs", "/sbin/mount.fuse.atsfs"];
+
+/// /sbin/mount.atsfs and /sbin/mount.fuse.atsfs, links to the built atsfs while it
+/// lives.
+struct SbinHelper {
+    made: Vec<PathBuf>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl SbinHelper {
+    /// None (after saying why) when an installed mount.atsfs is in the way.
+    fn install() -> Option<SbinHelper> {
+        let lock = SBIN.lock().unwrap_or_else(|e| e.into_inner());
+        for path in HELPERS.map(Path::new) {
+            let Ok(meta) = std::fs::symlink_metadata(path) else {
+                continue;
+            };
+            let ours = meta.file_type().is_symlink()
+                && std::fs::read_link(path)
+                    .is_ok_and(|t| t.ends_with("debug/atsfs") || t.ends_with("release/atsfs"));
+            if !ours {
+                eprintln!(
+                    "skipped: {} exists and is not a link into a cargo target directory \
+                     (an installed atsfs?); not replacing it",
+                    path.display()
+                );
+                return None;
+            }
+            std::fs::remove_file(path).expect("removing a stale helper link");
+        }
+        let mut helper = SbinHelper {
+            made: Vec::new(),
+            _lock: lock,
+        };
+        for path in HELPERS.map(PathBuf::from) {
+            std::os::unix::fs::symlink(atsfs_bin(), &path).expect("linking a helper in /sbin");
+            helper.made.push(path);
+        }
+        Some(helper)
+    }
+}
+
+impl Drop for SbinHelper {
+    fn drop(&mut self) {
+        for path in &self.made {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn run(command: &mut Command) -> Output {
+    let out = command.output().expect("starting a command");
+    eprintln!(
+        "$ {command:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The (source, type) of the mount on `dir` in /proc/self/mountinfo.
+fn mountinfo(dir: &Path) -> Option<(String, String)> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let dir = dir.to_str()?;
+    text.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let dash = fields.iter().position(|f| *f == "-")?;
+        if fields.get(4) != Some(&dir) {
+            return None;
+        }
+        Some((
+            fields.get(dash + 2)?.to_string(),
+            fields.get(dash + 1)?.to_string(),
+        ))
+    })
+}
+
+/// Writes and reads back a file on the mount, umounts it with `umount DIR`, and
+/// waits for its daemon to exit.
+fn use_and_umount(dir: &Path, image: &Path, log: &Path) {
+    let (source, fstype) = mountinfo(dir).expect("the mount is not in /proc/self/mountinfo");
+    assert_eq!(fstype, "fuse.atsfs");
+    assert_eq!(
+        Path::new(&source),
+        image,
+        "the mount's source is not the device"
+    );
+    let file = dir.join("hello");
+    std::fs::write(&file, b"written through mount(8)\n").expect("writing on the mount");
+    assert_eq!(
+        std::fs::read(&file).expect("reading it back"),
+        b"written through mount(8)\n"
+    );
+    let daemon = find_daemon(dir).expect("no atsfs daemon for the mount");
+    let out = run(Command::new("umount").arg(dir));
+    assert!(out.status.success(), "umount failed");
+    assert!(mountinfo(dir).is_none(), "still mounted after umount");
+    assert!(
+        wait_exit(daemon, Duration::from_secs(60)),
+        "the daemon did not exit after umount; log:\n{}",
+        read_log(log)
+    );
+}
+
+#[test]
+fn mount_t_atsfs_and_an_fstab_line_mount_as_fuse_atsfs_and_umount() {
+    require_fuse!();
+    let Some(_helper) = SbinHelper::install() else {
+        return;
+    };
+    let scratch = Scratch::new("system-mount");
+    let image = scratch.image("vol.img", 256 << 20);
+    let dir = scratch.mountpoint("mnt");
+    let log = scratch.join("daemon.log");
+    let host = new_host_id();
+    let options = format!("rw,_netdev,host_id={host},log={}", log.display());
+
+    let out = run(Command::new("mount")
+        .args(["-t", "atsfs", "-o", &options])
+        .arg(&image)
+        .arg(&dir));
+    assert!(
+        out.status.success(),
+        "mount -t atsfs failed; log:\n{}",
+        read_log(&log)
+    );
+    // A remount reaches mount.fuse.atsfs (the type in mountinfo): refused clearly,
+    // the mount left as it was.
+    let out = run(Command::new("mount").args(["-o", "remount,rw"]).arg(&dir));
+    assert_eq!(out.status.code(), Some(32));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("remount is not supported"));
+    assert!(mountinfo(&dir).is_some());
+    use_and_umount(&dir, &image, &log);
+
+    // An fstab line, as an administrator writes it (a scratch fstab: mount -T).
+    let fstab = scratch.join("fstab");
+    std::fs::write(
+        &fstab,
+        format!(
+            "# scratch fstab\n{}  {}  atsfs  _netdev,nofail,x-systemd.after=network-online.target,host_id={host},log={}  0  2\n",
+            image.display(),
+            dir.display(),
+            log.display()
+        ),
+    )
+    .expect("writing the scratch fstab");
+    let out = run(Command::new("mount").arg("-T").arg(&fstab).arg(&dir));
+    assert!(
+        out.status.success(),
+        "mount DIR from fstab failed; log:\n{}",
+        read_log(&log)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("hello")).expect("the first mount's file"),
+        b"written through mount(8)\n"
+    );
+    use_and_umount(&dir, &image, &log);
+
+    // A bad option fails the mount with mount(8)'s status 32 and atsfs's reason.
+    let out = run(Command::new("mount")
+        .args(["-t", "atsfs", "-o", "no_such_option"])
+        .arg(&image)
+        .arg(&dir));
+    assert_eq!(out.status.code(), Some(32));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_option"));
+    assert!(mountinfo(&dir).is_none());
+    common::assert_fsck_clean(&image);
+}
+
+/// `fsck -t atsfs ARGS DEVICE` with fsck.atsfs found through PATH; its exit code.
+fn fsck(bin_dir: &Path, args: &[&str], image: &Path) -> i32 {
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(Command::new("fsck")
+        .env("PATH", path)
+        .args(["-T", "-t", "atsfs"])
+        .args(args)
+        .arg(image));
+    out.status.code().expect("fsck was killed")
+}
+
+/// Flips one bit of the image at `offset`.
+fn flip(image: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, offset).unwrap();
+    byte[0] ^= 0x40;
+    file.write_all_at(&byte, offset).unwrap();
+}
+
+#[test]
+fn fsck_t_atsfs_maps_n_y_and_p_onto_check_and_repair() {
+    require_fuse!();
+    let scratch = Scratch::new("system-fsck");
+    let bin_dir = scratch.mountpoint("bin");
+    std::os::unix::fs::symlink(atsfs_bin(), bin_dir.join("fsck.atsfs")).unwrap();
+    let image = scratch.image("vol.img", 256 << 20);
+    let spec = common::MountSpec::in_scratch(&scratch, &image, "host");
+    let mount = spec.mount();
+    std::fs::write(mount.join("file"), b"some data").unwrap();
+    std::fs::write(mount.join("kept"), b"kept").unwrap();
+    let ino = std::fs::metadata(mount.join("file")).unwrap().ino();
+    mount.unmount();
+
+    assert_eq!(fsck(&bin_dir, &[], &image), 0, "a clean volume");
+    assert_eq!(fsck(&bin_dir, &["-n"], &image), 0);
+    assert_eq!(fsck(&bin_dir, &["-p"], &image), 0);
+    assert_eq!(fsck(&bin_dir, &["-n", "-y"], &image), 16, "usage error");
+    assert_eq!(
+        fsck(&bin_dir, &["-n"], &scratch.join("missing.img")),
+        8,
+        "operational error"
+    );
+
+    let lun = atsfs::lun::FileLun::open(&image, atsfs::lun::OpenMode::ReadOnly).unwrap();
+    let sb = atsfs::fs::read_superblock(&lun).unwrap();
+    let geo = atsfs::format::Geometry::from_superblock(&sb);
+    drop(lun);
+
+    // Damage that loses no data (the backup superblock): -p repairs it alone.
+    flip(&image, geo.backup_superblock() * 4096 + 100);
+    assert_eq!(fsck(&bin_dir, &["-n"], &image), 4, "-n finds it");
+    assert_eq!(fsck(&bin_dir, &["-n"], &image), 4, "-n changed nothing");
+    assert_eq!(fsck(&bin_dir, &["-a"], &image), 1, "-a (preen) repairs it");
+    assert_eq!(fsck(&bin_dir, &["-n"], &image), 0);
+
+    // Damage that loses a file (its inode no longer decodes): -p leaves it alone,
+    // -y repairs, and the next run finds nothing.
+    flip(&image, geo.body_offset(ino) + 100);
+    assert_eq!(fsck(&bin_dir, &["-n"], &image), 4);
+    assert_eq!(
+        fsck(&bin_dir, &["-p"], &image),
+        4,
+        "preen must not lose files"
+    );
+    assert_eq!(fsck(&bin_dir, &["-n"], &image), 4, "preen wrote nothing");
+    assert_eq!(fsck(&bin_dir, &["-y"], &image), 1, "-y repairs");
+    assert_eq!(
+        fsck(&bin_dir, &["-y"], &image),
+        0,
+        "a second run finds nothing"
+    );
+    assert_eq!(fsck(&bin_dir, &[], &image), 0);
+
+    // The other file is still there.
+    let mount = spec.mount();
+    assert_eq!(std::fs::read(mount.join("kept")).unwrap(), b"kept");
+    assert!(!mount.join("file").exists());
+    mount.unmount();
+}
+
+#[test]
+fn fsck_p_skips_a_volume_a_live_host_has_mounted() {
+    require_fuse!();
+    let scratch = Scratch::new("system-preen-live");
+    let bin_dir = scratch.mountpoint("bin");
+    std::os::unix::fs::symlink(atsfs_bin(), bin_dir.join("fsck.atsfs")).unwrap();
+    let image = scratch.image_with("vol.img", 256 << 20, &common::short_lease_opts());
+    let spec = common::MountSpec::in_scratch(&scratch, &image, "host");
+    let mount = spec.mount();
+    let out = run(Command::new(bin_dir.join("fsck.atsfs"))
+        .arg("-p")
+        .arg(&image));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not checked"),
+        "preen checked a volume in use"
+    );
+    // -y refuses to repair under it: fsck's operational error.
+    let out = run(Command::new(bin_dir.join("fsck.atsfs"))
+        .arg("-y")
+        .arg(&image));
+    assert_eq!(out.status.code(), Some(8));
+    mount.unmount();
+}
+
+/// systemd's fstab generator, as at boot: an atsfs line with `_netdev` becomes a
+/// mount unit of type atsfs wanted by remote-fs.target, and with fsck.atsfs in PATH
+/// and pass 2 it requires systemd-fsck@ (which runs `fsck -a`, i.e. fsck.atsfs -a).
+#[test]
+fn systemds_fstab_generator_makes_a_remote_mount_unit_with_fsck() {
+    let generator = Path::new("/usr/lib/systemd/system-generators/systemd-fstab-generator");
+    if !generator.exists() {
+        eprintln!("skipped: no {}", generator.display());
+        return;
+    }
+    let scratch = Scratch::new("system-generator");
+    let bin_dir = scratch.mountpoint("bin");
+    std::os::unix::fs::symlink(atsfs_bin(), bin_dir.join("fsck.atsfs")).unwrap();
+    let out_dir = scratch.mountpoint("units");
+    let fstab = scratch.join("fstab");
+    std::fs::write(
+        &fstab,
+        "/dev/disk/by-id/wwn-0x6001405a1b2c3d4e  /mnt/shared  atsfs  _netdev,nofail  0  2\n",
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(Command::new(generator)
+        .env("SYSTEMD_FSTAB", &fstab)
+        .env("PATH", path)
+        .args([&out_dir, &out_dir, &out_dir]));
+    assert!(out.status.success());
+    let unit = std::fs::read_to_string(out_dir.join("mnt-shared.mount"))
+        .expect("the generator made no mnt-shared.mount");
+    for line in [
+        "Type=atsfs",
+        "What=/dev/disk/by-id/wwn-0x6001405a1b2c3d4e",
+        "Options=_netdev,nofail",
+        "Requires=systemd-fsck@dev-disk-by\\x2did-wwn\\x2d0x6001405a1b2c3d4e.service",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no {line} in:\n{unit}");
+    }
+    assert!(
+        std::fs::symlink_metadata(out_dir.join("remote-fs.target.wants/mnt-shared.mount")).is_ok(),
+        "_netdev did not make it a remote mount"
+    );
+}
