@@ -651,12 +651,14 @@ impl Filesystem for AtsFuse {
     }
 }
 
-/// Parses `-o` options into FUSE options and the core's commit interval.
+/// Parses `-o` options into FUSE options and the core's mount options (commit
+/// interval, read-only, access times).
 pub fn parse_options(
     list: &[String],
     opts: &mut FuseOptions,
-    commit_interval: &mut Duration,
+    mount: &mut crate::fs::MountOptions,
 ) -> Result<()> {
+    use crate::fs::atime::AtimeMode;
     for item in list
         .iter()
         .flat_map(|o| o.split(','))
@@ -679,25 +681,58 @@ pub fn parse_options(
         match key {
             "attr_timeout" => opts.attr_ttl = secs(value)?,
             "entry_timeout" => opts.entry_ttl = secs(value)?,
-            "commit_interval" => *commit_interval = secs(value)?.max(Duration::from_millis(10)),
+            "commit_interval" => {
+                mount.commit_interval = secs(value)?.max(Duration::from_millis(10))
+            }
             "allow_other" => opts.allow_other = true,
             "noallow_other" => opts.allow_other = false,
             "default_permissions" => opts.default_permissions = true,
             "nodefault_permissions" => opts.default_permissions = false,
             "threads" => {
                 let text = value.context("option threads needs a value, like threads=4")?;
-                opts.threads = text.parse().ok().filter(|&n| (1..=64).contains(&n)).with_context(|| format!("threads={text}: give 1 to 64"))?;
+                opts.threads = text
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=64).contains(&n))
+                    .with_context(|| format!("threads={text}: give 1 to 64"))?;
             }
             "readahead_kb" => {
-                let text = value.context("option readahead_kb needs a value, like readahead_kb=4096")?;
-                opts.readahead_kb = text.parse().ok().filter(|&n| n <= 1 << 20).with_context(|| format!("readahead_kb={text}: give 0 (the kernel's default) to 1048576"))?;
+                let text =
+                    value.context("option readahead_kb needs a value, like readahead_kb=4096")?;
+                opts.readahead_kb =
+                    text.parse()
+                        .ok()
+                        .filter(|&n| n <= 1 << 20)
+                        .with_context(|| {
+                            format!("readahead_kb={text}: give 0 (the kernel's default) to 1048576")
+                        })?;
             }
             "async_dio" => opts.async_dio = true,
             "noasync_dio" => opts.async_dio = false,
-            "rw" | "defaults" | "suid" | "dev" | "exec" | "atime" | "relatime" | "_netdev" => {}
+            "ro" => mount.read_only = true,
+            "rw" => mount.read_only = false,
+            "relatime" | "atime" => mount.atime = AtimeMode::Relatime,
+            "noatime" => mount.atime = AtimeMode::NoAtime,
+            "strictatime" => mount.atime = AtimeMode::StrictAtime,
+            "nodiratime" => mount.nodiratime = true,
+            "diratime" => mount.nodiratime = false,
+            "remount" => bail!(
+                "remount: an atsfs mount cannot change its options while mounted (the mode \
+                 of a host, read-only or read-write, is decided when it joins the volume); \
+                 unmount and mount again with the new options"
+            ),
+            "lazytime" => bail!(
+                "lazytime is not supported: atime updates already go with the next periodic \
+                 commit, never a write of their own (relatime writes at most one per file \
+                 per change or day); use relatime (the default) or noatime"
+            ),
+            "defaults" | "suid" | "dev" | "exec" | "auto" | "noauto" | "nofail" | "user"
+            | "nouser" | "_netdev" => {}
             other => bail!(
-                "unknown mount option '{other}' (known: attr_timeout=S, entry_timeout=S, commit_interval=S, \
-                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N, readahead_kb=N, async_dio, noasync_dio)"
+                "unknown mount option '{other}' (known: ro, rw, relatime, noatime, strictatime, \
+                 nodiratime, attr_timeout=S, entry_timeout=S, commit_interval=S, allow_other, \
+                 noallow_other, default_permissions, nodefault_permissions, threads=N, \
+                 readahead_kb=N, async_dio, noasync_dio)"
             ),
         }
     }
@@ -879,23 +914,60 @@ mod tests {
     #[test]
     fn readahead_option_is_parsed_and_bounded() {
         let mut opts = FuseOptions::default();
-        let mut interval = Duration::from_secs(5);
-        parse_options(&["readahead_kb=1024".into()], &mut opts, &mut interval).unwrap();
+        let mut mount = mount_options();
+        parse_options(&["readahead_kb=1024".into()], &mut opts, &mut mount).unwrap();
         assert_eq!(opts.readahead_kb, 1024);
-        parse_options(&["readahead_kb=0".into()], &mut opts, &mut interval).unwrap();
+        parse_options(&["readahead_kb=0".into()], &mut opts, &mut mount).unwrap();
         assert_eq!(opts.readahead_kb, 0);
-        assert!(parse_options(&["readahead_kb=x".into()], &mut opts, &mut interval).is_err());
-        assert!(parse_options(&["readahead_kb".into()], &mut opts, &mut interval).is_err());
+        assert!(parse_options(&["readahead_kb=x".into()], &mut opts, &mut mount).is_err());
+        assert!(parse_options(&["readahead_kb".into()], &mut opts, &mut mount).is_err());
     }
 
     #[test]
     fn async_dio_is_on_unless_turned_off() {
         let mut opts = FuseOptions::default();
-        let mut interval = Duration::from_secs(5);
+        let mut mount = mount_options();
         assert!(opts.async_dio);
-        parse_options(&["rw,noasync_dio".into()], &mut opts, &mut interval).unwrap();
+        parse_options(&["rw,noasync_dio".into()], &mut opts, &mut mount).unwrap();
         assert!(!opts.async_dio);
-        parse_options(&["async_dio".into()], &mut opts, &mut interval).unwrap();
+        parse_options(&["async_dio".into()], &mut opts, &mut mount).unwrap();
         assert!(opts.async_dio);
+    }
+
+    fn mount_options() -> crate::fs::MountOptions {
+        crate::fs::MountOptions::new(crate::cluster::HostUuid([1; 16]))
+    }
+
+    #[test]
+    fn ro_and_atime_options_reach_the_mount_options() {
+        use crate::fs::atime::AtimeMode;
+        let mut opts = FuseOptions::default();
+        let mut mount = mount_options();
+        assert!(!mount.read_only);
+        assert_eq!(mount.atime, AtimeMode::Relatime);
+        parse_options(
+            &["defaults,ro,noatime,_netdev".into()],
+            &mut opts,
+            &mut mount,
+        )
+        .unwrap();
+        assert!(mount.read_only);
+        assert_eq!(mount.atime, AtimeMode::NoAtime);
+        parse_options(
+            &["rw".into(), "strictatime,nodiratime".into()],
+            &mut opts,
+            &mut mount,
+        )
+        .unwrap();
+        assert!(!mount.read_only);
+        assert_eq!(mount.atime, AtimeMode::StrictAtime);
+        assert!(mount.nodiratime);
+        parse_options(&["relatime".into()], &mut opts, &mut mount).unwrap();
+        assert_eq!(mount.atime, AtimeMode::Relatime);
+        for refused in ["remount,ro", "lazytime", "bogus"] {
+            let err = parse_options(&[refused.into()], &mut opts, &mut mount).unwrap_err();
+            let first = refused.split(',').next().unwrap_or(refused);
+            assert!(err.to_string().contains(first), "{refused}: {err}");
+        }
     }
 }

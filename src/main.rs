@@ -418,7 +418,7 @@ fn mount_and_serve(
     };
     let host = host_uuid(host_id)?;
     let mut mount_opts = MountOptions::new(host);
-    parse_options(options, &mut fuse_opts, &mut mount_opts.commit_interval)?;
+    parse_options(options, &mut fuse_opts, &mut mount_opts)?;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }

@@ -33,7 +33,8 @@ pub(crate) struct Held {
 
 /// Watches every other slot marked in use by a host of another kernel (`boot_id`)
 /// for `lease + interval` on our own clock. Refuses when any of them moves: emulated
-/// ATS is atomic only within one kernel. Recovers the ones that do not move.
+/// ATS is atomic only within one kernel. Recovers the ones that do not move, when
+/// `recover` (a read-only host leaves them to a read-write one).
 #[allow(clippy::too_many_arguments)]
 pub fn settle_foreign_slots(
     lun: &dyn Lun,
@@ -44,6 +45,7 @@ pub fn settle_foreign_slots(
     interval: Duration,
     lease: Duration,
     clock: &dyn Clock,
+    recover: bool,
 ) -> Result<()> {
     let mut held = Vec::new();
     let my_boot = super::boot_id()?;
@@ -83,6 +85,13 @@ pub fn settle_foreign_slots(
                 );
             }
         }
+    }
+    if !recover {
+        tracing::info!(
+            slots = ?held.iter().map(|h| h.slot).collect::<Vec<_>>(),
+            "hosts of another kernel left these slots; a read-only host does not recover them"
+        );
+        return Ok(());
     }
     let timing = Timing {
         interval,
