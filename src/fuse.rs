@@ -5,9 +5,10 @@ use crate::fs::{Attr, Fs, FsError, Ino, SetAttr, SetTime};
 use anyhow::{bail, Context, Result};
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    INodeNo, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, PollEvents, PollFlags,
+    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -649,6 +650,71 @@ impl Filesystem for AtsFuse {
             self.fs.fallocate(self.ino_in(ino), offset, length, mode),
         );
     }
+
+    // What atsfs does not implement is answered without a log line per call (fuser's
+    // defaults log a WARN each time: a Python open() asks TCGETS).
+
+    /// No ioctl is implemented: ENOTTY, "not a terminal", as a file system without
+    /// ioctls answers (the kernel would turn ENOSYS into ENOTTY too).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        tracing::trace!(ino = ino.0, cmd, "ioctl not implemented: ENOTTY");
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    /// SEEK_DATA / SEEK_HOLE: ENOSYS, after which the kernel answers them itself
+    /// (the whole file is data) and asks no more.
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: ReplyLseek,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
+    /// ENOSYS: the kernel copies through read and write instead, and asks no more.
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
+    /// ENOSYS: the kernel then treats the file as always ready, and asks no more.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
 }
 
 /// Parses `-o` options into FUSE options and the core's mount options (commit
@@ -844,6 +910,16 @@ impl Mounted {
         ];
         if opts.default_permissions {
             mount_options.push(MountOption::DefaultPermissions);
+        }
+        // The kernel refuses changes on a read-only mount itself (EROFS before a
+        // request is sent); the daemon refuses them too, should one arrive. And the
+        // mount shows its access-time mode (the kernel leaves FUSE atimes to the
+        // daemon either way).
+        if fs.options.read_only {
+            mount_options.push(MountOption::RO);
+        }
+        if fs.options.atime == crate::fs::atime::AtimeMode::NoAtime {
+            mount_options.push(MountOption::NoAtime);
         }
         let mut config = Config::default();
         config.mount_options = mount_options;

@@ -233,11 +233,18 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The log filter when RUST_LOG does not say: INFO, and fuser's own unmount
+/// messages only as errors. fuser warns when its session, dropped after `umount`
+/// ended it, finds the mount already gone ("Failed to umount filesystem: Invalid
+/// argument", "Unmount failed": the normal end of every mount), and this daemon
+/// reports a failed unmount of its own (signal thread, `Mounted`) itself.
+const LOG_FILTER_DEFAULT: &str = "info,fuser::session=error,fuser::mnt=error";
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(LOG_FILTER_DEFAULT)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -5,6 +5,8 @@
 //! listings. An update is one inode image in the running transaction, written by
 //! the next periodic commit, never a journal transaction of its own.
 
+use super::inode::{attr_of, from_system_time};
+use super::{Core, FsResult, Ino};
 use std::time::{Duration, SystemTime};
 
 /// How reads update access times (`-o relatime`, `noatime`, `strictatime`).
@@ -51,6 +53,35 @@ impl AtimeMode {
                         .is_ok_and(|age| age >= RELATIME_MAX_AGE)
             }
         }
+    }
+}
+
+impl Core {
+    /// True when a read of `ino` now must update its atime (`AtimeMode::due`).
+    pub fn atime_due(&mut self, ino: Ino, mode: AtimeMode, nodiratime: bool) -> FsResult<bool> {
+        if mode == AtimeMode::NoAtime {
+            return Ok(false);
+        }
+        let attr = attr_of(&self.inode(ino)?);
+        let times = Times {
+            atime: attr.atime,
+            mtime: attr.mtime,
+            ctime: attr.ctime,
+            is_dir: attr.is_dir(),
+        };
+        Ok(mode.due(&times, nodiratime, SystemTime::now()))
+    }
+
+    /// Sets `ino`'s atime to now if a read now must (checked again: another read may
+    /// have done it since). Into the running transaction, with the inode's lock
+    /// exclusive; the ctime stays.
+    pub fn touch_atime(&mut self, ino: Ino, mode: AtimeMode, nodiratime: bool) -> FsResult<()> {
+        if !self.atime_due(ino, mode, nodiratime)? {
+            return Ok(());
+        }
+        let mut inode = self.inode(ino)?;
+        (inode.atime_s, inode.atime_ns) = from_system_time(SystemTime::now());
+        self.put_inode(&inode)
     }
 }
 

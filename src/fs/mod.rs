@@ -621,8 +621,9 @@ impl Fs {
         } else {
             (None, Vec::new())
         };
-        let (plan, epoch, lun, token, next) = self.read_on(&[ino], |c| {
+        let (plan, epoch, lun, token, next, atime_due) = self.read_on(&[ino], |c| {
             let plan = c.plan_read(ino, offset, size as usize)?;
+            let atime_due = self.atime_due(c, ino)?;
             let epoch = c.meta.epoch;
             let lun = c.meta.lun.clone();
             let mut next = Vec::new();
@@ -647,8 +648,11 @@ impl Fs {
                 }
             }
             let token = plan.needs_io().then(|| self.data_io.enter());
-            Ok((plan, epoch, lun, token, next))
+            Ok((plan, epoch, lun, token, next, atime_due))
         })?;
+        if atime_due {
+            self.touch_atime(ino);
+        }
         for next in next {
             self.readahead.start(next);
         }
@@ -718,7 +722,39 @@ impl Fs {
     /// `emit(ino, next_offset, dtype, name)` returns true when the caller's buffer is
     /// full.
     pub fn readdir(&self, ino: Ino, offset: u64, emit: &mut DirSink<'_>) -> FsResult<()> {
-        self.read_on(&[ino], |c| c.readdir(ino, offset, emit))
+        let atime_due = self.read_on(&[ino], |c| {
+            c.readdir(ino, offset, emit)?;
+            self.atime_due(c, ino)
+        })?;
+        if atime_due {
+            self.touch_atime(ino);
+        }
+        Ok(())
+    }
+
+    /// True when a read of `ino` must update its atime on this host (never on a
+    /// read-only one: that would be a write).
+    fn atime_due(&self, c: &mut Core, ino: Ino) -> FsResult<bool> {
+        if self.options.read_only {
+            return Ok(false);
+        }
+        c.atime_due(ino, self.options.atime, self.options.nodiratime)
+    }
+
+    /// Updates `ino`'s atime after a read (`fs::atime`): one inode image in the
+    /// running transaction, committed with the next periodic commit. It may wait for
+    /// the inode's lock like any change (with relatime, at most once per change of
+    /// the file or per day). A failure fails nothing: the read has its bytes.
+    fn touch_atime(&self, ino: Ino) {
+        let (mode, nodiratime) = (self.options.atime, self.options.nodiratime);
+        // Not a "mutating" run: the data a read-ahead holds stays valid.
+        let result = self.run(
+            false,
+            self.checked(&[ino], |c| c.touch_atime(ino, mode, nodiratime)),
+        );
+        if let Err(e) = result {
+            tracing::debug!(ino, "access time not updated: {e}");
+        }
     }
 
     pub fn statfs(&self) -> FsResult<StatFs> {
@@ -843,6 +879,8 @@ impl Fs {
     }
 }
 
+#[cfg(test)]
+mod atime_tests;
 #[cfg(test)]
 mod ats_tests;
 #[cfg(test)]
