@@ -91,9 +91,16 @@ pub struct AtsFuse {
     opts: FuseOptions,
 }
 
+/// The errno of a core error. Errors an administrator acts on (I/O, damage, a
+/// failed host) are logged; a POSIX answer or a full volume (ENOSPC, which the
+/// caller sees and `df` shows) is not, so that one cannot flood the log.
 fn errno(e: &FsError) -> Errno {
-    if !matches!(e, FsError::Errno(_)) {
-        tracing::warn!("{e}");
+    match e {
+        FsError::Errno(_) => {}
+        FsError::NoSpace => tracing::debug!("{e}"),
+        FsError::Io(_) | FsError::Corrupted(_) | FsError::Failed(_) | FsError::NeedLock { .. } => {
+            tracing::warn!("{e}")
+        }
     }
     Errno::from_i32(e.errno())
 }

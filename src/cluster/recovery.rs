@@ -157,7 +157,7 @@ pub(crate) fn recover_slot(
         }
     }
     super::fence::fence_dead(lun, fence_key, h.slot, h.image.generation)?;
-    tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
+    tracing::info!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
     let hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
     let report = hold.replay(volume_uuid)?;
     tracing::info!(

@@ -576,7 +576,7 @@ impl Fs {
             .clone();
         node.refresh()?;
         for slot in node.recover_all_dead() {
-            tracing::warn!(slot, "recovered a dead host");
+            tracing::info!(slot, "recovered a dead host");
             self.reclaim_orphans(slot);
         }
         self.reclaim_pending_orphans();
