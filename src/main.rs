@@ -517,6 +517,10 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
     );
     // Past the storage's reservation, where the LUN has one, for the replays' writes.
     let registration = atsfs::cluster::fence::ToolRegistration::new(lun.as_ref())?;
+    // The watch and the replays, as a spinner on a terminal (`atsfs::progress`).
+    let spinner = atsfs::progress::spinner(
+        "recovering: watching the slots, replaying journals {spinner} {elapsed}",
+    );
     let outcomes = recover_offline(
         &lun,
         &geo,
@@ -526,7 +530,9 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         interval,
         lease,
         &SystemClock::default(),
-    )?;
+    );
+    spinner.finish_and_clear();
+    let outcomes = outcomes?;
     let mut recovered = 0;
     for (slot, outcome) in outcomes {
         match outcome {
