@@ -5,9 +5,10 @@ use crate::fs::{Attr, Fs, FsError, Ino, SetAttr, SetTime};
 use anyhow::{bail, Context, Result};
 use fuser::{
     AccessFlags, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+    INodeNo, IoctlFlags, KernelConfig, LockOwner, MountOption, OpenFlags, PollEvents, PollFlags,
+    PollNotifier, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -90,9 +91,16 @@ pub struct AtsFuse {
     opts: FuseOptions,
 }
 
+/// The errno of a core error. Errors an administrator acts on (I/O, damage, a
+/// failed host) are logged; a POSIX answer or a full volume (ENOSPC, which the
+/// caller sees and `df` shows) is not, so that one cannot flood the log.
 fn errno(e: &FsError) -> Errno {
-    if !matches!(e, FsError::Errno(_)) {
-        tracing::warn!("{e}");
+    match e {
+        FsError::Errno(_) => {}
+        FsError::NoSpace => tracing::debug!("{e}"),
+        FsError::Io(_) | FsError::Corrupted(_) | FsError::Failed(_) | FsError::NeedLock { .. } => {
+            tracing::warn!("{e}")
+        }
     }
     Errno::from_i32(e.errno())
 }
@@ -649,14 +657,81 @@ impl Filesystem for AtsFuse {
             self.fs.fallocate(self.ino_in(ino), offset, length, mode),
         );
     }
+
+    // What atsfs does not implement is answered without a log line per call (fuser's
+    // defaults log a WARN each time: a Python open() asks TCGETS).
+
+    /// No ioctl is implemented: ENOTTY, "not a terminal", as a file system without
+    /// ioctls answers (the kernel would turn ENOSYS into ENOTTY too).
+    fn ioctl(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        tracing::trace!(ino = ino.0, cmd, "ioctl not implemented: ENOTTY");
+        reply.error(Errno::from_i32(libc::ENOTTY));
+    }
+
+    /// SEEK_DATA / SEEK_HOLE: ENOSYS, after which the kernel answers them itself
+    /// (the whole file is data) and asks no more.
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: i64,
+        _whence: i32,
+        reply: ReplyLseek,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
+    /// ENOSYS: the kernel copies through read and write instead, and asks no more.
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: fuser::CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
+
+    /// ENOSYS: the kernel then treats the file as always ready, and asks no more.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.error(Errno::from_i32(libc::ENOSYS));
+    }
 }
 
-/// Parses `-o` options into FUSE options and the core's commit interval.
+/// Parses `-o` options into FUSE options and the core's mount options (commit
+/// interval, read-only, access times).
 pub fn parse_options(
     list: &[String],
     opts: &mut FuseOptions,
-    commit_interval: &mut Duration,
+    mount: &mut crate::fs::MountOptions,
 ) -> Result<()> {
+    use crate::fs::atime::AtimeMode;
     for item in list
         .iter()
         .flat_map(|o| o.split(','))
@@ -679,25 +754,58 @@ pub fn parse_options(
         match key {
             "attr_timeout" => opts.attr_ttl = secs(value)?,
             "entry_timeout" => opts.entry_ttl = secs(value)?,
-            "commit_interval" => *commit_interval = secs(value)?.max(Duration::from_millis(10)),
+            "commit_interval" => {
+                mount.commit_interval = secs(value)?.max(Duration::from_millis(10))
+            }
             "allow_other" => opts.allow_other = true,
             "noallow_other" => opts.allow_other = false,
             "default_permissions" => opts.default_permissions = true,
             "nodefault_permissions" => opts.default_permissions = false,
             "threads" => {
                 let text = value.context("option threads needs a value, like threads=4")?;
-                opts.threads = text.parse().ok().filter(|&n| (1..=64).contains(&n)).with_context(|| format!("threads={text}: give 1 to 64"))?;
+                opts.threads = text
+                    .parse()
+                    .ok()
+                    .filter(|&n| (1..=64).contains(&n))
+                    .with_context(|| format!("threads={text}: give 1 to 64"))?;
             }
             "readahead_kb" => {
-                let text = value.context("option readahead_kb needs a value, like readahead_kb=4096")?;
-                opts.readahead_kb = text.parse().ok().filter(|&n| n <= 1 << 20).with_context(|| format!("readahead_kb={text}: give 0 (the kernel's default) to 1048576"))?;
+                let text =
+                    value.context("option readahead_kb needs a value, like readahead_kb=4096")?;
+                opts.readahead_kb =
+                    text.parse()
+                        .ok()
+                        .filter(|&n| n <= 1 << 20)
+                        .with_context(|| {
+                            format!("readahead_kb={text}: give 0 (the kernel's default) to 1048576")
+                        })?;
             }
             "async_dio" => opts.async_dio = true,
             "noasync_dio" => opts.async_dio = false,
-            "rw" | "defaults" | "suid" | "dev" | "exec" | "atime" | "relatime" | "_netdev" => {}
+            "ro" => mount.read_only = true,
+            "rw" => mount.read_only = false,
+            "relatime" | "atime" => mount.atime = AtimeMode::Relatime,
+            "noatime" => mount.atime = AtimeMode::NoAtime,
+            "strictatime" => mount.atime = AtimeMode::StrictAtime,
+            "nodiratime" => mount.nodiratime = true,
+            "diratime" => mount.nodiratime = false,
+            "remount" => bail!(
+                "remount: an atsfs mount cannot change its options while mounted (the mode \
+                 of a host, read-only or read-write, is decided when it joins the volume); \
+                 unmount and mount again with the new options"
+            ),
+            "lazytime" => bail!(
+                "lazytime is not supported: atime updates already go with the next periodic \
+                 commit, never a write of their own (relatime writes at most one per file \
+                 per change or day); use relatime (the default) or noatime"
+            ),
+            "defaults" | "suid" | "dev" | "exec" | "auto" | "noauto" | "nofail" | "user"
+            | "nouser" | "_netdev" => {}
             other => bail!(
-                "unknown mount option '{other}' (known: attr_timeout=S, entry_timeout=S, commit_interval=S, \
-                 allow_other, noallow_other, default_permissions, nodefault_permissions, threads=N, readahead_kb=N, async_dio, noasync_dio)"
+                "unknown mount option '{other}' (known: ro, rw, relatime, noatime, strictatime, \
+                 nodiratime, attr_timeout=S, entry_timeout=S, commit_interval=S, allow_other, \
+                 noallow_other, default_permissions, nodefault_permissions, threads=N, \
+                 readahead_kb=N, async_dio, noasync_dio)"
             ),
         }
     }
@@ -815,6 +923,16 @@ impl Mounted {
         if opts.default_permissions {
             mount_options.push(MountOption::DefaultPermissions);
         }
+        // The kernel refuses changes on a read-only mount itself (EROFS before a
+        // request is sent); the daemon refuses them too, should one arrive. And the
+        // mount shows its access-time mode (the kernel leaves FUSE atimes to the
+        // daemon either way).
+        if fs.options.read_only {
+            mount_options.push(MountOption::RO);
+        }
+        if fs.options.atime == crate::fs::atime::AtimeMode::NoAtime {
+            mount_options.push(MountOption::NoAtime);
+        }
         let mut config = Config::default();
         config.mount_options = mount_options;
         config.acl = if opts.allow_other {
@@ -884,23 +1002,60 @@ mod tests {
     #[test]
     fn readahead_option_is_parsed_and_bounded() {
         let mut opts = FuseOptions::default();
-        let mut interval = Duration::from_secs(5);
-        parse_options(&["readahead_kb=1024".into()], &mut opts, &mut interval).unwrap();
+        let mut mount = mount_options();
+        parse_options(&["readahead_kb=1024".into()], &mut opts, &mut mount).unwrap();
         assert_eq!(opts.readahead_kb, 1024);
-        parse_options(&["readahead_kb=0".into()], &mut opts, &mut interval).unwrap();
+        parse_options(&["readahead_kb=0".into()], &mut opts, &mut mount).unwrap();
         assert_eq!(opts.readahead_kb, 0);
-        assert!(parse_options(&["readahead_kb=x".into()], &mut opts, &mut interval).is_err());
-        assert!(parse_options(&["readahead_kb".into()], &mut opts, &mut interval).is_err());
+        assert!(parse_options(&["readahead_kb=x".into()], &mut opts, &mut mount).is_err());
+        assert!(parse_options(&["readahead_kb".into()], &mut opts, &mut mount).is_err());
     }
 
     #[test]
     fn async_dio_is_on_unless_turned_off() {
         let mut opts = FuseOptions::default();
-        let mut interval = Duration::from_secs(5);
+        let mut mount = mount_options();
         assert!(opts.async_dio);
-        parse_options(&["rw,noasync_dio".into()], &mut opts, &mut interval).unwrap();
+        parse_options(&["rw,noasync_dio".into()], &mut opts, &mut mount).unwrap();
         assert!(!opts.async_dio);
-        parse_options(&["async_dio".into()], &mut opts, &mut interval).unwrap();
+        parse_options(&["async_dio".into()], &mut opts, &mut mount).unwrap();
         assert!(opts.async_dio);
+    }
+
+    fn mount_options() -> crate::fs::MountOptions {
+        crate::fs::MountOptions::new(crate::cluster::HostUuid([1; 16]))
+    }
+
+    #[test]
+    fn ro_and_atime_options_reach_the_mount_options() {
+        use crate::fs::atime::AtimeMode;
+        let mut opts = FuseOptions::default();
+        let mut mount = mount_options();
+        assert!(!mount.read_only);
+        assert_eq!(mount.atime, AtimeMode::Relatime);
+        parse_options(
+            &["defaults,ro,noatime,_netdev".into()],
+            &mut opts,
+            &mut mount,
+        )
+        .unwrap();
+        assert!(mount.read_only);
+        assert_eq!(mount.atime, AtimeMode::NoAtime);
+        parse_options(
+            &["rw".into(), "strictatime,nodiratime".into()],
+            &mut opts,
+            &mut mount,
+        )
+        .unwrap();
+        assert!(!mount.read_only);
+        assert_eq!(mount.atime, AtimeMode::StrictAtime);
+        assert!(mount.nodiratime);
+        parse_options(&["relatime".into()], &mut opts, &mut mount).unwrap();
+        assert_eq!(mount.atime, AtimeMode::Relatime);
+        for refused in ["remount,ro", "lazytime", "bogus"] {
+            let err = parse_options(&[refused.into()], &mut opts, &mut mount).unwrap_err();
+            let first = refused.split(',').next().unwrap_or(refused);
+            assert!(err.to_string().contains(first), "{refused}: {err}");
+        }
     }
 }

@@ -42,5 +42,6 @@ pub mod inspect;
 pub mod journal;
 pub mod lun;
 pub mod mkfs;
+pub mod progress;
 pub mod sim;
 pub mod units;

@@ -242,12 +242,17 @@ fn stats(mountpoint: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// Logs to stderr at `default_level` unless RUST_LOG says otherwise.
+/// Logs to stderr at `default_level` unless RUST_LOG says otherwise, with fuser's own
+/// unmount messages only as errors: fuser warns when its session, dropped after
+/// `umount` ended it, finds the mount already gone ("Failed to umount filesystem:
+/// Invalid argument", "Unmount failed": the normal end of every mount), and this
+/// daemon reports a failed unmount of its own (signal thread, `Mounted`) itself.
 pub(crate) fn init_tracing(default_level: &str) {
+    let default_filter = format!("{default_level},fuser::session=error,fuser::mnt=error");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -513,7 +518,7 @@ fn mount_and_serve(
     };
     let host = host_uuid(host_id)?;
     let mut mount_opts = MountOptions::new(host);
-    parse_options(options, &mut fuse_opts, &mut mount_opts.commit_interval)?;
+    parse_options(options, &mut fuse_opts, &mut mount_opts)?;
     if !mountpoint.is_dir() {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
@@ -619,6 +624,10 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         "watching the slots in use for {} ms (lease + heartbeat interval) to tell live hosts from dead ones...",
         (lease + interval).as_millis()
     );
+    // The watch and the replays, as a spinner on a terminal (`atsfs::progress`).
+    let spinner = atsfs::progress::spinner(
+        "recovering: watching the slots, replaying journals {spinner} {elapsed}",
+    );
     let outcomes = recover_offline(
         session.lun().as_ref(),
         &geo,
@@ -628,7 +637,9 @@ fn recover(device: &Path, only: Option<u32>) -> Result<()> {
         interval,
         lease,
         clock.as_ref(),
-    )?;
+    );
+    spinner.finish_and_clear();
+    let outcomes = outcomes?;
     // Before the mount below, which claims a slot of its own.
     session.leave()?;
     let mut recovered = 0;

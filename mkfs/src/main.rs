@@ -15,7 +15,7 @@ use atsfs::mkfs::{
 };
 use atsfs::units::format_size;
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -384,14 +384,9 @@ impl Progress {
         if self.quiet || total < PROGRESS_AGS_MIN {
             return;
         }
+        // Drawn only when stderr is a terminal (`atsfs::progress`).
         let bar = self.bar.get_or_insert_with(|| {
-            let bar = ProgressBar::new(total);
-            if let Ok(style) =
-                ProgressStyle::with_template("writing allocation groups {bar:40} {pos}/{len}")
-            {
-                bar.set_style(style);
-            }
-            bar
+            atsfs::progress::bar(total, "writing allocation groups {bar:40} {pos}/{len}")
         });
         bar.set_position(done);
     }

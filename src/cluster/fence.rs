@@ -270,7 +270,7 @@ pub fn fence_key(
     pr.preempt(own, victim, true).with_context(|| {
         format!("fencing {whose} at the storage (removing its reservation key {victim})")
     })?;
-    tracing::warn!(key = %victim, "fenced {whose} at the storage");
+    tracing::info!(key = %victim, "fenced {whose} at the storage");
     Ok(())
 }
 
@@ -288,7 +288,7 @@ pub fn fence_dead(
         host_key(slot, generation),
         &format!("the dead host of slot {slot} (generation {generation})"),
     )?;
-    tracing::warn!(slot, generation, "fenced a dead host at the storage");
+    tracing::info!(slot, generation, "fenced a dead host at the storage");
     Ok(())
 }
 

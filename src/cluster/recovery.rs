@@ -39,7 +39,8 @@ pub(crate) struct Held {
 
 /// Watches every other slot marked in use by a host of another kernel (`boot_id`)
 /// for `lease + interval` on our own clock. Refuses when any of them moves: emulated
-/// ATS is atomic only within one kernel. Recovers the ones that do not move.
+/// ATS is atomic only within one kernel. Recovers the ones that do not move, when
+/// `recover` (a read-only host leaves them to a read-write one).
 #[allow(clippy::too_many_arguments)]
 pub fn settle_foreign_slots(
     lun: &dyn Lun,
@@ -50,6 +51,7 @@ pub fn settle_foreign_slots(
     interval: Duration,
     lease: Duration,
     clock: &dyn Clock,
+    recover: bool,
 ) -> Result<()> {
     let mut held = Vec::new();
     let my_boot = super::boot_id()?;
@@ -89,6 +91,13 @@ pub fn settle_foreign_slots(
                 );
             }
         }
+    }
+    if !recover {
+        tracing::info!(
+            slots = ?held.iter().map(|h| h.slot).collect::<Vec<_>>(),
+            "hosts of another kernel left these slots; a read-only host does not recover them"
+        );
+        return Ok(());
     }
     let timing = Timing {
         interval,
@@ -165,7 +174,7 @@ pub(crate) fn recover_slot(
         mark_recovered(lun, geo, h.slot, mark)
             .with_context(|| format!("marking slot {} as recovered", h.slot))?;
     }
-    tracing::warn!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
+    tracing::info!(slot = h.slot, host = %dead, "recovering {was}: replaying its journal");
     let mut hold = RecoveryHold::new(lun, geo, h.slot, claimed_raw, issued_ms, timing);
     hold.marks = marks.map(|m| (m, mark));
     let report = hold.replay(volume_uuid)?;

@@ -133,7 +133,7 @@ impl Core {
         match self.meta.need(ino, LockMode::Shared) {
             // A stale number whose block now holds something else has no lock record.
             Err(FsError::Corrupted(e)) => {
-                tracing::warn!("inode {ino}: {e}; treating the inode number as stale");
+                tracing::debug!("inode {ino}: {e}; treating the inode number as stale");
                 return Err(FsError::Errno(libc::ESTALE));
             }
             other => other?,

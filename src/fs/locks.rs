@@ -96,6 +96,20 @@ fn satisfies(held: LockMode, want: LockMode) -> bool {
 impl Meta {
     /// Takes `resource`'s lock in `mode` if this host does not hold it so already.
     pub fn need(&mut self, resource: BlockNo, mode: LockMode) -> FsResult<()> {
+        if self.read_only {
+            // A read-only host reads without locks (docs/locking.md, "Read-only
+            // hosts") and changes nothing.
+            // The sector is still read and checked as before a first acquire: a stale
+            // inode number's block may hold file data now (ESTALE, `Core::inode`).
+            return match mode {
+                LockMode::Shared => {
+                    let state =
+                        read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?;
+                    self.check_lock_sector(resource, &state)
+                }
+                LockMode::Exclusive | LockMode::MultiWriter => Err(FsError::Errno(libc::EROFS)),
+            };
+        }
         let mode = self.mode_to_take(resource, mode);
         let result = self.need_as(resource, mode);
         if mode == LockMode::Exclusive && matches!(result, Err(FsError::NeedLock { .. })) {
@@ -491,6 +505,11 @@ impl Meta {
     /// Records (or, with `add = false`, removes) this host's open of a file in its
     /// lock record. EBUSY when another live host's open conflicts.
     pub fn set_open(&mut self, resource: BlockNo, kind: OpenKind, add: bool) -> FsResult<()> {
+        if self.read_only {
+            // A read-only host's opens are its own business: they keep no inode alive
+            // on another host (docs/locking.md, "Read-only hosts").
+            return Ok(());
+        }
         let mut state = match self.locks.held.get(&resource) {
             Some((state, _)) => state.clone(),
             None => read_lock(self.lun.as_ref(), &self.geo, resource).map_err(lock_error)?,

@@ -283,6 +283,9 @@ pub struct Meta {
     pub epoch: u64,
     /// This host's lease: a failed commit fences it (`fail`).
     lease: Option<Arc<crate::cluster::Lease>>,
+    /// A read-only host: takes no lock (`need` of a shared lock reads without one,
+    /// anything else is EROFS), records no open, commits nothing.
+    pub read_only: bool,
 }
 
 impl Meta {
@@ -320,6 +323,7 @@ impl Meta {
             data_io: Arc::new(IoBarrier::default()),
             epoch: 0,
             lease: None,
+            read_only: false,
         }
     }
 
@@ -788,6 +792,13 @@ impl Meta {
         let flush_data = std::mem::take(&mut self.data_dirty);
         if group.is_empty() && !flush_data {
             return Ok(());
+        }
+        if self.read_only {
+            // Every change is refused before it reaches a transaction; one that got
+            // here anyway is a bug, and the host stops rather than write.
+            return Err(FsError::Failed(
+                "a read-only host tried to commit a change".into(),
+            ));
         }
         let lun = self.lun.clone();
         let span_max = self.span_max;

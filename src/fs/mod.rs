@@ -10,6 +10,7 @@
 //! `commit_interval`, when the transaction grows large, and at unmount.
 
 mod alloc;
+pub mod atime;
 pub(crate) mod dir;
 pub(crate) mod file;
 pub(crate) mod inode;
@@ -116,6 +117,10 @@ const LOCK_WAIT_MAX_MS: u64 = 60_000;
 /// is lost by both hosts. Measured: a cap of 100 ms gave two hosts creating in one
 /// directory 0.08x one host's rate, 8 ms gave 0.68x (`cargo xtask bench`).
 const BACKOFF_CAP_MS: u64 = 8;
+
+/// How often a read-only host reads an operation's structures again when one fails
+/// its checks (a write home in progress on another host) before it reports EIO.
+const READ_ONLY_RETRIES_MAX: u32 = 4;
 
 /// Everything a host's operations share, behind one lock.
 pub struct Core {
@@ -348,12 +353,21 @@ impl Fs {
     /// Runs an operation; when it needs a lock another host holds, rolls it back,
     /// asks the holder (or recovers it, if dead) outside the core lock, and retries.
     fn run<T>(&self, mutating: bool, mut op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        if mutating && self.options.read_only {
+            return Err(FsError::Errno(libc::EROFS));
+        }
         let clock = self.lease.clock().clone();
         let started = clock.now_ms();
+        let mut unsettled_reads = 0u32;
         for attempt in 0u32.. {
             self.lease.confirm()?;
             let (result, stale) = {
                 let mut core = self.core()?;
+                if self.options.read_only {
+                    // No lock tells a read-only host when another host changed what
+                    // it cached: every operation reads the disk afresh.
+                    core.meta.drop_cache();
+                }
                 self.yield_requested(&mut core)?;
                 core.meta.settle_if_done()?;
                 if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
@@ -370,6 +384,22 @@ impl Fs {
             // Before the caller replies: the kernel must not serve the old attributes
             // to the request that follows this one (see `invalidate_kernel`).
             self.invalidate_kernel(stale);
+            if self.options.read_only && matches!(result, Err(FsError::Corrupted(_))) {
+                // Read without a lock, a structure may be caught halfway through
+                // another host's write home: read it again a little later.
+                unsettled_reads += 1;
+                if unsettled_reads <= READ_ONLY_RETRIES_MAX {
+                    tracing::debug!(
+                        attempt,
+                        "read-only host: {result:?}; reading again",
+                        result = result.as_ref().err()
+                    );
+                    clock.sleep(std::time::Duration::from_millis(
+                        u64::from(unsettled_reads) * 5,
+                    ));
+                    continue;
+                }
+            }
             let Err(FsError::NeedLock {
                 resource,
                 mode,
@@ -530,18 +560,31 @@ impl Fs {
     /// file open, a read-only open while another host has it open for writing).
     /// Returns the attributes and whether the file is multi-writer (direct I/O).
     pub fn open(&self, ino: Ino, write: bool) -> FsResult<(Attr, bool)> {
-        self.write_on(&[ino], |c| c.open(ino, write))
+        if write && self.options.read_only {
+            return Err(FsError::Errno(libc::EROFS));
+        }
+        self.open_op(&[ino], |c| c.open(ino, write))
     }
 
     /// Opens a directory: like `open` for reading (the directory outlives its
     /// removal until the handle is released with `release`).
     pub fn opendir(&self, ino: Ino) -> FsResult<Attr> {
-        self.write_on(&[ino], |c| c.open_dir(ino))
+        self.open_op(&[ino], |c| c.open_dir(ino))
     }
 
     /// Drops an open handle; frees the inode if it was unlinked meanwhile.
     pub fn release(&self, ino: Ino, write: bool) -> FsResult<()> {
-        self.write(|c| c.release(ino, write))
+        self.open_op(&[], |c| c.release(ino, write))
+    }
+
+    /// Runs an open or a release: a change of the lock record (who has the file
+    /// open) on a read-write host, a read on a read-only one, which records nothing.
+    fn open_op<T>(&self, inos: &[Ino], op: impl FnMut(&mut Core) -> FsResult<T>) -> FsResult<T> {
+        if self.options.read_only {
+            self.read_on(inos, op)
+        } else {
+            self.write_on(inos, op)
+        }
     }
 
     /// Reads file data. The blocks are mapped under the core lock and read without
@@ -578,8 +621,9 @@ impl Fs {
         } else {
             (None, Vec::new())
         };
-        let (plan, epoch, lun, token, next) = self.read_on(&[ino], |c| {
+        let (plan, epoch, lun, token, next, atime_due) = self.read_on(&[ino], |c| {
             let plan = c.plan_read(ino, offset, size as usize)?;
+            let atime_due = self.atime_due(c, ino)?;
             let epoch = c.meta.epoch;
             let lun = c.meta.lun.clone();
             let mut next = Vec::new();
@@ -604,8 +648,11 @@ impl Fs {
                 }
             }
             let token = plan.needs_io().then(|| self.data_io.enter());
-            Ok((plan, epoch, lun, token, next))
+            Ok((plan, epoch, lun, token, next, atime_due))
         })?;
+        if atime_due {
+            self.touch_atime(ino);
+        }
         for next in next {
             self.readahead.start(next);
         }
@@ -633,6 +680,10 @@ impl Fs {
 
     /// Makes the file's data and all metadata committed so far durable.
     pub fn fsync(&self, _ino: Ino, _datasync: bool) -> FsResult<()> {
+        if self.options.read_only {
+            // Nothing of a read-only host waits to be written.
+            return self.read(|_| Ok(()));
+        }
         self.write(|c| c.meta.commit())
     }
 
@@ -671,7 +722,39 @@ impl Fs {
     /// `emit(ino, next_offset, dtype, name)` returns true when the caller's buffer is
     /// full.
     pub fn readdir(&self, ino: Ino, offset: u64, emit: &mut DirSink<'_>) -> FsResult<()> {
-        self.read_on(&[ino], |c| c.readdir(ino, offset, emit))
+        let atime_due = self.read_on(&[ino], |c| {
+            c.readdir(ino, offset, emit)?;
+            self.atime_due(c, ino)
+        })?;
+        if atime_due {
+            self.touch_atime(ino);
+        }
+        Ok(())
+    }
+
+    /// True when a read of `ino` must update its atime on this host (never on a
+    /// read-only one: that would be a write).
+    fn atime_due(&self, c: &mut Core, ino: Ino) -> FsResult<bool> {
+        if self.options.read_only {
+            return Ok(false);
+        }
+        c.atime_due(ino, self.options.atime, self.options.nodiratime)
+    }
+
+    /// Updates `ino`'s atime after a read (`fs::atime`): one inode image in the
+    /// running transaction, committed with the next periodic commit. It may wait for
+    /// the inode's lock like any change (with relatime, at most once per change of
+    /// the file or per day). A failure fails nothing: the read has its bytes.
+    fn touch_atime(&self, ino: Ino) {
+        let (mode, nodiratime) = (self.options.atime, self.options.nodiratime);
+        // Not a "mutating" run: the data a read-ahead holds stays valid.
+        let result = self.run(
+            false,
+            self.checked(&[ino], |c| c.touch_atime(ino, mode, nodiratime)),
+        );
+        if let Err(e) = result {
+            tracing::debug!(ino, "access time not updated: {e}");
+        }
     }
 
     pub fn statfs(&self) -> FsResult<StatFs> {
@@ -797,6 +880,8 @@ impl Fs {
 }
 
 #[cfg(test)]
+mod atime_tests;
+#[cfg(test)]
 mod ats_tests;
 #[cfg(test)]
 mod crash_tests;
@@ -806,6 +891,8 @@ mod fence_tests;
 mod node_tests;
 #[cfg(test)]
 mod paxos_mount_tests;
+#[cfg(test)]
+mod readonly_tests;
 #[cfg(test)]
 mod recovery_tests;
 #[cfg(test)]

@@ -22,6 +22,14 @@ pub struct MountOptions {
     /// How often the running transaction is committed when nobody calls fsync.
     pub commit_interval: Duration,
     pub clock: Arc<dyn Clock>,
+    /// A read-only host (`-o ro`): takes no lock, replays and recovers nothing, and
+    /// writes nothing but its own heartbeat sector; every change fails with EROFS
+    /// (docs/locking.md, "Read-only hosts").
+    pub read_only: bool,
+    /// When reads update the access time (`relatime`, `noatime`, `strictatime`).
+    pub atime: super::atime::AtimeMode,
+    /// Directories' access times are never updated (`nodiratime`).
+    pub nodiratime: bool,
 }
 
 impl MountOptions {
@@ -30,6 +38,9 @@ impl MountOptions {
             host_uuid,
             commit_interval: Duration::from_secs(1),
             clock: Arc::new(SystemClock::default()),
+            read_only: false,
+            atime: super::atime::AtimeMode::default(),
+            nodiratime: false,
         }
     }
 }
@@ -115,6 +126,9 @@ impl Fs {
     /// Mounts the volume on `lun` as one host: claims a heartbeat slot, replays this
     /// slot's journal, and starts the heartbeat and the background committer.
     pub fn mount(lun: Arc<dyn Lun>, options: MountOptions) -> Result<Arc<Fs>> {
+        if options.read_only {
+            return Fs::mount_read_only(lun, options);
+        }
         let sb = read_superblock(lun.as_ref())?;
         let disk_paxos = sb.ats_mode == crate::format::ATS_MODE_DISK_PAXOS;
         // Before anything is written or any lock taken: one kind of ATS per volume.
@@ -227,6 +241,7 @@ impl Fs {
                     interval,
                     lease_time,
                     options.clock.as_ref(),
+                    true,
                 );
                 settled?;
             }
@@ -253,32 +268,9 @@ impl Fs {
                 open_counts: HashMap::new(),
                 last_generation: 0,
             };
-            let data_io = core.meta.data_io.clone();
-            let mailbox = super::MailboxRef {
-                lun: core.meta.lun.clone(),
-                geo: core.meta.geo,
-                slot: core.meta.node.me.slot,
-            };
-            let fs = Arc::new(Fs {
-                core: Mutex::new(core),
-                data_io,
-                readahead: Default::default(),
-                io_counters,
-                root,
-                lease,
-                membership: Mutex::new(membership.take()),
-                orphans_pending: Mutex::new(Vec::new()),
-                mailbox,
-                yield_wanted: Mutex::new(Vec::new()),
-                options,
-                nodes: Default::default(),
-                kernel_cache: Default::default(),
-            });
+            let fs = Fs::assemble(core, io_counters, lease, membership.take(), options);
             spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
-            if let Err(e) = fs.getattr(root) {
-                let _ = fs.unmount();
-                bail!("the root directory (inode {root}) is unreadable: {e}");
-            }
+            fs.check_root()?;
             fs.reclaim_orphans_at_mount();
             Ok(fs)
         })();
@@ -294,8 +286,162 @@ impl Fs {
         mounted
     }
 
+    /// The mounted host around its core.
+    fn assemble(
+        core: Core,
+        io_counters: Arc<crate::lun::IoCounters>,
+        lease: Arc<Lease>,
+        membership: Option<Membership>,
+        options: MountOptions,
+    ) -> Arc<Fs> {
+        let data_io = core.meta.data_io.clone();
+        let mailbox = super::MailboxRef {
+            lun: core.meta.lun.clone(),
+            geo: core.meta.geo,
+            slot: core.meta.node.me.slot,
+        };
+        let root = core.sb.root_ino;
+        Arc::new(Fs {
+            core: Mutex::new(core),
+            data_io,
+            readahead: Default::default(),
+            io_counters,
+            root,
+            lease,
+            membership: Mutex::new(membership),
+            orphans_pending: Mutex::new(Vec::new()),
+            mailbox,
+            yield_wanted: Mutex::new(Vec::new()),
+            options,
+            nodes: Default::default(),
+            kernel_cache: Default::default(),
+        })
+    }
+
+    /// Unmounts again unless the root directory can be read.
+    fn check_root(&self) -> Result<()> {
+        let root = self.root;
+        if let Err(e) = self.getattr(root) {
+            let _ = self.unmount();
+            bail!("the root directory (inode {root}) is unreadable: {e}");
+        }
+        Ok(())
+    }
+
+    /// Mounts as a read-only host (docs/locking.md, "Read-only hosts"): claims a
+    /// heartbeat slot, so that other hosts and the tools know the volume is in use,
+    /// and from then on writes nothing but that slot's heartbeat sector. It takes no
+    /// lock, replays no journal (its own slot is taken back after a crash only if its
+    /// journal holds nothing to replay), recovers no dead host, and sees the device
+    /// through a `ReadOnlyLun`, so a path that would write fails with EROFS instead.
+    fn mount_read_only(lun: Arc<dyn Lun>, options: MountOptions) -> Result<Arc<Fs>> {
+        let sb = read_superblock(lun.as_ref())?;
+        // As for a read-write host (`mount`): on a Disk Paxos volume the token LUN
+        // built after the claim is checked instead of the device. A read-only host
+        // never takes the token (it takes no lock), so it writes no dblock either: its
+        // own heartbeat is renewed without the token.
+        if sb.ats_mode != crate::format::ATS_MODE_DISK_PAXOS {
+            check_ats_mode(lun.as_ref(), &sb)?;
+        }
+        // Where the storage fences, only registrants may write: the heartbeat too.
+        let fencing = fence::join(lun.as_ref())?;
+        let geo = Geometry::from_superblock(&sb);
+        let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
+        let lease_time = Duration::from_millis(u64::from(sb.lease_ms));
+        let claim = claim_slot(
+            paxos::claim_lun(&lun, &sb, &options.clock).as_ref(),
+            &geo,
+            options.host_uuid,
+            interval,
+            lease_time,
+            options.clock.as_ref(),
+        )?;
+        let slot = claim.slot;
+        let after_crash = claim.after_crash;
+        let lease = Arc::new(Lease::for_claim(
+            options.clock.clone(),
+            &claim,
+            lease_time,
+            interval,
+        ));
+        let lun = paxos::mounted_lun(lun, &sb, &claim, &options.clock, &lease);
+        check_ats_mode(lun.as_ref(), &sb)?;
+        let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
+        let io_counters = guarded_lun.counters().clone();
+        let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
+        let mut membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
+        let mut fencing = fencing;
+        if after_crash {
+            check_nothing_to_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)?;
+            fence::fence_dead(lun.as_ref(), fencing.key(), slot, membership.generation)?;
+            fencing = fence::become_host(lun.as_ref(), &fencing, slot, membership.generation)?;
+            membership.go_live()?;
+        }
+        let fencing = fence::become_host(guarded.as_ref(), &fencing, slot, membership.generation)?;
+        tracing::info!(
+            slot,
+            generation = membership.generation,
+            "mounted read-only: writes only its heartbeat ({fencing})"
+        );
+        let reader: Arc<dyn Lun> = Arc::new(crate::lun::ReadOnlyLun::new(guarded));
+        let me = Holder {
+            uuid: options.host_uuid,
+            slot,
+            generation: membership.generation,
+        };
+        let mut node = Node::new(
+            reader.clone(),
+            geo,
+            sb.volume_uuid,
+            me,
+            options.clock.clone(),
+            interval,
+            lease_time,
+        );
+        node.fence_key = fencing.key();
+        let node = Arc::new(node);
+        node.refresh()?;
+        if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
+            settle_foreign_slots(
+                reader.as_ref(),
+                &geo,
+                sb.volume_uuid,
+                slot,
+                options.host_uuid,
+                interval,
+                lease_time,
+                options.clock.as_ref(),
+                false,
+            )?;
+        }
+        let journal = Journal::open_read_only(reader.as_ref(), &geo, slot, sb.volume_uuid)
+            .with_context(|| format!("reading the journal header of slot {slot}"))?;
+        let mut meta = Meta::new(reader, geo, sb.volume_uuid, journal, node);
+        meta.set_lease(lease.clone());
+        meta.read_only = true;
+        meta.locks.root = sb.root_ino;
+        let core = Core {
+            meta,
+            sb,
+            open_counts: HashMap::new(),
+            last_generation: 0,
+        };
+        let fs = Fs::assemble(core, io_counters, lease, Some(membership), options);
+        spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
+        fs.check_root()?;
+        Ok(fs)
+    }
+
     /// Commits everything, marks the journal empty and frees the heartbeat slot.
+    /// A read-only host only frees its slot.
     pub fn unmount(&self) -> Result<()> {
+        if self.options.read_only {
+            let membership = self.membership.lock().ok().and_then(|mut m| m.take());
+            return match membership {
+                Some(m) => m.release().context("releasing the heartbeat slot"),
+                None => Ok(()),
+            };
+        }
         let sync_result = self
             .core
             .lock()
@@ -327,6 +473,7 @@ impl Fs {
 /// "watch" re-reads the other slots and recovers dead ones (every heartbeat
 /// interval). The heartbeat has a thread of its own (`Membership`).
 fn spawn_service(fs: Weak<Fs>, commit_interval: Duration, interval: Duration) {
+    let read_only = fs.upgrade().is_some_and(|fs| fs.options.read_only);
     let watched = fs.clone();
     let spawned = std::thread::Builder::new()
         .name("cluster".into())
@@ -335,6 +482,10 @@ fn spawn_service(fs: Weak<Fs>, commit_interval: Duration, interval: Duration) {
         tracing::warn!(
             "no background service thread ({e}): other hosts cannot get locks from this one"
         );
+    }
+    if read_only {
+        // A read-only host recovers nobody: that writes.
+        return;
     }
     let spawned = std::thread::Builder::new()
         .name("watch".into())
@@ -361,6 +512,10 @@ fn serve(fs: Weak<Fs>, commit_interval: Duration) {
             fs.drop_kernel_caches();
             return;
         }
+        if fs.options.read_only {
+            // No locks to give up, nothing to commit: only the lease to watch.
+            continue;
+        }
         if let Err(e) = fs.serve_mailbox() {
             tracing::warn!("serving lock requests: {e}");
         }
@@ -385,6 +540,29 @@ fn watch(fs: Weak<Fs>, interval: Duration) {
             tracing::warn!("watching the other hosts: {e:#}");
         }
     }
+}
+
+/// Refuses to take back this host's own slot of a crashed life as a read-only host
+/// when its journal holds transactions: replaying them writes, and leaving them
+/// would let the slot's new life (and its new generation) pass for recovered.
+fn check_nothing_to_replay(
+    lun: &dyn Lun,
+    geo: &Geometry,
+    slot: u32,
+    volume_uuid: [u8; 16],
+) -> Result<()> {
+    let pending = crate::journal::pending_transactions(lun, geo, slot, volume_uuid)
+        .with_context(|| format!("reading the journal of slot {slot}"))?;
+    if !pending.is_empty() {
+        bail!(
+            "this host's slot {slot} holds a crashed read-write mount whose journal has {} \
+             transaction(s) to replay, and a read-only mount writes nothing: mount read-write \
+             once (or wait for a read-write host to recover the slot, one lease after this \
+             attempt), then mount read-only",
+            pending.len()
+        );
+    }
+    Ok(())
 }
 
 impl Fs {
@@ -437,7 +615,7 @@ impl Fs {
             .clone();
         node.refresh()?;
         for slot in node.recover_all_dead() {
-            tracing::warn!(slot, "recovered a dead host");
+            tracing::info!(slot, "recovered a dead host");
             self.reclaim_orphans(slot);
         }
         self.reclaim_pending_orphans();

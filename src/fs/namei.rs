@@ -310,7 +310,13 @@ impl Core {
         }
         let me = self.meta.node.me.slot;
         let listed = inode.orphan_slots & (1u64 << me) != 0;
-        if inode.nlink == 0 && !listed && !is_dir(&inode) && self.meta.geo.orphan_start != 0 {
+        // (A read-only host lists nothing: its opens keep nothing alive.)
+        if inode.nlink == 0
+            && !listed
+            && !is_dir(&inode)
+            && self.meta.geo.orphan_start != 0
+            && !self.meta.read_only
+        {
             // Opened again after its last link went: list it for this host too.
             let mut inode = inode;
             self.orphan_add(&mut inode, me)?;
@@ -342,7 +348,7 @@ impl Core {
             }
         }
         if after.total() == 0 {
-            if let Some(inode) = inode.filter(|i| i.nlink == 0) {
+            if let Some(inode) = inode.filter(|i| i.nlink == 0 && !self.meta.read_only) {
                 self.last_close_of_unlinked(inode)?;
             }
             self.open_counts.remove(&ino);

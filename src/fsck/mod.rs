@@ -60,8 +60,7 @@ pub use report::{Counts, FsckReport, Problem, ProblemKind};
 use crate::format::{get_str, BlockNo, LockRecord, OnDisk, LOCK_FREE};
 use crate::lun::Lun;
 use anyhow::Result;
-use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use indicatif::ProgressBar;
 
 /// Volumes with at least this many allocation groups (8 GiB) get a progress bar
 /// when stderr is a terminal.
@@ -108,7 +107,7 @@ pub(crate) fn check_with(lun: &dyn Lun, options: Options) -> Result<FsckReport> 
     slots::check_heartbeats(&mut vol, &mut report)?;
     slots::check_journals(&mut vol, &mut report, options.replay_journals)?;
 
-    let show = std::io::stderr().is_terminal() && vol.geo.ag_count >= PROGRESS_GROUPS_MIN;
+    let show = crate::progress::shown() && vol.geo.ag_count >= PROGRESS_GROUPS_MIN;
     let bar = progress(show, Some(vol.geo.ag_count), "allocation groups");
     let groups = groups::check_groups(&mut vol, &mut report, &bar)?;
     bar.finish_and_clear();
@@ -123,21 +122,16 @@ pub(crate) fn check_with(lun: &dyn Lun, options: Options) -> Result<FsckReport> 
     Ok(report)
 }
 
-/// A progress bar (a spinner without `len`), or a hidden one.
+/// A progress bar (a spinner without `len`), or a hidden one (`crate::progress`:
+/// only on a terminal).
 fn progress(show: bool, len: Option<u64>, what: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
-    let (bar, template) = match len {
-        Some(len) => (
-            ProgressBar::new(len),
-            "checking {msg} {wide_bar} {pos}/{len}",
-        ),
-        None => (ProgressBar::new_spinner(), "checking {msg} {spinner} {pos}"),
+    let bar = match len {
+        Some(len) => crate::progress::bar(len, "checking {msg} {wide_bar} {pos}/{len}"),
+        None => crate::progress::spinner("checking {msg} {spinner} {pos}"),
     };
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        bar.set_style(style);
-    }
     bar.set_message(what.to_owned());
     bar
 }

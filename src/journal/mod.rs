@@ -133,6 +133,32 @@ impl Journal {
         Ok((journal, report))
     }
 
+    /// Opens a slot's journal as it is, writing nothing: for a read-only host, whose
+    /// journal must stay as the slot's last life left it (empty, checked by the
+    /// caller) and which never commits. A commit through it would write under the
+    /// old life's nonce; `Meta` refuses to commit on a read-only host.
+    pub fn open_read_only(
+        lun: &dyn Lun,
+        geo: &Geometry,
+        slot: u32,
+        volume_uuid: [u8; 16],
+    ) -> Result<Journal, JournalError> {
+        let start = geo.journal_of(slot);
+        let header = read_header(lun, start)?;
+        Ok(Journal {
+            slot,
+            geo: *geo,
+            start,
+            blocks: geo.journal_blocks,
+            volume_uuid,
+            nonce: header.nonce,
+            head: header.tail_block,
+            next_seq: header.tail_seq,
+            tail: header.tail_block,
+            tail_seq: header.tail_seq,
+        })
+    }
+
     /// Replays committed transactions from the tail, in order. Idempotent.
     fn replay(&mut self, lun: &dyn Lun) -> Result<ReplayReport, JournalError> {
         let mut report = ReplayReport::default();

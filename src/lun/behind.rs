@@ -278,6 +278,11 @@ fn duplicate(e: &LunError) -> LunError {
                 None => io::Error::new(source.kind(), source.to_string()),
             },
         },
+        LunError::ReadOnly { device, op, offset } => LunError::ReadOnly {
+            device: device.clone(),
+            op,
+            offset: *offset,
+        },
         LunError::Misaligned {
             op,
             offset,

@@ -23,6 +23,7 @@ mod iscsi;
 mod mem;
 mod open;
 mod pr_emu;
+mod readonly;
 pub mod reservations;
 pub mod scsi;
 mod sg;
@@ -36,6 +37,7 @@ pub use iscsi::IscsiTransport;
 pub use mem::MemLun;
 pub use open::{device_kind, display_name, open_device, DeviceKind, PlainDisk, ATS_EMULATION_ENV};
 pub use pr_emu::{PrDevice, PrSession};
+pub use readonly::ReadOnlyLun;
 pub use reservations::{
     Reservation, ReservationCapabilities, ReservationKey, ReservationType, Reservations,
 };
@@ -210,6 +212,13 @@ pub enum LunError {
     /// SCSI device, a bad URL).
     #[error("cannot open {device}: {detail}")]
     Open { device: String, detail: String },
+    /// A write through the read-only view of a read-only host (`ReadOnlyLun`).
+    #[error("{device} is mounted read-only here: no {op} (at byte {offset})")]
+    ReadOnly {
+        device: String,
+        op: &'static str,
+        offset: u64,
+    },
 }
 
 impl LunError {
@@ -223,6 +232,7 @@ impl LunError {
             LunError::Scsi { .. } | LunError::Transport { .. } => libc::EIO,
             LunError::NoCompareAndWrite { .. } => libc::EOPNOTSUPP,
             LunError::Open { .. } => libc::ENODEV,
+            LunError::ReadOnly { .. } => libc::EROFS,
         }
     }
 }

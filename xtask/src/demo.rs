@@ -4,9 +4,12 @@
 //! The demo is a list of steps over a `Demo` (the temporary directory, the image,
 //! the hosts): hosts A and B mount one volume at once and share it; A crashes
 //! (`kill -9`) with a file open for writing, B recovers A's journal and takes the
-//! file over after the lease; A comes back and sees everything; fsck is clean. The
-//! volume is what `mkfs.atsfs` makes on an image file by default (Disk Paxos);
-//! `--ats emulated` shows the one-kernel emulation instead.
+//! file over after the lease; A comes back and sees everything; fsck is clean.
+//! Host C mounts read-only next to them for a look. At the end no daemon log may
+//! hold a WARN or ERROR line: in a run where nothing is wrong, an administrator has
+//! nothing to act on (a crash the survivor recovers is logged at INFO). The volume
+//! is what `mkfs.atsfs` makes on an image file by default (Disk Paxos); `--ats
+//! emulated` shows the one-kernel emulation instead.
 
 use crate::mount::{Host, Mounted};
 use crate::sh::{self, Cmd};
@@ -16,6 +19,7 @@ use std::path::{Path, PathBuf};
 /// Fixed host UUIDs, so that the printed commands are the same every run.
 const HOST_A_ID: &str = "a0a0a0a0-0000-4000-8000-00000000000a";
 const HOST_B_ID: &str = "b0b0b0b0-0000-4000-8000-00000000000b";
+const HOST_C_ID: &str = "c0c0c0c0-0000-4000-8000-00000000000c";
 
 #[derive(clap::Args)]
 pub struct DemoArgs {
@@ -120,7 +124,18 @@ fn two_hosts(demo: &Demo) -> Result<()> {
     sh::heading("Host B mounts the same volume at the same time and reads A's files");
     let mount_b = host_b.mount(&demo.atsfs, &demo.image)?;
     check_sample(&mount_b, &demo.sums())?;
+
+    let host_c = demo.host("C", HOST_C_ID);
+    sh::heading("Host C mounts it read-only: it reads, takes no lock, and may write nothing");
+    let mount_c = host_c.mount_with(&demo.atsfs, &demo.image, Some("ro"))?;
+    let c = sh::quote(mount_c.path().as_os_str());
+    Cmd::shell(&format!(
+        "cat {c}/hello.txt; grep ' {c} ' /proc/mounts; \
+         touch {c}/new-file || echo '(refused: read-only file system)'"
+    ))
+    .run()?;
     status(demo)?;
+    mount_c.unmount()?;
 
     sh::heading("Both hosts create files in one directory at once; both see all of them");
     let (a, b) = (
@@ -169,7 +184,44 @@ fn two_hosts(demo: &Demo) -> Result<()> {
     mount_b.unmount()?;
 
     sh::heading("Checking the volume (fsck: 0 clean, 4 errors found, 8 could not check)");
-    fsck(demo)
+    fsck(demo)?;
+    sh::heading("Checking the daemon logs: no WARN or ERROR line in a normal run");
+    quiet_logs(&[&host_a, &host_b, &host_c])
+}
+
+/// Fails when a daemon log holds a WARN or ERROR line: each must be something an
+/// administrator acts on, and nothing in the demo is wrong.
+fn quiet_logs(hosts: &[&Host]) -> Result<()> {
+    let mut loud = Vec::new();
+    for host in hosts {
+        let text = std::fs::read_to_string(&host.log)
+            .with_context(|| format!("reading {}", host.log.display()))?;
+        loud.extend(
+            warnings(&text)
+                .into_iter()
+                .map(|line| format!("{}: {line}", host.log.display())),
+        );
+    }
+    if !loud.is_empty() {
+        bail!(
+            "{} WARN/ERROR line(s) in the daemon logs of a normal run (demote them, or fix \
+             what they report):\n{}",
+            loud.len(),
+            loud.join("\n")
+        );
+    }
+    println!("no WARN or ERROR line in {} daemon logs", hosts.len());
+    Ok(())
+}
+
+/// The WARN and ERROR lines of a daemon log (tracing's format: time, level, ...).
+fn warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|line| {
+            let level = line.split_whitespace().nth(1).unwrap_or("");
+            level == "WARN" || level == "ERROR" || line.contains("panicked")
+        })
+        .collect()
 }
 
 /// `atsfs status`, when this build has it.
@@ -231,5 +283,25 @@ fn fsck(demo: &Demo) -> Result<()> {
         Some(4) => bail!("atsfs fsck found errors on the volume (exit 4)"),
         Some(8) => bail!("atsfs fsck could not check the volume (exit 8)"),
         _ => bail!("atsfs fsck failed ({status})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn warnings_are_the_warn_and_error_lines() {
+        let log = "\
+2026-12-06T02:12:08.978Z  INFO atsfs: joined the volume slot=1
+2026-12-06T02:12:09.001Z  WARN atsfs::fs::mount: something to act on
+2026-12-06T02:12:09.002Z DEBUG atsfs: a WARN inside a message is no warning
+2026-12-06T02:12:09.003Z ERROR atsfs::fs::meta: commit failed
+";
+        assert_eq!(
+            super::warnings(log),
+            vec![
+                "2026-12-06T02:12:09.001Z  WARN atsfs::fs::mount: something to act on",
+                "2026-12-06T02:12:09.003Z ERROR atsfs::fs::meta: commit failed",
+            ]
+        );
     }
 }

@@ -40,18 +40,29 @@ impl Host {
     /// Mounts `image` with `atsfs` (a program name or path) in background mode; it
     /// returns once the mount is live.
     pub fn mount(&self, atsfs: &Path, image: &Path) -> Result<Mounted<'_>> {
+        self.mount_with(atsfs, image, None)
+    }
+
+    /// `mount`, with `-o OPTIONS` when given.
+    pub fn mount_with(
+        &self,
+        atsfs: &Path,
+        image: &Path,
+        options: Option<&str>,
+    ) -> Result<Mounted<'_>> {
         if !self.mountpoint.is_dir() {
             Cmd::new("mkdir").arg("-p").arg(&self.mountpoint).run()?;
         }
-        let status = Cmd::new(atsfs)
+        let mut command = Cmd::new(atsfs)
             .arg("mount")
             .arg("--host-id")
             .arg(&self.host_id)
             .arg("--log")
-            .arg(&self.log)
-            .arg(image)
-            .arg(&self.mountpoint)
-            .status()?;
+            .arg(&self.log);
+        if let Some(options) = options {
+            command = command.arg("-o").arg(options);
+        }
+        let status = command.arg(image).arg(&self.mountpoint).status()?;
         if !status.success() {
             bail!(
                 "host {}: atsfs mount failed ({status}); its log {}:\n{}",

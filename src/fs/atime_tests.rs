@@ -1,0 +1,131 @@
+//! Access times through the fs core, one mount per mode (`fs::atime`).
+
+use super::atime::AtimeMode;
+use super::tests::fresh_volume;
+use super::*;
+use crate::cluster::HostUuid;
+use crate::lun::{Lun, MemLun};
+use std::time::{Duration, SystemTime};
+
+const REG: u32 = libc::S_IFREG | 0o644;
+
+fn mount_with(lun: &Arc<MemLun>, atime: AtimeMode, nodiratime: bool) -> Arc<Fs> {
+    let mut options = MountOptions::new(HostUuid([1; 16]));
+    options.atime = atime;
+    options.nodiratime = nodiratime;
+    let shared: Arc<dyn Lun> = lun.clone();
+    Fs::mount(shared, options).expect("mount")
+}
+
+fn atime(fs: &Fs, ino: Ino) -> SystemTime {
+    fs.getattr(ino).expect("getattr").atime
+}
+
+/// Sets atime and mtime (ctime becomes now, as utimes does).
+fn set_times(fs: &Fs, ino: Ino, atime: SystemTime, mtime: SystemTime) {
+    let set = SetAttr {
+        atime: Some(SetTime::At(atime)),
+        mtime: Some(SetTime::At(mtime)),
+        ..Default::default()
+    };
+    fs.setattr(ino, &set).expect("setattr");
+}
+
+fn ago(secs: u64) -> SystemTime {
+    SystemTime::now() - Duration::from_secs(secs)
+}
+
+fn list(fs: &Fs, dir: Ino) {
+    fs.readdir(dir, 0, &mut |_, _, _, _| false)
+        .expect("readdir");
+}
+
+/// A new file in the root with four bytes of data.
+fn file_with_data(fs: &Fs, name: &[u8]) -> Ino {
+    let f = fs.mknod(fs.root(), name, REG, 0, 0, 0).expect("create");
+    fs.write_data(f.ino, 0, b"data").expect("write");
+    f.ino
+}
+
+#[test]
+fn relatime_updates_once_after_each_change_and_after_a_day() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount_with(&lun, AtimeMode::Relatime, false);
+    let f = file_with_data(&fs, b"f");
+    // Just written: mtime >= atime, so the first read updates the atime.
+    let before = atime(&fs, f);
+    fs.read_data(f, 0, 4).expect("read");
+    let first = atime(&fs, f);
+    assert!(first > before, "{first:?} <= {before:?}");
+    // Newer than the mtime and the ctime, less than a day old: reads leave it.
+    std::thread::sleep(Duration::from_millis(5));
+    fs.read_data(f, 0, 4).expect("read");
+    assert_eq!(atime(&fs, f), first);
+    // A write moves the mtime past it: the next read updates it once.
+    std::thread::sleep(Duration::from_millis(5));
+    fs.write_data(f, 0, b"DATA").expect("write");
+    fs.read_data(f, 0, 4).expect("read");
+    let after_write = atime(&fs, f);
+    assert!(after_write > first);
+    fs.read_data(f, 0, 4).expect("read");
+    assert_eq!(atime(&fs, f), after_write);
+    // Older than a day (set so; the ctime is now, after it): updated. An atime newer
+    // than the ctime but older than a day cannot be made with utimes, which moves
+    // the ctime to now; `AtimeMode::due`'s own tests cover that rule alone.
+    set_times(&fs, f, ago(2 * 86400), ago(3 * 86400));
+    fs.read_data(f, 0, 4).expect("read");
+    assert!(atime(&fs, f) > ago(60));
+    // Directories too, when listed.
+    let d = fs.mkdir(fs.root(), b"d", 0o755, 0, 0).expect("mkdir").ino;
+    let before = atime(&fs, d);
+    std::thread::sleep(Duration::from_millis(5));
+    list(&fs, d);
+    assert!(atime(&fs, d) > before);
+    // Committed like any change: still there after a remount.
+    let kept = atime(&fs, f);
+    fs.unmount().expect("unmount");
+    drop(fs);
+    let fs = mount_with(&lun, AtimeMode::Relatime, false);
+    assert_eq!(atime(&fs, f), kept);
+}
+
+#[test]
+fn noatime_never_updates() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount_with(&lun, AtimeMode::NoAtime, false);
+    let f = file_with_data(&fs, b"f");
+    set_times(&fs, f, ago(2 * 86400), ago(3 * 86400));
+    let before = atime(&fs, f);
+    fs.read_data(f, 0, 4).expect("read");
+    list(&fs, fs.root());
+    assert_eq!(atime(&fs, f), before);
+    let d = fs.mkdir(fs.root(), b"d", 0o755, 0, 0).expect("mkdir").ino;
+    let before = atime(&fs, d);
+    list(&fs, d);
+    assert_eq!(atime(&fs, d), before);
+}
+
+#[test]
+fn strictatime_updates_on_every_read_and_nodiratime_spares_directories() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount_with(&lun, AtimeMode::StrictAtime, true);
+    let f = file_with_data(&fs, b"f");
+    let mut last = atime(&fs, f);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(5));
+        fs.read_data(f, 0, 4).expect("read");
+        let now = atime(&fs, f);
+        assert!(now > last, "{now:?} <= {last:?}");
+        last = now;
+    }
+    let d = fs.mkdir(fs.root(), b"d", 0o755, 0, 0).expect("mkdir").ino;
+    let before = atime(&fs, d);
+    std::thread::sleep(Duration::from_millis(5));
+    list(&fs, d);
+    assert_eq!(atime(&fs, d), before, "nodiratime");
+    // An atime update is no transaction of its own: nothing was committed by the
+    // reads (the periodic commit writes them later).
+    let commits = fs.host_stats().expect("stats").commits;
+    fs.read_data(f, 0, 4).expect("read");
+    assert_eq!(fs.host_stats().expect("stats").commits, commits);
+}
