@@ -69,6 +69,11 @@ pub struct FuseOptions {
     /// requests submitted together (libaio, io_uring) reach the daemon together;
     /// one-at-a-time O_DIRECT requests then go through the kernel's background queue.
     pub async_dio: bool,
+    /// The kernel's per-mount flags of the same names (`nosuid`, `nodev`, `noexec`,
+    /// and their opposites, the defaults), as on any filesystem.
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
 }
 
 impl Default for FuseOptions {
@@ -82,6 +87,9 @@ impl Default for FuseOptions {
             fsname: "atsfs".into(),
             readahead_kb: READAHEAD_KB_DEFAULT,
             async_dio: true,
+            nosuid: false,
+            nodev: false,
+            noexec: false,
         }
     }
 }
@@ -799,11 +807,22 @@ pub fn parse_options(
                  commit, never a write of their own (relatime writes at most one per file \
                  per change or day); use relatime (the default) or noatime"
             ),
-            "defaults" | "suid" | "dev" | "exec" | "auto" | "noauto" | "nofail" | "user"
-            | "nouser" | "_netdev" => {}
+            "nosuid" => opts.nosuid = true,
+            "suid" => opts.nosuid = false,
+            "nodev" => opts.nodev = true,
+            "dev" => opts.nodev = false,
+            "noexec" => opts.noexec = true,
+            "exec" => opts.noexec = false,
+            "sync" | "dirsync" => bail!(
+                "{key} is not supported: atsfs commits every commit_interval and on fsync; \
+                 use fsync (or open with O_SYNC / O_DSYNC) where a write must be durable at \
+                 once, or a shorter commit_interval=S"
+            ),
+            "defaults" | "async" | "auto" | "noauto" | "nofail" | "user" | "nouser"
+            | "_netdev" => {}
             other => bail!(
                 "unknown mount option '{other}' (known: ro, rw, relatime, noatime, strictatime, \
-                 nodiratime, attr_timeout=S, entry_timeout=S, commit_interval=S, allow_other, \
+                 nodiratime, nosuid, nodev, noexec, attr_timeout=S, entry_timeout=S, commit_interval=S, allow_other, \
                  noallow_other, default_permissions, nodefault_permissions, threads=N, \
                  readahead_kb=N, async_dio, noasync_dio)"
             ),
@@ -917,8 +936,21 @@ impl Mounted {
             // kernel as a mount parameter, which it takes since Linux 5.4 (and
             // fusermount3, for a non-root mount, reads it as its own subtype option).
             MountOption::CUSTOM("subtype=atsfs".into()),
-            MountOption::Dev,
-            MountOption::Suid,
+            if opts.nodev {
+                MountOption::NoDev
+            } else {
+                MountOption::Dev
+            },
+            if opts.nosuid {
+                MountOption::NoSuid
+            } else {
+                MountOption::Suid
+            },
+            if opts.noexec {
+                MountOption::NoExec
+            } else {
+                MountOption::Exec
+            },
         ];
         if opts.default_permissions {
             mount_options.push(MountOption::DefaultPermissions);
@@ -1020,6 +1052,21 @@ mod tests {
         assert!(!opts.async_dio);
         parse_options(&["async_dio".into()], &mut opts, &mut mount).unwrap();
         assert!(opts.async_dio);
+    }
+
+    #[test]
+    fn kernel_flags_are_parsed_and_sync_is_refused_with_a_reason() {
+        let mut opts = FuseOptions::default();
+        let mut mount = mount_options();
+        assert!(!opts.nosuid && !opts.nodev && !opts.noexec);
+        parse_options(&["nosuid,nodev,noexec,async".into()], &mut opts, &mut mount).unwrap();
+        assert!(opts.nosuid && opts.nodev && opts.noexec);
+        parse_options(&["suid,dev,exec".into()], &mut opts, &mut mount).unwrap();
+        assert!(!opts.nosuid && !opts.nodev && !opts.noexec);
+        for refused in ["sync", "dirsync"] {
+            let e = parse_options(&[refused.into()], &mut opts, &mut mount).unwrap_err();
+            assert!(e.to_string().contains("fsync"), "{refused}: {e}");
+        }
     }
 
     fn mount_options() -> crate::fs::MountOptions {

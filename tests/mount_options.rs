@@ -42,7 +42,7 @@ fn read_only_host_reads_a_writers_files_and_refuses_every_change() {
     drop(file);
 
     let ro = MountSpec::in_scratch(&scratch, &image, "ro")
-        .mount_with_options("ro,attr_timeout=0,entry_timeout=0");
+        .mount_with_options("ro,nosuid,nodev,noexec,attr_timeout=0,entry_timeout=0");
     let mounts = fs::read_to_string("/proc/self/mounts").expect("mounts");
     let line = mounts
         .lines()
@@ -52,6 +52,11 @@ fn read_only_host_reads_a_writers_files_and_refuses_every_change() {
         line.split(' ').nth(3).is_some_and(|o| o.starts_with("ro,")),
         "{line}"
     );
+    // The kernel's own per-mount flags, as fstab lines often ask for them.
+    let flags: Vec<&str> = line.split(' ').nth(3).unwrap_or("").split(',').collect();
+    for flag in ["nosuid", "nodev", "noexec"] {
+        assert!(flags.contains(&flag), "{flag} missing: {line}");
+    }
     let vfs = nix::sys::statvfs::statvfs(ro.path()).expect("statvfs");
     assert!(vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY));
 
