@@ -320,9 +320,9 @@ fn failures_in(text: &str) -> Vec<String> {
 /// Unmounts `dir` and waits for its daemon; umount(8)'s exit code.
 pub(crate) fn unmount(request: &Request) -> u8 {
     let name = request.name;
-    let dir = std::path::absolute(request.dir)
-        .map(|d| lexical_normal(&d))
-        .unwrap_or_else(|_| request.dir.to_path_buf());
+    // As mountinfo shows it (umount(8) passes that already; `atsfs umount` may get
+    // a relative path or one through a symlink).
+    let dir = canonical_mountpoint(request.dir).unwrap_or_else(|| request.dir.to_path_buf());
     let shown = dir.display();
     let mountinfo = match std::fs::read_to_string("/proc/self/mountinfo") {
         Ok(text) => text,
@@ -381,7 +381,7 @@ pub(crate) fn unmount(request: &Request) -> u8 {
         );
         return 0;
     };
-    wait_for(&daemon, &entry.source, request)
+    wait_for(&daemon, &dir, &entry.source, request)
 }
 
 /// The helper option `record_helper` puts in /run/mount/utab.
@@ -520,7 +520,7 @@ fn fusermount(dir: &Path, lazy: bool) -> Result<(), String> {
 }
 
 /// Waits for the daemon to exit: 0 done, 32 it failed or took too long.
-fn wait_for(daemon: &Daemon, source: &str, request: &Request) -> u8 {
+fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 {
     let name = request.name;
     let pid = daemon.pid;
     let lease = daemon.lease.unwrap_or(LEASE_UNKNOWN);
@@ -551,7 +551,7 @@ fn wait_for(daemon: &Daemon, source: &str, request: &Request) -> u8 {
                     "{name}: {} is detached; the atsfs daemon (pid {pid}) keeps serving the \
                      files still open under it, and writes everything back and releases its \
                      slot when the last one is closed",
-                    request.dir.display()
+                    dir.display()
                 );
                 return 0;
             }
