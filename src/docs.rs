@@ -1,6 +1,7 @@
 //! `atsfs __generate-docs OUT` (internal): the man pages and shell completions of atsfs,
-//! mkfs.atsfs, mount.atsfs and fsck.atsfs, generated from the clap definitions each
-//! program parses its arguments with, so that they cannot drift apart.
+//! mkfs.atsfs, mount.atsfs, fsck.atsfs and umount.fuse.atsfs, generated from the clap
+//! definitions each program parses its arguments with, so that they cannot drift
+//! apart.
 //!
 //! OUT/man8/NAME.8 (one page per program, and one per `atsfs` subcommand:
 //! atsfs-mount.8, ...), OUT/completions/bash/NAME, OUT/completions/zsh/_NAME,
@@ -29,6 +30,7 @@ pub(crate) fn commands() -> Vec<clap::Command> {
         mkfs_cli::Args::command(),
         crate::helpers::MountHelper::command(),
         crate::helpers::FsckHelper::command(),
+        crate::umount::UmountHelper::command(),
     ]
 }
 
@@ -109,6 +111,8 @@ mod tests {
             ("mkfs.atsfs.8", "max\\-hosts"),
             ("mount.atsfs.8", "_netdev"),
             ("fsck.atsfs.8", "Preen"),
+            ("umount.fuse.atsfs.8", "lease"),
+            ("atsfs-umount.8", "lazy"),
         ] {
             let text = man(page).unwrap_or_else(|e| panic!("{page}: {e}"));
             assert!(

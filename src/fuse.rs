@@ -845,7 +845,7 @@ fn mount_device(mountinfo: &str, mountpoint: &Path) -> Option<String> {
 }
 
 /// Mountinfo escapes space, tab, newline and backslash as `\ooo` (octal).
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
+pub fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 mod docs;
 mod helpers;
+mod umount;
 
 /// Where a host keeps its UUID when `--host-id` is not given.
 const HOST_ID_FILE: &str = "/var/lib/atsfs/host-id";
@@ -26,8 +27,9 @@ const DEFAULT_LOG: &str = "/var/log/atsfs.log";
     version,
     about = "atsfs: one shared LUN, many hosts, coordination by atomic test-and-set",
     after_long_help = "The volume is made by mkfs.atsfs(8); mount(8) and /etc/fstab mount it \
-                       through mount.atsfs(8), fsck(8) checks it through fsck.atsfs(8). \
-                       Each subcommand has its page: atsfs-mount(8), atsfs-status(8), \
+                       through mount.atsfs(8), umount(8) through umount.fuse.atsfs(8), \
+                       fsck(8) checks it through fsck.atsfs(8). Each subcommand has its \
+                       page: atsfs-mount(8), atsfs-umount(8), atsfs-status(8), \
                        atsfs-locks(8), atsfs-stats(8), atsfs-recover(8), \
                        atsfs-ats-selftest(8), atsfs-fsck(8). The administrator's guide is \
                        docs/operations.md in the source."
@@ -57,6 +59,23 @@ enum Command {
         #[arg(long, hide = true)]
         ready_fd: Option<i32>,
         device: PathBuf,
+        mountpoint: PathBuf,
+    },
+    /// Unmount and wait until the daemon has written everything home, released its
+    /// heartbeat slot and exited (what umount(8) does through umount.fuse.atsfs).
+    /// Exit 0 done, 32 the unmount failed or the daemon failed or took too long.
+    Umount {
+        /// Detach now (umount -l); the daemon leaves when the last open file is
+        /// closed. Waits a few seconds for it, then returns.
+        #[arg(short = 'l', long)]
+        lazy: bool,
+        /// Abort the FUSE connection (umount -f), failing requests in flight; the
+        /// daemon still commits what it has and releases its slot.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// Say what is done and how long the daemon took.
+        #[arg(short = 'v', long)]
+        verbose: bool,
         mountpoint: PathBuf,
     },
     /// Show the host slots of a volume: who is live, dead or gone (read-only).
@@ -269,11 +288,13 @@ fn invoked_as() -> String {
 }
 
 fn main() -> ExitCode {
-    // One program, three names: mount(8) and fsck(8) run `mount.atsfs` and
-    // `fsck.atsfs` (links to this binary) with their own conventions.
+    // One program, four names: mount(8), umount(8) and fsck(8) run `mount.atsfs`,
+    // `umount.fuse.atsfs` and `fsck.atsfs` (links to this binary) with their own
+    // conventions.
     match invoked_as().as_str() {
         "mount.atsfs" | "mount.fuse.atsfs" => return helpers::mount_main(),
         "fsck.atsfs" => return helpers::fsck_main(),
+        "umount.fuse.atsfs" | "umount.atsfs" => return umount::helper_main(),
         _ => {}
     }
     init_tracing("info");
@@ -314,6 +335,21 @@ fn main() -> ExitCode {
                     log,
                 })
             }
+        }
+        Command::Umount {
+            lazy,
+            force,
+            verbose,
+            mountpoint,
+        } => {
+            return ExitCode::from(umount::unmount(&umount::Request {
+                dir: &mountpoint,
+                lazy,
+                force,
+                verbose,
+                name: "atsfs umount",
+                by_umount8: false,
+            }))
         }
         Command::Fsck {
             json,
@@ -452,6 +488,7 @@ pub(crate) fn mount_background(request: &MountRequest) -> Result<()> {
     let _ = reader.read_to_string(&mut message);
     let message = message.trim();
     if message == "ok" {
+        umount::record_helper(&request.mountpoint);
         return Ok(());
     }
     let status = child.try_wait().ok().flatten();

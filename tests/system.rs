@@ -1,9 +1,9 @@
 //! atsfs as the system's tools see it: `mount -t atsfs`, an fstab line, `umount`,
 //! `fsck -t atsfs` with fsck's -n / -y / -p, through the real mount(8) and fsck(8).
 //!
-//! mount(8) looks for its helper in /sbin only (util-linux's FS_SEARCH_PATH
-//! "/sbin:/sbin/fs.d:/sbin/fs"), so these tests link /sbin/mount.atsfs (and
-//! /sbin/mount.fuse.atsfs) to the binary
+//! mount(8) and umount(8) look for their helpers in /sbin only (util-linux's
+//! FS_SEARCH_PATH "/sbin:/sbin/fs.d:/sbin/fs"), so these tests link /sbin/mount.atsfs
+//! (and /sbin/mount.fuse.atsfs, /sbin/umount.fuse.atsfs) to the binary
 //! cargo built for as long as they run (`SbinHelper`, removed on drop, also after a
 //! panic; a link left by a killed run is recognised and replaced). They never replace
 //! a mount.atsfs that is not such a link (an installed atsfs): they skip instead.
@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{atsfs_bin, find_daemon, new_host_id, read_log, wait_exit, Scratch};
+use common::{atsfs_bin, find_daemon, new_host_id, process_alive, read_log, wait_exit, Scratch};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,11 +22,15 @@ use std::time::Duration;
 static SBIN: Mutex<()> = Mutex::new(());
 
 /// The names mount(8) looks for: `mount.atsfs` (type atsfs) and `mount.fuse.atsfs`
-/// (type fuse.atsfs, as the kernel shows it: remount).
-const HELPERS: [&str; 2] = ["/sbin/mount.atsfs", "/sbin/mount.fuse.atsfs"];
+/// (type fuse.atsfs, as the kernel shows it: remount); and umount(8)'s for type
+/// fuse.atsfs, `umount.fuse.atsfs`.
+const HELPERS: [&str; 3] = [
+    "/sbin/mount.atsfs",
+    "/sbin/mount.fuse.atsfs",
+    "/sbin/umount.fuse.atsfs",
+];
 
-/// /sbin/mount.atsfs and /sbin/mount.fuse.atsfs, links to the built atsfs while it
-/// lives.
+/// The helpers in /sbin, links to the built atsfs while it lives.
 struct SbinHelper {
     made: Vec<PathBuf>,
     _lock: std::sync::MutexGuard<'static, ()>,
@@ -101,8 +105,8 @@ fn mountinfo(dir: &Path) -> Option<(String, String)> {
     })
 }
 
-/// Writes and reads back a file on the mount, umounts it with `umount DIR`, and
-/// waits for its daemon to exit.
+/// Writes and reads back a file on the mount, umounts it with `umount DIR` (through
+/// umount.fuse.atsfs), and checks that the daemon is gone when umount returns.
 fn use_and_umount(dir: &Path, image: &Path, log: &Path) {
     let (source, fstype) = mountinfo(dir).expect("the mount is not in /proc/self/mountinfo");
     assert_eq!(fstype, "fuse.atsfs");
@@ -121,11 +125,134 @@ fn use_and_umount(dir: &Path, image: &Path, log: &Path) {
     let out = run(Command::new("umount").arg(dir));
     assert!(out.status.success(), "umount failed");
     assert!(mountinfo(dir).is_none(), "still mounted after umount");
+    let running = process_alive(daemon);
     assert!(
         wait_exit(daemon, Duration::from_secs(60)),
         "the daemon did not exit after umount; log:\n{}",
         read_log(log)
     );
+    assert!(
+        !running,
+        "umount returned while the daemon (pid {daemon}) still ran; log:\n{}",
+        read_log(log)
+    );
+}
+
+/// The heartbeat slots of `image` that are not free, read right now (no watch).
+fn slots_not_free(image: &Path) -> Vec<String> {
+    let lun = atsfs::lun::FileLun::open(image, atsfs::lun::OpenMode::ReadOnly).unwrap();
+    let status = atsfs::inspect::status(&lun, Some(Duration::ZERO)).unwrap();
+    status
+        .slots
+        .iter()
+        .filter(|s| s.state != atsfs::inspect::SlotState::Free)
+        .map(|s| format!("slot {} {:?}", s.slot, s.state))
+        .collect()
+}
+
+/// `umount DIR` returns only once the daemon has written back what was written (not
+/// synced), released its heartbeat slot and exited: right after it, the daemon is
+/// gone, no slot is live, `fsck -t atsfs` finds the volume clean without a "marked
+/// live" note, and a fresh mount has the files. `atsfs umount` does the same for a
+/// mount `atsfs mount` made, and fails (32) on what is not an atsfs mount.
+#[test]
+fn umount_waits_until_the_daemon_wrote_back_and_freed_its_slot() {
+    require_fuse!();
+    let Some(_helper) = SbinHelper::install() else {
+        return;
+    };
+    let scratch = Scratch::new("system-umount");
+    let bin_dir = scratch.mountpoint("bin");
+    std::os::unix::fs::symlink(atsfs_bin(), bin_dir.join("fsck.atsfs")).unwrap();
+    let image = scratch.image("vol.img", 256 << 20);
+    let dir = scratch.mountpoint("mnt");
+    let log = scratch.join("daemon.log");
+    let options = format!("host_id={},log={}", new_host_id(), log.display());
+    let out = run(Command::new("mount")
+        .args(["-t", "atsfs", "-o", &options])
+        .arg(&image)
+        .arg(&dir));
+    assert!(
+        out.status.success(),
+        "mount failed; log:\n{}",
+        read_log(&log)
+    );
+    let daemon = find_daemon(&dir).expect("no atsfs daemon for the mount");
+    // Written, never synced: the kernel and the daemon hold it until the unmount.
+    let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.join("big"), &big).unwrap();
+    for i in 0..100 {
+        std::fs::write(dir.join(format!("f{i}")), format!("file {i}\n")).unwrap();
+    }
+    assert!(
+        !slots_not_free(&image).is_empty(),
+        "the mount holds no slot"
+    );
+
+    let out = run(Command::new("umount").arg(&dir));
+    assert!(out.status.success(), "umount failed");
+    let running = process_alive(daemon);
+    let live = slots_not_free(&image);
+    assert!(
+        wait_exit(daemon, Duration::from_secs(60)),
+        "the daemon did not exit; log:\n{}",
+        read_log(&log)
+    );
+    assert!(
+        !running,
+        "umount returned while the daemon (pid {daemon}) still ran; log:\n{}",
+        read_log(&log)
+    );
+    assert!(live.is_empty(), "slots in use right after umount: {live:?}");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = run(Command::new("fsck")
+        .env("PATH", path)
+        .args(["-T", "-t", "atsfs"])
+        .arg(&image));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("marked live"),
+        "fsck right after umount saw a live slot"
+    );
+
+    // A fresh mount (by `atsfs mount`) has everything; `atsfs umount` unmounts it the
+    // same way, given a relative path.
+    let spec = common::MountSpec::in_scratch(&scratch, &image, "again");
+    let mount = spec.mount();
+    assert_eq!(std::fs::read(mount.join("big")).unwrap(), big);
+    for i in 0..100 {
+        assert_eq!(
+            std::fs::read_to_string(mount.join(&format!("f{i}"))).unwrap(),
+            format!("file {i}\n")
+        );
+    }
+    std::fs::write(mount.join("more"), b"more").unwrap();
+    let daemon = mount.daemon_pid().expect("no daemon for atsfs mount");
+    let out = run(Command::new(atsfs_bin()).current_dir(scratch.path()).args([
+        "umount",
+        "-v",
+        "again.mnt",
+    ]));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !process_alive(daemon),
+        "atsfs umount returned before the daemon exited"
+    );
+    assert!(slots_not_free(&image).is_empty());
+    std::mem::forget(mount); // unmounted already; its drop would umount again
+
+    // Not mounted, and not atsfs: umount(8)'s failure, 32.
+    let out = run(Command::new(atsfs_bin()).arg("umount").arg(&dir));
+    assert_eq!(out.status.code(), Some(32));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not mounted"));
+    let out = run(Command::new(atsfs_bin()).args(["umount", "/proc"]));
+    assert_eq!(out.status.code(), Some(32));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an atsfs mount"));
+    common::assert_fsck_clean(&image);
 }
 
 #[test]

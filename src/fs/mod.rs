@@ -149,6 +149,11 @@ impl OpenCount {
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct HostStats {
     pub slot: u32,
+    /// The process serving the mount (`atsfs umount` waits for it to exit).
+    pub pid: u32,
+    /// The volume's lease: how long the others wait before they take a silent
+    /// host's slot (bounds `atsfs umount`'s wait).
+    pub lease_ms: u32,
     /// Device I/O the filesystem issued (not the membership thread's heartbeats).
     pub io: crate::lun::IoStats,
     /// Journal transactions written.
@@ -855,16 +860,19 @@ impl Fs {
     /// Everything `atsfs stats` shows: the device I/O the filesystem issued and the
     /// journal and lock counters, since mount.
     pub fn host_stats(&self) -> FsResult<HostStats> {
-        let (meta, slot, locks_held) = self.read(|c| {
+        let (meta, slot, locks_held, lease_ms) = self.read(|c| {
             Ok((
                 c.meta.stats,
                 c.meta.node.me.slot,
                 c.meta.locks.held().len() as u64,
+                c.sb.lease_ms,
             ))
         })?;
         let readahead = self.readahead.stats();
         Ok(HostStats {
             slot,
+            pid: std::process::id(),
+            lease_ms,
             io: self.io_counters.snapshot(),
             commits: meta.commits,
             committed_images: meta.committed_images,

@@ -4,18 +4,27 @@
 //!
 //! cargo cannot name a binary `mkfs.atsfs` (no dots in binary names), so the mkfs
 //! crate builds `mkfs-atsfs` and this installs it under the name `mkfs(8)` looks for.
-//! `mount.atsfs`, `mount.fuse.atsfs` and `fsck.atsfs` are links to `atsfs`, which
-//! acts as mount(8)'s helper and fsck(8)'s checker under those names.
+//! `mount.atsfs`, `mount.fuse.atsfs`, `umount.fuse.atsfs` and `fsck.atsfs` are links
+//! to `atsfs`, which acts as mount(8)'s and umount(8)'s helper and fsck(8)'s checker
+//! under those names.
 
 use crate::sh::{self, Cmd};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
 /// The names `atsfs` is installed under besides its own (links to it).
-pub const HELPER_LINKS: [&str; 3] = ["mount.atsfs", "mount.fuse.atsfs", "fsck.atsfs"];
+pub const HELPER_LINKS: [&str; 4] = [
+    "mount.atsfs",
+    "mount.fuse.atsfs",
+    "umount.fuse.atsfs",
+    "fsck.atsfs",
+];
 
-/// Where mount(8) looks for helpers (util-linux's FS_SEARCH_PATH); fsck(8) and
-/// mkfs(8) search PATH as well.
+/// The helpers mount(8) and umount(8) run, from /sbin only.
+pub const SBIN_HELPERS: [&str; 3] = ["mount.atsfs", "mount.fuse.atsfs", "umount.fuse.atsfs"];
+
+/// Where mount(8) and umount(8) look for helpers (util-linux's FS_SEARCH_PATH);
+/// fsck(8) and mkfs(8) search PATH as well.
 const MOUNT_HELPER_DIR: &str = "/sbin";
 
 /// Builds both binaries in release mode; returns the directory they are in.
@@ -105,27 +114,27 @@ pub fn run(prefix: &Path) -> Result<bool> {
     );
     link_mount_helpers(&sbin)?;
     println!(
-        "\ninstalled {0}/atsfs, {0}/mkfs.atsfs and {0}/{{mount,mount.fuse,fsck}}.atsfs; \
+        "\ninstalled {0}/atsfs, {0}/mkfs.atsfs and {0}/{{mount,mount.fuse,umount.fuse,fsck}}.atsfs; \
          try: man atsfs, mkfs.atsfs --help, mount -t atsfs DEVICE DIR",
         sbin.display()
     );
     Ok(true)
 }
 
-/// mount(8) runs helpers from /sbin only: with another prefix, links
-/// /sbin/mount.atsfs and /sbin/mount.fuse.atsfs to the installed `atsfs` (never
-/// replacing a file that is not a link).
+/// mount(8) and umount(8) run helpers from /sbin only: with another prefix, links
+/// /sbin/mount.atsfs, /sbin/mount.fuse.atsfs and /sbin/umount.fuse.atsfs to the
+/// installed `atsfs` (never replacing a file that is not a link).
 fn link_mount_helpers(sbin: &Path) -> Result<()> {
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     if canonical(sbin) == canonical(Path::new(MOUNT_HELPER_DIR)) {
         return Ok(());
     }
-    for name in ["mount.atsfs", "mount.fuse.atsfs"] {
+    for name in SBIN_HELPERS {
         let link = Path::new(MOUNT_HELPER_DIR).join(name);
         let is_file = std::fs::symlink_metadata(&link).is_ok_and(|m| !m.file_type().is_symlink());
         if is_file {
             println!(
-                "note: {} exists and is not a link; left alone (mount -t atsfs runs it)",
+                "note: {} exists and is not a link; left alone (mount(8) or umount(8) runs it)",
                 link.display()
             );
             continue;
@@ -137,7 +146,7 @@ fn link_mount_helpers(sbin: &Path) -> Result<()> {
             .run()
             .with_context(|| {
                 format!(
-                    "mount(8) looks for helpers in {MOUNT_HELPER_DIR} only; link {} there by \
+                    "mount(8) and umount(8) look for helpers in {MOUNT_HELPER_DIR} only; link {} there by \
                      hand (as root)",
                     name
                 )

@@ -5,14 +5,16 @@
 //! `--check` then installs the package as a new user would, into a scratch root
 //! (`dpkg -x`): checks its files and Depends, makes a volume with the installed
 //! mkfs.atsfs (`mkfs -t atsfs`), mounts it from a scratch fstab line (`mount -T
-//! FSTAB DIR`) through the installed mount.atsfs, writes, `umount`s, runs `fsck -t
-//! atsfs DEVICE` (exit 0) with the installed fsck.atsfs, renders the installed man
+//! FSTAB DIR`) through the installed mount.atsfs, writes, `umount`s through the
+//! installed umount.fuse.atsfs, checks that right after umount the daemon is gone and
+//! no heartbeat slot is live (`atsfs status`), runs `fsck -t atsfs DEVICE` once
+//! (exit 0, no "marked live" note) with the installed fsck.atsfs, renders the installed man
 //! page (`man -l`, and `man atsfs` on the package's man path) and loads a bash
 //! completion. Root and /dev/fuse.
 //!
-//! mount(8) runs helpers from /sbin only, so for the mount the check links
-//! /sbin/mount.atsfs to the scratch root's (and removes the link afterwards); it
-//! refuses to replace a mount.atsfs that is not a link (an installed atsfs).
+//! mount(8) and umount(8) run helpers from /sbin only, so the check links
+//! /sbin/mount.atsfs and /sbin/umount.fuse.atsfs to the scratch root's (and removes
+//! the links afterwards); it refuses to replace one that exists (an installed atsfs).
 
 use crate::install;
 use crate::sh::{self, Cmd};
@@ -20,14 +22,17 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// What the package must hold (paths in the root).
-const EXPECTED: [&str; 17] = [
+const EXPECTED: [&str; 20] = [
     "usr/sbin/atsfs",
     "usr/sbin/mkfs.atsfs",
     "usr/sbin/mount.atsfs",
     "usr/sbin/mount.fuse.atsfs",
+    "usr/sbin/umount.fuse.atsfs",
     "usr/sbin/fsck.atsfs",
     "usr/share/man/man8/atsfs.8.gz",
     "usr/share/man/man8/atsfs-mount.8.gz",
+    "usr/share/man/man8/atsfs-umount.8.gz",
+    "usr/share/man/man8/umount.fuse.atsfs.8.gz",
     "usr/share/man/man8/atsfs-fsck.8.gz",
     "usr/share/man/man8/mkfs.atsfs.8.gz",
     "usr/share/man/man8/mount.atsfs.8.gz",
@@ -99,10 +104,10 @@ fn ensure_man() -> Result<()> {
     crate::tgt::apt_install(&["man-db", "groff-base"])
 }
 
-/// Undoes what the check set up: the scratch mount and the /sbin link.
+/// Undoes what the check set up: the scratch mount and the /sbin links.
 struct Cleanup {
     mountpoint: Option<PathBuf>,
-    link: Option<PathBuf>,
+    links: Vec<PathBuf>,
 }
 
 impl Drop for Cleanup {
@@ -112,7 +117,7 @@ impl Drop for Cleanup {
                 let _ = Cmd::new("umount").arg("-l").arg(dir).quiet().status();
             }
         }
-        if let Some(link) = &self.link {
+        for link in &self.links {
             let _ = std::fs::remove_file(link);
         }
     }
@@ -186,7 +191,7 @@ fn check_package(deb: &Path) -> Result<()> {
     // A volume, an fstab line, mount DIR, a write, umount, fsck -t atsfs.
     let mut cleanup = Cleanup {
         mountpoint: None,
-        link: None,
+        links: Vec::new(),
     };
     let path = format!(
         "{}:{}",
@@ -212,19 +217,21 @@ fn check_package(deb: &Path) -> Result<()> {
     );
     std::fs::write(&fstab, &line)?;
     println!("scratch fstab: {}", line.trim());
-    let link = Path::new("/sbin/mount.atsfs");
-    if std::fs::symlink_metadata(link).is_ok() {
-        bail!(
-            "{} exists (an installed atsfs?); the check needs it for the package's own helper",
-            link.display()
-        );
+    for name in ["mount.atsfs", "umount.fuse.atsfs"] {
+        let link = Path::new("/sbin").join(name);
+        if std::fs::symlink_metadata(&link).is_ok() {
+            bail!(
+                "{} exists (an installed atsfs?); the check needs it for the package's own helper",
+                link.display()
+            );
+        }
+        Cmd::new("ln")
+            .arg("-s")
+            .arg(sbin.join(name))
+            .arg(&link)
+            .run()?;
+        cleanup.links.push(link);
     }
-    Cmd::new("ln")
-        .arg("-s")
-        .arg(sbin.join("mount.atsfs"))
-        .arg(link)
-        .run()?;
-    cleanup.link = Some(link.to_path_buf());
     Cmd::new("mount")
         .arg("-T")
         .arg(&fstab)
@@ -244,33 +251,71 @@ fn check_package(deb: &Path) -> Result<()> {
     if std::fs::read_to_string(dir.join("hello"))? != "from the package\n" {
         bail!("the file written does not read back");
     }
+    let daemon = daemon_of(&dir);
+    // Through umount.fuse.atsfs: umount returns once the daemon has written back,
+    // released its slot and exited. Nothing is waited for after it.
     Cmd::new("umount").arg(&dir).run()?;
     cleanup.mountpoint = None;
-    // The daemon lets go of the volume as it exits; fsck then finds it clean.
-    let status = wait_for_fsck(&path, &image)?;
-    if status != Some(0) {
-        bail!("fsck -t atsfs exited {status:?}, not 0");
+    if let Some(pid) = daemon.filter(|&pid| alive(pid)) {
+        bail!("the atsfs daemon (pid {pid}) still runs after umount returned");
     }
+    let status = Cmd::new(sbin.join("atsfs"))
+        .args(["status", "--json", "--watch-ms", "0"])
+        .arg(&image)
+        .read()?;
+    let status: serde_json::Value =
+        serde_json::from_str(&status).context("atsfs status --json is not JSON")?;
+    let busy: Vec<String> = status["slots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["state"] != "free")
+        .map(|s| format!("slot {} {}", s["slot"], s["state"]))
+        .collect();
+    if !busy.is_empty() {
+        bail!("right after umount the volume has slots not free: {busy:?}");
+    }
+    let out = Cmd::new("fsck")
+        .args(["-T", "-t", "atsfs"])
+        .arg(&image)
+        .env("PATH", &path)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    if out.status.code() != Some(0) || said.contains("marked live") {
+        bail!(
+            "fsck -t atsfs right after umount exited {:?}:\n{said}",
+            out.status.code()
+        );
+    }
+    println!("umount waited for the daemon: no live slot, fsck clean right after it");
     drop(cleanup);
     Ok(())
 }
 
-/// `fsck -t atsfs IMAGE` until the unmounted daemon's slot is free (a few tries).
-fn wait_for_fsck(path: &str, image: &Path) -> Result<Option<i32>> {
-    let mut status = None;
-    for _ in 0..20 {
-        status = Cmd::new("fsck")
-            .args(["-T", "-t", "atsfs"])
-            .arg(image)
-            .env("PATH", path)
-            .status()?
-            .code();
-        if status == Some(0) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-    }
-    Ok(status)
+/// The pid of the `atsfs mount` daemon whose last argument is `dir`.
+fn daemon_of(dir: &Path) -> Option<u32> {
+    let want = dir.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .collect();
+            (args.get(1) == Some(&&b"mount"[..]) && args.last() == Some(&want)).then_some(pid)
+        })
+}
+
+/// True while `pid` runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// True when `dir` is a mount point in /proc/self/mountinfo.

@@ -1,0 +1,691 @@
+//! `umount.fuse.atsfs` and `atsfs umount`: unmount, then wait for the daemon.
+//!
+//! The kernel detaches a FUSE mount as soon as its own part is done; the atsfs daemon
+//! then still commits its journal and releases its heartbeat slot. umount(8) (and
+//! with it systemd's mount units at shutdown, `umount; fsck`, `umount; detach the
+//! LUN`) must not return before that. umount(8) runs `/sbin/umount.fuse.atsfs DIR
+//! [-nlfvr] [-N NS]` for a mount of type `fuse.atsfs` (it tries `umount.fuse.atsfs`,
+//! then `umount.fuse`; the helper's exit status is umount's). This helper finds the
+//! daemon serving DIR, unmounts, and waits until that process is gone.
+
+use clap::Parser;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// umount(8)'s exit codes.
+const UMOUNT_USAGE: u8 = 1;
+const UMOUNT_FAILED: u8 = 32;
+
+/// The lease when the daemon does not say (mkfs's default is far shorter).
+const LEASE_UNKNOWN: Duration = Duration::from_secs(30);
+/// How long to wait for the daemon's answer to the pid question.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a lazy unmount: how long the daemon may take before the helper leaves it
+/// serving the files still open under the detached mount.
+const LAZY_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "umount.fuse.atsfs",
+    bin_name = "umount.fuse.atsfs",
+    version,
+    about = "Unmount an atsfs mount and wait until its daemon has written everything home",
+    long_about = "Unmount an atsfs mount: the helper umount(8) runs for a mount of type \
+                  fuse.atsfs (`umount DIR`, systemd's mount units, umount -a). It unmounts, \
+                  then waits until the mount daemon serving DIR has committed its journal, \
+                  released its heartbeat slot and exited, so that the volume is clean when \
+                  umount returns: `umount DIR; fsck DEVICE`, a shutdown that takes the \
+                  network or the iSCSI session away after the mount unit stops, and \
+                  `atsfs status` right after see no live slot of this host.\n\n\
+                  It prints a line when the daemon takes longer than a second, and gives \
+                  up after twice the volume's lease plus 30 seconds (exit 32: the mount is \
+                  gone, the daemon still writing; should it die before it finishes, the \
+                  other hosts recover its slot from its journal). `atsfs umount DIR` does \
+                  the same.",
+    after_long_help = "Exit status (umount(8)'s): 0 unmounted and the daemon done, 1 bad \
+                       usage, 32 the unmount failed (busy, not mounted, not atsfs), or the \
+                       daemon failed while writing home or did not finish in time (the \
+                       reason is printed; the daemon's log is /var/log/atsfs.log unless \
+                       log= said otherwise).\n\n\
+                       See also: atsfs(8), atsfs-umount(8), mount.atsfs(8), umount(8), \
+                       systemd.mount(5)."
+)]
+pub(crate) struct UmountHelper {
+    /// The mount point.
+    dir: PathBuf,
+    /// Do not write /etc/mtab (umount -n): accepted; there is none to write.
+    #[arg(short = 'n')]
+    no_mtab: bool,
+    /// Lazy (umount -l): detach now; the daemon keeps serving files still open under
+    /// the mount and writes back and leaves when the last is closed. Waits a few
+    /// seconds for it, then returns.
+    #[arg(short = 'l')]
+    lazy: bool,
+    /// Force (umount -f): abort the FUSE connection, failing requests in flight;
+    /// the daemon still commits what it has and releases its slot (waited for).
+    #[arg(short = 'f')]
+    force: bool,
+    /// Verbose: say what is done and how long the daemon took.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Remount read-only if the unmount fails (umount -r): accepted; a busy atsfs
+    /// mount stays as it is.
+    #[arg(short = 'r')]
+    read_only: bool,
+    /// The type (umount(8) passes it when the helper's name does not carry it).
+    #[arg(short = 't', value_name = "TYPE")]
+    fstype: Option<String>,
+    /// Unmount in another mount namespace (umount -N): not supported.
+    #[arg(short = 'N', value_name = "NS")]
+    namespace: Option<String>,
+}
+
+/// What to do: the helper's and `atsfs umount`'s flags.
+pub(crate) struct Request<'a> {
+    pub dir: &'a Path,
+    pub lazy: bool,
+    pub force: bool,
+    pub verbose: bool,
+    /// The name messages start with.
+    pub name: &'a str,
+    /// Run by umount(8) (`umount.fuse.atsfs`), which updates /run/mount/utab itself;
+    /// else (`atsfs umount`) the entry `record_helper` made is dropped here.
+    pub by_umount8: bool,
+}
+
+/// `umount.fuse.atsfs`: umount(8)'s exit codes.
+pub(crate) fn helper_main() -> ExitCode {
+    crate::init_tracing("warn");
+    let name = "umount.fuse.atsfs";
+    let args = match UmountHelper::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { UMOUNT_USAGE } else { 0 });
+        }
+    };
+    if let Some(fstype) = &args.fstype {
+        if fstype != "atsfs" && fstype != "fuse.atsfs" {
+            eprintln!("{name}: type {fstype} is not atsfs");
+            return ExitCode::from(UMOUNT_USAGE);
+        }
+    }
+    if args.namespace.is_some() {
+        eprintln!("{name}: -N (unmount in another namespace) is not supported");
+        return ExitCode::from(UMOUNT_USAGE);
+    }
+    ExitCode::from(unmount(&Request {
+        dir: &args.dir,
+        lazy: args.lazy,
+        force: args.force,
+        verbose: args.verbose,
+        name,
+        by_umount8: true,
+    }))
+}
+
+/// A mount as /proc/self/mountinfo shows it.
+#[derive(Debug, PartialEq, Eq)]
+struct MountEntry {
+    fstype: String,
+    source: String,
+}
+
+/// The last mount on `dir` in a mountinfo text (the one a umount of `dir` removes).
+fn find_mount(mountinfo: &str, dir: &Path) -> Option<MountEntry> {
+    let want = dir.as_os_str().as_encoded_bytes();
+    mountinfo.lines().rev().find_map(|line| {
+        // id parent major:minor root mount-point options [optional...] - type source ...
+        let (head, tail) = line.split_once(" - ")?;
+        let point = head.split(' ').nth(4)?;
+        if atsfs::fuse::unescape_mountinfo(point) != want {
+            return None;
+        }
+        let mut fields = tail.split(' ');
+        let fstype = fields.next()?.to_string();
+        let source = fields.next().unwrap_or("");
+        let source = String::from_utf8_lossy(&atsfs::fuse::unescape_mountinfo(source)).into();
+        Some(MountEntry { fstype, source })
+    })
+}
+
+/// The daemon serving the mount, as it describes itself.
+#[derive(Debug)]
+struct Daemon {
+    pid: i32,
+    /// /proc/PID/stat's start time: tells the daemon from a later process that got
+    /// its pid.
+    start: Option<u64>,
+    lease: Option<Duration>,
+    /// Its stderr when that is a file (the log), with its length before the unmount.
+    log: Option<(PathBuf, u64)>,
+}
+
+/// The state letter and start time (field 22) of /proc/PID/stat.
+fn proc_stat(pid: i32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything; fields follow it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    // Field 3 (state) is fields[0], so field 22 is fields[19].
+    let start = fields.get(19)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// True while the daemon runs (a zombie has done all it will do).
+fn running(daemon: &Daemon) -> bool {
+    match proc_stat(daemon.pid) {
+        Some((state, start)) => {
+            state != 'Z' && state != 'X' && daemon.start.is_none_or(|s| s == start)
+        }
+        None => false,
+    }
+}
+
+/// The pid and lease the daemon reports in its stats (the `user.atsfs.stats` xattr
+/// of the mount's root), asked in a thread: a daemon that does not answer is left
+/// behind after `ASK_TIMEOUT`.
+fn ask_daemon(dir: &Path) -> Option<(i32, Option<Duration>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dir = dir.to_path_buf();
+    std::thread::Builder::new()
+        .name("ask".into())
+        .spawn(move || {
+            let _ = tx.send(crate::read_stats_xattr(&dir));
+        })
+        .ok()?;
+    let raw = rx.recv_timeout(ASK_TIMEOUT).ok()?.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+    let pid = i32::try_from(v.get("pid")?.as_u64()?).ok()?;
+    let lease = v
+        .get("lease_ms")
+        .and_then(|l| l.as_u64())
+        .map(Duration::from_millis);
+    Some((pid, lease))
+}
+
+/// The `atsfs mount` processes whose mount point argument is `dir` (relative ones
+/// taken from the process's working directory).
+fn scan_daemons(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        if is_daemon_for(pid, dir) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The mount point argument of `pid` when it is an `atsfs mount ... DIR` process.
+fn daemon_mountpoint(pid: i32) -> Option<PathBuf> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let program = Path::new(std::ffi::OsStr::from_bytes(args.first()?));
+    if program.file_name()? != "atsfs" || args.get(1) != Some(&&b"mount"[..]) {
+        return None;
+    }
+    // The mount point is the last argument (`atsfs mount [options] [--] DEVICE DIR`).
+    let given = Path::new(std::ffi::OsStr::from_bytes(args.last()?));
+    if given.is_absolute() {
+        return Some(given.to_path_buf());
+    }
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    Some(cwd.join(given))
+}
+
+/// True when `pid` is an `atsfs mount ... DIR` process whose DIR is `dir`.
+fn is_daemon_for(pid: i32, dir: &Path) -> bool {
+    daemon_mountpoint(pid).is_some_and(|p| lexical_normal(&p) == lexical_normal(dir))
+}
+
+/// `path` without `.` components, `..` taken back and trailing slashes dropped,
+/// without asking the filesystem (a stat under a FUSE mount goes to its daemon).
+fn lexical_normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Finds the daemon serving the mount on `dir`: it says its pid itself; else (it
+/// does not answer, or runs in another pid namespace) the one `atsfs mount`
+/// process whose mount point is `dir`.
+fn find_daemon(dir: &Path) -> Option<Daemon> {
+    let (pid, lease) = match ask_daemon(dir) {
+        // An `atsfs mount` process (its DIR may be another path to the same
+        // directory); in another pid namespace the number names someone else.
+        Some((pid, lease)) if daemon_mountpoint(pid).is_some() => (pid, lease),
+        _ => match scan_daemons(dir)[..] {
+            [pid] => (pid, None),
+            _ => return None,
+        },
+    };
+    let log = std::fs::read_link(format!("/proc/{pid}/fd/2"))
+        .ok()
+        .filter(|p| p.is_absolute())
+        .and_then(|p| {
+            let meta = std::fs::metadata(&p).ok()?;
+            meta.is_file().then_some((p, meta.len()))
+        });
+    Some(Daemon {
+        pid,
+        start: proc_stat(pid).map(|(_, start)| start),
+        lease,
+        log,
+    })
+}
+
+/// What the daemon wrote to its log after `from`: its last words on failure
+/// (`atsfs: ...`, which main prints when the daemon ends with an error) and errors.
+fn log_failures(log: &Path, from: u64) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    let read = std::fs::File::open(log).and_then(|mut f| {
+        f.seek(SeekFrom::Start(from))?;
+        // At most the last few hundred KiB matter.
+        f.take(1 << 20).read_to_string(&mut text)
+    });
+    if read.is_err() {
+        return Vec::new();
+    }
+    failures_in(&text)
+}
+
+fn failures_in(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| l.starts_with("atsfs: ") || l.contains(" ERROR "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Unmounts `dir` and waits for its daemon; umount(8)'s exit code.
+pub(crate) fn unmount(request: &Request) -> u8 {
+    let name = request.name;
+    // As mountinfo shows it (umount(8) passes that already; `atsfs umount` may get
+    // a relative path or one through a symlink).
+    let dir = canonical_mountpoint(request.dir).unwrap_or_else(|| request.dir.to_path_buf());
+    let shown = dir.display();
+    let mountinfo = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("{name}: reading /proc/self/mountinfo: {e}");
+            return UMOUNT_FAILED;
+        }
+    };
+    let Some(entry) = find_mount(&mountinfo, &dir) else {
+        eprintln!("{name}: {shown}: not mounted");
+        return UMOUNT_FAILED;
+    };
+    if entry.fstype != "fuse.atsfs" && request.by_umount8 {
+        // Sent here by a stale `helper=fuse.atsfs` in utab: unmount as umount would.
+        return match detach(&dir, request) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("{name}: {shown}: {e}");
+                UMOUNT_FAILED
+            }
+        };
+    }
+    if entry.fstype != "fuse.atsfs" {
+        eprintln!(
+            "{name}: {shown} is not an atsfs mount (type {}); use umount",
+            entry.fstype
+        );
+        return UMOUNT_FAILED;
+    }
+    let daemon = find_daemon(&dir);
+    if request.verbose {
+        match &daemon {
+            Some(d) => eprintln!(
+                "{name}: {shown} is served by the atsfs daemon pid {}",
+                d.pid
+            ),
+            None => eprintln!("{name}: no atsfs daemon found for {shown}"),
+        }
+    }
+    if let Err(e) = detach(&dir, request) {
+        eprintln!("{name}: {shown}: {e}");
+        return UMOUNT_FAILED;
+    }
+    if request.verbose {
+        eprintln!("{name}: {shown} unmounted");
+    }
+    if !request.by_umount8 {
+        forget_helper(&dir);
+    }
+    let Some(daemon) = daemon else {
+        eprintln!(
+            "{name}: warning: no atsfs daemon process found for {shown} (it had exited, \
+             or runs in another pid namespace); not waiting for it. If it is gone, the \
+             other hosts recover its slot of {} from its journal",
+            entry.source
+        );
+        return 0;
+    };
+    wait_for(&daemon, &dir, &entry.source, request)
+}
+
+/// The helper option `record_helper` puts in /run/mount/utab.
+const UTAB_HELPER: &str = "helper=fuse.atsfs";
+const UTAB: &str = "/run/mount/utab";
+
+/// Makes umount(8) run umount.fuse.atsfs for the mount on `dir` (as root).
+///
+/// As root, umount(8) learns the type of `umount DIR` from statfs(2), which says
+/// `fuse` for every FUSE mount, and then looks for /sbin/umount.fuse; it reads
+/// mountinfo (type `fuse.atsfs`) only when /run/mount/utab has an entry for DIR
+/// (systemd's `umount -c`, -l and -f read it always). So the mount gets an entry
+/// with `helper=fuse.atsfs`, which sends every unmount of it to umount.fuse.atsfs
+/// ("helper=" in umount(8)). libmount writes it: `mount --fake --internal-only`
+/// records a mount in utab without mounting or running a helper. umount(8) drops
+/// the entry when the helper succeeds; `atsfs umount` drops it itself.
+pub(crate) fn record_helper(dir: &Path) {
+    if !nix::unistd::geteuid().is_root() {
+        // A user's mount: umount(8) reads mountinfo for it anyway.
+        return;
+    }
+    let Some(target) = canonical_mountpoint(dir) else {
+        return;
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(entry) = find_mount(&mountinfo, &target) else {
+        tracing::warn!("{} is not in /proc/self/mountinfo", target.display());
+        return;
+    };
+    if entry.fstype != "fuse.atsfs" {
+        return;
+    }
+    let out = std::process::Command::new("mount")
+        .args(["--fake", "--internal-only", "--no-canonicalize"])
+        .args(["-t", "fuse.atsfs", "-o", UTAB_HELPER])
+        .arg(&entry.source)
+        .arg(&target)
+        .stdin(std::process::Stdio::null())
+        .output();
+    let failed = match out {
+        Ok(out) if out.status.success() => return,
+        Ok(out) => format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => e.to_string(),
+    };
+    tracing::warn!(
+        "could not record the unmount helper in {UTAB} ({failed}): `umount {}` may          return before the daemon has written everything home; `atsfs umount` waits",
+        target.display()
+    );
+}
+
+/// `atsfs umount`: drops the utab entry of the mount on `dir` that `record_helper`
+/// made (umount(8) does so itself after its helper).
+fn forget_helper(dir: &Path) {
+    let Ok(utab) = std::fs::read_to_string(UTAB) else {
+        return;
+    };
+    let target = format!("TARGET={} ", mangle(dir));
+    if !utab.lines().any(|l| l.contains(&target)) {
+        return;
+    }
+    let _ = std::process::Command::new("umount")
+        .args(["--fake", "--internal-only", "--no-canonicalize"])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+}
+
+/// A path as libmount writes it in utab: space, tab, newline and backslash as
+/// `\ooo`.
+fn mangle(path: &Path) -> String {
+    let mut out = Vec::new();
+    for &b in path.as_os_str().as_encoded_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => out.extend(format!("\\{b:03o}").bytes()),
+            _ => out.push(b),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The absolute path of mount point `dir` as the kernel shows it (its parent
+/// resolved; the mount point itself not statted: that would ask the daemon).
+fn canonical_mountpoint(dir: &Path) -> Option<PathBuf> {
+    let absolute = lexical_normal(&std::path::absolute(dir).ok()?);
+    let parent = absolute.parent()?;
+    let name = absolute.file_name()?;
+    Some(std::fs::canonicalize(parent).ok()?.join(name))
+}
+
+/// umount2 (as root) or fusermount -u (a user's own mount).
+fn detach(dir: &Path, request: &Request) -> Result<(), String> {
+    let mut flags = nix::mount::MntFlags::empty();
+    if request.lazy {
+        flags |= nix::mount::MntFlags::MNT_DETACH;
+    }
+    if request.force {
+        flags |= nix::mount::MntFlags::MNT_FORCE;
+    }
+    match nix::mount::umount2(dir, flags) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EPERM) if !nix::unistd::geteuid().is_root() => {
+            fusermount(dir, request.lazy)
+        }
+        Err(nix::errno::Errno::EBUSY) => Err("target is busy (files are open under it: \
+                                             `fuser -vm DIR` shows who; umount -l detaches \
+                                             it anyway)"
+            .into()),
+        Err(nix::errno::Errno::EINVAL) => Err("not mounted".into()),
+        Err(e) => Err(format!("umount failed: {}", e.desc())),
+    }
+}
+
+/// A user's own FUSE mount: fusermount3 -u (or fusermount), which checks the user
+/// may.
+fn fusermount(dir: &Path, lazy: bool) -> Result<(), String> {
+    for program in ["fusermount3", "fusermount"] {
+        let mut command = std::process::Command::new(program);
+        command.arg("-u");
+        if lazy {
+            command.arg("-z");
+        }
+        match command.arg(dir).status() {
+            Ok(status) if status.success() => return Ok(()),
+            Ok(status) => return Err(format!("{program} -u failed ({status})")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("running {program}: {e}")),
+        }
+    }
+    Err("must be superuser to unmount (and no fusermount3 to unmount as a user)".into())
+}
+
+/// Waits for the daemon to exit: 0 done, 32 it failed or took too long.
+fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 {
+    let name = request.name;
+    let pid = daemon.pid;
+    let lease = daemon.lease.unwrap_or(LEASE_UNKNOWN);
+    let bound = if request.lazy {
+        LAZY_WAIT
+    } else {
+        lease * 2 + Duration::from_secs(30)
+    };
+    let log_hint = daemon
+        .log
+        .as_ref()
+        .map(|(p, _)| format!("; its log is {}", p.display()))
+        .unwrap_or_default();
+    let start = Instant::now();
+    let mut said = false;
+    while running(daemon) {
+        let waited = start.elapsed();
+        if !said && waited >= Duration::from_secs(1) && !request.lazy {
+            eprintln!(
+                "{name}: waiting for the atsfs daemon (pid {pid}) to write back and release \
+                 its slot..."
+            );
+            said = true;
+        }
+        if waited >= bound {
+            if request.lazy {
+                eprintln!(
+                    "{name}: {} is detached; the atsfs daemon (pid {pid}) keeps serving the \
+                     files still open under it, and writes everything back and releases its \
+                     slot when the last one is closed",
+                    dir.display()
+                );
+                return 0;
+            }
+            eprintln!(
+                "{name}: the mount is gone, but the atsfs daemon (pid {pid}) has not \
+                 finished writing back after {} s (twice the lease + 30 s){log_hint}. It \
+                 keeps going: wait for it before detaching {source}. If it dies or is \
+                 killed first, the other hosts (or `atsfs recover {source}`) recover its \
+                 slot from its journal: what it had committed stays, the rest is lost",
+                bound.as_secs()
+            );
+            return UMOUNT_FAILED;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some((log, from)) = &daemon.log {
+        let failures = log_failures(log, *from);
+        if failures.iter().any(|l| l.starts_with("atsfs: ")) {
+            eprintln!(
+                "{name}: the atsfs daemon (pid {pid}) failed while unmounting; its log {} \
+                 says:",
+                log.display()
+            );
+            for line in &failures {
+                eprintln!("  {line}");
+            }
+            eprintln!(
+                "{name}: its slot stays marked live until another host (or `atsfs recover \
+                 {source}`) recovers it from its journal"
+            );
+            return UMOUNT_FAILED;
+        }
+        for line in &failures {
+            eprintln!("{name}: the daemon logged: {line}");
+        }
+    }
+    if request.verbose || said {
+        eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) wrote back, released its slot and exited \
+             ({} ms after the unmount)",
+            start.elapsed().as_millis()
+        );
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_of_umount8_parse() {
+        // As umount(8) calls a helper: the target, then flags.
+        let a = UmountHelper::try_parse_from([
+            "umount.fuse.atsfs",
+            "/mnt/a b",
+            "-n",
+            "-l",
+            "-f",
+            "-v",
+            "-r",
+            "-t",
+            "fuse.atsfs",
+        ])
+        .unwrap();
+        assert!(a.no_mtab && a.lazy && a.force && a.verbose && a.read_only);
+        assert_eq!(a.dir, Path::new("/mnt/a b"));
+        assert_eq!(a.fstype.as_deref(), Some("fuse.atsfs"));
+        let a = UmountHelper::try_parse_from(["umount.fuse.atsfs", "/m", "-N", "/proc/1/ns/mnt"])
+            .unwrap();
+        assert!(a.namespace.is_some() && !a.lazy);
+        assert!(UmountHelper::try_parse_from(["umount.fuse.atsfs"]).is_err());
+        UmountHelper::command().debug_assert();
+    }
+
+    #[test]
+    fn the_last_mount_on_a_path_is_found_with_type_and_source() {
+        let info = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:50 / /mnt/a\\040b rw,nosuid - fuse.atsfs /tmp/x\\040y.img rw,user_id=0
+41 22 0:51 / /mnt/c rw - tmpfs tmpfs rw
+42 40 0:52 / /mnt/a\\040b rw,nosuid shared:7 - fuse.atsfs /dev/sdb rw,user_id=0
+";
+        let e = find_mount(info, Path::new("/mnt/a b")).unwrap();
+        assert_eq!(e.fstype, "fuse.atsfs");
+        assert_eq!(e.source, "/dev/sdb");
+        assert_eq!(
+            find_mount(info, Path::new("/mnt/c")).unwrap().fstype,
+            "tmpfs"
+        );
+        assert!(find_mount(info, Path::new("/mnt")).is_none());
+    }
+
+    #[test]
+    fn utab_paths_are_mangled_as_libmount_does() {
+        assert_eq!(mangle(Path::new("/mnt/a b\\c")), "/mnt/a\\040b\\134c");
+        assert_eq!(mangle(Path::new("/mnt/plain")), "/mnt/plain");
+    }
+
+    #[test]
+    fn paths_are_normalised_without_the_filesystem() {
+        assert_eq!(
+            lexical_normal(Path::new("/a/./b/../c/")),
+            Path::new("/a/c").to_path_buf()
+        );
+    }
+
+    #[test]
+    fn only_the_daemons_last_words_and_errors_count() {
+        let log = "2026-12-06T10:00:00Z  INFO atsfs: unmounted /m\n\
+                   2026-12-06T10:00:00Z ERROR atsfs::fs: journal write failed\n\
+                   atsfs: unmount could not write everything home: EIO\n\
+                   2026-12-06T10:00:00Z  WARN atsfs: slow\n";
+        let f = failures_in(log);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[1].starts_with("atsfs: unmount"));
+        assert!(failures_in("2026 INFO atsfs: unmounted /m\n").is_empty());
+    }
+
+    #[test]
+    fn this_process_is_running_and_a_gone_one_is_not() {
+        let me = std::process::id() as i32;
+        let start = proc_stat(me).map(|(_, s)| s);
+        assert!(start.is_some());
+        let daemon = |start| Daemon {
+            pid: me,
+            start,
+            lease: None,
+            log: None,
+        };
+        assert!(running(&daemon(start)));
+        // Another process that got the pid later: not the daemon.
+        assert!(!running(&daemon(start.map(|s| s + 1))));
+        assert!(!is_daemon_for(me, Path::new("/nowhere")));
+    }
+}
