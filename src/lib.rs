@@ -31,7 +31,12 @@
 //! volume's token instead of the device's own (which a plain shared disk lacks).
 //!
 //! `mkfs` (lay out a fresh volume) and `fsck` (check one) sit beside `fs`: they use
-//! `format` and `lun` directly.
+//! `format` and `lun` directly. `inspect` (status, locks) reads like them; `sim` drives
+//! many in-process hosts for tests; `units` and `progress` (a bar on a terminal only)
+//! serve the tools. The binary adds the system's conventions around `fuse`: the
+//! `mount.atsfs`, `umount.fuse.atsfs` and `fsck.atsfs` helpers (`helpers.rs`,
+//! `umount.rs`) and the man pages and completions made from its command line
+//! (`docs.rs`).
 
 pub mod cluster;
 pub mod format;
