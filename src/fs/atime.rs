@@ -74,12 +74,17 @@ impl Core {
 
     /// Sets `ino`'s atime to now if a read now must (checked again: another read may
     /// have done it since). Into the running transaction, with the inode's lock
-    /// exclusive; the ctime stays.
+    /// exclusive; the ctime stays. Best effort: when another host holds the inode's
+    /// lock, the access time is left alone rather than the read waiting for that host
+    /// (or asking it to let go of the lock).
     pub fn touch_atime(&mut self, ino: Ino, mode: AtimeMode, nodiratime: bool) -> FsResult<()> {
         if !self.atime_due(ino, mode, nodiratime)? {
             return Ok(());
         }
         let mut inode = self.inode(ino)?;
+        if !self.meta.try_exclusive_without_asking(inode.blockno)? {
+            return Ok(());
+        }
         (inode.atime_s, inode.atime_ns) = from_system_time(SystemTime::now());
         self.put_inode(&inode)
     }

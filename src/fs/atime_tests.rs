@@ -129,3 +129,150 @@ fn strictatime_updates_on_every_read_and_nodiratime_spares_directories() {
     fs.read_data(f, 0, 4).expect("read");
     assert_eq!(fs.host_stats().expect("stats").commits, commits);
 }
+
+/// A read whose atime is due holds the data I/O barrier (its IoToken) while
+/// `touch_atime` waits for the core lock; a thread that holds the core lock in
+/// `release_quarantine` (a sync, a lock release) waits for the barrier to be idle.
+#[test]
+fn a_read_with_its_atime_due_and_a_sync_do_not_deadlock() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount_with(&lun, AtimeMode::StrictAtime, false);
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.write_data(f, 0, &vec![7u8; 64 << 10]).expect("write");
+    fs.sync().expect("sync");
+    let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let reader = {
+        let (fs, done) = (fs.clone(), done.clone());
+        std::thread::spawn(move || {
+            for _ in 0..3000 {
+                fs.read_data(f, 0, 64 << 10).expect("read");
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let syncer = {
+        let (fs, done) = (fs.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 0..3000u32 {
+                let name = format!("g{i}");
+                let g = fs
+                    .mknod(fs.root(), name.as_bytes(), REG, 0, 0, 0)
+                    .expect("create");
+                fs.write_data(g.ino, 0, &[1u8; 8192]).expect("write");
+                fs.unlink(fs.root(), name.as_bytes()).expect("unlink");
+                fs.sync().expect("sync");
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let start = std::time::Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "deadlock: a read waiting in touch_atime (holding the data I/O barrier) and a sync waiting in release_quarantine (holding the core lock)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().expect("reader");
+    syncer.join().expect("syncer");
+}
+
+/// A clock that stalls the thread named "slow-reader" at every reading, as a
+/// preempted thread would be stalled: it widens the window between a read's
+/// mapping (core lock let go, data I/O barrier entered) and its `touch_atime`.
+struct StallingClock(crate::cluster::SystemClock);
+
+impl crate::cluster::Clock for StallingClock {
+    fn now_ms(&self) -> u64 {
+        if std::thread::current().name() == Some("slow-reader") {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.0.now_ms()
+    }
+    fn sleep(&self, duration: Duration) {
+        self.0.sleep(duration)
+    }
+}
+
+#[test]
+fn a_preempted_read_with_its_atime_due_and_a_sync_do_not_deadlock() {
+    let lun = fresh_volume(64 << 20);
+    let mut options = MountOptions::new(HostUuid([1; 16]));
+    options.atime = AtimeMode::StrictAtime;
+    options.clock = Arc::new(StallingClock(crate::cluster::SystemClock::default()));
+    let shared: Arc<dyn Lun> = lun.clone();
+    let fs = Fs::mount(shared, options).expect("mount");
+    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    fs.write_data(f, 0, &vec![7u8; 64 << 10]).expect("write");
+    fs.sync().expect("sync");
+    let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let reader = {
+        let (fs, done) = (fs.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("slow-reader".into())
+            .spawn(move || {
+                for _ in 0..20 {
+                    fs.read_data(f, 0, 64 << 10).expect("read");
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("spawn")
+    };
+    let syncer = {
+        let (fs, done) = (fs.clone(), done.clone());
+        std::thread::spawn(move || {
+            for i in 0..500u32 {
+                let name = format!("g{i}");
+                let g = fs
+                    .mknod(fs.root(), name.as_bytes(), REG, 0, 0, 0)
+                    .expect("create");
+                fs.write_data(g.ino, 0, &[1u8; 8192]).expect("write");
+                fs.unlink(fs.root(), name.as_bytes()).expect("unlink");
+                fs.sync().expect("sync");
+            }
+            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    let start = std::time::Instant::now();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "deadlock: a read waiting in touch_atime (holding the data I/O barrier) and a \
+             sync waiting in release_quarantine (holding the core lock)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    reader.join().expect("reader");
+    syncer.join().expect("syncer");
+}
+
+/// Atime updates run as non-mutating operations, which never seal the
+/// running transaction at `TX_SOFT_LIMIT`: reads alone grow it without bound until
+/// the next periodic commit, past what one journal transaction can hold.
+#[test]
+fn atime_updates_of_many_reads_fit_the_journal() {
+    let lun = fresh_volume(64 << 20);
+    let mut options = MountOptions::new(HostUuid([1; 16]));
+    options.atime = AtimeMode::StrictAtime;
+    options.commit_interval = Duration::from_secs(3600);
+    let shared: Arc<dyn Lun> = lun.clone();
+    let fs = Fs::mount(shared, options).expect("mount");
+    let journal_blocks = geometry_journal_blocks(&lun);
+    let n = (journal_blocks + 200) as usize;
+    let mut inos = Vec::new();
+    for i in 0..n {
+        inos.push(file_with_data(&fs, format!("f{i}").as_bytes()));
+    }
+    fs.sync().expect("sync after the creates");
+    std::thread::sleep(Duration::from_millis(20));
+    for &ino in &inos {
+        fs.read_data(ino, 0, 4).expect("read");
+    }
+    fs.sync().expect("sync of the atime updates");
+    fs.mkdir(fs.root(), b"after", 0o755, 0, 0)
+        .expect("the host still works");
+}
+
+fn geometry_journal_blocks(lun: &MemLun) -> u64 {
+    crate::format::Geometry::from_superblock(&read_superblock(lun).expect("sb")).journal_blocks
+}

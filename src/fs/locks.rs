@@ -280,6 +280,21 @@ impl Meta {
         self.locks.kernel_stale.drain().collect()
     }
 
+    /// Takes `resource`'s lock exclusive only when no other host holds it: false
+    /// otherwise, without asking the holders to let it go and without making later
+    /// shared takes exclusive (`want_exclusive`). For best-effort changes that must
+    /// never wait for another host (an access time after a read).
+    pub fn try_exclusive_without_asking(&mut self, resource: BlockNo) -> FsResult<bool> {
+        if self.read_only {
+            return Ok(false);
+        }
+        match self.need_as(resource, LockMode::Exclusive) {
+            Ok(()) => Ok(true),
+            Err(FsError::NeedLock { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Like `need`, but false instead of an error when another host holds the lock.
     pub fn try_need(&mut self, resource: BlockNo, mode: LockMode) -> FsResult<bool> {
         match self.need(resource, mode) {

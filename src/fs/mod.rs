@@ -375,7 +375,10 @@ impl Fs {
                 }
                 self.yield_requested(&mut core)?;
                 core.meta.settle_if_done()?;
-                if mutating && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
+                // Also before an operation that is not "mutating" but may add to the
+                // running transaction (an atime update after a read): reads alone must
+                // not grow it past what one journal transaction holds.
+                if !self.options.read_only && core.meta.tx_len() > meta::TX_SOFT_LIMIT {
                     core.meta.seal()?;
                 }
                 if mutating {
@@ -615,12 +618,15 @@ impl Fs {
         buf: &mut Vec<u8>,
         uncached: bool,
     ) -> FsResult<std::ops::Range<usize>> {
-        let candidate = if uncached {
+        // A read-only host drops its cache (and moves the epoch) at every operation,
+        // so a read-ahead would never serve the next read: none is issued there.
+        let read_ahead = uncached && !self.options.read_only;
+        let candidate = if read_ahead {
             self.readahead.take(ino, offset, size)
         } else {
             None
         };
-        let (_reading, ahead) = if uncached {
+        let (_reading, ahead) = if read_ahead {
             let (reading, ahead) = self.readahead.note_read(ino, offset, size);
             (Some(reading), ahead)
         } else {
@@ -655,20 +661,23 @@ impl Fs {
             let token = plan.needs_io().then(|| self.data_io.enter());
             Ok((plan, epoch, lun, token, next, atime_due))
         })?;
-        if atime_due {
-            self.touch_atime(ino);
-        }
         for next in next {
             self.readahead.start(next);
         }
         // A read-ahead serves only a host sure of its lease (another host may have
         // taken over the file's lock from one that is not).
         let candidate = candidate.filter(|_| self.lease.check().is_ok());
-        if let Some(range) = self.readahead.settle(candidate, epoch, &plan, buf) {
-            return self.leased(Ok(range));
-        }
-        let result = plan.execute_into(lun.as_ref(), buf, uncached);
+        let result = match self.readahead.settle(candidate, epoch, &plan, buf) {
+            Some(range) => Ok(range),
+            None => plan.execute_into(lun.as_ref(), buf, uncached),
+        };
         drop(token);
+        // Only once the data I/O barrier is let go: the atime update waits for the core
+        // lock, whose holder may be waiting for the barrier to be idle (a sync or a
+        // lock release in `release_quarantine`), and may itself release locks.
+        if atime_due {
+            self.touch_atime(ino);
+        }
         // The blocks were mapped under the lease; they are still this file's only if
         // the lease still runs now that they have been read.
         self.leased(result)

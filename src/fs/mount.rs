@@ -369,67 +369,92 @@ impl Fs {
         let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
         let io_counters = guarded_lun.counters().clone();
         let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
-        let mut membership = Membership::start(lun.clone(), &geo, claim, lease.clone(), interval);
-        let mut fencing = fencing;
-        if after_crash {
-            check_nothing_to_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)?;
-            fence::fence_dead(lun.as_ref(), fencing.key(), slot, membership.generation)?;
-            fencing = fence::become_host(lun.as_ref(), &fencing, slot, membership.generation)?;
-            membership.go_live()?;
-        }
-        let fencing = fence::become_host(guarded.as_ref(), &fencing, slot, membership.generation)?;
-        tracing::info!(
-            slot,
-            generation = membership.generation,
-            "mounted read-only: writes only its heartbeat ({fencing})"
-        );
-        let reader: Arc<dyn Lun> = Arc::new(crate::lun::ReadOnlyLun::new(guarded));
-        let me = Holder {
-            uuid: options.host_uuid,
-            slot,
-            generation: membership.generation,
-        };
-        let mut node = Node::new(
-            reader.clone(),
-            geo,
-            sb.volume_uuid,
-            me,
-            options.clock.clone(),
+        let mut membership = Some(Membership::start(
+            lun.clone(),
+            &geo,
+            claim,
+            lease.clone(),
             interval,
-            lease_time,
-        );
-        node.fence_key = fencing.key();
-        let node = Arc::new(node);
-        node.refresh()?;
-        if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
-            settle_foreign_slots(
-                reader.as_ref(),
-                &geo,
-                sb.volume_uuid,
+        ));
+        // As for a read-write host: a mount that fails after its claim frees the slot
+        // again, unless its own crashed journal still waits for a read-write mount.
+        let mut replayed = !after_crash;
+        let mounted = (|| -> Result<Arc<Fs>> {
+            let Some(member) = membership.as_mut() else {
+                bail!("the heartbeat of slot {slot} is gone");
+            };
+            let mut fencing = fencing;
+            if after_crash {
+                check_nothing_to_replay(guarded.as_ref(), &geo, slot, sb.volume_uuid)?;
+                fence::fence_dead(lun.as_ref(), fencing.key(), slot, member.generation)?;
+                fencing = fence::become_host(lun.as_ref(), &fencing, slot, member.generation)?;
+                member.go_live()?;
+                replayed = true;
+            }
+            let fencing = fence::become_host(guarded.as_ref(), &fencing, slot, member.generation)?;
+            tracing::info!(
                 slot,
-                options.host_uuid,
+                generation = member.generation,
+                "mounted read-only: writes only its heartbeat ({fencing})"
+            );
+            let reader: Arc<dyn Lun> = Arc::new(crate::lun::ReadOnlyLun::new(guarded));
+            let me = Holder {
+                uuid: options.host_uuid,
+                slot,
+                generation: member.generation,
+            };
+            let mut node = Node::new(
+                reader.clone(),
+                geo,
+                sb.volume_uuid,
+                me,
+                options.clock.clone(),
                 interval,
                 lease_time,
-                options.clock.as_ref(),
-                false,
-            )?;
+            );
+            node.fence_key = fencing.key();
+            let node = Arc::new(node);
+            node.refresh()?;
+            if sb.ats_mode == crate::format::ATS_MODE_EMULATED {
+                settle_foreign_slots(
+                    reader.as_ref(),
+                    &geo,
+                    sb.volume_uuid,
+                    slot,
+                    options.host_uuid,
+                    interval,
+                    lease_time,
+                    options.clock.as_ref(),
+                    false,
+                )?;
+            }
+            let journal = Journal::open_read_only(reader.as_ref(), &geo, slot, sb.volume_uuid)
+                .with_context(|| format!("reading the journal header of slot {slot}"))?;
+            let mut meta = Meta::new(reader, geo, sb.volume_uuid, journal, node);
+            meta.set_lease(lease.clone());
+            meta.read_only = true;
+            meta.locks.root = sb.root_ino;
+            let core = Core {
+                meta,
+                sb,
+                open_counts: HashMap::new(),
+                last_generation: 0,
+            };
+            let fs = Fs::assemble(core, io_counters, lease, membership.take(), options);
+            spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
+            fs.check_root()?;
+            Ok(fs)
+        })();
+        if let (Err(e), true, Some(member)) = (&mounted, replayed, membership.take()) {
+            tracing::warn!(
+                slot,
+                "the read-only mount failed after claiming its slot ({e:#}); freeing the slot"
+            );
+            if let Err(release) = member.release() {
+                tracing::warn!("could not free our slot again: {release:#}");
+            }
         }
-        let journal = Journal::open_read_only(reader.as_ref(), &geo, slot, sb.volume_uuid)
-            .with_context(|| format!("reading the journal header of slot {slot}"))?;
-        let mut meta = Meta::new(reader, geo, sb.volume_uuid, journal, node);
-        meta.set_lease(lease.clone());
-        meta.read_only = true;
-        meta.locks.root = sb.root_ino;
-        let core = Core {
-            meta,
-            sb,
-            open_counts: HashMap::new(),
-            last_generation: 0,
-        };
-        let fs = Fs::assemble(core, io_counters, lease, Some(membership), options);
-        spawn_service(Arc::downgrade(&fs), fs.options.commit_interval, interval);
-        fs.check_root()?;
-        Ok(fs)
+        mounted
     }
 
     /// Commits everything, marks the journal empty and frees the heartbeat slot.

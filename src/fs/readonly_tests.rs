@@ -225,3 +225,56 @@ fn read_only_host_on_a_disk_paxos_volume_writes_only_its_heartbeat() {
     let report = crate::fsck::check(lun.as_ref()).expect("fsck");
     assert!(report.is_clean(), "not clean:\n{}", report.render());
 }
+
+/// On a read-only host every operation drops the cache and moves the epoch,
+/// so a read-ahead mapped by one read never serves the next: each sequential
+/// O_DIRECT read still reads its two next ranges, for nothing.
+#[test]
+fn read_ahead_is_not_issued_on_a_read_only_host() {
+    let lun = fresh_volume(64 << 20);
+    let rw = mount(&lun, 1);
+    let file = rw.mknod(rw.root(), b"big", REG, 0, 0, 0).expect("create");
+    rw.write_data(file.ino, 0, &vec![5u8; 4 << 20])
+        .expect("write");
+    rw.fsync(file.ino, false).expect("fsync");
+    let (ro, _) = mount_read_only(&lun, 2);
+    let f = ro.lookup(ro.root(), b"big").expect("lookup");
+    ro.remember(&f);
+    let mut buf = Vec::new();
+    for i in 0..32u64 {
+        ro.read_into(f.ino, i * (128 << 10), 128 << 10, &mut buf, true)
+            .expect("read");
+    }
+    let stats = ro.readahead_stats();
+    assert!(
+        stats.issued == 0 || stats.used > 0,
+        "read-ahead issued {} ranges on a read-only host and used {}",
+        stats.issued,
+        stats.used
+    );
+}
+
+#[test]
+fn a_read_only_mount_that_fails_after_its_claim_frees_the_slot() {
+    let lun = fresh_volume(64 << 20);
+    let geo = geometry(&lun);
+    // Slot 0's journal header is unreadable: the mount claims the slot, then fails.
+    let mut block = vec![0u8; crate::format::BLOCK_SIZE];
+    let journal = geo.journal_of(0) * crate::format::BLOCK_SIZE_U64;
+    lun.read_at(&mut block, journal).expect("read");
+    block[..64].fill(0xee);
+    lun.write_at(&block, journal).expect("damage");
+    let mut options = MountOptions::new(HostUuid([2; 16]));
+    options.read_only = true;
+    let shared: Arc<dyn Lun> = lun.clone();
+    assert!(Fs::mount(shared, options).is_err());
+    let mut raw = vec![0u8; 512];
+    lun.read_at(&mut raw, geo.slot_offset(0)).expect("read");
+    let slot =
+        <crate::format::HeartbeatSlot as crate::format::OnDisk>::decode(&raw, 0).expect("slot");
+    assert_eq!(
+        slot.state,
+        crate::format::SLOT_FREE,
+        "the failed read-only mount left its slot claimed"
+    );
+}
