@@ -314,6 +314,12 @@ fn main() -> ExitCode {
         };
     }
     let cli = Cli::parse();
+    // The mount daemon's last words name it: mounts share /var/log/atsfs.log, and
+    // umount.fuse.atsfs looks there for this daemon's.
+    let daemon = matches!(
+        cli.command,
+        Command::Mount { foreground, ready_fd, .. } if foreground || ready_fd.is_some()
+    );
     let result = match cli.command {
         Command::Mount {
             foreground,
@@ -388,6 +394,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if daemon => {
+            eprintln!("atsfs[{}]: {e:#}", std::process::id());
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("atsfs: {e:#}");
             ExitCode::FAILURE

@@ -159,6 +159,8 @@ struct Daemon {
     /// its pid.
     start: Option<u64>,
     lease: Option<Duration>,
+    /// The heartbeat slot it says it holds (its stats).
+    slot: Option<u32>,
     /// Its stderr when that is a file (the log), with its length before the unmount.
     log: Option<(PathBuf, u64)>,
 }
@@ -185,10 +187,17 @@ fn running(daemon: &Daemon) -> bool {
     }
 }
 
-/// The pid and lease the daemon reports in its stats (the `user.atsfs.stats` xattr
-/// of the mount's root), asked in a thread: a daemon that does not answer is left
-/// behind after `ASK_TIMEOUT`.
-fn ask_daemon(dir: &Path) -> Option<(i32, Option<Duration>)> {
+/// What the daemon says of itself in its stats.
+struct Answer {
+    pid: i32,
+    lease: Option<Duration>,
+    slot: Option<u32>,
+}
+
+/// The pid, lease and slot the daemon reports in its stats (the `user.atsfs.stats`
+/// xattr of the mount's root), asked in a thread: a daemon that does not answer is
+/// left behind after `ASK_TIMEOUT`.
+fn ask_daemon(dir: &Path) -> Option<Answer> {
     let (tx, rx) = std::sync::mpsc::channel();
     let dir = dir.to_path_buf();
     std::thread::Builder::new()
@@ -204,7 +213,11 @@ fn ask_daemon(dir: &Path) -> Option<(i32, Option<Duration>)> {
         .get("lease_ms")
         .and_then(|l| l.as_u64())
         .map(Duration::from_millis);
-    Some((pid, lease))
+    let slot = v
+        .get("slot")
+        .and_then(|s| s.as_u64())
+        .and_then(|s| u32::try_from(s).ok());
+    Some(Answer { pid, lease, slot })
 }
 
 /// The `atsfs mount` processes whose mount point argument is `dir` (relative ones
@@ -270,12 +283,12 @@ fn lexical_normal(path: &Path) -> PathBuf {
 /// does not answer, or runs in another pid namespace) the one `atsfs mount`
 /// process whose mount point is `dir`.
 fn find_daemon(dir: &Path) -> Option<Daemon> {
-    let (pid, lease) = match ask_daemon(dir) {
+    let (pid, lease, slot) = match ask_daemon(dir) {
         // An `atsfs mount` process (its DIR may be another path to the same
         // directory); in another pid namespace the number names someone else.
-        Some((pid, lease)) if daemon_mountpoint(pid).is_some() => (pid, lease),
+        Some(a) if daemon_mountpoint(a.pid).is_some() => (a.pid, a.lease, a.slot),
         _ => match scan_daemons(dir)[..] {
-            [pid] => (pid, None),
+            [pid] => (pid, None, None),
             _ => return None,
         },
     };
@@ -290,31 +303,138 @@ fn find_daemon(dir: &Path) -> Option<Daemon> {
         pid,
         start: proc_stat(pid).map(|(_, start)| start),
         lease,
+        slot,
         log,
     })
 }
 
-/// What the daemon wrote to its log after `from`: its last words on failure
-/// (`atsfs: ...`, which main prints when the daemon ends with an error) and errors.
-fn log_failures(log: &Path, from: u64) -> Vec<String> {
+/// What the daemon `pid` wrote to its log after `from` as its last words: the line
+/// `atsfs[PID]: ...` main prints when the daemon ends with an error. Only lines
+/// naming the pid count: every mount logs to /var/log/atsfs.log by default.
+fn last_words(log: &Path, from: u64, pid: i32) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     let read = std::fs::File::open(log).and_then(|mut f| {
         f.seek(SeekFrom::Start(from))?;
-        // At most the last few hundred KiB matter.
-        f.take(1 << 20).read_to_string(&mut text)
+        // At most the last MiB matters.
+        f.take(1 << 20).read_to_end(&mut bytes)
     });
     if read.is_err() {
         return Vec::new();
     }
-    failures_in(&text)
+    failures_in(&String::from_utf8_lossy(&bytes), pid)
 }
 
-fn failures_in(text: &str) -> Vec<String> {
+fn failures_in(text: &str, pid: i32) -> Vec<String> {
+    let tag = format!("atsfs[{pid}]: ");
     text.lines()
-        .filter(|l| l.starts_with("atsfs: ") || l.contains(" ERROR "))
+        .filter(|l| l.starts_with(&tag))
         .map(str::to_string)
         .collect()
+}
+
+/// The heartbeat slot a daemon holds, as read from the device before the unmount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    slot: u32,
+    generation: u32,
+    host_uuid: [u8; 16],
+}
+
+/// What became of the daemon's slot after it exited.
+#[derive(Debug, PartialEq, Eq)]
+enum SlotFate {
+    /// Released (FREE).
+    Released,
+    /// Still LIVE under the daemon's host and generation: not written home.
+    StillLive,
+    /// Recovered, or claimed again, by a host (this one or another): the daemon did
+    /// not release it itself.
+    TakenOver(String),
+}
+
+/// This process's PID namespace, as the heartbeat records it (the inode of
+/// /proc/self/ns/pid); 0 when unknown.
+fn pid_namespace() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .ok()
+        .and_then(|m| u32::try_from(m.ino()).ok())
+        .unwrap_or(0)
+}
+
+/// The volume on `source`, opened read-only: its geometry.
+fn open_volume(
+    source: &str,
+) -> Result<(std::sync::Arc<dyn atsfs::lun::Lun>, atsfs::format::Geometry), String> {
+    let lun = atsfs::lun::open_device(Path::new(source), atsfs::lun::OpenMode::ReadOnly)
+        .map_err(|e| format!("opening {source}: {e}"))?;
+    let sb = atsfs::fs::read_superblock(lun.as_ref())
+        .map_err(|e| format!("reading the superblock of {source}: {e:#}"))?;
+    Ok((lun, atsfs::format::Geometry::from_superblock(&sb)))
+}
+
+/// The slot the daemon `pid` holds on `source`: the one its stats named, else the
+/// held slot whose owner is `pid` of this kernel and pid namespace.
+fn held_slot(source: &str, pid: i32, named: Option<u32>) -> Result<Option<Held>, String> {
+    let (lun, geo) = open_volume(source)?;
+    let boot = atsfs::cluster::boot_id().ok();
+    let ns = pid_namespace();
+    let slots: Vec<u32> = match named {
+        Some(slot) => vec![slot],
+        None => (0..geo.max_hosts).collect(),
+    };
+    for slot in slots {
+        let image = match atsfs::cluster::read_slot(lun.as_ref(), &geo, slot) {
+            Ok((_, Some(image))) => image,
+            Ok((_, None)) => continue,
+            Err(e) if named.is_some() => return Err(format!("{e:#}")),
+            Err(_) => continue,
+        };
+        if image.state == atsfs::format::SLOT_FREE {
+            continue;
+        }
+        let owner = u32::try_from(pid).is_ok_and(|p| p == image.owner_pid)
+            && image.owner_pid_ns == ns
+            && boot.is_some_and(|b| b == image.boot_id);
+        if named.is_some() || owner {
+            return Ok(Some(Held {
+                slot,
+                generation: image.generation,
+                host_uuid: image.host_uuid,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// What became of `held` on `source`.
+fn slot_fate(source: &str, held: &Held) -> Result<SlotFate, String> {
+    let (lun, geo) = open_volume(source)?;
+    let image = match atsfs::cluster::read_slot(lun.as_ref(), &geo, held.slot) {
+        Ok((_, Some(image))) => image,
+        Ok((_, None)) => return Err(format!("slot {} reads as never used", held.slot)),
+        Err(e) => return Err(format!("{e:#}")),
+    };
+    Ok(judge_slot(held, &image))
+}
+
+fn judge_slot(held: &Held, now: &atsfs::format::HeartbeatSlot) -> SlotFate {
+    use atsfs::format::{SLOT_FREE, SLOT_LIVE};
+    let same = now.generation == held.generation && now.host_uuid == held.host_uuid;
+    match now.state {
+        SLOT_FREE => SlotFate::Released,
+        SLOT_LIVE if same => SlotFate::StillLive,
+        SLOT_LIVE => SlotFate::TakenOver(format!(
+            "claimed again (generation {}) by host {}",
+            now.generation,
+            atsfs::cluster::HostUuid(now.host_uuid)
+        )),
+        _ => SlotFate::TakenOver(format!(
+            "being recovered by the host in slot {}",
+            now.recoverer_slot
+        )),
+    }
 }
 
 /// Unmounts `dir` and waits for its daemon; umount(8)'s exit code.
@@ -353,6 +473,10 @@ pub(crate) fn unmount(request: &Request) -> u8 {
         return UMOUNT_FAILED;
     }
     let daemon = find_daemon(&dir);
+    // The daemon's slot as it is now, to tell after it exits whether it released it.
+    let held = daemon
+        .as_ref()
+        .map(|d| held_slot(&entry.source, d.pid, d.slot));
     if request.verbose {
         match &daemon {
             Some(d) => eprintln!(
@@ -372,16 +496,17 @@ pub(crate) fn unmount(request: &Request) -> u8 {
     if !request.by_umount8 {
         forget_helper(&dir);
     }
-    let Some(daemon) = daemon else {
+    let (Some(daemon), Some(held)) = (daemon, held) else {
         eprintln!(
-            "{name}: warning: no atsfs daemon process found for {shown} (it had exited, \
-             or runs in another pid namespace); not waiting for it. If it is gone, the \
-             other hosts recover its slot of {} from its journal",
+            "{name}: note: could not find the atsfs daemon serving {shown} (it had \
+             exited, or runs in another pid namespace): unmounted only, without waiting \
+             for it to write back. `atsfs status {}` shows whether its slot is still \
+             live; if it is gone, the other hosts recover that slot from its journal",
             entry.source
         );
         return 0;
     };
-    wait_for(&daemon, &dir, &entry.source, request)
+    wait_for(&daemon, held, &dir, &entry.source, request)
 }
 
 /// The helper option `record_helper` puts in /run/mount/utab.
@@ -520,7 +645,13 @@ fn fusermount(dir: &Path, lazy: bool) -> Result<(), String> {
 }
 
 /// Waits for the daemon to exit: 0 done, 32 it failed or took too long.
-fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 {
+fn wait_for(
+    daemon: &Daemon,
+    held: Result<Option<Held>, String>,
+    dir: &Path,
+    source: &str,
+    request: &Request,
+) -> u8 {
     let name = request.name;
     let pid = daemon.pid;
     let lease = daemon.lease.unwrap_or(LEASE_UNKNOWN);
@@ -567,33 +698,60 @@ fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if let Some((log, from)) = &daemon.log {
-        let failures = log_failures(log, *from);
-        if failures.iter().any(|l| l.starts_with("atsfs: ")) {
-            eprintln!(
-                "{name}: the atsfs daemon (pid {pid}) failed while unmounting; its log {} \
-                 says:",
-                log.display()
-            );
-            for line in &failures {
-                eprintln!("  {line}");
-            }
-            eprintln!(
-                "{name}: its slot stays marked live until another host (or `atsfs recover \
-                 {source}`) recovers it from its journal"
-            );
-            return UMOUNT_FAILED;
-        }
-        for line in &failures {
-            eprintln!("{name}: the daemon logged: {line}");
-        }
-    }
-    if request.verbose || said {
+    let log_name = daemon
+        .log
+        .as_ref()
+        .map(|(p, _)| p.display().to_string())
+        .unwrap_or_else(|| "its log (/var/log/atsfs.log unless log= said otherwise)".into());
+    let words = daemon
+        .log
+        .as_ref()
+        .map(|(log, from)| last_words(log, *from, pid))
+        .unwrap_or_default();
+    let fate = match held {
+        Ok(Some(held)) => Some((held.slot, slot_fate(source, &held))),
+        Ok(None) => None,
+        Err(e) => Some((u32::MAX, Err(e))),
+    };
+    if let Some((slot, Ok(SlotFate::StillLive))) = &fate {
         eprintln!(
-            "{name}: the atsfs daemon (pid {pid}) wrote back, released its slot and exited \
-             ({} ms after the unmount)",
-            start.elapsed().as_millis()
+            "{name}: the atsfs daemon (pid {pid}) exited without releasing slot {slot}: \
+             its last changes may not be written home; other hosts will recover its \
+             journal after the lease (`atsfs recover {source}` when no other host is up); \
+             see {log_name}"
         );
+        for line in &words {
+            eprintln!("  {line}");
+        }
+        return UMOUNT_FAILED;
+    }
+    if !words.is_empty() {
+        eprintln!("{name}: the atsfs daemon (pid {pid}) failed while unmounting; {log_name} says:");
+        for line in &words {
+            eprintln!("  {line}");
+        }
+        return UMOUNT_FAILED;
+    }
+    let took = start.elapsed().as_millis();
+    match &fate {
+        Some((slot, Ok(SlotFate::TakenOver(what)))) => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) exited without releasing slot {slot} \
+             itself: it is {what} (its lease had run out); see {log_name}"
+        ),
+        Some((_, Err(e))) => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) exited ({took} ms after the unmount), \
+             but whether it released its slot could not be checked: {e}; `atsfs status \
+             {source}` shows it"
+        ),
+        None if request.verbose || said => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) exited without an error ({took} ms after \
+             the unmount); its slot was not found to check"
+        ),
+        Some((slot, Ok(_))) if request.verbose || said => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) wrote back, released slot {slot} and \
+             exited ({took} ms after the unmount)"
+        ),
+        _ => {}
     }
     0
 }
@@ -661,15 +819,54 @@ mod tests {
     }
 
     #[test]
-    fn only_the_daemons_last_words_and_errors_count() {
+    fn only_this_daemons_last_words_count() {
+        // Two daemons share the log: the other one's failure is not ours.
         let log = "2026-12-06T10:00:00Z  INFO atsfs: unmounted /m\n\
                    2026-12-06T10:00:00Z ERROR atsfs::fs: journal write failed\n\
-                   atsfs: unmount could not write everything home: EIO\n\
+                   atsfs[41]: unmount could not write everything home: EIO\n\
+                   atsfs[4]: mounting /dev/sdc: no such device\n\
+                   atsfs: an old daemon's line\n\
                    2026-12-06T10:00:00Z  WARN atsfs: slow\n";
-        let f = failures_in(log);
-        assert_eq!(f.len(), 2, "{f:?}");
-        assert!(f[1].starts_with("atsfs: unmount"));
-        assert!(failures_in("2026 INFO atsfs: unmounted /m\n").is_empty());
+        let f = failures_in(log, 41);
+        assert_eq!(
+            f,
+            ["atsfs[41]: unmount could not write everything home: EIO"]
+        );
+        assert!(failures_in(log, 7).is_empty());
+        assert!(failures_in("2026 INFO atsfs: unmounted /m\n", 41).is_empty());
+    }
+
+    #[test]
+    fn a_slot_still_live_under_the_daemons_generation_was_not_released() {
+        use atsfs::format::{HeartbeatSlot, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING};
+        let held = Held {
+            slot: 3,
+            generation: 7,
+            host_uuid: [9; 16],
+        };
+        let image = |state, generation, host_uuid| HeartbeatSlot {
+            slot: 3,
+            state,
+            generation,
+            host_uuid,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        assert_eq!(
+            judge_slot(&held, &image(SLOT_LIVE, 7, [9; 16])),
+            SlotFate::StillLive
+        );
+        assert_eq!(
+            judge_slot(&held, &image(SLOT_FREE, 7, [9; 16])),
+            SlotFate::Released
+        );
+        assert!(matches!(
+            judge_slot(&held, &image(SLOT_LIVE, 8, [5; 16])),
+            SlotFate::TakenOver(_)
+        ));
+        assert!(matches!(
+            judge_slot(&held, &image(SLOT_RECOVERING, 7, [9; 16])),
+            SlotFate::TakenOver(_)
+        ));
     }
 
     #[test]
@@ -681,6 +878,7 @@ mod tests {
             pid: me,
             start,
             lease: None,
+            slot: None,
             log: None,
         };
         assert!(running(&daemon(start)));
