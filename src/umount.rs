@@ -131,6 +131,9 @@ pub(crate) fn helper_main() -> ExitCode {
 struct MountEntry {
     fstype: String,
     source: String,
+    /// The superblock's device number (kernel encoding): a FUSE mount's connection
+    /// in /sys/fs/fuse/connections.
+    dev: Option<u64>,
 }
 
 /// The last mount on `dir` in a mountinfo text (the one a umount of `dir` removes).
@@ -143,11 +146,19 @@ fn find_mount(mountinfo: &str, dir: &Path) -> Option<MountEntry> {
         if atsfs::fuse::unescape_mountinfo(point) != want {
             return None;
         }
+        let dev = head.split(' ').nth(2).and_then(|d| {
+            let (major, minor) = d.split_once(':')?;
+            Some((major.parse::<u64>().ok()? << 20) | minor.parse::<u64>().ok()?)
+        });
         let mut fields = tail.split(' ');
         let fstype = fields.next()?.to_string();
         let source = fields.next().unwrap_or("");
         let source = String::from_utf8_lossy(&atsfs::fuse::unescape_mountinfo(source)).into();
-        Some(MountEntry { fstype, source })
+        Some(MountEntry {
+            fstype,
+            source,
+            dev,
+        })
     })
 }
 
@@ -161,8 +172,26 @@ struct Daemon {
     lease: Option<Duration>,
     /// The heartbeat slot it says it holds (its stats).
     slot: Option<u32>,
+    /// Whether it answered.
+    health: Health,
     /// Its stderr when that is a file (the log), with its length before the unmount.
     log: Option<(PathBuf, u64)>,
+}
+
+/// How the daemon responded before the unmount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    /// It answered (or the question failed at once).
+    Answering,
+    /// Stopped (SIGSTOP, a debugger: /proc state T or t): not asked.
+    Stopped,
+    /// It did not answer within `ASK_TIMEOUT`.
+    Silent,
+}
+
+/// True when `pid` is stopped (SIGSTOP or traced).
+fn stopped(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state == 'T' || state == 't')
 }
 
 /// The state letter and start time (field 22) of /proc/PID/stat.
@@ -195,20 +224,50 @@ struct Answer {
 }
 
 /// The pid, lease and slot the daemon reports in its stats (the `user.atsfs.stats`
-/// xattr of the mount's root), asked in a thread: a daemon that does not answer is
-/// left behind after `ASK_TIMEOUT`.
-fn ask_daemon(dir: &Path) -> Option<Answer> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let dir = dir.to_path_buf();
-    std::thread::Builder::new()
-        .name("ask".into())
-        .spawn(move || {
-            let _ = tx.send(crate::read_stats_xattr(&dir));
-        })
-        .ok()?;
-    let raw = rx.recv_timeout(ASK_TIMEOUT).ok()?.ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
-    let pid = i32::try_from(v.get("pid")?.as_u64()?).ok()?;
+/// xattr of the mount's root). Asked by a child process (`atsfs stats --json DIR`):
+/// a request to a daemon that does not answer pins the mount (umount2 fails with
+/// EBUSY while it waits), and a child can be killed after `ASK_TIMEOUT`, which
+/// ends a request the daemon has not read yet. Err(Silent) when it did not answer.
+fn ask_daemon(dir: &Path) -> Result<Answer, Health> {
+    use std::io::Read;
+    let exe = std::env::current_exe().map_err(|_| Health::Answering)?;
+    let mut command = std::process::Command::new(exe);
+    std::os::unix::process::CommandExt::arg0(&mut command, "atsfs");
+    let mut child = command
+        .args([std::ffi::OsStr::new("stats"), "--json".as_ref()])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|_| Health::Answering)?;
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if start.elapsed() < ASK_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                let _ = child.kill();
+                // Reaped when it has died (its request had not been read); else
+                // left to init (an abort of the connection ends the request).
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = child.try_wait();
+                return Err(Health::Silent);
+            }
+        }
+    }
+    let mut raw = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_end(&mut raw);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| Health::Answering)?;
+    let pid = v
+        .get("pid")
+        .and_then(|p| p.as_u64())
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or(Health::Answering)?;
     let lease = v
         .get("lease_ms")
         .and_then(|l| l.as_u64())
@@ -217,7 +276,7 @@ fn ask_daemon(dir: &Path) -> Option<Answer> {
         .get("slot")
         .and_then(|s| s.as_u64())
         .and_then(|s| u32::try_from(s).ok());
-    Some(Answer { pid, lease, slot })
+    Ok(Answer { pid, lease, slot })
 }
 
 /// The `atsfs mount` processes whose mount point argument is `dir` (relative ones
@@ -279,17 +338,24 @@ fn lexical_normal(path: &Path) -> PathBuf {
     out
 }
 
-/// Finds the daemon serving the mount on `dir`: it says its pid itself; else (it
-/// does not answer, or runs in another pid namespace) the one `atsfs mount`
-/// process whose mount point is `dir`.
+/// Finds the daemon serving the mount on `dir`: the one `atsfs mount` process
+/// whose mount point is `dir`, not asked when it is stopped; else (none found,
+/// several, or in another pid namespace) the pid it reports itself.
 fn find_daemon(dir: &Path) -> Option<Daemon> {
-    let (pid, lease, slot) = match ask_daemon(dir) {
-        // An `atsfs mount` process (its DIR may be another path to the same
-        // directory); in another pid namespace the number names someone else.
-        Some(a) if daemon_mountpoint(a.pid).is_some() => (a.pid, a.lease, a.slot),
-        _ => match scan_daemons(dir)[..] {
-            [pid] => (pid, None, None),
-            _ => return None,
+    let scanned = match scan_daemons(dir)[..] {
+        [pid] => Some(pid),
+        _ => None,
+    };
+    let (pid, lease, slot, health) = match scanned {
+        Some(pid) if stopped(pid) => (pid, None, None, Health::Stopped),
+        _ => match ask_daemon(dir) {
+            // An `atsfs mount` process (its DIR may be another path to the same
+            // directory); in another pid namespace the number names someone else.
+            Ok(a) if daemon_mountpoint(a.pid).is_some() => {
+                (a.pid, a.lease, a.slot, Health::Answering)
+            }
+            Ok(_) => (scanned?, None, None, Health::Answering),
+            Err(health) => (scanned?, None, None, health),
         },
     };
     let log = std::fs::read_link(format!("/proc/{pid}/fd/2"))
@@ -304,6 +370,7 @@ fn find_daemon(dir: &Path) -> Option<Daemon> {
         start: proc_stat(pid).map(|(_, start)| start),
         lease,
         slot,
+        health,
         log,
     })
 }
@@ -457,7 +524,7 @@ pub(crate) fn unmount(request: &Request) -> u8 {
     };
     if entry.fstype != "fuse.atsfs" && request.by_umount8 {
         // Sent here by a stale `helper=fuse.atsfs` in utab: unmount as umount would.
-        return match detach(&dir, request) {
+        return match detach(&dir, request, None, None) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("{name}: {shown}: {e}");
@@ -486,7 +553,17 @@ pub(crate) fn unmount(request: &Request) -> u8 {
             None => eprintln!("{name}: no atsfs daemon found for {shown}"),
         }
     }
-    if let Err(e) = detach(&dir, request) {
+    let hung = daemon
+        .as_ref()
+        .filter(|d| d.health != Health::Answering)
+        .map(|d| (d.pid, d.health));
+    if let Some((pid, health)) = hung {
+        eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) {}",
+            hung_words(health)
+        );
+    }
+    if let Err(e) = detach(&dir, request, hung, entry.dev) {
         eprintln!("{name}: {shown}: {e}");
         return UMOUNT_FAILED;
     }
@@ -602,24 +679,68 @@ fn canonical_mountpoint(dir: &Path) -> Option<PathBuf> {
     Some(std::fs::canonicalize(parent).ok()?.join(name))
 }
 
-/// umount2 (as root) or fusermount -u (a user's own mount).
-fn detach(dir: &Path, request: &Request) -> Result<(), String> {
+/// What a hung daemon is doing, after "the atsfs daemon (pid N)".
+fn hung_words(health: Health) -> &'static str {
+    match health {
+        Health::Stopped => "is stopped (SIGSTOP or a debugger; `kill -CONT` it to let it go on)",
+        _ => "does not answer (hung)",
+    }
+}
+
+/// Aborts the FUSE connection `dev` (/sys/fs/fuse/connections/DEV/abort): every
+/// request to the daemon fails at once, and the processes waiting in one (and
+/// pinning the mount) go on.
+fn abort_connection(dev: u64) -> Result<(), String> {
+    let path = format!("/sys/fs/fuse/connections/{dev}/abort");
+    std::fs::write(&path, b"1").map_err(|e| format!("writing {path}: {e}"))
+}
+
+/// umount2 (as root) or fusermount -u (a user's own mount). `hung`: the daemon's pid
+/// and state when it is stopped or silent; with -f its connection is aborted first.
+fn detach(
+    dir: &Path,
+    request: &Request,
+    hung: Option<(i32, Health)>,
+    dev: Option<u64>,
+) -> Result<(), String> {
     let mut flags = nix::mount::MntFlags::empty();
     if request.lazy {
         flags |= nix::mount::MntFlags::MNT_DETACH;
     }
     if request.force {
         flags |= nix::mount::MntFlags::MNT_FORCE;
+        if let (Some(_), Some(dev)) = (hung, dev) {
+            if let Err(e) = abort_connection(dev) {
+                tracing::warn!("{e}; unmounting with MNT_FORCE only");
+            }
+        }
     }
-    match nix::mount::umount2(dir, flags) {
+    // After an abort (MNT_FORCE aborts a FUSE connection too), the processes that
+    // waited on the daemon let go of the mount a moment later.
+    let tries = if request.force { 20 } else { 1 };
+    let mut result = nix::mount::umount2(dir, flags);
+    for _ in 1..tries {
+        if result != Err(nix::errno::Errno::EBUSY) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        result = nix::mount::umount2(dir, flags);
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EPERM) if !nix::unistd::geteuid().is_root() => {
             fusermount(dir, request.lazy)
         }
-        Err(nix::errno::Errno::EBUSY) => Err("target is busy (files are open under it: \
-                                             `fuser -vm DIR` shows who; umount -l detaches \
-                                             it anyway)"
-            .into()),
+        Err(nix::errno::Errno::EBUSY) => Err(match hung {
+            Some((pid, health)) if !request.force => format!(
+                "target is busy: the atsfs daemon (pid {pid}) {}, and processes wait on \
+                 it; -f (umount -f) aborts its connection, failing their requests",
+                hung_words(health)
+            ),
+            _ => "target is busy (files are open under it: `fuser -vm DIR` shows who; \
+                  umount -l detaches it anyway)"
+                .into(),
+        }),
         Err(nix::errno::Errno::EINVAL) => Err("not mounted".into()),
         Err(e) => Err(format!("umount failed: {}", e.desc())),
     }
@@ -668,6 +789,16 @@ fn wait_for(
     let start = Instant::now();
     let mut said = false;
     while running(daemon) {
+        if stopped(pid) && !request.lazy {
+            eprintln!(
+                "{name}: the mount is gone, but the atsfs daemon (pid {pid}) {}: it \
+                 cannot write back and release its slot until it is continued. Killed \
+                 instead, the other hosts (or `atsfs recover {source}`) recover its slot \
+                 from its journal after the lease: what it had committed stays{log_hint}",
+                hung_words(Health::Stopped)
+            );
+            return UMOUNT_FAILED;
+        }
         let waited = start.elapsed();
         if !said && waited >= Duration::from_secs(1) && !request.lazy {
             eprintln!(
@@ -879,6 +1010,7 @@ mod tests {
             start,
             lease: None,
             slot: None,
+            health: Health::Answering,
             log: None,
         };
         assert!(running(&daemon(start)));

@@ -576,3 +576,111 @@ fn umount_fails_when_the_daemon_exits_without_releasing_its_slot() {
         "the daemon's last words are not in its log:\n{text}"
     );
 }
+
+/// Runs `command`, killed after `limit`: a helper that hangs on a stopped daemon
+/// fails the test instead of hanging it.
+fn run_within(command: &mut Command, limit: Duration) -> Output {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a command");
+    let pid = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while process_alive(pid) && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let hung = process_alive(pid);
+        if hung {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        hung
+    });
+    let out = child.wait_with_output().expect("waiting for a command");
+    assert!(!watchdog.join().unwrap(), "{command:?} hung");
+    eprintln!(
+        "$ {command:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A stopped (hung) daemon's mount can be unmounted through the helper: the helper
+/// does not ask the stopped daemon (which would pin the mount), unmounts, and says
+/// the daemon is stopped (32: it has not written home). With a process waiting on
+/// the daemon under the mount, the helper says the daemon is stopped (not "files
+/// are open"), and -f aborts the connection and unmounts.
+#[test]
+fn umount_of_a_stopped_daemon_unmounts_and_says_so() {
+    require_fuse!();
+    let scratch = Scratch::new("system-umount-stopped");
+    let bin_dir = scratch.mountpoint("bin");
+    let image = short_lease_image(&scratch);
+    let spec = common::MountSpec::in_scratch(&scratch, &image, "a");
+    let helper = bin_dir.join("umount.fuse.atsfs");
+    std::os::unix::fs::symlink(atsfs_bin(), &helper).unwrap();
+    let stop = |pid: i32, signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+    };
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+
+    // Nothing else under the mount: a plain unmount goes through.
+    let mount = spec.mount();
+    std::fs::write(mount.join("x"), b"hi\n").unwrap();
+    let daemon = mount.daemon_pid().expect("no daemon");
+    stop(daemon, SIGSTOP);
+    let out = run_within(
+        Command::new(&helper).arg(mount.path()).arg("-v"),
+        Duration::from_secs(30),
+    );
+    stop(daemon, SIGCONT);
+    std::mem::forget(mount);
+    assert_eq!(out.status.code(), Some(32));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is stopped"), "the helper did not say so");
+    assert!(!stderr.contains("target is busy"));
+    assert!(mountinfo(&spec.mountpoint).is_none(), "still mounted");
+    assert!(wait_exit(daemon, Duration::from_secs(30)));
+
+    // A process waits on the stopped daemon: busy, and why; -f unmounts.
+    let mount = spec.mount();
+    let daemon = mount.daemon_pid().expect("no daemon");
+    stop(daemon, SIGSTOP);
+    let mut waiter = Command::new("stat")
+        .arg(mount.join("x"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run_within(
+        Command::new(&helper).arg(mount.path()).arg("-v"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(32));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is stopped") && stderr.contains("-f"),
+        "busy, but not said why"
+    );
+    assert!(mountinfo(&spec.mountpoint).is_some());
+    let out = run_within(
+        Command::new(&helper).arg(mount.path()).args(["-v", "-f"]),
+        Duration::from_secs(30),
+    );
+    stop(daemon, SIGCONT);
+    std::mem::forget(mount);
+    let _ = waiter.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(32),
+        "the daemon has not written home"
+    );
+    assert!(mountinfo(&spec.mountpoint).is_none(), "-f did not unmount");
+    assert!(wait_exit(daemon, Duration::from_secs(30)));
+}
