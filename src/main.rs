@@ -314,6 +314,12 @@ fn main() -> ExitCode {
         };
     }
     let cli = Cli::parse();
+    // The mount daemon's last words name it: mounts share /var/log/atsfs.log, and
+    // umount.fuse.atsfs looks there for this daemon's.
+    let daemon = matches!(
+        cli.command,
+        Command::Mount { foreground, ready_fd, .. } if foreground || ready_fd.is_some()
+    );
     let result = match cli.command {
         Command::Mount {
             foreground,
@@ -388,6 +394,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if daemon => {
+            eprintln!("atsfs[{}]: {e:#}", std::process::id());
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("atsfs: {e:#}");
             ExitCode::FAILURE
@@ -509,11 +519,25 @@ fn write_end_raw(fd: &OwnedFd) -> i32 {
     fd.as_raw_fd()
 }
 
-fn report_ready(ready_fd: Option<i32>, message: &str) {
-    if let Some(fd) = ready_fd {
-        // SAFETY: the parent passed us this fd for exactly this one message.
-        let mut pipe = unsafe { std::fs::File::from_raw_fd(fd) };
-        let _ = writeln!(pipe, "{message}");
+/// The pipe `atsfs mount` waits on (`--ready-fd`): the daemon writes one line to it,
+/// "ok" once the mount is live or why it failed, and closes it. Only the first
+/// report goes out: the daemon that fails after "ok" must not write to (or close)
+/// the fd number again, which by then may name another file (the device).
+struct ReadyPipe(Option<std::fs::File>);
+
+impl ReadyPipe {
+    /// Takes ownership of `fd` (the parent passed it for this one message).
+    fn new(fd: Option<i32>) -> ReadyPipe {
+        // SAFETY: the parent passed us this fd for exactly this one message; it is
+        // owned here and nowhere else.
+        ReadyPipe(fd.map(|fd| unsafe { std::fs::File::from_raw_fd(fd) }))
+    }
+
+    /// Writes `message` and closes the pipe; nothing after the first call.
+    fn report(&mut self, message: &str) {
+        if let Some(mut pipe) = self.0.take() {
+            let _ = writeln!(pipe, "{message}");
+        }
     }
 }
 
@@ -524,9 +548,12 @@ fn mount_foreground(
     options: &[String],
     ready_fd: Option<i32>,
 ) -> Result<()> {
-    let result = mount_and_serve(device, mountpoint, host_id, options, ready_fd);
+    let mut ready = ReadyPipe::new(ready_fd);
+    let result = mount_and_serve(device, mountpoint, host_id, options, &mut ready);
     if let Err(e) = &result {
-        report_ready(ready_fd, &format!("{e:#}"));
+        // Before "ok": why the mount failed, for `atsfs mount` to print. After it:
+        // nothing (the error goes to the log, from main).
+        ready.report(&format!("{e:#}"));
     }
     result
 }
@@ -547,7 +574,7 @@ fn mount_and_serve(
     mountpoint: &Path,
     host_id: Option<&str>,
     options: &[String],
-    ready_fd: Option<i32>,
+    ready: &mut ReadyPipe,
 ) -> Result<()> {
     let mut fuse_opts = FuseOptions {
         fsname: source_name(device),
@@ -594,7 +621,7 @@ fn mount_and_serve(
             }
         })
         .context("starting the signal thread")?;
-    report_ready(ready_fd, "ok");
+    ready.report("ok");
     let served = mounted.run();
     let unmounted = fs.unmount();
     tracing::info!("unmounted {}", mountpoint.display());
@@ -881,5 +908,38 @@ fn print_selftest(r: &atsfs::lun::selftest::SelftestReport) {
     }
     for problem in &r.problems {
         eprintln!("atsfs ats-selftest: FAILED: {problem}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// The daemon reports "ok", later fails: the failure must not reach the fd
+    /// number, which by then names another file.
+    #[test]
+    fn the_ready_pipe_is_written_and_closed_once() {
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+        let number = write_end.into_raw_fd();
+        let mut ready = ReadyPipe::new(Some(number));
+        ready.report("ok");
+        // The lowest free number: the pipe's, now closed.
+        let scratch = std::env::temp_dir().join(format!("atsfs-ready-{}", std::process::id()));
+        let reused = std::fs::File::create(&scratch).unwrap();
+        let reused_number = reused.as_raw_fd();
+        ready.report("mounting failed");
+        let mut text = String::new();
+        std::fs::File::from(read_end)
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "ok\n");
+        if reused_number == number {
+            // Still open (not closed behind its owner's back), and nothing written.
+            assert!(reused.metadata().is_ok());
+            assert_eq!(std::fs::read(&scratch).unwrap(), b"");
+        }
+        drop(reused);
+        let _ = std::fs::remove_file(&scratch);
     }
 }

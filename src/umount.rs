@@ -131,6 +131,9 @@ pub(crate) fn helper_main() -> ExitCode {
 struct MountEntry {
     fstype: String,
     source: String,
+    /// The superblock's device number (kernel encoding): a FUSE mount's connection
+    /// in /sys/fs/fuse/connections.
+    dev: Option<u64>,
 }
 
 /// The last mount on `dir` in a mountinfo text (the one a umount of `dir` removes).
@@ -143,11 +146,19 @@ fn find_mount(mountinfo: &str, dir: &Path) -> Option<MountEntry> {
         if atsfs::fuse::unescape_mountinfo(point) != want {
             return None;
         }
+        let dev = head.split(' ').nth(2).and_then(|d| {
+            let (major, minor) = d.split_once(':')?;
+            Some((major.parse::<u64>().ok()? << 20) | minor.parse::<u64>().ok()?)
+        });
         let mut fields = tail.split(' ');
         let fstype = fields.next()?.to_string();
         let source = fields.next().unwrap_or("");
         let source = String::from_utf8_lossy(&atsfs::fuse::unescape_mountinfo(source)).into();
-        Some(MountEntry { fstype, source })
+        Some(MountEntry {
+            fstype,
+            source,
+            dev,
+        })
     })
 }
 
@@ -159,8 +170,28 @@ struct Daemon {
     /// its pid.
     start: Option<u64>,
     lease: Option<Duration>,
+    /// The heartbeat slot it says it holds (its stats).
+    slot: Option<u32>,
+    /// Whether it answered.
+    health: Health,
     /// Its stderr when that is a file (the log), with its length before the unmount.
     log: Option<(PathBuf, u64)>,
+}
+
+/// How the daemon responded before the unmount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Health {
+    /// It answered (or the question failed at once).
+    Answering,
+    /// Stopped (SIGSTOP, a debugger: /proc state T or t): not asked.
+    Stopped,
+    /// It did not answer within `ASK_TIMEOUT`.
+    Silent,
+}
+
+/// True when `pid` is stopped (SIGSTOP or traced).
+fn stopped(pid: i32) -> bool {
+    proc_stat(pid).is_some_and(|(state, _)| state == 'T' || state == 't')
 }
 
 /// The state letter and start time (field 22) of /proc/PID/stat.
@@ -185,26 +216,67 @@ fn running(daemon: &Daemon) -> bool {
     }
 }
 
-/// The pid and lease the daemon reports in its stats (the `user.atsfs.stats` xattr
-/// of the mount's root), asked in a thread: a daemon that does not answer is left
-/// behind after `ASK_TIMEOUT`.
-fn ask_daemon(dir: &Path) -> Option<(i32, Option<Duration>)> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let dir = dir.to_path_buf();
-    std::thread::Builder::new()
-        .name("ask".into())
-        .spawn(move || {
-            let _ = tx.send(crate::read_stats_xattr(&dir));
-        })
-        .ok()?;
-    let raw = rx.recv_timeout(ASK_TIMEOUT).ok()?.ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
-    let pid = i32::try_from(v.get("pid")?.as_u64()?).ok()?;
+/// What the daemon says of itself in its stats.
+struct Answer {
+    pid: i32,
+    lease: Option<Duration>,
+    slot: Option<u32>,
+}
+
+/// The pid, lease and slot the daemon reports in its stats (the `user.atsfs.stats`
+/// xattr of the mount's root). Asked by a child process (`atsfs stats --json DIR`):
+/// a request to a daemon that does not answer pins the mount (umount2 fails with
+/// EBUSY while it waits), and a child can be killed after `ASK_TIMEOUT`, which
+/// ends a request the daemon has not read yet. Err(Silent) when it did not answer.
+fn ask_daemon(dir: &Path) -> Result<Answer, Health> {
+    use std::io::Read;
+    let exe = std::env::current_exe().map_err(|_| Health::Answering)?;
+    let mut command = std::process::Command::new(exe);
+    std::os::unix::process::CommandExt::arg0(&mut command, "atsfs");
+    let mut child = command
+        .args([std::ffi::OsStr::new("stats"), "--json".as_ref()])
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|_| Health::Answering)?;
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if start.elapsed() < ASK_TIMEOUT => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                let _ = child.kill();
+                // Reaped when it has died (its request had not been read); else
+                // left to init (an abort of the connection ends the request).
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = child.try_wait();
+                return Err(Health::Silent);
+            }
+        }
+    }
+    let mut raw = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_end(&mut raw);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| Health::Answering)?;
+    let pid = v
+        .get("pid")
+        .and_then(|p| p.as_u64())
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or(Health::Answering)?;
     let lease = v
         .get("lease_ms")
         .and_then(|l| l.as_u64())
         .map(Duration::from_millis);
-    Some((pid, lease))
+    let slot = v
+        .get("slot")
+        .and_then(|s| s.as_u64())
+        .and_then(|s| u32::try_from(s).ok());
+    Ok(Answer { pid, lease, slot })
 }
 
 /// The `atsfs mount` processes whose mount point argument is `dir` (relative ones
@@ -266,17 +338,24 @@ fn lexical_normal(path: &Path) -> PathBuf {
     out
 }
 
-/// Finds the daemon serving the mount on `dir`: it says its pid itself; else (it
-/// does not answer, or runs in another pid namespace) the one `atsfs mount`
-/// process whose mount point is `dir`.
+/// Finds the daemon serving the mount on `dir`: the one `atsfs mount` process
+/// whose mount point is `dir`, not asked when it is stopped; else (none found,
+/// several, or in another pid namespace) the pid it reports itself.
 fn find_daemon(dir: &Path) -> Option<Daemon> {
-    let (pid, lease) = match ask_daemon(dir) {
-        // An `atsfs mount` process (its DIR may be another path to the same
-        // directory); in another pid namespace the number names someone else.
-        Some((pid, lease)) if daemon_mountpoint(pid).is_some() => (pid, lease),
-        _ => match scan_daemons(dir)[..] {
-            [pid] => (pid, None),
-            _ => return None,
+    let scanned = match scan_daemons(dir)[..] {
+        [pid] => Some(pid),
+        _ => None,
+    };
+    let (pid, lease, slot, health) = match scanned {
+        Some(pid) if stopped(pid) => (pid, None, None, Health::Stopped),
+        _ => match ask_daemon(dir) {
+            // An `atsfs mount` process (its DIR may be another path to the same
+            // directory); in another pid namespace the number names someone else.
+            Ok(a) if daemon_mountpoint(a.pid).is_some() => {
+                (a.pid, a.lease, a.slot, Health::Answering)
+            }
+            Ok(_) => (scanned?, None, None, Health::Answering),
+            Err(health) => (scanned?, None, None, health),
         },
     };
     let log = std::fs::read_link(format!("/proc/{pid}/fd/2"))
@@ -290,31 +369,139 @@ fn find_daemon(dir: &Path) -> Option<Daemon> {
         pid,
         start: proc_stat(pid).map(|(_, start)| start),
         lease,
+        slot,
+        health,
         log,
     })
 }
 
-/// What the daemon wrote to its log after `from`: its last words on failure
-/// (`atsfs: ...`, which main prints when the daemon ends with an error) and errors.
-fn log_failures(log: &Path, from: u64) -> Vec<String> {
+/// What the daemon `pid` wrote to its log after `from` as its last words: the line
+/// `atsfs[PID]: ...` main prints when the daemon ends with an error. Only lines
+/// naming the pid count: every mount logs to /var/log/atsfs.log by default.
+fn last_words(log: &Path, from: u64, pid: i32) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     let read = std::fs::File::open(log).and_then(|mut f| {
         f.seek(SeekFrom::Start(from))?;
-        // At most the last few hundred KiB matter.
-        f.take(1 << 20).read_to_string(&mut text)
+        // At most the last MiB matters.
+        f.take(1 << 20).read_to_end(&mut bytes)
     });
     if read.is_err() {
         return Vec::new();
     }
-    failures_in(&text)
+    failures_in(&String::from_utf8_lossy(&bytes), pid)
 }
 
-fn failures_in(text: &str) -> Vec<String> {
+fn failures_in(text: &str, pid: i32) -> Vec<String> {
+    let tag = format!("atsfs[{pid}]: ");
     text.lines()
-        .filter(|l| l.starts_with("atsfs: ") || l.contains(" ERROR "))
+        .filter(|l| l.starts_with(&tag))
         .map(str::to_string)
         .collect()
+}
+
+/// The heartbeat slot a daemon holds, as read from the device before the unmount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Held {
+    slot: u32,
+    generation: u32,
+    host_uuid: [u8; 16],
+}
+
+/// What became of the daemon's slot after it exited.
+#[derive(Debug, PartialEq, Eq)]
+enum SlotFate {
+    /// Released (FREE).
+    Released,
+    /// Still LIVE under the daemon's host and generation: not written home.
+    StillLive,
+    /// Recovered, or claimed again, by a host (this one or another): the daemon did
+    /// not release it itself.
+    TakenOver(String),
+}
+
+/// This process's PID namespace, as the heartbeat records it (the inode of
+/// /proc/self/ns/pid); 0 when unknown.
+fn pid_namespace() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid")
+        .ok()
+        .and_then(|m| u32::try_from(m.ino()).ok())
+        .unwrap_or(0)
+}
+
+/// The volume on `source`, opened read-only: its geometry.
+fn open_volume(
+    source: &str,
+) -> Result<(std::sync::Arc<dyn atsfs::lun::Lun>, atsfs::format::Geometry), String> {
+    let lun = atsfs::lun::open_device(Path::new(source), atsfs::lun::OpenMode::ReadOnly)
+        .map_err(|e| format!("opening {source}: {e}"))?;
+    let sb = atsfs::fs::read_superblock(lun.as_ref())
+        .map_err(|e| format!("reading the superblock of {source}: {e:#}"))?;
+    Ok((lun, atsfs::format::Geometry::from_superblock(&sb)))
+}
+
+/// The slot the daemon `pid` holds on `source`: the one its stats named, else the
+/// held slot whose owner is `pid` of this kernel and pid namespace.
+fn held_slot(source: &str, pid: i32, named: Option<u32>) -> Result<Option<Held>, String> {
+    let (lun, geo) = open_volume(source)?;
+    let boot = atsfs::cluster::boot_id().ok();
+    let ns = pid_namespace();
+    let slots: Vec<u32> = match named {
+        Some(slot) => vec![slot],
+        None => (0..geo.max_hosts).collect(),
+    };
+    for slot in slots {
+        let image = match atsfs::cluster::read_slot(lun.as_ref(), &geo, slot) {
+            Ok((_, Some(image))) => image,
+            Ok((_, None)) => continue,
+            Err(e) if named.is_some() => return Err(format!("{e:#}")),
+            Err(_) => continue,
+        };
+        if image.state == atsfs::format::SLOT_FREE {
+            continue;
+        }
+        let owner = u32::try_from(pid).is_ok_and(|p| p == image.owner_pid)
+            && image.owner_pid_ns == ns
+            && boot.is_some_and(|b| b == image.boot_id);
+        if named.is_some() || owner {
+            return Ok(Some(Held {
+                slot,
+                generation: image.generation,
+                host_uuid: image.host_uuid,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// What became of `held` on `source`.
+fn slot_fate(source: &str, held: &Held) -> Result<SlotFate, String> {
+    let (lun, geo) = open_volume(source)?;
+    let image = match atsfs::cluster::read_slot(lun.as_ref(), &geo, held.slot) {
+        Ok((_, Some(image))) => image,
+        Ok((_, None)) => return Err(format!("slot {} reads as never used", held.slot)),
+        Err(e) => return Err(format!("{e:#}")),
+    };
+    Ok(judge_slot(held, &image))
+}
+
+fn judge_slot(held: &Held, now: &atsfs::format::HeartbeatSlot) -> SlotFate {
+    use atsfs::format::{SLOT_FREE, SLOT_LIVE};
+    let same = now.generation == held.generation && now.host_uuid == held.host_uuid;
+    match now.state {
+        SLOT_FREE => SlotFate::Released,
+        SLOT_LIVE if same => SlotFate::StillLive,
+        SLOT_LIVE => SlotFate::TakenOver(format!(
+            "claimed again (generation {}) by host {}",
+            now.generation,
+            atsfs::cluster::HostUuid(now.host_uuid)
+        )),
+        _ => SlotFate::TakenOver(format!(
+            "being recovered by the host in slot {}",
+            now.recoverer_slot
+        )),
+    }
 }
 
 /// Unmounts `dir` and waits for its daemon; umount(8)'s exit code.
@@ -337,7 +524,7 @@ pub(crate) fn unmount(request: &Request) -> u8 {
     };
     if entry.fstype != "fuse.atsfs" && request.by_umount8 {
         // Sent here by a stale `helper=fuse.atsfs` in utab: unmount as umount would.
-        return match detach(&dir, request) {
+        return match detach(&dir, request, None, None) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("{name}: {shown}: {e}");
@@ -353,6 +540,10 @@ pub(crate) fn unmount(request: &Request) -> u8 {
         return UMOUNT_FAILED;
     }
     let daemon = find_daemon(&dir);
+    // The daemon's slot as it is now, to tell after it exits whether it released it.
+    let held = daemon
+        .as_ref()
+        .map(|d| held_slot(&entry.source, d.pid, d.slot));
     if request.verbose {
         match &daemon {
             Some(d) => eprintln!(
@@ -362,7 +553,17 @@ pub(crate) fn unmount(request: &Request) -> u8 {
             None => eprintln!("{name}: no atsfs daemon found for {shown}"),
         }
     }
-    if let Err(e) = detach(&dir, request) {
+    let hung = daemon
+        .as_ref()
+        .filter(|d| d.health != Health::Answering)
+        .map(|d| (d.pid, d.health));
+    if let Some((pid, health)) = hung {
+        eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) {}",
+            hung_words(health)
+        );
+    }
+    if let Err(e) = detach(&dir, request, hung, entry.dev) {
         eprintln!("{name}: {shown}: {e}");
         return UMOUNT_FAILED;
     }
@@ -372,16 +573,17 @@ pub(crate) fn unmount(request: &Request) -> u8 {
     if !request.by_umount8 {
         forget_helper(&dir);
     }
-    let Some(daemon) = daemon else {
+    let (Some(daemon), Some(held)) = (daemon, held) else {
         eprintln!(
-            "{name}: warning: no atsfs daemon process found for {shown} (it had exited, \
-             or runs in another pid namespace); not waiting for it. If it is gone, the \
-             other hosts recover its slot of {} from its journal",
+            "{name}: note: could not find the atsfs daemon serving {shown} (it had \
+             exited, or runs in another pid namespace): unmounted only, without waiting \
+             for it to write back. `atsfs status {}` shows whether its slot is still \
+             live; if it is gone, the other hosts recover that slot from its journal",
             entry.source
         );
         return 0;
     };
-    wait_for(&daemon, &dir, &entry.source, request)
+    wait_for(&daemon, held, &dir, &entry.source, request)
 }
 
 /// The helper option `record_helper` puts in /run/mount/utab.
@@ -477,24 +679,68 @@ fn canonical_mountpoint(dir: &Path) -> Option<PathBuf> {
     Some(std::fs::canonicalize(parent).ok()?.join(name))
 }
 
-/// umount2 (as root) or fusermount -u (a user's own mount).
-fn detach(dir: &Path, request: &Request) -> Result<(), String> {
+/// What a hung daemon is doing, after "the atsfs daemon (pid N)".
+fn hung_words(health: Health) -> &'static str {
+    match health {
+        Health::Stopped => "is stopped (SIGSTOP or a debugger; `kill -CONT` it to let it go on)",
+        _ => "does not answer (hung)",
+    }
+}
+
+/// Aborts the FUSE connection `dev` (/sys/fs/fuse/connections/DEV/abort): every
+/// request to the daemon fails at once, and the processes waiting in one (and
+/// pinning the mount) go on.
+fn abort_connection(dev: u64) -> Result<(), String> {
+    let path = format!("/sys/fs/fuse/connections/{dev}/abort");
+    std::fs::write(&path, b"1").map_err(|e| format!("writing {path}: {e}"))
+}
+
+/// umount2 (as root) or fusermount -u (a user's own mount). `hung`: the daemon's pid
+/// and state when it is stopped or silent; with -f its connection is aborted first.
+fn detach(
+    dir: &Path,
+    request: &Request,
+    hung: Option<(i32, Health)>,
+    dev: Option<u64>,
+) -> Result<(), String> {
     let mut flags = nix::mount::MntFlags::empty();
     if request.lazy {
         flags |= nix::mount::MntFlags::MNT_DETACH;
     }
     if request.force {
         flags |= nix::mount::MntFlags::MNT_FORCE;
+        if let (Some(_), Some(dev)) = (hung, dev) {
+            if let Err(e) = abort_connection(dev) {
+                tracing::warn!("{e}; unmounting with MNT_FORCE only");
+            }
+        }
     }
-    match nix::mount::umount2(dir, flags) {
+    // After an abort (MNT_FORCE aborts a FUSE connection too), the processes that
+    // waited on the daemon let go of the mount a moment later.
+    let tries = if request.force { 20 } else { 1 };
+    let mut result = nix::mount::umount2(dir, flags);
+    for _ in 1..tries {
+        if result != Err(nix::errno::Errno::EBUSY) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        result = nix::mount::umount2(dir, flags);
+    }
+    match result {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EPERM) if !nix::unistd::geteuid().is_root() => {
             fusermount(dir, request.lazy)
         }
-        Err(nix::errno::Errno::EBUSY) => Err("target is busy (files are open under it: \
-                                             `fuser -vm DIR` shows who; umount -l detaches \
-                                             it anyway)"
-            .into()),
+        Err(nix::errno::Errno::EBUSY) => Err(match hung {
+            Some((pid, health)) if !request.force => format!(
+                "target is busy: the atsfs daemon (pid {pid}) {}, and processes wait on \
+                 it; -f (umount -f) aborts its connection, failing their requests",
+                hung_words(health)
+            ),
+            _ => "target is busy (files are open under it: `fuser -vm DIR` shows who; \
+                  umount -l detaches it anyway)"
+                .into(),
+        }),
         Err(nix::errno::Errno::EINVAL) => Err("not mounted".into()),
         Err(e) => Err(format!("umount failed: {}", e.desc())),
     }
@@ -520,7 +766,13 @@ fn fusermount(dir: &Path, lazy: bool) -> Result<(), String> {
 }
 
 /// Waits for the daemon to exit: 0 done, 32 it failed or took too long.
-fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 {
+fn wait_for(
+    daemon: &Daemon,
+    held: Result<Option<Held>, String>,
+    dir: &Path,
+    source: &str,
+    request: &Request,
+) -> u8 {
     let name = request.name;
     let pid = daemon.pid;
     let lease = daemon.lease.unwrap_or(LEASE_UNKNOWN);
@@ -537,6 +789,16 @@ fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 
     let start = Instant::now();
     let mut said = false;
     while running(daemon) {
+        if stopped(pid) && !request.lazy {
+            eprintln!(
+                "{name}: the mount is gone, but the atsfs daemon (pid {pid}) {}: it \
+                 cannot write back and release its slot until it is continued. Killed \
+                 instead, the other hosts (or `atsfs recover {source}`) recover its slot \
+                 from its journal after the lease: what it had committed stays{log_hint}",
+                hung_words(Health::Stopped)
+            );
+            return UMOUNT_FAILED;
+        }
         let waited = start.elapsed();
         if !said && waited >= Duration::from_secs(1) && !request.lazy {
             eprintln!(
@@ -567,33 +829,60 @@ fn wait_for(daemon: &Daemon, dir: &Path, source: &str, request: &Request) -> u8 
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    if let Some((log, from)) = &daemon.log {
-        let failures = log_failures(log, *from);
-        if failures.iter().any(|l| l.starts_with("atsfs: ")) {
-            eprintln!(
-                "{name}: the atsfs daemon (pid {pid}) failed while unmounting; its log {} \
-                 says:",
-                log.display()
-            );
-            for line in &failures {
-                eprintln!("  {line}");
-            }
-            eprintln!(
-                "{name}: its slot stays marked live until another host (or `atsfs recover \
-                 {source}`) recovers it from its journal"
-            );
-            return UMOUNT_FAILED;
-        }
-        for line in &failures {
-            eprintln!("{name}: the daemon logged: {line}");
-        }
-    }
-    if request.verbose || said {
+    let log_name = daemon
+        .log
+        .as_ref()
+        .map(|(p, _)| p.display().to_string())
+        .unwrap_or_else(|| "its log (/var/log/atsfs.log unless log= said otherwise)".into());
+    let words = daemon
+        .log
+        .as_ref()
+        .map(|(log, from)| last_words(log, *from, pid))
+        .unwrap_or_default();
+    let fate = match held {
+        Ok(Some(held)) => Some((held.slot, slot_fate(source, &held))),
+        Ok(None) => None,
+        Err(e) => Some((u32::MAX, Err(e))),
+    };
+    if let Some((slot, Ok(SlotFate::StillLive))) = &fate {
         eprintln!(
-            "{name}: the atsfs daemon (pid {pid}) wrote back, released its slot and exited \
-             ({} ms after the unmount)",
-            start.elapsed().as_millis()
+            "{name}: the atsfs daemon (pid {pid}) exited without releasing slot {slot}: \
+             its last changes may not be written home; other hosts will recover its \
+             journal after the lease (`atsfs recover {source}` when no other host is up); \
+             see {log_name}"
         );
+        for line in &words {
+            eprintln!("  {line}");
+        }
+        return UMOUNT_FAILED;
+    }
+    if !words.is_empty() {
+        eprintln!("{name}: the atsfs daemon (pid {pid}) failed while unmounting; {log_name} says:");
+        for line in &words {
+            eprintln!("  {line}");
+        }
+        return UMOUNT_FAILED;
+    }
+    let took = start.elapsed().as_millis();
+    match &fate {
+        Some((slot, Ok(SlotFate::TakenOver(what)))) => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) exited without releasing slot {slot} \
+             itself: it is {what} (its lease had run out); see {log_name}"
+        ),
+        Some((_, Err(e))) => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) exited ({took} ms after the unmount), \
+             but whether it released its slot could not be checked: {e}; `atsfs status \
+             {source}` shows it"
+        ),
+        None if request.verbose || said => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) exited without an error ({took} ms after \
+             the unmount); its slot was not found to check"
+        ),
+        Some((slot, Ok(_))) if request.verbose || said => eprintln!(
+            "{name}: the atsfs daemon (pid {pid}) wrote back, released slot {slot} and \
+             exited ({took} ms after the unmount)"
+        ),
+        _ => {}
     }
     0
 }
@@ -661,15 +950,54 @@ mod tests {
     }
 
     #[test]
-    fn only_the_daemons_last_words_and_errors_count() {
+    fn only_this_daemons_last_words_count() {
+        // Two daemons share the log: the other one's failure is not ours.
         let log = "2026-12-06T10:00:00Z  INFO atsfs: unmounted /m\n\
                    2026-12-06T10:00:00Z ERROR atsfs::fs: journal write failed\n\
-                   atsfs: unmount could not write everything home: EIO\n\
+                   atsfs[41]: unmount could not write everything home: EIO\n\
+                   atsfs[4]: mounting /dev/sdc: no such device\n\
+                   atsfs: an old daemon's line\n\
                    2026-12-06T10:00:00Z  WARN atsfs: slow\n";
-        let f = failures_in(log);
-        assert_eq!(f.len(), 2, "{f:?}");
-        assert!(f[1].starts_with("atsfs: unmount"));
-        assert!(failures_in("2026 INFO atsfs: unmounted /m\n").is_empty());
+        let f = failures_in(log, 41);
+        assert_eq!(
+            f,
+            ["atsfs[41]: unmount could not write everything home: EIO"]
+        );
+        assert!(failures_in(log, 7).is_empty());
+        assert!(failures_in("2026 INFO atsfs: unmounted /m\n", 41).is_empty());
+    }
+
+    #[test]
+    fn a_slot_still_live_under_the_daemons_generation_was_not_released() {
+        use atsfs::format::{HeartbeatSlot, SLOT_FREE, SLOT_LIVE, SLOT_RECOVERING};
+        let held = Held {
+            slot: 3,
+            generation: 7,
+            host_uuid: [9; 16],
+        };
+        let image = |state, generation, host_uuid| HeartbeatSlot {
+            slot: 3,
+            state,
+            generation,
+            host_uuid,
+            ..bytemuck::Zeroable::zeroed()
+        };
+        assert_eq!(
+            judge_slot(&held, &image(SLOT_LIVE, 7, [9; 16])),
+            SlotFate::StillLive
+        );
+        assert_eq!(
+            judge_slot(&held, &image(SLOT_FREE, 7, [9; 16])),
+            SlotFate::Released
+        );
+        assert!(matches!(
+            judge_slot(&held, &image(SLOT_LIVE, 8, [5; 16])),
+            SlotFate::TakenOver(_)
+        ));
+        assert!(matches!(
+            judge_slot(&held, &image(SLOT_RECOVERING, 7, [9; 16])),
+            SlotFate::TakenOver(_)
+        ));
     }
 
     #[test]
@@ -681,6 +1009,8 @@ mod tests {
             pid: me,
             start,
             lease: None,
+            slot: None,
+            health: Health::Answering,
             log: None,
         };
         assert!(running(&daemon(start)));

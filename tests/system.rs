@@ -480,3 +480,207 @@ fn systemds_fstab_generator_makes_a_remote_mount_unit_with_fsck() {
         "_netdev did not make it a remote mount"
     );
 }
+
+/// `umount.fuse.atsfs DIR` as umount(8) runs it (a link named so in `bin_dir`), with
+/// -v and `flags`.
+fn umount_helper(bin_dir: &Path, dir: &Path, flags: &[&str]) -> Output {
+    let helper = bin_dir.join("umount.fuse.atsfs");
+    if !helper.exists() {
+        std::os::unix::fs::symlink(atsfs_bin(), &helper).unwrap();
+    }
+    run(Command::new(helper).arg(dir).arg("-v").args(flags))
+}
+
+/// A volume with a 2 s lease, so that a daemon stopped for a few seconds is fenced.
+fn short_lease_image(scratch: &Scratch) -> PathBuf {
+    let opts = atsfs::mkfs::MkfsOptions {
+        heartbeat_interval: Duration::from_millis(250),
+        lease: Duration::from_secs(2),
+        ..atsfs::mkfs::MkfsOptions::default()
+    };
+    scratch.image_with("vol.img", 256 << 20, &opts)
+}
+
+/// The helper reports success only when the daemon released its slot: a daemon that
+/// was stopped past its lease is fenced, cannot commit at the unmount and exits
+/// with its slot still live; the helper says so (32) and the daemon's last words
+/// (`atsfs[PID]: ...`, printed once it failed after "ok") are in the log. Another
+/// daemon's failure lines in the shared log do not fail an unrelated umount.
+#[test]
+fn umount_fails_when_the_daemon_exits_without_releasing_its_slot() {
+    require_fuse!();
+    let scratch = Scratch::new("system-umount-fenced");
+    let bin_dir = scratch.mountpoint("bin");
+    let image = short_lease_image(&scratch);
+    let log = scratch.join("shared.log");
+    let mut spec = common::MountSpec::in_scratch(&scratch, &image, "a");
+    spec.log = log.clone();
+
+    // A clean unmount, with other daemons' failures in the log it shares.
+    let mount = spec.mount();
+    std::fs::write(mount.join("x"), b"hi\n").unwrap();
+    let daemon = mount.daemon_pid().expect("no daemon");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        writeln!(f, "atsfs: mounting /dev/sdz: no such device").unwrap();
+        writeln!(
+            f,
+            "atsfs[{}]: unmount could not write home",
+            daemon + 100_000
+        )
+        .unwrap();
+        writeln!(
+            f,
+            "2026-12-06T10:00:00Z ERROR atsfs::fs::meta: commit failed"
+        )
+        .unwrap();
+    }
+    let out = umount_helper(&bin_dir, mount.path(), &[]);
+    assert_eq!(out.status.code(), Some(0), "log:\n{}", read_log(&log));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("released slot"),
+        "the helper did not check the slot"
+    );
+    assert!(!process_alive(daemon));
+    assert!(slots_not_free(&image).is_empty());
+    std::mem::forget(mount);
+
+    // Stopped past the lease: fenced.
+    let mount = spec.mount();
+    std::fs::write(mount.join("y"), b"hi\n").unwrap();
+    let daemon = mount.daemon_pid().expect("no daemon");
+    let pid = nix::unistd::Pid::from_raw(daemon);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let out = umount_helper(&bin_dir, mount.path(), &[]);
+    std::mem::forget(mount);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(32), "log:\n{}", read_log(&log));
+    assert!(
+        stderr.contains("exited without releasing slot"),
+        "the helper did not say the slot is still held"
+    );
+    assert!(!stderr.contains("wrote back"));
+    assert!(mountinfo(&spec.mountpoint).is_none(), "still mounted");
+    assert!(wait_exit(daemon, Duration::from_secs(30)));
+    let live = slots_not_free(&image);
+    assert!(
+        !live.is_empty(),
+        "no slot is held, yet the helper said one is"
+    );
+    let text = read_log(&log);
+    assert!(
+        text.contains(&format!("atsfs[{daemon}]: ")),
+        "the daemon's last words are not in its log:\n{text}"
+    );
+}
+
+/// Runs `command`, killed after `limit`: a helper that hangs on a stopped daemon
+/// fails the test instead of hanging it.
+fn run_within(command: &mut Command, limit: Duration) -> Output {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting a command");
+    let pid = child.id() as i32;
+    let watchdog = std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        while process_alive(pid) && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let hung = process_alive(pid);
+        if hung {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        hung
+    });
+    let out = child.wait_with_output().expect("waiting for a command");
+    assert!(!watchdog.join().unwrap(), "{command:?} hung");
+    eprintln!(
+        "$ {command:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A stopped (hung) daemon's mount can be unmounted through the helper: the helper
+/// does not ask the stopped daemon (which would pin the mount), unmounts, and says
+/// the daemon is stopped (32: it has not written home). With a process waiting on
+/// the daemon under the mount, the helper says the daemon is stopped (not "files
+/// are open"), and -f aborts the connection and unmounts.
+#[test]
+fn umount_of_a_stopped_daemon_unmounts_and_says_so() {
+    require_fuse!();
+    let scratch = Scratch::new("system-umount-stopped");
+    let bin_dir = scratch.mountpoint("bin");
+    let image = short_lease_image(&scratch);
+    let spec = common::MountSpec::in_scratch(&scratch, &image, "a");
+    let helper = bin_dir.join("umount.fuse.atsfs");
+    std::os::unix::fs::symlink(atsfs_bin(), &helper).unwrap();
+    let stop = |pid: i32, signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+    };
+    use nix::sys::signal::Signal::{SIGCONT, SIGSTOP};
+
+    // Nothing else under the mount: a plain unmount goes through.
+    let mount = spec.mount();
+    std::fs::write(mount.join("x"), b"hi\n").unwrap();
+    let daemon = mount.daemon_pid().expect("no daemon");
+    stop(daemon, SIGSTOP);
+    let out = run_within(
+        Command::new(&helper).arg(mount.path()).arg("-v"),
+        Duration::from_secs(30),
+    );
+    stop(daemon, SIGCONT);
+    std::mem::forget(mount);
+    assert_eq!(out.status.code(), Some(32));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is stopped"), "the helper did not say so");
+    assert!(!stderr.contains("target is busy"));
+    assert!(mountinfo(&spec.mountpoint).is_none(), "still mounted");
+    assert!(wait_exit(daemon, Duration::from_secs(30)));
+
+    // A process waits on the stopped daemon: busy, and why; -f unmounts.
+    let mount = spec.mount();
+    let daemon = mount.daemon_pid().expect("no daemon");
+    stop(daemon, SIGSTOP);
+    let mut waiter = Command::new("stat")
+        .arg(mount.join("x"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = run_within(
+        Command::new(&helper).arg(mount.path()).arg("-v"),
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.status.code(), Some(32));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is stopped") && stderr.contains("-f"),
+        "busy, but not said why"
+    );
+    assert!(mountinfo(&spec.mountpoint).is_some());
+    let out = run_within(
+        Command::new(&helper).arg(mount.path()).args(["-v", "-f"]),
+        Duration::from_secs(30),
+    );
+    stop(daemon, SIGCONT);
+    std::mem::forget(mount);
+    let _ = waiter.wait();
+    assert_eq!(
+        out.status.code(),
+        Some(32),
+        "the daemon has not written home"
+    );
+    assert!(mountinfo(&spec.mountpoint).is_none(), "-f did not unmount");
+    assert!(wait_exit(daemon, Duration::from_secs(30)));
+}
