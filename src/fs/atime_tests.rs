@@ -276,3 +276,37 @@ fn atime_updates_of_many_reads_fit_the_journal() {
 fn geometry_journal_blocks(lun: &MemLun) -> u64 {
     crate::format::Geometry::from_superblock(&read_superblock(lun).expect("sb")).journal_blocks
 }
+
+#[test]
+fn an_atime_update_never_asks_another_host_for_the_lock() {
+    // Both hosts read one file (shared locks); the reader with strictatime leaves the
+    // atime alone rather than ask the other host to let its lock go.
+    let lun = fresh_volume(64 << 20);
+    let a = mount_with(&lun, AtimeMode::NoAtime, false);
+    let f = a.mknod(a.root(), b"f", REG, 0, 0, 0).expect("create").ino;
+    a.write_data(f, 0, b"data").expect("write");
+    a.fsync(f, false).expect("fsync");
+    let mut options = MountOptions::new(HostUuid([2; 16]));
+    options.atime = AtimeMode::StrictAtime;
+    let shared: Arc<dyn Lun> = lun.clone();
+    let b = Fs::mount(shared, options).expect("mount b");
+    let fb = b.lookup(b.root(), b"f").expect("lookup").ino;
+    for _ in 0..3 {
+        a.read_data(f, 0, 4).expect("read on a");
+        b.read_data(fb, 0, 4).expect("read on b");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let releases = a.host_stats().expect("stats").lock_releases;
+    let before = atime(&b, fb);
+    std::thread::sleep(Duration::from_millis(20));
+    b.read_data(fb, 0, 4).expect("read on b");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        a.host_stats().expect("stats").lock_releases,
+        releases,
+        "b's atime update asked a for the file's lock"
+    );
+    assert_eq!(atime(&b, fb), before, "b's atime changed under a's lock");
+    b.unmount().expect("unmount b");
+    a.unmount().expect("unmount a");
+}
