@@ -583,7 +583,13 @@ pub(crate) fn unmount(request: &Request) -> u8 {
         );
         return 0;
     };
-    wait_for(&daemon, held, &dir, &entry.source, request)
+    let status = wait_for(&daemon, held, &dir, &entry.source, request);
+    if status != 0 && request.by_umount8 {
+        // The mount is gone, but umount(8) keeps its utab entry when its helper
+        // fails: drop it here, or it stays behind for a mount that no longer exists.
+        forget_helper(&dir);
+    }
+    status
 }
 
 /// The helper option `record_helper` puts in /run/mount/utab.
@@ -599,7 +605,7 @@ const UTAB: &str = "/run/mount/utab";
 /// with `helper=fuse.atsfs`, which sends every unmount of it to umount.fuse.atsfs
 /// ("helper=" in umount(8)). libmount writes it: `mount --fake --internal-only`
 /// records a mount in utab without mounting or running a helper. umount(8) drops
-/// the entry when the helper succeeds; `atsfs umount` drops it itself.
+/// the entry when the helper succeeds; otherwise `forget_helper` does.
 pub(crate) fn record_helper(dir: &Path) {
     if !nix::unistd::geteuid().is_root() {
         // A user's mount: umount(8) reads mountinfo for it anyway.
@@ -616,6 +622,8 @@ pub(crate) fn record_helper(dir: &Path) {
     if entry.fstype != "fuse.atsfs" {
         return;
     }
+    // Entries of earlier mounts on `target` that nobody dropped (a crashed daemon).
+    forget_helper(&target);
     let out = std::process::Command::new("mount")
         .args(["--fake", "--internal-only", "--no-canonicalize"])
         .args(["-t", "fuse.atsfs", "-o", UTAB_HELPER])
@@ -638,23 +646,47 @@ pub(crate) fn record_helper(dir: &Path) {
     );
 }
 
-/// `atsfs umount`: drops the utab entry of the mount on `dir` that `record_helper`
-/// made (umount(8) does so itself after its helper).
+/// Drops the utab entries `record_helper` made for `dir`: after `atsfs umount`, after
+/// a helper run that failed once the mount was gone (umount(8) then keeps the entry),
+/// and before a new entry for `dir` (stale ones of earlier mounts there). The mount
+/// is no longer in mountinfo by then, so `umount --fake` would not find it: the
+/// file is rewritten here, under libmount's lock (`flock` of utab.lock), as
+/// libmount itself updates it (a new file renamed over the old).
 fn forget_helper(dir: &Path) {
-    let Ok(utab) = std::fs::read_to_string(UTAB) else {
-        return;
-    };
-    let target = format!("TARGET={} ", mangle(dir));
-    if !utab.lines().any(|l| l.contains(&target)) {
-        return;
+    if let Err(e) = rewrite_utab(dir) {
+        tracing::debug!("could not drop the utab entry of {}: {e}", dir.display());
     }
-    let _ = std::process::Command::new("umount")
-        .args(["--fake", "--internal-only", "--no-canonicalize"])
-        .arg(dir)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status();
+}
+
+fn rewrite_utab(dir: &Path) -> std::io::Result<()> {
+    let utab = Path::new(UTAB);
+    if !utab.exists() {
+        return Ok(());
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(format!("{UTAB}.lock"))?;
+    // Released when `lock` is closed.
+    nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| std::io::Error::from(e))
+        .and_then(|_locked| {
+            let text = std::fs::read_to_string(utab)?;
+            let target = format!("TARGET={} ", mangle(dir));
+            let ours = |l: &str| l.contains(&target) && l.contains(UTAB_HELPER);
+            if !text.lines().any(ours) {
+                return Ok(());
+            }
+            let kept: String = text
+                .lines()
+                .filter(|l| !ours(l))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let tmp = format!("{UTAB}.atsfs-{}", std::process::id());
+            std::fs::write(&tmp, kept)?;
+            std::fs::rename(&tmp, utab)
+        })
 }
 
 /// A path as libmount writes it in utab: space, tab, newline and backslash as

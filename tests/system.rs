@@ -564,6 +564,13 @@ fn umount_fails_when_the_daemon_exits_without_releasing_its_slot() {
     );
     assert!(!stderr.contains("wrote back"));
     assert!(mountinfo(&spec.mountpoint).is_none(), "still mounted");
+    // umount(8) keeps its utab entry when the helper fails: the helper drops it.
+    let target = format!("TARGET={} ", spec.mountpoint.display());
+    let utab = std::fs::read_to_string("/run/mount/utab").unwrap_or_default();
+    assert!(
+        !utab.lines().any(|l| l.contains(&target)),
+        "a utab entry outlived the mount:\n{utab}"
+    );
     assert!(wait_exit(daemon, Duration::from_secs(30)));
     let live = slots_not_free(&image);
     assert!(
