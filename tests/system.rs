@@ -168,15 +168,7 @@ fn umount_waits_until_the_daemon_wrote_back_and_freed_its_slot() {
     let dir = scratch.mountpoint("mnt");
     let log = scratch.join("daemon.log");
     let options = format!("host_id={},log={}", new_host_id(), log.display());
-    let out = run(Command::new("mount")
-        .args(["-t", "atsfs", "-o", &options])
-        .arg(&image)
-        .arg(&dir));
-    assert!(
-        out.status.success(),
-        "mount failed; log:\n{}",
-        read_log(&log)
-    );
+    mount_t_atsfs(&image, &dir, &options, &log);
     let daemon = find_daemon(&dir).expect("no atsfs daemon for the mount");
     // Written, never synced: the kernel and the daemon hold it until the unmount.
     let big: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -268,15 +260,7 @@ fn mount_t_atsfs_and_an_fstab_line_mount_as_fuse_atsfs_and_umount() {
     let host = new_host_id();
     let options = format!("rw,_netdev,host_id={host},log={}", log.display());
 
-    let out = run(Command::new("mount")
-        .args(["-t", "atsfs", "-o", &options])
-        .arg(&image)
-        .arg(&dir));
-    assert!(
-        out.status.success(),
-        "mount -t atsfs failed; log:\n{}",
-        read_log(&log)
-    );
+    mount_t_atsfs(&image, &dir, &options, &log);
     // A remount reaches mount.fuse.atsfs (the type in mountinfo): refused clearly,
     // the mount left as it was.
     let out = run(Command::new("mount").args(["-o", "remount,rw"]).arg(&dir));
@@ -483,6 +467,20 @@ fn systemds_fstab_generator_makes_a_remote_mount_unit_with_fsck() {
 
 /// `umount.fuse.atsfs DIR` as umount(8) runs it (a link named so in `bin_dir`), with
 /// -v and `flags`.
+/// `mount -t atsfs -o OPTIONS IMAGE DIR`, which must succeed (else the daemon's log
+/// `log` is shown).
+fn mount_t_atsfs(image: &Path, dir: &Path, options: &str, log: &Path) {
+    let out = run(Command::new("mount")
+        .args(["-t", "atsfs", "-o", options])
+        .arg(image)
+        .arg(dir));
+    assert!(
+        out.status.success(),
+        "mount -t atsfs failed; log:\n{}",
+        read_log(log)
+    );
+}
+
 fn umount_helper(bin_dir: &Path, dir: &Path, flags: &[&str]) -> Output {
     let helper = bin_dir.join("umount.fuse.atsfs");
     if !helper.exists() {

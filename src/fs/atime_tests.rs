@@ -133,27 +133,30 @@ fn strictatime_updates_on_every_read_and_nodiratime_spares_directories() {
 /// A read whose atime is due holds the data I/O barrier (its IoToken) while
 /// `touch_atime` waits for the core lock; a thread that holds the core lock in
 /// `release_quarantine` (a sync, a lock release) waits for the barrier to be idle.
-#[test]
-fn a_read_with_its_atime_due_and_a_sync_do_not_deadlock() {
-    let lun = fresh_volume(64 << 20);
-    let fs = mount_with(&lun, AtimeMode::StrictAtime, false);
+/// Runs `reads` reads of a 64 KiB file (strictatime: each one's atime is due) on a
+/// thread named "slow-reader" against `syncs` rounds of create, write, unlink and
+/// sync; fails if they have not both finished within a minute.
+fn reads_race_syncs(fs: &Arc<Fs>, reads: u32, syncs: u32) {
     let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
     fs.write_data(f, 0, &vec![7u8; 64 << 10]).expect("write");
     fs.sync().expect("sync");
     let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let reader = {
         let (fs, done) = (fs.clone(), done.clone());
-        std::thread::spawn(move || {
-            for _ in 0..3000 {
-                fs.read_data(f, 0, 64 << 10).expect("read");
-            }
-            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        })
+        std::thread::Builder::new()
+            .name("slow-reader".into())
+            .spawn(move || {
+                for _ in 0..reads {
+                    fs.read_data(f, 0, 64 << 10).expect("read");
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+            .expect("spawn")
     };
     let syncer = {
         let (fs, done) = (fs.clone(), done.clone());
         std::thread::spawn(move || {
-            for i in 0..3000u32 {
+            for i in 0..syncs {
                 let name = format!("g{i}");
                 let g = fs
                     .mknod(fs.root(), name.as_bytes(), REG, 0, 0, 0)
@@ -169,12 +172,20 @@ fn a_read_with_its_atime_due_and_a_sync_do_not_deadlock() {
     while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
         assert!(
             start.elapsed() < Duration::from_secs(60),
-            "deadlock: a read waiting in touch_atime (holding the data I/O barrier) and a sync waiting in release_quarantine (holding the core lock)"
+            "deadlock: a read waiting in touch_atime (holding the data I/O barrier) and a \
+             sync waiting in release_quarantine (holding the core lock)"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     reader.join().expect("reader");
     syncer.join().expect("syncer");
+}
+
+#[test]
+fn a_read_with_its_atime_due_and_a_sync_do_not_deadlock() {
+    let lun = fresh_volume(64 << 20);
+    let fs = mount_with(&lun, AtimeMode::StrictAtime, false);
+    reads_race_syncs(&fs, 3000, 3000);
 }
 
 /// A clock that stalls the thread named "slow-reader" at every reading, as a
@@ -202,48 +213,7 @@ fn a_preempted_read_with_its_atime_due_and_a_sync_do_not_deadlock() {
     options.clock = Arc::new(StallingClock(crate::cluster::SystemClock::default()));
     let shared: Arc<dyn Lun> = lun.clone();
     let fs = Fs::mount(shared, options).expect("mount");
-    let f = fs.mknod(fs.root(), b"f", REG, 0, 0, 0).expect("create").ino;
-    fs.write_data(f, 0, &vec![7u8; 64 << 10]).expect("write");
-    fs.sync().expect("sync");
-    let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let reader = {
-        let (fs, done) = (fs.clone(), done.clone());
-        std::thread::Builder::new()
-            .name("slow-reader".into())
-            .spawn(move || {
-                for _ in 0..20 {
-                    fs.read_data(f, 0, 64 << 10).expect("read");
-                }
-                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            })
-            .expect("spawn")
-    };
-    let syncer = {
-        let (fs, done) = (fs.clone(), done.clone());
-        std::thread::spawn(move || {
-            for i in 0..500u32 {
-                let name = format!("g{i}");
-                let g = fs
-                    .mknod(fs.root(), name.as_bytes(), REG, 0, 0, 0)
-                    .expect("create");
-                fs.write_data(g.ino, 0, &[1u8; 8192]).expect("write");
-                fs.unlink(fs.root(), name.as_bytes()).expect("unlink");
-                fs.sync().expect("sync");
-            }
-            done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        })
-    };
-    let start = std::time::Instant::now();
-    while done.load(std::sync::atomic::Ordering::SeqCst) < 2 {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "deadlock: a read waiting in touch_atime (holding the data I/O barrier) and a \
-             sync waiting in release_quarantine (holding the core lock)"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    reader.join().expect("reader");
-    syncer.join().expect("syncer");
+    reads_race_syncs(&fs, 20, 500);
 }
 
 /// Atime updates run as non-mutating operations, which never seal the

@@ -122,6 +122,110 @@ fn check_superblock(lun: &dyn Lun, sb: Superblock) -> Result<Superblock> {
     Ok(sb)
 }
 
+/// What a read-write and a read-only mount both start from: the volume's superblock
+/// and timing, a claimed heartbeat slot renewed from now on, and the LUN as this host
+/// writes it (on a Disk Paxos volume through the token; every write behind the lease).
+struct Joined {
+    sb: Superblock,
+    geo: Geometry,
+    interval: Duration,
+    lease_time: Duration,
+    slot: u32,
+    /// Our slot was ours in a life that crashed: its journal may need a replay.
+    after_crash: bool,
+    lease: Arc<Lease>,
+    /// The joining key where the storage fences.
+    fencing: fence::Fencing,
+    /// The LUN of the membership and the fencing (the token's, on Disk Paxos).
+    lun: Arc<dyn Lun>,
+    /// `lun` behind the lease: for everything the filesystem writes.
+    guarded: Arc<dyn Lun>,
+    io_counters: Arc<crate::lun::IoCounters>,
+    membership: Option<Membership>,
+}
+
+/// Reads the superblock and claims a heartbeat slot for this host.
+fn join(lun: Arc<dyn Lun>, options: &MountOptions) -> Result<Joined> {
+    let sb = read_superblock(lun.as_ref())?;
+    // Before anything is written or any lock taken: one kind of ATS per volume. (On a
+    // Disk Paxos volume the device's own kind does not matter: the token LUN built
+    // after the claim is checked instead.)
+    if sb.ats_mode != crate::format::ATS_MODE_DISK_PAXOS {
+        check_ats_mode(lun.as_ref(), &sb)?;
+    }
+    // Registered before our first write (the claim of a slot) where the storage
+    // fences: the LUN may be reserved for registrants only.
+    let fencing = fence::join(lun.as_ref())?;
+    let geo = Geometry::from_superblock(&sb);
+    let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
+    let lease_time = Duration::from_millis(u64::from(sb.lease_ms));
+    let claim = claim_slot(
+        paxos::claim_lun(&lun, &sb, &options.clock).as_ref(),
+        &geo,
+        options.host_uuid,
+        interval,
+        lease_time,
+        options.clock.as_ref(),
+    )?;
+    let lease = Arc::new(Lease::for_claim(
+        options.clock.clone(),
+        &claim,
+        lease_time,
+        interval,
+    ));
+    // From the claim on, every compare-and-write of this host takes the volume's Disk
+    // Paxos token (on such a volume).
+    let lun = paxos::mounted_lun(lun, &sb, &claim, &options.clock, &lease);
+    check_ats_mode(lun.as_ref(), &sb)?;
+    let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
+    let io_counters = guarded_lun.counters().clone();
+    let (slot, after_crash) = (claim.slot, claim.after_crash);
+    // The slot is renewed from now on, also while we replay our own journal after a
+    // crash: a replay longer than the lease must not look like a dead host.
+    let membership = Some(Membership::start(
+        lun.clone(),
+        &geo,
+        claim,
+        lease.clone(),
+        interval,
+    ));
+    Ok(Joined {
+        sb,
+        geo,
+        interval,
+        lease_time,
+        slot,
+        after_crash,
+        lease,
+        fencing,
+        lun,
+        guarded: Arc::new(guarded_lun),
+        io_counters,
+        membership,
+    })
+}
+
+/// After a mount that failed once it had claimed `slot`: frees the slot again
+/// rather than leave it to be recovered a lease later, once our own journal needs no
+/// replay (`replayed`; before, freeing it would make our old locks stale with our
+/// journal unreplayed).
+fn free_slot_if_failed(
+    mounted: &Result<Arc<Fs>>,
+    replayed: bool,
+    membership: &mut Option<Membership>,
+    slot: u32,
+) {
+    if let (Err(e), true, Some(member)) = (mounted, replayed, membership.take()) {
+        tracing::warn!(
+            slot,
+            "the mount failed after claiming its slot ({e:#}); freeing the slot"
+        );
+        if let Err(release) = member.release() {
+            tracing::warn!("could not free our slot again: {release:#}");
+        }
+    }
+}
+
 impl Fs {
     /// Mounts the volume on `lun` as one host: claims a heartbeat slot, replays this
     /// slot's journal, and starts the heartbeat and the background committer.
@@ -129,52 +233,20 @@ impl Fs {
         if options.read_only {
             return Fs::mount_read_only(lun, options);
         }
-        let sb = read_superblock(lun.as_ref())?;
-        let disk_paxos = sb.ats_mode == crate::format::ATS_MODE_DISK_PAXOS;
-        // Before anything is written or any lock taken: one kind of ATS per volume.
-        // (On a Disk Paxos volume the device's own kind does not matter: the token
-        // LUN built after the claim is checked instead.)
-        if !disk_paxos {
-            check_ats_mode(lun.as_ref(), &sb)?;
-        }
-        // Registered before our first write (the claim of a slot) where the storage
-        // fences: the LUN may be reserved for registrants only.
-        let fencing = fence::join(lun.as_ref())?;
-        let geo = Geometry::from_superblock(&sb);
-        let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
-        let lease_time = Duration::from_millis(u64::from(sb.lease_ms));
-        let claim = claim_slot(
-            paxos::claim_lun(&lun, &sb, &options.clock).as_ref(),
-            &geo,
-            options.host_uuid,
+        let Joined {
+            sb,
+            geo,
             interval,
             lease_time,
-            options.clock.as_ref(),
-        )?;
-        let slot = claim.slot;
-        let lease = Arc::new(Lease::for_claim(
-            options.clock.clone(),
-            &claim,
-            lease_time,
-            interval,
-        ));
-        // From the claim on, every compare-and-write of this host takes the volume's
-        // Disk Paxos token (on such a volume).
-        let lun = paxos::mounted_lun(lun, &sb, &claim, &options.clock, &lease);
-        check_ats_mode(lun.as_ref(), &sb)?;
-        let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
-        let io_counters = guarded_lun.counters().clone();
-        let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
-        let after_crash = claim.after_crash;
-        // The slot is renewed from now on, also while we replay our own journal after a
-        // crash: a replay longer than the lease must not look like a dead host.
-        let mut membership = Some(Membership::start(
-            lun.clone(),
-            &geo,
-            claim,
-            lease.clone(),
-            interval,
-        ));
+            slot,
+            after_crash,
+            lease,
+            fencing,
+            lun,
+            guarded,
+            io_counters,
+            mut membership,
+        } = join(lun, &options)?;
         // Our own journal needs no replay (any more): from then on a mount that fails
         // frees the slot again instead of leaving it to be recovered a lease later.
         // Before (a replay after our crash not done), freeing it would make our old
@@ -274,15 +346,7 @@ impl Fs {
             fs.reclaim_orphans_at_mount();
             Ok(fs)
         })();
-        if let (Err(e), true, Some(member)) = (&mounted, replayed, membership.take()) {
-            tracing::warn!(
-                slot,
-                "the mount failed after claiming its slot ({e:#}); freeing the slot"
-            );
-            if let Err(release) = member.release() {
-                tracing::warn!("could not free our slot again: {release:#}");
-            }
-        }
+        free_slot_if_failed(&mounted, replayed, &mut membership, slot);
         mounted
     }
 
@@ -334,48 +398,23 @@ impl Fs {
     /// lock, replays no journal (its own slot is taken back after a crash only if its
     /// journal holds nothing to replay), recovers no dead host, and sees the device
     /// through a `ReadOnlyLun`, so a path that would write fails with EROFS instead.
+    /// On a Disk Paxos volume it never takes the token (it takes no lock), so it
+    /// writes no dblock either: its own heartbeat is renewed without the token.
     fn mount_read_only(lun: Arc<dyn Lun>, options: MountOptions) -> Result<Arc<Fs>> {
-        let sb = read_superblock(lun.as_ref())?;
-        // As for a read-write host (`mount`): on a Disk Paxos volume the token LUN
-        // built after the claim is checked instead of the device. A read-only host
-        // never takes the token (it takes no lock), so it writes no dblock either: its
-        // own heartbeat is renewed without the token.
-        if sb.ats_mode != crate::format::ATS_MODE_DISK_PAXOS {
-            check_ats_mode(lun.as_ref(), &sb)?;
-        }
-        // Where the storage fences, only registrants may write: the heartbeat too.
-        let fencing = fence::join(lun.as_ref())?;
-        let geo = Geometry::from_superblock(&sb);
-        let interval = Duration::from_millis(u64::from(sb.heartbeat_interval_ms));
-        let lease_time = Duration::from_millis(u64::from(sb.lease_ms));
-        let claim = claim_slot(
-            paxos::claim_lun(&lun, &sb, &options.clock).as_ref(),
-            &geo,
-            options.host_uuid,
+        let Joined {
+            sb,
+            geo,
             interval,
             lease_time,
-            options.clock.as_ref(),
-        )?;
-        let slot = claim.slot;
-        let after_crash = claim.after_crash;
-        let lease = Arc::new(Lease::for_claim(
-            options.clock.clone(),
-            &claim,
-            lease_time,
-            interval,
-        ));
-        let lun = paxos::mounted_lun(lun, &sb, &claim, &options.clock, &lease);
-        check_ats_mode(lun.as_ref(), &sb)?;
-        let guarded_lun = GuardedLun::new(lun.clone(), lease.clone());
-        let io_counters = guarded_lun.counters().clone();
-        let guarded: Arc<dyn Lun> = Arc::new(guarded_lun);
-        let mut membership = Some(Membership::start(
-            lun.clone(),
-            &geo,
-            claim,
-            lease.clone(),
-            interval,
-        ));
+            slot,
+            after_crash,
+            lease,
+            fencing,
+            lun,
+            guarded,
+            io_counters,
+            mut membership,
+        } = join(lun, &options)?;
         // As for a read-write host: a mount that fails after its claim frees the slot
         // again, unless its own crashed journal still waits for a read-write mount.
         let mut replayed = !after_crash;
@@ -445,15 +484,7 @@ impl Fs {
             fs.check_root()?;
             Ok(fs)
         })();
-        if let (Err(e), true, Some(member)) = (&mounted, replayed, membership.take()) {
-            tracing::warn!(
-                slot,
-                "the read-only mount failed after claiming its slot ({e:#}); freeing the slot"
-            );
-            if let Err(release) = member.release() {
-                tracing::warn!("could not free our slot again: {release:#}");
-            }
-        }
+        free_slot_if_failed(&mounted, replayed, &mut membership, slot);
         mounted
     }
 

@@ -111,29 +111,18 @@ impl Journal {
         slot: u32,
         volume_uuid: [u8; 16],
     ) -> Result<(Journal, ReplayReport), JournalError> {
-        let start = geo.journal_of(slot);
-        let header = read_header(lun, start)?;
-        let mut journal = Journal {
-            slot,
-            geo: *geo,
-            start,
-            blocks: geo.journal_blocks,
-            volume_uuid,
-            nonce: header.nonce,
-            head: header.tail_block,
-            next_seq: header.tail_seq,
-            tail: header.tail_block,
-            tail_seq: header.tail_seq,
-        };
+        let mut journal = Journal::open_read_only(lun, geo, slot, volume_uuid)?;
+        let old_nonce = journal.nonce;
         let report = journal.replay(lun)?;
         // The new life begins when this header is durable: from here on, replay
         // accepts only what this life writes.
-        journal.nonce = fresh_nonce(slot, header.nonce)?;
+        journal.nonce = fresh_nonce(slot, old_nonce)?;
         journal.mark_all_home(lun)?;
         Ok((journal, report))
     }
 
-    /// Opens a slot's journal as it is, writing nothing: for a read-only host, whose
+    /// Opens a slot's journal as it is, writing nothing (`open_and_replay` starts
+    /// here): for a read-only host, whose
     /// journal must stay as the slot's last life left it (empty, checked by the
     /// caller) and which never commits. A commit through it would write under the
     /// old life's nonce; `Meta` refuses to commit on a read-only host.
